@@ -1,0 +1,172 @@
+"""Command-line recipes: ``offline-distill`` and ``cache-inspect``. The logic lives in the
+components they call; these only parse arguments and turn known errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from offline.cache import CacheError, CacheReader
+
+
+def fail(prog: str, message: str, code: int = 2) -> int:
+    # Errors raised inside DataLoader workers arrive wrapped with the worker's traceback text;
+    # the last line is the original message.
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else message
+    if len(lines) > 1 and ": " in last and last.split(": ", 1)[0].endswith("Error"):
+        last = last.split(": ", 1)[1]
+    print(f"{prog}: error: {last}", file=sys.stderr)
+    return code
+
+
+def run_cli(prog: str, body: Callable[[], int], known: tuple[type[BaseException], ...]) -> int:
+    try:
+        return body()
+    except known as exc:
+        return fail(prog, str(exc))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# offline-distill
+
+
+def distill_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="offline-distill",
+        description="Train a student on cached teacher outputs (HDF5 shards). Never loads the teacher.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--cache", nargs="+", required=True, metavar="DIR", help="one or more cache directories")
+    p.add_argument("--student", default="mlp", help="a built-in student (see --list-students) or module:factory")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine-annealed over the epochs")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T")
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term; 0 trains on the labels alone")
+    p.add_argument("--loss", choices=("kl", "mse"), default="kl", help="kl: Hinton et al.; mse: logit matching (Caruana)")
+    p.add_argument("--eval", dest="eval_path", metavar="FILE.npz|DIR", help="held-out inputs and labels, .npz or a cache directory")
+    p.add_argument("--out", default="runs/distill", metavar="RUN_DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes reading the shards")
+    p.add_argument("--shuffle-buffer", type=int, default=16384, help="rows in each worker's shuffle window")
+    p.add_argument("--allow-mixed-teachers", action="store_true", help="train on caches written by different teachers")
+    p.add_argument("--skip-corrupt", action="store_true", help="warn about corrupt shards and train without them")
+    p.add_argument("--no-export", action="store_true", help="skip the torch.export of the student (student.pt2)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def distill_main(argv: Sequence[str] | None = None) -> int:
+    from offline.models import REGISTRY, ModelSpecError
+    from offline.train import TrainConfig, TrainError, train
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--list-students" in argv:
+        print("\n".join(sorted(REGISTRY)))
+        return 0
+    args = distill_parser().parse_args(argv)
+
+    def body() -> int:
+        train(
+            TrainConfig(
+                caches=args.cache, student=args.student, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                temperature=args.temperature, alpha=args.alpha, eval_path=args.eval_path, out=args.out, seed=args.seed,
+                device=args.device, resume=args.resume, loss=args.loss, weight_decay=args.weight_decay,
+                workers=args.workers, shuffle_buffer=args.shuffle_buffer, allow_mixed_teachers=args.allow_mixed_teachers,
+                skip_corrupt=args.skip_corrupt, progress=not args.no_progress, export=not args.no_export,
+            )
+        )  # fmt: skip
+        return 0
+
+    return run_cli("offline-distill", body, (CacheError, TrainError, ModelSpecError))
+
+
+# ---------------------------------------------------------------------------------------------
+# cache-inspect
+
+
+def inspect_summary(reader: CacheReader) -> dict[str, Any]:
+    meta = reader.meta
+    samples = reader.num_samples
+    return {
+        "directory": str(reader.directory),
+        "schema_version": meta.schema_version,
+        "shards": len(reader.shards),
+        "samples": samples,
+        "num_classes": meta.num_classes,
+        "teacher_fingerprint": meta.teacher_fingerprint,
+        "teacher_name": meta.teacher_name,
+        "input_shape": list(meta.input_shape),
+        "input_dtype": meta.input_dtype,
+        "logits_dtype": meta.logits_dtype,
+        "preprocessing": meta.preprocessing.to_dict(),
+        "serving_temperature": meta.temperature,
+        "bytes": reader.total_bytes,
+        "bytes_per_sample": reader.total_bytes / samples if samples else None,
+        "label_coverage": reader.label_coverage(),
+        "unlisted_files": reader.unlisted_files(),
+    }
+
+
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cache-inspect", description="Summarise a teacher-output cache; --verify checks every shard's checksum.")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--verify", action="store_true", help="check the sha256 of every shard against the manifest")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        try:
+            reader = CacheReader(args.directory)
+        except CacheError as exc:
+            if args.json:
+                print(json.dumps({"directory": args.directory, "ok": False, "problems": [str(exc)]}))
+            return fail("cache-inspect", str(exc), code=1)
+        summary = inspect_summary(reader)
+        problems: list[tuple[str, str]] = []
+        if args.verify:
+            from tqdm import tqdm
+
+            with tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc="verify", disable=args.json, file=sys.stderr) as bar:
+                problems = reader.verify(bar)
+            summary["verified"] = True
+        summary["ok"] = not problems
+        summary["problems"] = [f"{path}: {problem}" for path, problem in problems]
+        if args.json:
+            print(json.dumps(summary, indent=1))
+        else:
+            bps = summary["bytes_per_sample"]
+            print(f"cache            {summary['directory']} (schema v{summary['schema_version']})")
+            print(f"shards           {summary['shards']}")
+            print(f"samples          {summary['samples']:,}")
+            print(f"classes          {summary['num_classes']}")
+            print(f"teacher          {summary['teacher_name']}  {summary['teacher_fingerprint']}")
+            print(f"inputs           {summary['input_shape']} {summary['input_dtype']}, logits {summary['logits_dtype']}")
+            print(f"preprocessing    {summary['preprocessing']}")
+            print(f"serving T        {summary['serving_temperature']}")
+            print(f"size             {summary['bytes']:,} bytes" + (f", {bps:,.1f} bytes/sample" if bps else ""))
+            print(f"label coverage   {summary['label_coverage']:.1%}")
+            if summary["unlisted_files"]:
+                print(f"not published    {', '.join(summary['unlisted_files'])} (left by an interrupted writer; ignored)")
+            if args.verify:
+                print("checksums        " + ("all match" if not problems else f"{len(problems)} shard(s) corrupt"))
+        for line in summary["problems"]:
+            print(f"cache-inspect: corrupt: {line}", file=sys.stderr)
+        return 1 if problems else 0
+
+    return run_cli("cache-inspect", body, (CacheError,))
+
+
+if __name__ == "__main__":
+    sys.exit(distill_main())

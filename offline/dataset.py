@@ -1,0 +1,252 @@
+"""The streaming dataset: one object that owns the shard → rank → worker split and the shuffle.
+
+Each epoch:
+
+1. The shards of all caches are put in an order drawn from (seed, epoch).
+2. Laid end to end in that order they form one sequence of N samples. Rank r of W takes the
+   contiguous range [N·r/W, N·(r+1)/W), and worker k of K takes the same share of its rank's
+   range. Every sample therefore lands in exactly one (rank, worker) per epoch, ranks get
+   counts that differ by at most one, and each range covers whole shards except at its two
+   ends, so a rank reads a set of shards disjoint from the others' but for the boundaries.
+3. A worker cuts its range into chunk-aligned blocks, visits the blocks in a random order, and
+   pushes them through a bounded shuffle buffer: whenever the buffer holds ``shuffle_buffer``
+   rows, it is permuted and emitted as whole batches; the remainder stays for the next fill.
+
+Batches are built from numpy slices, never per sample, and yielded already collated, so the
+DataLoader runs with ``batch_size=None``. HDF5 files are opened lazily inside each worker.
+Memory per worker is bounded by the shuffle buffer plus one block, whatever the cache size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from offline.cache import CacheError, CacheMeta, CacheReader, ShardHandle, ShardInfo
+
+TRAIN_FIELDS = ("inputs", "logits", "labels")
+DEFAULT_BLOCK_BYTES = 4 << 20
+DEFAULT_SHUFFLE_BUFFER = 16384
+MAX_OPEN_FILES = 4
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows [start, stop) of one shard."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def open_caches(
+    directories: Sequence[str], *, allow_mixed_teachers: bool = False, skip_corrupt: bool = False
+) -> tuple[list[CacheReader], CacheMeta]:
+    """Open several cache directories and check that their shards can be trained on together."""
+    if not directories:
+        raise CacheError("no cache directory given")
+    readers = [CacheReader(d, skip_corrupt=skip_corrupt) for d in directories]
+    first = readers[0].meta
+    for reader in readers[1:]:
+        problem = first.mismatch(reader.meta, ("num_classes", "input_shape", "input_dtype"))
+        if problem:
+            raise CacheError(
+                f"{reader.directory}: cannot be mixed with {readers[0].directory}: {problem} "
+                "(samples of different shapes or class counts cannot share a batch)"
+            )
+        problem = first.mismatch(reader.meta, ("teacher_fingerprint",))
+        if problem and not allow_mixed_teachers:
+            raise CacheError(
+                f"{reader.directory}: written by teacher {reader.meta.teacher_fingerprint[:12]}… "
+                f"({reader.meta.teacher_name}), but {readers[0].directory} by "
+                f"{first.teacher_fingerprint[:12]}… ({first.teacher_name}); "
+                "pass --allow-mixed-teachers to train on both"
+            )
+    if sum(r.num_samples for r in readers) == 0:
+        raise CacheError(f"{', '.join(str(r.directory) for r in readers)}: no samples to train on")
+    return readers, first
+
+
+def plan_epoch(
+    shard_sizes: Sequence[int],
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    block_rows: int,
+    shuffle: bool,
+) -> list[Block]:
+    """The blocks that (rank, worker) reads this epoch, in reading order. Pure and cheap."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes)) if shuffle else np.arange(len(shard_sizes))
+    sizes = np.asarray(shard_sizes, dtype=np.int64)[order]
+    total = int(sizes.sum())
+    rank_lo, rank_hi = total * rank // world_size, total * (rank + 1) // world_size
+    span = rank_hi - rank_lo
+    lo, hi = rank_lo + span * worker // num_workers, rank_lo + span * (worker + 1) // num_workers
+    blocks: list[Block] = []
+    offset = 0
+    for shard, size in zip(order.tolist(), sizes.tolist(), strict=True):
+        start, stop = max(lo, offset) - offset, min(hi, offset + size) - offset
+        offset += size
+        if start >= stop:
+            continue
+        cut = start
+        while cut < stop:
+            # Align block ends to multiples of block_rows so blocks start on chunk boundaries.
+            end = min(stop, (cut // block_rows + 1) * block_rows)
+            blocks.append(Block(shard, cut, end))
+            cut = end
+    if shuffle:
+        rng = np.random.default_rng([seed, epoch, rank, worker, 1])
+        blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+    return blocks
+
+
+def _dist_rank() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardStream(IterableDataset):
+    """Streams collated batches ``{"inputs", "logits", "labels"[, "ids"]}`` from cache shards.
+
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised. Call
+    ``set_epoch`` before iterating, as with DistributedSampler.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ShardInfo],
+        meta: CacheMeta,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        block_rows: int | None = None,
+        drop_last: bool = False,
+        with_ids: bool = False,
+        skip_corrupt: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.shards = list(shards)
+        self.meta = meta
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_buffer = max(shuffle_buffer, batch_size) if shuffle else batch_size
+        chunk = meta.chunk_rows()
+        self.block_rows = block_rows or chunk * max(1, DEFAULT_BLOCK_BYTES // max(1, chunk * meta.row_bytes()))
+        self.drop_last = drop_last
+        self.fields = TRAIN_FIELDS + (("ids",) if with_ids else ())
+        self.skip_corrupt = skip_corrupt
+        self._rank, self._world = rank, world_size
+        self.epoch = 0
+
+    @classmethod
+    def from_readers(cls, readers: Sequence[CacheReader], meta: CacheMeta, **kwargs: object) -> ShardStream:
+        return cls([s for r in readers for s in r.shards], meta, **kwargs)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self._rank is not None and self._world is not None:
+            return self._rank, self._world
+        return _dist_rank()
+
+    def plan(self, worker: int, num_workers: int) -> list[Block]:
+        rank, world = self._rank_world()
+        return plan_epoch(
+            [s.num_samples for s in self.shards],
+            epoch=self.epoch, seed=self.seed, rank=rank, world_size=world,
+            worker=worker, num_workers=num_workers, block_rows=self.block_rows, shuffle=self.shuffle,
+        )  # fmt: skip
+
+    def num_batches(self, num_workers: int) -> int:
+        """Batches this rank yields in one epoch with ``num_workers`` DataLoader workers."""
+        total = 0
+        for worker in range(max(1, num_workers)):
+            rows = sum(b.stop - b.start for b in self.plan(worker, max(1, num_workers)))
+            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+        return total
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor | np.ndarray]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        blocks = self.plan(worker, num_workers)
+        rng = np.random.default_rng([self.seed, self.epoch, *self._rank_world(), worker, 2])
+        handles: OrderedDict[int, ShardHandle] = OrderedDict()
+        pending: dict[str, list[np.ndarray]] = {name: [] for name in self.fields}
+        pending_rows = 0
+        try:
+            for block in blocks:
+                try:
+                    rows = self._read(handles, block)
+                except CacheError as exc:
+                    if not self.skip_corrupt:
+                        raise
+                    warnings.warn(f"skipping unreadable rows: {exc}", stacklevel=1)
+                    continue
+                for name in self.fields:
+                    pending[name].append(rows[name])
+                pending_rows += block.stop - block.start
+                if pending_rows >= self.shuffle_buffer:
+                    buffer = {name: np.concatenate(parts) for name, parts in pending.items()}
+                    yield from self._emit(buffer, rng, pending, final=False)
+                    pending_rows = len(pending["labels"][0]) if pending["labels"] else 0
+            if pending_rows:
+                buffer = {name: np.concatenate(parts) for name, parts in pending.items()}
+                yield from self._emit(buffer, rng, pending, final=True)
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    def _read(self, handles: OrderedDict[int, ShardHandle], block: Block) -> dict[str, np.ndarray]:
+        handle = handles.pop(block.shard, None) or ShardHandle(self.shards[block.shard].path)
+        handles[block.shard] = handle
+        while len(handles) > MAX_OPEN_FILES:
+            handles.popitem(last=False)[1].close()
+        return handle.read(block.start, block.stop, self.fields)
+
+    def _emit(
+        self, buffer: dict[str, np.ndarray], rng: np.random.Generator, pending: dict[str, list[np.ndarray]], *, final: bool
+    ) -> Iterator[dict[str, torch.Tensor | np.ndarray]]:
+        """Yield whole batches from a permuted buffer; keep the remainder in ``pending``."""
+        n = len(buffer["labels"])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        whole = n - n % self.batch_size
+        for start in range(0, whole, self.batch_size):
+            yield self._batch(buffer, order[start : start + self.batch_size])
+        rest = order[whole:]
+        for name in self.fields:
+            pending[name] = [buffer[name][rest]] if len(rest) else []
+        if final and len(rest) and not self.drop_last:
+            yield self._batch(buffer, rest)
+            for name in self.fields:
+                pending[name] = []
+
+    def _batch(self, buffer: dict[str, np.ndarray], index: np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
+        index = np.sort(index) if not self.shuffle else index
+        batch: dict[str, torch.Tensor | np.ndarray] = {}
+        for name in self.fields:
+            values = buffer[name][index]
+            batch[name] = values if name == "ids" else torch.from_numpy(np.ascontiguousarray(values))
+        return batch

@@ -1,0 +1,384 @@
+"""The offline training loop: a student learns from cached teacher logits; no teacher is loaded.
+
+Read it top to bottom: open the caches, build the student, then for each epoch stream batches,
+take optimiser steps on ``distillation_loss``, evaluate, log, checkpoint. Under ``torchrun`` the
+same loop runs with DDP (gloo on the CPU, nccl on CUDA); each rank streams its own part of the
+shards and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from offline import models
+from offline.cache import CacheError, CacheMeta, CacheReader, read_transfer_set
+from offline.dataset import ShardStream, open_caches
+from offline.losses import distillation_loss
+
+CHECKPOINT_NAME = "checkpoint.pt"
+STUDENT_FORMAT = "kd-student"
+
+
+class TrainError(Exception):
+    """A bad argument or input file, explained in one line."""
+
+
+@dataclass
+class TrainConfig:
+    caches: list[str]
+    student: str = "mlp"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    temperature: float = 4.0
+    alpha: float = 0.9
+    eval_path: str | None = None
+    out: str = "runs/distill"
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    loss: str = "kl"
+    weight_decay: float = 0.0
+    workers: int = 2
+    shuffle_buffer: int = 16384
+    allow_mixed_teachers: bool = False
+    skip_corrupt: bool = False
+    progress: bool = True
+    export: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise TrainError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise TrainError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise TrainError(f"--lr must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise TrainError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise TrainError(f"--alpha must lie in [0, 1], got {self.alpha}")
+        if self.loss not in ("kl", "mse"):
+            raise TrainError(f"--loss must be kl or mse, got {self.loss!r}")
+        if self.workers < 0:
+            raise TrainError(f"--workers must be >= 0, got {self.workers}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Pick the device; join the process group when started by torchrun."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise TrainError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError("--device cuda was asked for, but torch sees no CUDA device")
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist(device=torch.device(device if device.startswith("cuda:") else ("cuda" if use_cuda else "cpu")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        device=torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"),
+    )
+
+
+def load_eval_set(path: str, meta: CacheMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ``.npz`` with ``inputs`` and ``labels``, or a cache directory, checked against ``meta``."""
+    arrays = CacheReader(path).read(("inputs", "labels")) if Path(path).is_dir() else read_transfer_set(path)
+    inputs = arrays["inputs"]
+    if tuple(inputs.shape[1:]) != meta.input_shape:
+        raise TrainError(f"{path}: inputs have sample shape {list(inputs.shape[1:])}, the cache's are {list(meta.input_shape)}")
+    if inputs.dtype.kind not in "biuf":
+        raise TrainError(f"{path}: inputs have dtype {inputs.dtype}, expected numbers")
+    if "labels" not in arrays:
+        raise TrainError(f"{path}: has no 'labels' array to evaluate against")
+    labels = arrays["labels"]
+    if len(labels) == 0 or (labels < 0).any() or (labels >= meta.num_classes).any():
+        raise TrainError(f"{path}: labels must be known and lie in [0, {meta.num_classes - 1}]")
+    return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(labels)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, meta: CacheMeta, device: torch.device, batch_size: int = 1024) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(inputs), batch_size):
+        x = meta.preprocessing.apply(inputs[start : start + batch_size].to(device))
+        correct += int((model(x).argmax(-1).cpu() == labels[start : start + batch_size]).sum())
+    model.train(was_training)
+    return correct / len(inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def student_record(cfg: TrainConfig, model: nn.Module, meta: CacheMeta) -> dict[str, Any]:
+    """What ``student.pt`` holds: enough to rebuild the model and feed it, with weights_only=True."""
+    return {
+        "format": STUDENT_FORMAT,
+        "version": 1,
+        "arch": cfg.student,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "num_classes": meta.num_classes,
+        "input_shape": list(meta.input_shape),
+        "input_dtype": meta.input_dtype,
+        "preprocessing": meta.preprocessing.to_dict(),
+        "teacher_fingerprint": meta.teacher_fingerprint,
+        "temperature": cfg.temperature,
+        "alpha": cfg.alpha,
+    }
+
+
+def export_program(model: nn.Module, meta: CacheMeta, path: Path) -> None:
+    """``torch.export`` the student for preprocessed float32 input with a dynamic batch size."""
+    model = model.eval().cpu()
+    example = torch.zeros(2, *meta.input_shape)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    spec = {"input_shape": list(meta.input_shape), "input_dtype": meta.input_dtype, "preprocessing": meta.preprocessing.to_dict()}
+    torch.export.save(program, path, extra_files={"kd_input_spec.json": json.dumps(spec)})
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train (labelled samples)")
+    if any(h.get("eval_accuracy") is not None for h in history):
+        ax_acc.plot(epochs, [h.get("eval_accuracy") for h in history], marker="o", label="eval")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train a student on cached teacher outputs. Returns the summary written to metrics.json."""
+    cfg.check()
+    dist = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
+    log = print if dist.is_main else (lambda *a, **k: None)
+    readers, meta = open_caches(cfg.caches, allow_mixed_teachers=cfg.allow_mixed_teachers, skip_corrupt=cfg.skip_corrupt)
+    for reader in readers:
+        for name, problem in reader.skipped:
+            log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)
+    eval_set = load_eval_set(cfg.eval_path, meta) if cfg.eval_path else None
+
+    out = Path(cfg.out)
+    checkpoint_path = out / CHECKPOINT_NAME
+    if checkpoint_path.exists() and not cfg.resume:
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    try:
+        student = models.build(cfg.student, meta.input_shape, meta.num_classes)
+    except models.ModelSpecError as exc:
+        raise TrainError(str(exc)) from None
+    student.to(dist.device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if cfg.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=dist.device, weights_only=False)
+        if state["config"]["student"] != cfg.student or state["config"]["epochs"] != cfg.epochs:
+            raise TrainError(f"{checkpoint_path}: was made with --student {state['config']['student']} --epochs {state['config']['epochs']}; resume with the same")
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if dist.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+        history, start_epoch = state["history"], state["epoch"]
+        log(f"resuming {out} after epoch {start_epoch}")
+    elif cfg.resume:
+        log(f"no checkpoint in {out}; starting from epoch 1")
+
+    model: nn.Module = student
+    if dist.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    stream = ShardStream.from_readers(
+        readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+        skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
+        prefetch_factor=4 if cfg.workers else None,
+    )  # fmt: skip
+    log(
+        f"training {cfg.student} ({models.count_parameters(student):,} parameters) on {stream.num_samples:,} samples "
+        f"from {len(stream.shards)} shard(s), teacher {meta.teacher_name} {meta.teacher_fingerprint[:12]}, "
+        f"T={cfg.temperature} alpha={cfg.alpha}, device {dist.device}, {dist.world_size} process(es)"
+    )
+    if dist.is_main:
+        with open(out / "metrics.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(h) + "\n" for h in history)
+
+    train_seconds = sum(h["seconds"] for h in history)
+    train_samples = sum(h["samples"] for h in history)
+    for epoch in range(start_epoch, cfg.epochs):
+        stream.set_epoch(epoch)
+        model.train()
+        started = time.perf_counter()
+        # [loss * n, n, correct, labelled] summed over this rank's batches
+        totals = torch.zeros(4, dtype=torch.float64, device=dist.device)
+        bar = tqdm(
+            total=stream.num_batches(cfg.workers), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+            disable=not (cfg.progress and dist.is_main), leave=True, file=sys.stderr, dynamic_ncols=True,
+        )  # fmt: skip
+        join = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+        with join:
+            for step, batch in enumerate(loader):
+                inputs = meta.preprocessing.apply(batch["inputs"].to(dist.device, non_blocking=True))
+                teacher_logits = batch["logits"].to(dist.device, non_blocking=True)
+                labels = batch["labels"].to(dist.device, non_blocking=True)
+                student_logits = model(inputs)
+                loss = distillation_loss(student_logits, teacher_logits, labels, cfg.temperature, cfg.alpha, cfg.loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    labelled = labels >= 0
+                    n = len(labels)
+                    totals += torch.stack([
+                        loss.detach().double() * n, torch.tensor(n, dtype=torch.float64, device=dist.device),
+                        ((student_logits.argmax(-1) == labels) & labelled).sum().double(), labelled.sum().double(),
+                    ])  # fmt: skip
+                bar.update(1)
+                if step % 20 == 0:
+                    values = totals.tolist()
+                    bar.set_postfix(loss=f"{values[0] / max(values[1], 1):.4f}", acc=f"{values[2] / max(values[3], 1):.3f}")
+        if dist.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        scheduler.step()
+        seconds = time.perf_counter() - started
+        loss_sum, samples, correct, labelled_count = totals.tolist()
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(samples, 1),
+            "train_accuracy": correct / labelled_count if labelled_count else None,
+            "eval_accuracy": evaluate(student, *eval_set, meta, dist.device) if eval_set and dist.is_main else None,
+            "samples": int(samples),
+            "seconds": seconds,
+            "samples_per_s": samples / seconds if seconds else math.nan,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        bar.set_postfix(loss=f"{record['train_loss']:.4f}", eval_acc=record["eval_accuracy"])
+        bar.close()
+        history.append(record)
+        train_seconds += seconds
+        train_samples += int(samples)
+        if dist.is_main:
+            save_atomic(
+                {
+                    "model": student.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state() if dist.device.type == "cuda" else None,
+                    "epoch": epoch + 1, "history": history, "config": asdict(cfg),
+                },
+                checkpoint_path,
+            )  # fmt: skip
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if dist.world_size > 1:
+            torch.distributed.barrier()
+
+    summary: dict[str, Any] = {
+        "eval_accuracy": history[-1]["eval_accuracy"],
+        "train_accuracy": history[-1]["train_accuracy"],
+        "train_loss": history[-1]["train_loss"],
+        "student": cfg.student,
+        "student_params": models.count_parameters(student),
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "loss": cfg.loss,
+        "train_samples": train_samples,
+        "train_seconds": train_seconds,
+        "train_samples_per_s": train_samples / train_seconds if train_seconds else None,
+        "teacher_fingerprint": meta.teacher_fingerprint,
+        "teacher_name": meta.teacher_name,
+        "temperature": cfg.temperature,
+        "serving_temperature": meta.temperature,
+        "alpha": cfg.alpha,
+        "caches": [str(r.directory) for r in readers],
+        "world_size": dist.world_size,
+        "device": str(dist.device),
+        **cfg.extra,
+    }
+    if dist.is_main:
+        save_atomic(student_record(cfg, student, meta), out / "student.pt")
+        if cfg.export:
+            try:
+                export_program(student, meta, out / "student.pt2")
+            except Exception as exc:  # export support varies by model; the run itself succeeded
+                summary["export_error"] = f"{type(exc).__name__}: {exc}"
+                log(f"warning: torch.export of the student failed, no student.pt2 written ({exc})", file=sys.stderr)
+        plot_curves(history, out / "curves.png", f"{cfg.student}, T={cfg.temperature}, alpha={cfg.alpha}")
+        (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        log(f"done: eval accuracy {summary['eval_accuracy']}, {summary['train_samples_per_s'] or 0:,.0f} samples/s; wrote {out}")
+    return summary
+
+
+__all__ = ["TrainConfig", "TrainError", "train", "CacheError"]
