@@ -57,7 +57,7 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes reading the shards")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes reading the shards (default: 0 for caches under 256 MiB, else 2)")
     p.add_argument("--shuffle-buffer", type=int, default=16384, help="rows in each worker's shuffle window")
     p.add_argument("--allow-mixed-teachers", action="store_true", help="train on caches written by different teachers")
     p.add_argument("--skip-corrupt", action="store_true", help="warn about corrupt shards and train without them")

@@ -154,14 +154,19 @@ class ShardStream(IterableDataset):
         self.fields = TRAIN_FIELDS + (("ids",) if with_ids else ())
         self.skip_corrupt = skip_corrupt
         self._rank, self._world = rank, world_size
-        self.epoch = 0
+        # Shared memory, so that persistent DataLoader workers see set_epoch() from the parent.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     @classmethod
     def from_readers(cls, readers: Sequence[CacheReader], meta: CacheMeta, **kwargs: object) -> ShardStream:
         return cls([s for r in readers for s in r.shards], meta, **kwargs)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch[0] = epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
 
     @property
     def num_samples(self) -> int:

@@ -29,6 +29,9 @@ from offline.dataset import ShardStream, open_caches
 from offline.losses import distillation_loss
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# Below this size the shards sit in the page cache and reading them in the training process is
+# cheaper than shipping batches from worker processes (docs/benchmarks.md).
+AUTO_WORKERS_BYTES = 256 << 20
 STUDENT_FORMAT = "kd-student"
 
 
@@ -52,7 +55,7 @@ class TrainConfig:
     resume: bool = False
     loss: str = "kl"
     weight_decay: float = 0.0
-    workers: int = 2
+    workers: int | None = None  # None: 0 for caches under AUTO_WORKERS_BYTES, else 2
     shuffle_buffer: int = 16384
     allow_mixed_teachers: bool = False
     skip_corrupt: bool = False
@@ -73,7 +76,7 @@ class TrainConfig:
             raise TrainError(f"--alpha must lie in [0, 1], got {self.alpha}")
         if self.loss not in ("kl", "mse"):
             raise TrainError(f"--loss must be kl or mse, got {self.loss!r}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise TrainError(f"--workers must be >= 0, got {self.workers}")
 
 
@@ -254,6 +257,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     elif cfg.resume:
         log(f"no checkpoint in {out}; starting from epoch 1")
 
+    workers = cfg.workers
+    if workers is None:
+        workers = 0 if sum(r.total_bytes for r in readers) < AUTO_WORKERS_BYTES else 2
     model: nn.Module = student
     if dist.world_size > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -262,8 +268,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=cfg.workers, pin_memory=dist.device.type == "cuda",
-        prefetch_factor=4 if cfg.workers else None,
+        stream, batch_size=None, num_workers=workers, pin_memory=dist.device.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
     )  # fmt: skip
     log(
         f"training {cfg.student} ({models.count_parameters(student):,} parameters) on {stream.num_samples:,} samples "
@@ -283,7 +289,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         # [loss * n, n, correct, labelled] summed over this rank's batches
         totals = torch.zeros(4, dtype=torch.float64, device=dist.device)
         bar = tqdm(
-            total=stream.num_batches(cfg.workers), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+            total=stream.num_batches(workers), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
             disable=not (cfg.progress and dist.is_main), leave=True, file=sys.stderr, dynamic_ncols=True,
         )  # fmt: skip
         join = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
