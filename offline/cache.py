@@ -309,10 +309,13 @@ class ShardInfo:
         return {"name": self.name, "num_samples": self.num_samples, "sha256": self.sha256, "bytes": self.bytes}
 
 
-def _decode_attr(value: Any) -> Any:
+_JSON_ATTRS = ("input_shape", "preprocessing")  # stored as JSON text; other strings are verbatim
+
+
+def _decode_attr(key: str, value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode("utf-8")
-    if isinstance(value, str) and value[:1] in "[{":
+    if isinstance(value, str) and key in _JSON_ATTRS:
         return json.loads(value)
     if isinstance(value, np.generic):
         return value.item()
@@ -323,7 +326,7 @@ def read_shard_meta(path: Path) -> tuple[CacheMeta, int]:
     """A shard's metadata and sample count, checking that its datasets agree with them."""
     try:
         with h5py.File(path, "r") as h5:
-            raw = {key: _decode_attr(h5.attrs[key]) for key in h5.attrs}
+            raw = {key: _decode_attr(key, h5.attrs[key]) for key in h5.attrs}
             meta = CacheMeta.from_dict(raw, path.name)
             missing = [name for name in DATASETS if name not in h5]
             if missing:
@@ -405,6 +408,14 @@ def _load_manifest(directory: Path) -> dict[str, Any]:
         raise CacheError(f"{manifest_path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("shards"), list):
         raise CacheError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
+    try:
+        version = int(manifest.get("schema_version", 0))
+    except (TypeError, ValueError):
+        raise CacheError(f"{manifest_path}: bad schema_version {manifest.get('schema_version')!r}") from None
+    if version > SCHEMA_VERSION:
+        raise CacheError(
+            f"{manifest_path}: schema version {version} is newer than this reader supports ({SCHEMA_VERSION}); upgrade the package"
+        )
     return manifest
 
 
@@ -585,6 +596,7 @@ class CacheWriter:
         for path in self.directory.iterdir():
             if TMP_PATTERN.match(path.name):
                 path.unlink()
+        (self.directory / f".{MANIFEST_NAME}.tmp").unlink(missing_ok=True)  # see write_json_atomic
         listed_names = {s.name for s in listed}
         adopted = []
         for path in sorted(self.directory.iterdir()):
@@ -644,7 +656,7 @@ class CacheWriter:
             take = slice(written, written + room)
             self._write_rows(norm_ids[take], inputs[take], logits[take], labels[take])
             written += len(norm_ids[take])
-            if self._open_rows >= self.max_samples or self._open_rows * self.meta.row_bytes() >= self.max_bytes:
+            if self._open_rows >= self._capacity():
                 self.flush_shard()
         return written
 
@@ -719,9 +731,13 @@ class CacheWriter:
         if len(set(ids.tolist())) != n:
             raise ValueError("ids must be unique within a batch")
 
-    def _room(self) -> int:
+    def _capacity(self) -> int:
+        """Rows per shard: max_samples, or as many whole rows as fit in max_bytes (at least one)."""
         by_bytes = max(1, self.max_bytes // max(1, self.meta.row_bytes()))
-        return max(1, min(self.max_samples, by_bytes) - self._open_rows)
+        return min(self.max_samples, by_bytes)
+
+    def _room(self) -> int:
+        return max(1, self._capacity() - self._open_rows)
 
     def _next_index(self) -> int:
         indices = [int(m.group(1)) for p in self.directory.iterdir() if (m := SHARD_PATTERN.match(p.name))]

@@ -1,0 +1,118 @@
+"""The streaming dataset: exactly one pass per epoch across ranks and workers, reshuffled per
+epoch, bounded buffers, and refusal to mix incompatible caches."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from digits import PREPROCESSING
+
+from offline.cache import CacheError, CacheMeta, CacheWriter
+from offline.dataset import ShardStream, open_caches, plan_epoch
+
+
+def make_cache(directory, sizes, *, fingerprint="a" * 64, num_classes=10, id_prefix="s"):
+    meta = CacheMeta(fingerprint, "t", num_classes, (4, 4), "uint8", PREPROCESSING)
+    rng = np.random.default_rng(len(sizes))
+    next_id = 0
+    with CacheWriter(directory, meta) as writer:
+        for size in sizes:  # one shard per entry, of uneven sizes
+            ids = [f"{id_prefix}{i}" for i in range(next_id, next_id + size)]
+            next_id += size
+            writer.append(ids, rng.integers(0, 255, (size, 4, 4), dtype=np.uint8), rng.normal(size=(size, num_classes)).astype(np.float32))
+            writer.flush_shard()
+    return directory
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_covers_every_row_exactly_once(seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, 500, rng.integers(1, 9)).tolist()
+    world, workers = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+    seen = Counter()
+    per_rank = []
+    for rank in range(world):
+        rank_rows = 0
+        for worker in range(workers):
+            for block in plan_epoch(
+                sizes, epoch=3, seed=seed, rank=rank, world_size=world, worker=worker, num_workers=workers, block_rows=64, shuffle=True
+            ):
+                assert 0 <= block.start < block.stop <= sizes[block.shard]
+                assert block.stop - block.start <= 64
+                seen.update((block.shard, row) for row in range(block.start, block.stop))
+                rank_rows += block.stop - block.start
+        per_rank.append(rank_rows)
+    assert seen == Counter((shard, row) for shard, size in enumerate(sizes) for row in range(size))
+    assert max(per_rank) - min(per_rank) <= 1  # balanced ranks
+
+
+def collect(directory, *, rank, world, workers, epoch=0, batch_size=16, seed=0):
+    readers, meta = open_caches([str(directory)])
+    stream = ShardStream.from_readers(readers, meta, batch_size=batch_size, with_ids=True, shuffle_buffer=64, seed=seed, rank=rank, world_size=world)
+    stream.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    batches = list(loader)
+    return [i for b in batches for i in b["ids"]], batches, stream
+
+
+def test_two_ranks_two_workers_see_each_sample_once(tmp_path):
+    directory = make_cache(tmp_path / "c", [300, 17, 128, 250, 5, 200, 100])
+    total = 1000
+    ids = []
+    for rank in range(2):
+        rank_ids, batches, stream = collect(directory, rank=rank, world=2, workers=2)
+        assert len(batches) == stream.num_batches(2)
+        assert all(b["inputs"].dtype == torch.uint8 and b["logits"].shape[1] == 10 for b in batches)
+        ids += rank_ids
+    assert len(ids) == total and len(set(ids)) == total
+
+
+def test_each_epoch_is_a_new_order_and_reproducible(tmp_path):
+    directory = make_cache(tmp_path / "c", [200, 150, 250])
+    first, _, _ = collect(directory, rank=0, world=1, workers=0, epoch=0)
+    again, _, _ = collect(directory, rank=0, world=1, workers=0, epoch=0)
+    second, _, _ = collect(directory, rank=0, world=1, workers=0, epoch=1)
+    assert first == again
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_persistent_workers_follow_set_epoch(tmp_path):
+    directory = make_cache(tmp_path / "c", [200, 150, 250])
+    readers, meta = open_caches([str(directory)])
+    stream = ShardStream.from_readers(readers, meta, batch_size=32, with_ids=True, shuffle_buffer=64, seed=0)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2, persistent_workers=True)
+    orders = []
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        orders.append([i for b in loader for i in b["ids"]])
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+    reference, _, _ = collect(directory, rank=0, world=1, workers=2, epoch=1, batch_size=32)
+    assert orders[1] == reference
+
+
+def test_shuffle_mixes_within_a_worker_and_batches_are_full(tmp_path):
+    directory = make_cache(tmp_path / "c", [256, 256])
+    ids, batches, _ = collect(directory, rank=0, world=1, workers=0, batch_size=32)
+    assert [len(b["ids"]) for b in batches] == [32] * 16
+    positions = [int(i[1:]) for i in ids]
+    assert positions != sorted(positions)
+    # the first batch draws from more than one chunk-aligned block
+    assert len({p // 64 for p in positions[:32]}) > 1
+
+
+def test_mixed_teachers_refused_unless_allowed(tmp_path):
+    a = make_cache(tmp_path / "a", [50], fingerprint="a" * 64)
+    b = make_cache(tmp_path / "b", [50], fingerprint="b" * 64, id_prefix="t")
+    with pytest.raises(CacheError, match="--allow-mixed-teachers"):
+        open_caches([str(a), str(b)])
+    readers, _ = open_caches([str(a), str(b)], allow_mixed_teachers=True)
+    assert sum(r.num_samples for r in readers) == 100
+
+
+def test_different_class_counts_never_mix(tmp_path):
+    a = make_cache(tmp_path / "a", [50])
+    b = make_cache(tmp_path / "b", [50], num_classes=5, id_prefix="t")
+    for allow in (False, True):
+        with pytest.raises(CacheError, match="num_classes"):
+            open_caches([str(a), str(b)], allow_mixed_teachers=allow)
