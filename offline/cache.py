@@ -671,6 +671,8 @@ class CacheWriter:
             return None
         tmp_path = self._tmp_path
         assert tmp_path is not None
+        if 0 < self._open_rows < self._chunk_rows:
+            self._compact()
         self._h5.close()
         self._h5, self._tmp_path, self._open_rows = None, None, 0
         _fsync_path(tmp_path)
@@ -743,11 +745,11 @@ class CacheWriter:
         indices = [int(m.group(1)) for p in self.directory.iterdir() if (m := SHARD_PATTERN.match(p.name))]
         return max(indices, default=-1) + 1
 
-    def _open_shard(self) -> None:
+    def _open_shard(self, path: Path | None = None, rows: int | None = None) -> None:
         meta = self.meta
-        self._tmp_path = self.directory / f".shard-{self._next_index():06d}.h5.tmp"
+        self._tmp_path = path or self.directory / f".shard-{self._next_index():06d}.h5.tmp"
         h5 = h5py.File(self._tmp_path, "w", libver="latest")
-        rows = self._chunk_rows
+        rows = rows or self._chunk_rows
         attrs = meta.to_dict()
         attrs.update(format=FORMAT_NAME, chunk_rows=rows, created_at=_now())
         for key in SHARD_ATTRS:
@@ -765,6 +767,18 @@ class CacheWriter:
             **{**options, "chunks": (rows, meta.num_classes)},
         )  # fmt: skip
         self._h5, self._open_rows = h5, 0
+
+    def _compact(self) -> None:
+        """Rewrite a shard smaller than one chunk with chunks of its own size: HDF5 allocates
+        whole chunks, so a 100-row shard in 16384-row chunks would be mostly empty space."""
+        assert self._h5 is not None and self._tmp_path is not None
+        rows = self._open_rows
+        columns = {name: self._h5[name][:rows] for name in DATASETS}
+        self._h5.close()
+        self._open_shard(self._tmp_path, rows)
+        ids = np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in columns["ids"]], dtype=object)
+        self._ids.difference_update(ids.tolist())
+        self._write_rows(ids, columns["inputs"], columns["logits"], columns["labels"])
 
     def _write_rows(self, ids: np.ndarray, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
         if self._h5 is None:

@@ -529,20 +529,22 @@ def test_shard_with_newer_schema_or_layout_is_refused(tmp_path):
 )
 def test_datasets_are_chunked_by_whole_rows(tmp_path, shape, dtype):
     meta = make_meta(input_shape=shape, input_dtype=dtype)
-    n = 40
+    full = meta.chunk_rows()
+    item_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    assert full == min(16384, max(16, (1 << 20) // item_bytes))
+    n = full + 5 if full <= 64 else 40  # a shard of more than one chunk where that stays small
     x = np.zeros((n, *shape), dtype=dtype)
     with CacheWriter(tmp_path, meta, max_samples=n) as writer:
         writer.append(range(n), x, np.zeros((n, 10), dtype=np.float32))
     with h5py.File(tmp_path / "shard-000000.h5", "r") as h5:
         rows = int(h5.attrs["chunk_rows"])
-        assert rows == meta.chunk_rows()
-        assert 16 <= rows <= 16384
-        item_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        assert rows == min(16384, max(16, (1 << 20) // item_bytes))
+        # A shard smaller than one chunk is rewritten with one chunk of its own size.
+        assert rows == (full if n >= full else n)
         assert h5["ids"].chunks == (rows,)
         assert h5["inputs"].chunks == (rows, *shape)
         assert h5["labels"].chunks == (rows,)
         assert h5["logits"].chunks == (rows, 10)
+        assert h5["ids"].shape == (n,)
         for name in ("ids", "inputs", "labels", "logits"):
             assert h5[name].maxshape[0] is None
             assert h5[name].shape[0] == n
@@ -593,3 +595,14 @@ def test_read_transfer_set_errors_name_the_path(tmp_path):
     with pytest.raises(CacheError, match="not a readable .npz") as excinfo:
         read_transfer_set(not_npz)
     assert str(not_npz) in str(excinfo.value)
+
+
+def test_small_shards_are_not_mostly_empty_chunks(tmp_path):
+    meta = make_meta(input_shape=(8, 8), input_dtype="uint8")
+    n = 100
+    with CacheWriter(tmp_path, meta, max_samples=n) as writer:
+        writer.append(range(n), np.ones((n, 8, 8), np.uint8), np.ones((n, 10), np.float32), np.arange(n) % 10)
+    reader = CacheReader(tmp_path)
+    assert reader.total_bytes / n < 4 * meta.row_bytes()
+    data = reader.read()
+    assert data["ids"].tolist() == [str(i) for i in range(n)] and (data["labels"] == np.arange(n) % 10).all()
