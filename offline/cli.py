@@ -61,6 +61,7 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-buffer", type=int, default=16384, help="rows in each worker's shuffle window")
     p.add_argument("--allow-mixed-teachers", action="store_true", help="train on caches written by different teachers")
     p.add_argument("--skip-corrupt", action="store_true", help="warn about corrupt shards and train without them")
+    p.add_argument("--verify-checksums", action="store_true", help="check every shard's sha256 before training (reads the whole cache once)")
     p.add_argument("--no-export", action="store_true", help="skip the torch.export of the student (student.pt2)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -84,7 +85,7 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
                 temperature=args.temperature, alpha=args.alpha, eval_path=args.eval_path, out=args.out, seed=args.seed,
                 device=args.device, resume=args.resume, loss=args.loss, weight_decay=args.weight_decay,
                 workers=args.workers, shuffle_buffer=args.shuffle_buffer, allow_mixed_teachers=args.allow_mixed_teachers,
-                skip_corrupt=args.skip_corrupt, progress=not args.no_progress, export=not args.no_export,
+                skip_corrupt=args.skip_corrupt, verify_checksums=args.verify_checksums, progress=not args.no_progress, export=not args.no_export,
             )
         )  # fmt: skip
         return 0

@@ -23,6 +23,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,12 +47,21 @@ class Block:
 
 
 def open_caches(
-    directories: Sequence[str], *, allow_mixed_teachers: bool = False, skip_corrupt: bool = False
+    directories: Sequence[str], *, allow_mixed_teachers: bool = False, skip_corrupt: bool = False, verify_checksums: bool = False
 ) -> tuple[list[CacheReader], CacheMeta]:
-    """Open several cache directories and check that their shards can be trained on together."""
+    """Open several cache directories and check that their shards can be trained on together.
+    With ``verify_checksums`` every shard's sha256 is checked first (one full read of the cache)."""
     if not directories:
         raise CacheError("no cache directory given")
     readers = [CacheReader(d, skip_corrupt=skip_corrupt) for d in directories]
+    if verify_checksums:
+        for reader in readers:
+            problems = reader.verify()
+            if problems and not skip_corrupt:
+                raise CacheError(f"{problems[0][0]}: {problems[0][1]}")
+            bad = {path for path, _ in problems}
+            reader.skipped += [(Path(path).name, problem) for path, problem in problems]
+            reader.shards = [s for s in reader.shards if str(s.path) not in bad]
     first = readers[0].meta
     for reader in readers[1:]:
         problem = first.mismatch(reader.meta, ("num_classes", "input_shape", "input_dtype"))

@@ -59,6 +59,7 @@ class TrainConfig:
     shuffle_buffer: int = 16384
     allow_mixed_teachers: bool = False
     skip_corrupt: bool = False
+    verify_checksums: bool = False
     progress: bool = True
     export: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -219,7 +220,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     log = print if dist.is_main else (lambda *a, **k: None)
-    readers, meta = open_caches(cfg.caches, allow_mixed_teachers=cfg.allow_mixed_teachers, skip_corrupt=cfg.skip_corrupt)
+    readers, meta = open_caches(
+        cfg.caches, allow_mixed_teachers=cfg.allow_mixed_teachers, skip_corrupt=cfg.skip_corrupt, verify_checksums=cfg.verify_checksums
+    )
     for reader in readers:
         for name, problem in reader.skipped:
             log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from digits import write_cache
 
-from offline.cache import MANIFEST_NAME, CacheReader
+from offline.cache import MANIFEST_NAME, CacheError, CacheReader
 
 pytestmark = pytest.mark.slow
 
@@ -258,3 +259,15 @@ def test_distill_skip_corrupt_trains_on_the_rest(caches, distill_results):
     assert len(warnings) == 1 and str(damaged) in warnings[0], describe(result)
     assert f"on {NUM_SAMPLES - MAX_SAMPLES} samples from 4 shard(s)" in result.stdout, describe(result)
     assert (out / "metrics.json").exists() and (out / "student.pt").exists()
+
+
+def test_verify_checksums_catches_a_byte_flip_before_training(caches):
+    from offline.dataset import open_caches
+
+    directory, damaged = caches["flip"]
+    open_caches([str(directory)])  # the cheap checks pass
+    with pytest.raises(CacheError, match=re.escape(str(damaged)) + ".*sha256"):
+        open_caches([str(directory)], verify_checksums=True)
+    readers, _ = open_caches([str(directory)], verify_checksums=True, skip_corrupt=True)
+    assert damaged.name not in [s.name for s in readers[0].shards] and len(readers[0].shards) == 4
+    assert [name for name, _ in readers[0].skipped] == [damaged.name]
