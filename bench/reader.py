@@ -68,10 +68,15 @@ from offline.train import AUTO_WORKERS_BYTES
 
 NOISE_LIMIT = 0.05  # share of the machine taken by other processes above which a figure is flagged
 RATIO_TARGET = 0.95
+# glibc malloc with a fixed mmap threshold (32 MiB, the most it accepts) and no trimming of the
+# heap: freed activation buffers are reused instead of being returned to the kernel and
+# faulted in again, zero-filled, on the next step. Setting either variable also turns off
+# glibc's dynamic threshold, which is what makes the default behaviour depend on history.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 RSS_TARGET = 1.2
 TEMPERATURE, ALPHA, LR = 4.0, 0.9, 1e-3
-QUICK = {"samples": 4096, "repeats": 3}
-FULL = {"samples": 20000, "repeats": 3}
+QUICK = {"samples": 4096, "repeats": 3, "malloc": "default"}
+FULL = {"samples": 12000, "rss_samples": 10000, "repeats": 6, "malloc": "both"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,14 +270,14 @@ def side_main(args: argparse.Namespace) -> int:
 class Side:
     """The parent's handle on a ``side_main`` child."""
 
-    def __init__(self, kind: str, cache: Path, args: argparse.Namespace, workers: int) -> None:
+    def __init__(self, kind: str, cache: Path, args: argparse.Namespace, workers: int, env: dict[str, str] | None = None) -> None:
         self.kind = kind
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--side", kind, "--side-cache", str(cache), "--workers", str(workers),
             "--student", args.student, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
             "--shuffle-buffer", str(args.shuffle_buffer),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, **(env or {})})
 
     def _answer(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -302,9 +307,10 @@ class Side:
         self.proc.wait()
 
 
-def compare(reader: CacheReader, args: argparse.Namespace, workers: int) -> dict[str, Any]:
+def compare(reader: CacheReader, args: argparse.Namespace, workers: int, malloc: str) -> dict[str, Any]:
     """Alternate whole epochs of the two sides, each in its own process (see the module doc)."""
-    sides = {"memory": Side("memory", reader.directory, args, workers), "shards": Side("shards", reader.directory, args, workers)}
+    env = TUNED_MALLOC if malloc == "tuned" else None
+    sides = {kind: Side(kind, reader.directory, args, workers, env) for kind in ("memory", "shards")}
     try:
         for side in sides.values():
             side.ready()
@@ -338,6 +344,7 @@ def compare(reader: CacheReader, args: argparse.Namespace, workers: int) -> dict
     shards = statistics.median(r["samples_per_s"] for r in repeats["shards"])
     return {
         "workers": workers,
+        "malloc": malloc,
         "memory_steps_per_s": memory / args.batch_size,
         "shards_steps_per_s": shards / args.batch_size,
         "memory_samples_per_s": memory,
@@ -513,11 +520,11 @@ def print_tables(result: dict[str, Any]) -> None:
         print()
         print(f"Training throughput, median of {cfg['repeats']} alternating repeats of {cfg['epochs_per_repeat']} epoch(s) each "
               "(steps/s = samples/s / batch size)")  # fmt: skip
-        print(f"{'workers':>7}  {'memory steps/s':>14}  {'shards steps/s':>14}  {'ratio':>6}  {'target':>7}  {'met':>3}  {'faults/step mem|shards':>22}  {'other CPU':>9}  per-repeat ratios")
+        print(f"{'malloc':>7}  {'workers':>7}  {'memory steps/s':>14}  {'shards steps/s':>14}  {'ratio':>6}  {'target':>7}  {'met':>3}  {'faults/step mem|shards':>22}  {'other CPU':>9}  per-repeat ratios")
         for row in rows:
             per = " ".join(f"{r:.3f}" for r in row["ratio_per_repeat"])
             faults = f"{row['memory_faults_per_step']:,.0f} | {row['shards_faults_per_step']:,.0f}"
-            print(f"{row['workers']:>7}  {row['memory_steps_per_s']:>14.2f}  {row['shards_steps_per_s']:>14.2f}  {row['ratio']:>6.3f}  "
+            print(f"{row['malloc']:>7}  {row['workers']:>7}  {row['memory_steps_per_s']:>14.2f}  {row['shards_steps_per_s']:>14.2f}  {row['ratio']:>6.3f}  "
                   f"{'>= ' + str(RATIO_TARGET):>7}  {ok[row['ratio'] >= RATIO_TARGET]:>3}  {faults:>22}  {row['max_foreign_cpu']:>9.1%}  {per}")  # fmt: skip
     rss = result["rss"]
     if rss:
@@ -543,8 +550,8 @@ def print_tables(result: dict[str, Any]) -> None:
         print(f"WARNING: other processes took up to {max(noisy):.0%} of the machine while figures were timed "
               f"('other CPU', max per timed section); throughput figures above {NOISE_LIMIT:.0%} are not trustworthy: rerun on a quiet machine")  # fmt: skip
     print()
-    print(f"reader_vs_memory={result['reader_vs_memory']}  reader_vs_memory_workers0={result['reader_vs_memory_workers0']}  "
-          f"rss_growth_10x={result['rss_growth_10x']}  rss_growth_10x_default={result['rss_growth_10x_default']}")  # fmt: skip
+    keys = [k for k in result if k.startswith(("reader_vs_memory", "rss_growth"))]
+    print("  ".join(f"{k}={result[k]}" for k in keys))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -552,7 +559,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"small run, < 90 s on 2 cores (defaults become {QUICK})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     p.add_argument("--samples", type=int, default=None, help=f"cache size for the throughput runs and S for memory (default {FULL['samples']})")
-    p.add_argument("--rss-samples", type=int, default=None, help="S for the memory runs (default: --samples); the second run uses 10·S")
+    p.add_argument(
+        "--rss-samples", type=int, default=None, help=f"S for the memory runs (default {FULL['rss_samples']}; --quick: --samples); the second run uses 10·S"
+    )
     p.add_argument("--input-shape", type=int, nargs="+", default=[3, 16, 16], metavar="D", help="uint8 sample shape")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--student", default="cnn-small", help="a registry name, or module:factory")
@@ -562,6 +571,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-samples", type=int, default=None, help="rows per shard (default: CacheWriter's)")
     p.add_argument("--repeats", type=int, default=None, help=f"alternating timed repeats per side (default {FULL['repeats']})")
     p.add_argument("--epochs-per-repeat", type=int, default=1)
+    p.add_argument(
+        "--malloc", choices=("default", "tuned", "both"), default=None,
+        help="glibc malloc settings of the throughput runs: as is, TUNED_MALLOC, or both (default: both; --quick: default)",
+    )  # fmt: skip
     p.add_argument("--poll-interval", type=float, default=0.05, help="seconds between /proc samples of the memory runs")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-rss", action="store_true")
@@ -575,7 +588,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.rss_samples = args.rss_samples or args.samples
+    if args.rss_samples is None:
+        args.rss_samples = preset.get("rss_samples", args.samples)
     return args
 
 
@@ -596,9 +610,10 @@ def main(argv: list[str] | None = None) -> int:
         student_params = models.count_parameters(models.build(args.student, meta.input_shape, meta.num_classes))
         throughput = []
         if not args.skip_throughput:
-            for workers in dict.fromkeys([args.workers, 0]):
-                say(f"throughput: shards with {workers} worker(s) vs memory, {args.repeats} repeats ...")
-                throughput.append(compare(reader, args, workers))
+            for malloc in ("default", "tuned") if args.malloc == "both" else (args.malloc,):
+                for workers in dict.fromkeys([args.workers, 0]):
+                    say(f"throughput: shards with {workers} worker(s) vs memory, {malloc} malloc, {args.repeats} repeats ...")
+                    throughput.append(compare(reader, args, workers, malloc))
         rss = []
         if not args.skip_rss:
             small = reader if args.rss_samples == args.samples else write_cache(
@@ -623,8 +638,10 @@ def main(argv: list[str] | None = None) -> int:
             return round(found[0], 4) if found else None
 
         result = {
-            "reader_vs_memory": pick(throughput, "ratio", lambda r: r["workers"] == args.workers),
-            "reader_vs_memory_workers0": pick(throughput, "ratio", lambda r: r["workers"] == 0),
+            "reader_vs_memory": pick(throughput, "ratio", lambda r: r["workers"] == args.workers and r["malloc"] == "default"),
+            "reader_vs_memory_workers0": pick(throughput, "ratio", lambda r: r["workers"] == 0 and r["malloc"] == "default"),
+            "reader_vs_memory_tuned_malloc": pick(throughput, "ratio", lambda r: r["workers"] == args.workers and r["malloc"] == "tuned"),
+            "reader_vs_memory_workers0_tuned_malloc": pick(throughput, "ratio", lambda r: r["workers"] == 0 and r["malloc"] == "tuned"),
             "rss_growth_10x": pick(rss, "growth_pss", lambda r: r["workers_arg"] == 2),
             "rss_growth_10x_default": pick(rss, "growth_pss", lambda r: r["workers_arg"] == "default"),
             "targets": {"reader_vs_memory": f">= {RATIO_TARGET}", "rss_growth_10x": f"< {RSS_TARGET}"},
