@@ -11,12 +11,24 @@ Two measurements on a synthetic cache written with ``CacheWriter`` in a temporar
    * *memory*: the same rows held as torch tensors, a fresh random permutation per epoch and
      batches gathered by slicing it.
 
-   After a warm-up epoch of each, whole epochs are timed, alternating shards/memory (ABBA
-   order) for ``--repeats`` rounds; the median of each side is taken and
+   Each side runs in its own child process (``--side``, driven over a pipe), and the parent
+   alternates whole epochs between them, so the two never compete for the CPU and each
+   process has its own malloc heap, as a real trainer does. (Running both sides in one
+   process couples them through glibc's heap: the ratio then swung between 0.67 and 1.13
+   depending on which side ran first, see docs/benchmarks.md.) After a warm-up epoch of each,
+   ``--repeats`` rounds are timed in ABBA order; the median of each side is taken and
    ``ratio = shards / memory`` (target >= 0.95). Throughput is counted in samples/s and shown
    as full-batch steps/s (samples/s ÷ batch size), so that the partial last batch of each
    worker does not flatter the shard side. One row uses ``--workers`` (default 2), a second
    row 0 workers, which is what the trainer picks for caches under 256 MiB.
+
+   ``--malloc tuned`` (and ``both``, the default of a full run) repeats the rows with glibc
+   malloc told to keep freed memory (``TUNED_MALLOC``): with the default settings a training
+   step can page-fault tens of MB of zero-filled memory per step, an allocator effect that
+   varies from run to run and dwarfs the reader's own cost; the tuned rows measure the reader
+   without it. Every row reports the trainer process's minor page faults per step, and the
+   share of the machine that other processes took while it was timed ("other CPU"): on a
+   2-core machine a busy neighbour decides the result, and the report says so.
 
 2. **Peak memory growth.** A real ``offline-distill --epochs 1`` subprocess on a cache of S
    samples and on one of 10·S, with ``--workers 2`` and with the default worker count;
@@ -75,7 +87,7 @@ RATIO_TARGET = 0.95
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 RSS_TARGET = 1.2
 TEMPERATURE, ALPHA, LR = 4.0, 0.9, 1e-3
-QUICK = {"samples": 4096, "repeats": 3, "malloc": "default"}
+QUICK = {"samples": 4096, "rss_samples": 2048, "repeats": 3, "malloc": "default"}
 FULL = {"samples": 12000, "rss_samples": 10000, "repeats": 6, "malloc": "both"}
 
 
@@ -277,7 +289,9 @@ class Side:
             "--student", args.student, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
             "--shuffle-buffer", str(args.shuffle_buffer),
         ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, **(env or {})}
+        )
 
     def _answer(self) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -520,7 +534,9 @@ def print_tables(result: dict[str, Any]) -> None:
         print()
         print(f"Training throughput, median of {cfg['repeats']} alternating repeats of {cfg['epochs_per_repeat']} epoch(s) each "
               "(steps/s = samples/s / batch size)")  # fmt: skip
-        print(f"{'malloc':>7}  {'workers':>7}  {'memory steps/s':>14}  {'shards steps/s':>14}  {'ratio':>6}  {'target':>7}  {'met':>3}  {'faults/step mem|shards':>22}  {'other CPU':>9}  per-repeat ratios")
+        print(
+            f"{'malloc':>7}  {'workers':>7}  {'memory steps/s':>14}  {'shards steps/s':>14}  {'ratio':>6}  {'target':>7}  {'met':>3}  {'faults/step mem|shards':>22}  {'other CPU':>9}  per-repeat ratios"
+        )
         for row in rows:
             per = " ".join(f"{r:.3f}" for r in row["ratio_per_repeat"])
             faults = f"{row['memory_faults_per_step']:,.0f} | {row['shards_faults_per_step']:,.0f}"
@@ -558,9 +574,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"small run, < 90 s on 2 cores (defaults become {QUICK})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
-    p.add_argument("--samples", type=int, default=None, help=f"cache size for the throughput runs and S for memory (default {FULL['samples']})")
     p.add_argument(
-        "--rss-samples", type=int, default=None, help=f"S for the memory runs (default {FULL['rss_samples']}; --quick: --samples); the second run uses 10·S"
+        "--samples", type=int, default=None, help=f"cache size for the throughput runs and S for memory (default {FULL['samples']})"
+    )
+    p.add_argument(
+        "--rss-samples",
+        type=int,
+        default=None,
+        help=f"S for the memory runs (default {FULL['rss_samples']}; --quick: {QUICK['rss_samples']}); the second run uses 10·S",
     )
     p.add_argument("--input-shape", type=int, nargs="+", default=[3, 16, 16], metavar="D", help="uint8 sample shape")
     p.add_argument("--classes", type=int, default=10)
