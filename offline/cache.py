@@ -571,7 +571,10 @@ class CacheWriter:
             raise CacheError(f"{self.directory}: another writer holds {LOCK_NAME}") from None
         try:
             self._shards: list[ShardInfo] = []
-            self._ids: set[str] = set()
+            # id -> global row: rows are numbered across the published shards in manifest order,
+            # then the open shard, so a cache hit can be read back without scanning.
+            self._ids: dict[str, int] = {}
+            self._published_rows = 0
             self._recover()
         except BaseException:
             self._release_lock()
@@ -608,9 +611,12 @@ class CacheWriter:
         for info in self._shards:
             handle = ShardHandle(info.path)
             try:
-                self._ids.update(handle.read(0, info.num_samples, ("ids",))["ids"].tolist())
+                shard_ids = handle.read(0, info.num_samples, ("ids",))["ids"].tolist()
             finally:
                 handle.close()
+            self._ids.update(zip(shard_ids, range(self._published_rows, self._published_rows + len(shard_ids)), strict=True))
+            self._published_rows += len(shard_ids)
+        self._handles: dict[int, ShardHandle] = {}
         if adopted or not manifest_path.exists():
             self._write_manifest()
 
@@ -631,11 +637,50 @@ class CacheWriter:
         """Rows appended to the open temporary shard but not yet published."""
         return self._open_rows
 
+    @property
+    def capacity(self) -> int:
+        """Rows per shard: max_samples, or as many whole rows as fit in max_bytes (at least one)."""
+        return self._capacity()
+
     def __contains__(self, sample_id: str) -> bool:
         return sample_id in self._ids
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def lookup(self, ids: Sequence[str]) -> np.ndarray:
+        """Global row of each id (published or in the open shard), -1 where the id is absent."""
+        get = self._ids.get
+        return np.fromiter((get(sample_id, -1) for sample_id in ids), dtype=np.int64, count=len(ids))
+
+    def read_logits(self, rows: np.ndarray) -> np.ndarray:
+        """The stored logits of global ``rows`` (from ``lookup``), as float32 [len(rows), C].
+
+        Rows still in the open temporary shard are read from it, so a sample answers as a cache
+        hit as soon as it is appended, before its shard is published."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.meta.num_classes), dtype=np.float32)
+        if len(rows) == 0:
+            return out
+        if rows.min() < 0 or rows.max() >= self._published_rows + self._open_rows:
+            raise ValueError("read_logits: row out of range")
+        starts = np.array([0] + [s.num_samples for s in self._shards], dtype=np.int64).cumsum()
+        shard_of = np.searchsorted(starts, rows, side="right") - 1
+        for shard in np.unique(shard_of):
+            mask = shard_of == shard
+            local = rows[mask] - starts[shard]
+            if shard < len(self._shards):
+                handle = self._handles.get(int(shard))
+                if handle is None:
+                    handle = self._handles[int(shard)] = ShardHandle(self._shards[shard].path)
+                lo, hi = int(local.min()), int(local.max()) + 1
+                block = handle.read(lo, hi, ("logits",))["logits"]
+                out[mask] = block[local - lo]
+            else:
+                assert self._h5 is not None
+                lo, hi = int(local.min()), int(local.max()) + 1
+                out[mask] = self._h5["logits"][lo:hi][local - lo]
+        return out
 
     def append(self, ids: Any, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray | None = None) -> int:
         """Append a batch. Ids already in the cache are skipped. Returns the rows written."""
@@ -681,6 +726,7 @@ class CacheWriter:
         os.replace(tmp_path, final)
         _fsync_path(self.directory)
         self._shards.append(info)
+        self._published_rows += info.num_samples
         self._write_manifest()
         return info
 
@@ -712,6 +758,8 @@ class CacheWriter:
 
     # -- internals --------------------------------------------------------------------------
     def _release_lock(self) -> None:
+        for handle in getattr(self, "_handles", {}).values():
+            handle.close()
         if not self._lock_fh.closed:
             fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
             self._lock_fh.close()
@@ -777,7 +825,8 @@ class CacheWriter:
         self._h5.close()
         self._open_shard(self._tmp_path, rows)
         ids = np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in columns["ids"]], dtype=object)
-        self._ids.difference_update(ids.tolist())
+        for sample_id in ids.tolist():
+            del self._ids[sample_id]
         self._write_rows(ids, columns["inputs"], columns["logits"], columns["labels"])
 
     def _write_rows(self, ids: np.ndarray, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
@@ -790,7 +839,8 @@ class CacheWriter:
             dataset.resize(stop, axis=0)
             dataset[start:stop] = values.astype(self.meta.logits_dtype) if name == "logits" else values
         self._open_rows = stop
-        self._ids.update(ids.tolist())
+        base = self._published_rows + start
+        self._ids.update(zip(ids.tolist(), range(base, base + len(ids)), strict=True))
 
     def _write_manifest(self) -> None:
         payload = {

@@ -45,3 +45,31 @@ def digits_files(digits_teacher, tmp_path_factory) -> dict:
         "cache": digits.write_cache(root / "all", t["x_train"], t["logits_train"], t["y_train"], teacher_fingerprint=t["fingerprint"]),
         "eval": eval_path,
     }
+
+
+def save_teacher_record(model, path: Path, arch: str = "mlp-teacher") -> Path:
+    """Save a digits model the way offline-distill saves a student, which teacher-serve loads."""
+    import torch
+
+    record = {
+        "format": "kd-student", "version": 1, "arch": arch,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "num_classes": 10, "input_shape": [8, 8], "input_dtype": "uint8",
+        "preprocessing": digits.PREPROCESSING.to_dict(),
+    }  # fmt: skip
+    torch.save(record, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_teacher_pt(digits_teacher, tmp_path_factory) -> Path:
+    """The digits teacher as a file that ``teacher-serve --teacher`` takes."""
+    return save_teacher_record(digits_teacher["teacher"], tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
+@pytest.fixture(scope="session")
+def second_teacher_pt(tmp_path_factory) -> Path:
+    """Another digits-shaped teacher (briefly trained, different seed) for ensemble tests."""
+    split = digits.load_split()
+    model = digits.train_teacher(split["x_train"], split["y_train"], arch="mlp-teacher", epochs=2, seed=1)
+    return save_teacher_record(model, tmp_path_factory.mktemp("teacher2") / "teacher2.pt")

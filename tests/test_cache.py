@@ -606,3 +606,27 @@ def test_small_shards_are_not_mostly_empty_chunks(tmp_path):
     assert reader.total_bytes / n < 4 * meta.row_bytes()
     data = reader.read()
     assert data["ids"].tolist() == [str(i) for i in range(n)] and (data["labels"] == np.arange(n) % 10).all()
+
+
+def test_lookup_and_read_logits_across_published_and_open_shards(tmp_path):
+    meta = CacheMeta(teacher_fingerprint="f" * 64, teacher_name="t", num_classes=3, input_shape=(2,), input_dtype="uint8")
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(0, 255, (50, 2), dtype=np.uint8)
+    logits = rng.normal(size=(50, 3)).astype(np.float32)
+    ids = [f"s{i}" for i in range(50)]
+    writer = CacheWriter(tmp_path / "c", meta, max_samples=20)
+    writer.append(ids[:45], inputs[:45], logits[:45])  # two published shards of 20, 5 rows open
+    assert writer.pending_rows == 5
+    query = ["s44", "s0", "missing", "s21", "s19", "s3"]
+    rows = writer.lookup(query)
+    assert rows[2] == -1
+    found = rows >= 0
+    expected = logits[[int(q[1:]) for q, ok in zip(query, found, strict=True) if ok]]
+    np.testing.assert_array_equal(writer.read_logits(rows[found]), expected)
+    writer.close()
+    reopened = CacheWriter(tmp_path / "c", meta, max_samples=20)  # the index is rebuilt from the shards
+    rows = reopened.lookup(ids[:45])
+    np.testing.assert_array_equal(reopened.read_logits(rows), logits[:45])
+    reopened.append(ids[45:], inputs[45:], logits[45:])
+    np.testing.assert_array_equal(reopened.read_logits(reopened.lookup(ids)), logits)
+    reopened.close()

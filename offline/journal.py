@@ -1,0 +1,142 @@
+"""The cache's write-ahead journal: how the service acknowledges samples before their shard is
+published.
+
+A shard is published only when it is full (see ``offline.cache.CacheWriter``), which can be
+tens of thousands of samples later than the request that brought a sample in. So that the
+service can answer "stored" at once and still lose nothing to a ``kill -9``, every batch it
+stores is first appended to ``DIR/.journal`` and fsynced (one fsync per group of batches:
+group commit), and only then written to the open shard. On the next start the writer replays
+the journal into the cache (``CacheWriter.append`` skips ids already present, so replay is
+idempotent), publishes the result, and empties the journal. The journal is emptied, too, each
+time everything it holds has been published.
+
+Record layout, little-endian::
+
+    magic   4 bytes   b"KDJ1"
+    crc32   uint32    of the payload
+    length  uint64    payload bytes
+    payload           uint32 header length, a JSON header {"n", "ids"}, then the raw bytes of
+                      inputs [n, *input_shape] (cache input dtype), logits [n, C] (float32)
+                      and labels [n] (int64)
+
+A record is valid only if it is complete and its checksum matches. A crash can tear only the
+last record (records are appended by one thread, in order), and that record was never
+acknowledged, since acknowledgement waits for the fsync; replay stops there and the torn tail
+is cut off.
+
+Readers of the cache (``offline-distill``) never read the journal: its samples are not in the
+cache until the service, restarted, folds them into a published shard. ``cache-inspect``
+reports a non-empty journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from offline.cache import CacheError, CacheMeta
+
+JOURNAL_NAME = ".journal"
+MAGIC = b"KDJ1"
+_HEAD = struct.Struct("<4sIQ")
+_LEN = struct.Struct("<I")
+
+
+def encode_record(meta: CacheMeta, ids: list[str], inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> bytes:
+    n = len(ids)
+    header = json.dumps({"n": n, "ids": ids}, separators=(",", ":")).encode()
+    payload = b"".join(
+        (
+            _LEN.pack(len(header)),
+            header,
+            np.ascontiguousarray(inputs, dtype=meta.input_dtype).tobytes(),
+            np.ascontiguousarray(logits, dtype=np.float32).tobytes(),
+            np.ascontiguousarray(labels, dtype=np.int64).tobytes(),
+        )
+    )
+    return _HEAD.pack(MAGIC, zlib.crc32(payload), len(payload)) + payload
+
+
+def _decode_payload(meta: CacheMeta, payload: memoryview) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    (header_len,) = _LEN.unpack_from(payload, 0)
+    header = json.loads(bytes(payload[_LEN.size : _LEN.size + header_len]))
+    n, ids = int(header["n"]), [str(v) for v in header["ids"]]
+    offset = _LEN.size + header_len
+    input_count = n * int(np.prod(meta.input_shape, dtype=np.int64))
+    inputs = np.frombuffer(payload, dtype=meta.input_dtype, count=input_count, offset=offset).reshape(n, *meta.input_shape)
+    offset += inputs.nbytes
+    logits = np.frombuffer(payload, dtype=np.float32, count=n * meta.num_classes, offset=offset).reshape(n, meta.num_classes)
+    offset += logits.nbytes
+    labels = np.frombuffer(payload, dtype=np.int64, count=n, offset=offset)
+    if offset + labels.nbytes != len(payload) or len(ids) != n:
+        raise ValueError("record size does not match its header")
+    return ids, inputs, logits, labels
+
+
+def read_journal(path: Path, meta: CacheMeta) -> tuple[list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]], int, int]:
+    """The valid records of a journal, the byte length they span, and the bytes after them (a
+    torn tail, or 0)."""
+    if not path.exists():
+        return [], 0, 0
+    data = memoryview(path.read_bytes())
+    records, offset = [], 0
+    while offset + _HEAD.size <= len(data):
+        magic, crc, length = _HEAD.unpack_from(data, offset)
+        end = offset + _HEAD.size + length
+        if magic != MAGIC or end > len(data):
+            break
+        payload = data[offset + _HEAD.size : end]
+        if zlib.crc32(payload) != crc:
+            break
+        try:
+            records.append(_decode_payload(meta, payload))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CacheError(f"{path}: journal record at byte {offset} does not match the cache ({exc})") from None
+        offset = end
+    return records, offset, len(data) - offset
+
+
+def pending_samples(directory: Path, meta: CacheMeta) -> int:
+    """Samples in a journal not yet folded into shards (some may already be published)."""
+    records, _, _ = read_journal(Path(directory) / JOURNAL_NAME, meta)
+    return sum(len(r[0]) for r in records)
+
+
+class Journal:
+    """Append-only, owned by one thread. ``append`` buffers nothing: each record is one
+    ``write``; ``sync`` makes everything written so far durable."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / JOURNAL_NAME
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.bytes = os.fstat(self._fd).st_size
+        self.samples = 0
+
+    def append(self, record: bytes, samples: int) -> None:
+        view = memoryview(record)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.bytes += len(record)
+        self.samples += samples
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def truncate(self, length: int = 0) -> None:
+        """Cut the journal to ``length`` bytes (0: everything in it is published) and sync."""
+        os.ftruncate(self._fd, length)
+        os.fsync(self._fd)
+        self.bytes = length
+        if length == 0:
+            self.samples = 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,196 @@
+"""Dynamic batching: one bounded asyncio queue in front of one worker thread that owns the model.
+
+Requests put their cache misses on the queue as jobs of at most ``max_batch`` samples. A
+batching task on the event loop takes the first waiting job, adds more until the batch holds
+``max_batch`` samples or ``max_delay`` has passed since it started, and hands the batch to the
+worker thread (a one-thread executor, so the model is only ever touched by that thread). At
+most two batches are in flight: one running, one formed and waiting, so the next batch fills
+while the current one runs and the event loop is never blocked by the model.
+
+After the forward pass the worker thread hands the batch's samples that are to be stored to
+the cache writer (``CacheStore.write``) and gives each job its logits plus the write's future.
+
+The queue is bounded by input bytes: a request that would take it past ``max_queue_bytes``
+is refused at once with ``QueueFull`` (the route answers 503 with ``Retry-After``), so a flood
+of clients never piles up memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.metrics import Metrics
+from service.store import CacheStore
+
+
+class QueueFull(Exception):
+    """The teacher's queue has no room for this request now; try again later."""
+
+
+@dataclass
+class Job:
+    inputs: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    store: bool
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def size(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
+class JobResult:
+    logits: np.ndarray  # float32 [n, C], rounded to the cache's logits dtype
+    write: Future | None  # the cache write holding this job's samples, if it stores
+
+
+class Batcher:
+    def __init__(
+        self,
+        forward: Callable[[np.ndarray], np.ndarray],
+        *,
+        store: CacheStore | None,
+        max_batch: int = 256,
+        max_delay_s: float = 0.005,
+        max_queue_bytes: int = 256 << 20,
+        logits_dtype: str = "float32",
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.forward = forward
+        self.store = store
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue_bytes = max_queue_bytes
+        self.logits_dtype = np.dtype(logits_dtype)
+        self.metrics = metrics or Metrics()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
+        self._queue: asyncio.Queue[Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._queued_bytes = 0
+        self._queued_samples = 0
+
+    # -- lifecycle (event loop) -------------------------------------------------------------
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._inflight = asyncio.Semaphore(2)
+        self._task = asyncio.get_running_loop().create_task(self._batch_loop(), name="batcher")
+
+    async def stop(self) -> None:
+        """Finish every queued job, then stop the worker thread."""
+        if self._task is None:
+            return
+        assert self._queue is not None
+        await self._queue.join()
+        self._task.cancel()
+        for _ in range(2):  # wait for the batches in flight
+            await self._inflight.acquire()
+        self._task = None
+        self.executor.shutdown(wait=True)
+
+    def run_in_worker(self, fn: Callable, *args) -> asyncio.Future:
+        """Run ``fn`` on the model's thread (warm-up, anything that touches the model)."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- requests (event loop) --------------------------------------------------------------
+    def submit(self, inputs: np.ndarray, ids: np.ndarray, labels: np.ndarray, store: bool) -> list[Job]:
+        """Queue samples for the teacher, split into jobs of at most ``max_batch``."""
+        if self._queue is None or self._task is None:
+            raise QueueFull("the teacher is not running")
+        nbytes = int(inputs.nbytes)
+        if self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes:
+            raise QueueFull(f"the teacher's queue is full ({self._queued_samples} samples waiting)")
+        jobs = []
+        for start in range(0, len(inputs), self.max_batch):
+            part = slice(start, start + self.max_batch)
+            jobs.append(Job(inputs[part], ids[part], labels[part], store))
+        for job in jobs:
+            self._queue.put_nowait(job)
+        self._account(len(inputs), nbytes)
+        return jobs
+
+    def _account(self, samples: int, nbytes: int) -> None:
+        self._queued_samples += samples
+        self._queued_bytes += nbytes
+        self.metrics.queue_samples.set(self._queued_samples)
+        self.metrics.queue_bytes.set(self._queued_bytes)
+
+    @property
+    def queued_samples(self) -> int:
+        return self._queued_samples
+
+    # -- batching (event loop) --------------------------------------------------------------
+    async def _batch_loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        carry: Job | None = None
+        while True:
+            first = carry or await self._queue.get()
+            carry = None
+            batch, size = [first], first.size
+            deadline = loop.time() + self.max_delay_s
+            while size < self.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self._queue.get(), remaining)
+                    except TimeoutError:
+                        break
+                if size + job.size > self.max_batch:
+                    carry = job
+                    break
+                batch.append(job)
+                size += job.size
+            await self._inflight.acquire()
+            self._account(-size, -sum(int(j.inputs.nbytes) for j in batch))
+            done = loop.run_in_executor(self.executor, self._run_batch, batch)
+            done.add_done_callback(lambda fut, batch=batch: self._finish(fut, batch))
+
+    def _finish(self, done: asyncio.Future, batch: list[Job]) -> None:
+        self._inflight.release()
+        assert self._queue is not None
+        error = done.exception()
+        results = None if error is not None else done.result()
+        for index, job in enumerate(batch):
+            if not job.future.done():
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    assert results is not None
+                    job.future.set_result(results[index])
+            self._queue.task_done()
+
+    # -- the worker thread ------------------------------------------------------------------
+    def _run_batch(self, batch: list[Job]) -> list[JobResult]:
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([job.inputs for job in batch])
+        started = time.perf_counter()
+        logits = self.forward(inputs)
+        self.metrics.teacher_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(inputs))
+        if self.logits_dtype != np.float32:
+            logits = logits.astype(self.logits_dtype).astype(np.float32)  # answer what the cache will hold
+        write = None
+        storing = [job.store for job in batch]
+        if self.store is not None and any(storing):
+            offsets = np.cumsum([0] + [job.size for job in batch])
+            keep = np.concatenate([np.full(job.size, job.store) for job in batch])
+            ids = np.concatenate([job.ids for job in batch])
+            labels = np.concatenate([job.labels for job in batch])
+            if keep.all():
+                write = self.store.write(ids, inputs, logits, labels)
+            else:
+                write = self.store.write(ids[keep], inputs[keep], logits[keep], labels[keep])
+        else:
+            offsets = np.cumsum([0] + [job.size for job in batch])
+        return [JobResult(logits[offsets[i] : offsets[i + 1]], write if job.store else None) for i, job in enumerate(batch)]

@@ -1,0 +1,153 @@
+"""``teacher-serve``: a thin recipe. It reads the settings, loads the teacher, opens the cache
+(refusing one written by another teacher), and runs uvicorn. Known errors end as one line on
+stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from offline.cache import CacheError
+from offline.cli import fail
+from service.settings import ENV_PREFIX, ServeSettings
+
+PROG = "teacher-serve"
+log = logging.getLogger(PROG)
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Serve a teacher (or an ensemble) over the Open Inference Protocol (KServe v2): answer soft targets and "
+            f"append the teacher's outputs to an HDF5 cache. Every option can also be set as {ENV_PREFIX}<OPTION> "
+            f"(for example {ENV_PREFIX}MAX_BATCH=512); the command line wins."
+        ),
+    )
+    a = p.add_argument
+    a(
+        "--teacher",
+        action="append",
+        metavar="SPEC",
+        help="model.pt2 | student.pt | ARCH (with --weights) | module:factory (with --weights); repeat for an ensemble",
+    )
+    a("--weights", action="append", metavar="FILE", help="weights for the SPECs that need them, in order (torch.load weights_only)")
+    a("--ensemble", choices=("geometric", "arithmetic"), help="geometric: mean of logits (default); arithmetic: mean of probabilities")
+    a("--cache", metavar="DIR", help="cache directory, created if missing")
+    a("--temperature", type=float, metavar="T", help="serving temperature (default 4)")
+    a("--host", help="address to bind (default 127.0.0.1)")
+    a("--port", type=int, help="port (default 8000)")
+    a("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when available")
+    a("--max-batch", type=int, metavar="N", help="samples per teacher forward pass (default 256)")
+    a("--max-delay-ms", type=float, metavar="MS", help="how long a batch waits to fill (default 5)")
+    a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="compute dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
+    a("--ack", choices=("durable", "buffered"), help="durable (default): answer once on disk; buffered: answer before the write")
+    a("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on every route but health")
+    a("--model-name", metavar="NAME", help="model name in the URL (default teacher)")
+    a("--input-shape", type=int, nargs="+", metavar="D", help="sample shape, when the model does not declare it")
+    a("--input-dtype", metavar="DTYPE", help="sample dtype clients send, e.g. uint8 (default: the model's, else float32)")
+    a("--normalize", metavar="MEAN,STD", help="(x*scale - MEAN) / STD on the device; per channel: m1/m2/m3,s1/s2/s3")
+    a("--input-scale", type=float, metavar="S", help="multiply inputs by S first, e.g. 0.00392156862745098 (1/255) for uint8 images")
+    a("--num-classes", type=int, metavar="C", help="classes, when the weights do not say")
+    a("--logits-dtype", choices=("float32", "float16"), help="dtype of the cached logits (default float32)")
+    a("--max-body-mb", type=float, metavar="MB", help="largest request body (default 64)")
+    a("--max-queue-mb", type=float, metavar="MB", help="input bytes that may wait for the teacher (default 256)")
+    a("--shard-samples", type=int, metavar="N", help="samples per shard (default 65536)")
+    a("--shard-mb", type=float, metavar="MB", help="bytes per shard (default 512)")
+    a("--access-log", action="store_true", default=None, help="log every request")
+    a("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    return p
+
+
+def load_settings(argv: Sequence[str] | None) -> ServeSettings:
+    args = serve_parser().parse_args(argv)
+    given = {key: value for key, value in vars(args).items() if value is not None}
+    return ServeSettings(**given)
+
+
+def describe_validation(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "settings"
+        option = "--" + field.split(".")[0].replace("_", "-")
+        message = error["msg"]
+        if error["type"] == "missing":
+            message = f"required (or set {ENV_PREFIX}{field.split('.')[0].upper()})"
+        parts.append(f"{option}: {message}")
+    return "; ".join(parts)
+
+
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except ValidationError as exc:
+        return fail(PROG, describe_validation(exc))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    api_key = None
+    if settings.api_key_env:
+        api_key = os.environ.get(settings.api_key_env)
+        if not api_key:
+            return fail(PROG, f"--api-key-env {settings.api_key_env}: that environment variable is not set or empty")
+    elif settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "listening on %s without --api-key-env: anyone who can reach this port can use the teacher and fill the cache", settings.host
+        )
+
+    # Heavy imports only once the arguments are known to be good.
+    import uvicorn
+
+    from service.app import TeacherService, create_app
+    from service.store import CacheStore
+    from service.teacher import TeacherError, load_teacher, parse_normalize
+
+    try:
+        normalize = parse_normalize(settings.normalize) if settings.normalize else None
+    except ValueError as exc:
+        return fail(PROG, f"--normalize: {exc}")
+    try:
+        teacher = load_teacher(
+            settings.teacher, weights=settings.weights, ensemble=settings.ensemble, temperature=settings.temperature,
+            device=settings.device, dtype=settings.dtype, input_shape=settings.input_shape, input_dtype=settings.input_dtype,
+            normalize=normalize, input_scale=settings.input_scale, num_classes=settings.num_classes,
+        )  # fmt: skip
+    except TeacherError as exc:
+        return fail(PROG, str(exc))
+    try:
+        store = CacheStore(
+            settings.cache, teacher.cache_meta(settings.logits_dtype), durable=settings.ack == "durable",
+            max_shard_samples=settings.shard_samples, max_shard_bytes=int(settings.shard_mb * (1 << 20)),
+        )  # fmt: skip
+    except CacheError as exc:
+        return fail(PROG, f"refusing to start on {settings.cache}: {exc}")
+    except OSError as exc:
+        return fail(PROG, f"cannot open the cache {settings.cache}: {exc}")
+    recovery = store.recovery
+    if recovery.journal_samples:
+        log.info(
+            "recovered the journal of an interrupted run: %d samples, %d new, now published (%d torn bytes dropped)",
+            recovery.journal_samples, recovery.restored_samples, recovery.torn_bytes,
+        )  # fmt: skip
+    log.info(
+        "teacher %s (%s, fingerprint %s) on %s/%s; cache %s holds %d samples; ack %s",
+        teacher.name, f"ensemble of {teacher.members}" if teacher.members > 1 else "single", teacher.fingerprint[:12],
+        teacher.device, str(teacher.compute_dtype).replace("torch.", ""), settings.cache, store.num_samples, settings.ack,
+    )  # fmt: skip
+    service = TeacherService(settings, teacher, store, api_key)
+    try:
+        uvicorn.run(
+            create_app(service), host=settings.host, port=settings.port, log_level=settings.log_level,
+            access_log=settings.access_log, timeout_graceful_shutdown=30,
+        )  # fmt: skip
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve_main())

@@ -1,0 +1,243 @@
+"""The writer thread: the one owner of the cache directory while the service runs.
+
+Every cache operation of the service goes through ``CacheStore``'s single thread, in order:
+
+* ``write`` appends a batch's new samples to the journal (``offline.journal``), and, once a
+  group of such batches is in it, makes them durable with one ``fdatasync`` (group commit)
+  before writing them to the open shard with ``CacheWriter.append``. The returned future
+  resolves after that, so a request acknowledged in ``durable`` mode survives ``kill -9``.
+* ``lookup`` finds which ids the cache already has and reads their logits back.
+
+Whenever everything in the journal is in published shards, the journal is emptied. On start,
+the journal a crash left behind is replayed into the cache and published first.
+
+Errors: a full disk fails the writes of that group with ``StoreError`` (status 507), the
+journal is cut back to what it held before, and the service goes on; it recovers as soon as
+space is freed. Nothing of a failed group was acknowledged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from offline.cache import CacheMeta, CacheWriter, normalize_ids
+from offline.journal import JOURNAL_NAME, Journal, encode_record, read_journal
+
+
+class StoreError(Exception):
+    """A write the cache could not take. ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Recovery:
+    """What start-up found: journal samples replayed, how many were new, torn bytes cut."""
+
+    journal_samples: int = 0
+    restored_samples: int = 0
+    torn_bytes: int = 0
+
+
+@dataclass
+class _Task:
+    kind: str  # "write", "lookup" or "stop"
+    args: tuple[Any, ...] = ()
+    future: Future = field(default_factory=Future)
+
+
+def _replay(writer: CacheWriter, directory: Path, meta: CacheMeta) -> Recovery:
+    records, _, torn = read_journal(directory / JOURNAL_NAME, meta)
+    recovery = Recovery(journal_samples=sum(len(r[0]) for r in records), torn_bytes=torn)
+    for ids, inputs, logits, labels in records:
+        recovery.restored_samples += writer.append(np.array(ids, dtype=object), inputs, logits, labels)
+    writer.flush_shard()
+    return recovery
+
+
+class CacheStore:
+    def __init__(
+        self,
+        directory: str | Path,
+        meta: CacheMeta,
+        *,
+        durable: bool = True,
+        max_shard_samples: int = 65536,
+        max_shard_bytes: int = 512 << 20,
+        max_pending: int = 64,
+        on_write: Callable[[int, int, float], None] | None = None,
+    ) -> None:
+        """Opens the cache (taking its lock; raises ``CacheError`` for a cache of another
+        teacher) and folds in what a crash left in the journal. ``on_write(samples, stored,
+        seconds)`` is called from the writer thread after each group, for metrics."""
+        self.directory = Path(directory)
+        self.meta = meta
+        self.durable = durable
+        self._writer_options = {"max_samples": max_shard_samples, "max_bytes": max_shard_bytes}
+        self.writer = CacheWriter(self.directory, meta, **self._writer_options)
+        try:
+            self.recovery = _replay(self.writer, self.directory, meta)
+            self.journal = Journal(self.directory)
+            self.journal.truncate(0)
+        except BaseException:
+            self.writer.abort()
+            raise
+        self._tasks: queue.Queue[_Task] = queue.Queue()
+        self._write_slots = threading.BoundedSemaphore(max_pending)
+        self.broken: BaseException | None = None
+        self._closed = False
+        self._on_write = on_write
+        self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread -------------------------------------------------------------
+    def write(self, ids: np.ndarray, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> Future:
+        """Queue a batch for the cache; the future gives the rows newly stored. Blocks while
+        ``max_pending`` batches wait, which pushes back on the batcher and so on clients."""
+        if self._closed or self.broken is not None:
+            raise StoreError(f"the cache writer is {'stopped' if self._closed else 'broken: ' + str(self.broken)}", status=503)
+        task = _Task("write", (ids, inputs, logits, labels))
+        self._write_slots.acquire()
+        self._tasks.put(task)
+        return task.future
+
+    def lookup(self, ids: np.ndarray) -> Future:
+        """The future gives (rows, logits of the rows >= 0): rows[i] is -1 for a miss. Never
+        blocks, so the event loop may call it."""
+        task = _Task("lookup", (ids,))
+        self._tasks.put(task)
+        return task.future
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.writer)
+
+    def close(self) -> None:
+        """Finish queued work, publish the open shard, empty the journal, release the cache."""
+        if self._closed:
+            return
+        self._closed = True
+        stop = _Task("stop")
+        self._tasks.put(stop)
+        stop.future.result()
+        self._thread.join()
+
+    # -- the writer thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            group = [self._tasks.get()]
+            while len(group) < 256:
+                try:
+                    group.append(self._tasks.get_nowait())
+                except queue.Empty:
+                    break
+            writes = [t for t in group if t.kind == "write"]
+            if writes:
+                try:
+                    self._write_group(writes)
+                finally:
+                    for _ in writes:
+                        self._write_slots.release()
+            for task in group:
+                if task.kind == "lookup":
+                    self._lookup(task)
+            stop = next((t for t in group if t.kind == "stop"), None)
+            if stop is not None:
+                self._shutdown(stop)
+                return
+
+    def _lookup(self, task: _Task) -> None:
+        try:
+            (ids,) = task.args
+            rows = self.writer.lookup(ids)
+            task.future.set_result((rows, self.writer.read_logits(rows[rows >= 0])))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+            task.future.set_exception(exc)
+
+    def _write_group(self, writes: list[_Task]) -> None:
+        started = time.perf_counter()
+        journal_start = self.journal.bytes
+        batches = []
+        try:
+            for task in writes:
+                ids, inputs, logits, labels = task.args
+                ids = normalize_ids(ids, len(inputs))
+                new = np.fromiter((sample_id not in self.writer for sample_id in ids), dtype=bool, count=len(ids))
+                if new.any():
+                    if not new.all():
+                        ids, inputs, logits, labels = ids[new], inputs[new], logits[new], labels[new]
+                    self.journal.append(encode_record(self.meta, ids.tolist(), inputs, logits, labels), len(ids))
+                batches.append((ids, inputs, logits, labels) if new.any() else None)
+            if self.durable:
+                self.journal.sync()
+        except OSError as exc:
+            self._fail(writes, exc, journal_start)
+            return
+        stored = 0
+        try:
+            for batch in batches:
+                if batch is not None:
+                    stored += self.writer.append(*batch)
+            self._checkpoint()
+        except OSError:
+            # The journal holds these batches; rebuild the open shard from it, which stores them.
+            try:
+                self._reopen()
+            except Exception as reopen_exc:  # noqa: BLE001
+                self.broken = reopen_exc
+                self._fail(writes, reopen_exc, None)
+                return
+        for task, batch in zip(writes, batches, strict=True):
+            task.future.set_result(0 if batch is None else len(batch[0]))
+        if self._on_write is not None:
+            self._on_write(sum(len(t.args[0]) for t in writes), stored, time.perf_counter() - started)
+
+    def _checkpoint(self) -> None:
+        if self.journal.bytes == 0:
+            return
+        if self.writer.pending_rows == 0:
+            self.journal.truncate(0)  # a shard rolled over exactly at a batch boundary
+        elif self.journal.samples >= self.writer.capacity:
+            self.writer.flush_shard()
+            self.journal.truncate(0)
+
+    def _reopen(self) -> None:
+        self.writer.abort()
+        self.writer = CacheWriter(self.directory, self.meta, **self._writer_options)
+        _replay(self.writer, self.directory, self.meta)
+        self.journal.truncate(0)
+
+    def _fail(self, writes: list[_Task], exc: BaseException, journal_start: int | None) -> None:
+        if journal_start is not None:
+            with contextlib.suppress(OSError):
+                self.journal.truncate(journal_start)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            error = StoreError(f"cache disk is full ({self.directory}): nothing from this request was stored", status=507)
+        else:
+            error = StoreError(f"cache write failed ({type(exc).__name__}: {exc})", status=500)
+        for task in writes:
+            if not task.future.done():
+                task.future.set_exception(error)
+
+    def _shutdown(self, stop: _Task) -> None:
+        try:
+            self.writer.close()
+            self.journal.truncate(0)
+            self.journal.close()
+            (self.directory / JOURNAL_NAME).unlink(missing_ok=True)
+            stop.future.set_result(None)
+        except BaseException as exc:  # noqa: BLE001
+            stop.future.set_exception(exc)

@@ -1,0 +1,336 @@
+"""The service in process: real app, real teacher, real cache, through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from offline.cache import CacheError, CacheReader
+from offline.journal import JOURNAL_NAME
+from offline.losses import distillation_loss
+from service.app import TeacherService, create_app
+from service.batcher import Batcher, QueueFull
+from service.protocol import RequestedOutput, decode_response, encode_request
+from service.settings import ServeSettings
+from service.store import CacheStore
+from service.teacher import load_teacher
+
+T = 4.0
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, teachers: list[Path], *, api_key: str | None = None, teacher=None, **options):
+    settings = ServeSettings(teacher=[str(p) for p in teachers], cache=tmp_path / "cache", device="cpu", temperature=T, **options)
+    teacher = teacher or load_teacher(settings.teacher, ensemble=settings.ensemble, temperature=T, device="cpu")
+    store = CacheStore(settings.cache, teacher.cache_meta(settings.logits_dtype), durable=settings.ack == "durable")
+    service = TeacherService(settings, teacher, store, api_key)
+    app = create_app(service)
+    await service.start()
+    for _ in range(500):
+        if service.ready:
+            break
+        await asyncio.sleep(0.01)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers) as client:
+            yield service, client
+    finally:
+        await service.stop()
+
+
+async def infer(client, inputs, *, ids=None, labels=None, binary=True, outputs=("soft_targets", "logits"), model="teacher", **params):
+    tensors = [("input", inputs)]
+    if ids is not None:
+        tensors.append(("id", np.asarray(ids, dtype=object) if not np.asarray(ids).dtype.kind == "i" else np.asarray(ids)))
+    if labels is not None:
+        tensors.append(("label", np.asarray(labels, dtype=np.int64)))
+    body, headers = encode_request(
+        tensors, parameters=params or None, outputs=[RequestedOutput(o, binary) for o in outputs], binary=binary
+    )
+    response = await client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+    if response.status_code != 200:
+        return response, None, None
+    header, tensors_out = decode_response(response.content, response.headers.get("inference-header-content-length"))
+    return response, header, tensors_out
+
+
+def reference_soft_targets(model: torch.nn.Module, x: np.ndarray, temperature: float) -> np.ndarray:
+    import digits
+
+    with torch.no_grad():
+        return torch.softmax(torch.from_numpy(digits.teacher_logits(model, x)) / temperature, dim=1).numpy()
+
+
+def test_routes_and_metadata(tmp_path, digits_teacher_pt):
+    async def body():
+        async with serving(tmp_path, [digits_teacher_pt]) as (service, client):
+            assert (await client.get("/v2/health/live")).json() == {"live": True}
+            assert (await client.get("/v2/health/ready")).status_code == 200
+            assert (await client.get("/v2/models/teacher/ready")).status_code == 200
+            assert "binary_tensor_data" in (await client.get("/v2")).json()["extensions"]
+            meta = (await client.get("/v2/models/teacher")).json()
+            assert meta["inputs"][0] == {"name": "input", "datatype": "UINT8", "shape": [-1, 8, 8]}
+            assert meta["outputs"][0] == {"name": "soft_targets", "datatype": "FP32", "shape": [-1, 10]}
+            assert meta["parameters"]["teacher"]["fingerprint"] == service.teacher.fingerprint
+            missing = await client.get("/v2/models/other")
+            assert missing.status_code == 404 and "unknown model" in missing.json()["error"]
+            assert (await client.get("/v2/models/teacher/versions/7")).status_code == 404
+            assert "kd_requests_total" in (await client.get("/metrics")).text
+
+    run(body())
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_soft_targets_match_the_teacher_and_are_stored(tmp_path, digits_teacher, digits_teacher_pt, binary):
+    x = digits_teacher["x_test"][:50]
+    y = digits_teacher["y_test"][:50]
+
+    async def body():
+        async with serving(tmp_path, [digits_teacher_pt]) as (service, client):
+            response, header, out = await infer(client, x, ids=[f"s{i}" for i in range(50)], labels=y, binary=binary)
+            assert response.status_code == 200, response.text
+            assert header["parameters"]["cache_misses"] == 50 and header["parameters"]["cache_hits"] == 0
+            np.testing.assert_allclose(out["soft_targets"], reference_soft_targets(digits_teacher["teacher"], x, T), atol=1e-5)
+            np.testing.assert_allclose(out["soft_targets"].sum(axis=1), 1.0, atol=1e-5)
+            # The same request again: every sample is a hit, the teacher does not run, nothing is stored twice.
+            forwards = service.metrics.batch_size._sum.get()
+            response, header, again = await infer(client, x, ids=[f"s{i}" for i in range(50)], binary=binary, temperature=2.0)
+            assert header["parameters"] == {"cache_hits": 50, "cache_misses": 0, "temperature": 2.0, "stored": True}
+            assert service.metrics.batch_size._sum.get() == forwards
+            np.testing.assert_allclose(again["soft_targets"], reference_soft_targets(digits_teacher["teacher"], x, 2.0), atol=1e-5)
+            np.testing.assert_array_equal(again["logits"], out["logits"])
+            return service
+
+    service = run(body())
+    cache = CacheReader(service.store.directory).read()
+    assert sorted(cache["ids"]) == sorted(f"s{i}" for i in range(50))
+    order = np.argsort([int(i[1:]) for i in cache["ids"]])
+    np.testing.assert_array_equal(cache["inputs"][order], x)
+    np.testing.assert_array_equal(cache["labels"][order], y)
+    assert not (service.store.directory / JOURNAL_NAME).exists()  # a clean stop publishes everything
+
+
+def test_content_ids_partial_hits_and_store_false(tmp_path, digits_teacher, digits_teacher_pt):
+    x = digits_teacher["x_test"][:40]
+
+    async def body():
+        async with serving(tmp_path, [digits_teacher_pt], max_batch=16) as (service, client):
+            _, header, first = await infer(client, x[:20])  # no ids: the sha256 of each input is its id
+            assert header["parameters"]["cache_misses"] == 20
+            _, header, mixed = await infer(client, x)  # 20 known, 20 new, split into batches of 16
+            assert (header["parameters"]["cache_hits"], header["parameters"]["cache_misses"]) == (20, 20)
+            np.testing.assert_array_equal(mixed["logits"][:20], first["logits"])
+            _, header, _ = await infer(client, digits_teacher["x_train"][:10], store=False)
+            assert header["parameters"]["stored"] is False
+            assert service.store.num_samples == 40
+            _, header, _ = await infer(client, digits_teacher["x_train"][:10])
+            assert header["parameters"]["cache_misses"] == 10  # store=false left nothing behind
+            assert service.store.num_samples == 50
+            assert service.metrics.batch_size._sum.get() == 20 + 20 + 10 + 10
+
+    run(body())
+
+
+def test_bad_requests_are_rejected_and_write_nothing(tmp_path, digits_teacher_pt):
+    good = np.zeros((2, 8, 8), dtype=np.uint8)
+
+    def raw(payload: dict, headers: dict | None = None) -> tuple[bytes, dict]:
+        return json.dumps(payload).encode(), headers or {}
+
+    cases = {
+        "not json": (400, (b"{nope", {}), None),
+        "no inputs": (400, raw({"outputs": []}), "inputs"),
+        "wrong dtype": (422, encode_request([("input", good.astype(np.float32))]), "input"),
+        "wrong shape": (422, encode_request([("input", np.zeros((2, 8, 9), np.uint8))]), "input"),
+        "duplicate ids": (422, encode_request([("input", good), ("id", np.array(["a", "a"], dtype=object))]), "id"),
+        "ids length": (422, encode_request([("input", good), ("id", np.array(["a"], dtype=object))]), "id"),
+        "label range": (422, encode_request([("input", good), ("label", np.array([0, 10]))]), "label"),
+        "unknown input": (422, encode_request([("input", good), ("extra", np.zeros(2, np.int64))]), "extra"),
+        "unknown datatype": (
+            400,
+            raw({"inputs": [{"name": "input", "shape": [1, 8, 8], "datatype": "FP8", "data": [0] * 64}]}),
+            "FP8",
+        ),
+        "truncated binary": (400, (encode_request([("input", good)])[0][:-5], encode_request([("input", good)])[1]), "input"),
+        "bad header length": (400, (encode_request([("input", good)])[0], {"Inference-Header-Content-Length": "x"}), None),
+        "huge shape": (
+            413,
+            raw({"inputs": [{"name": "input", "shape": [1 << 40, 8, 8], "datatype": "UINT8", "parameters": {"binary_data_size": 1}}]}),
+            None,
+        ),
+        "negative temperature": (422, encode_request([("input", good)], parameters={"temperature": -1}), "temperature"),
+        "store not bool": (422, encode_request([("input", good)], parameters={"store": "yes"}), "store"),
+    }
+
+    async def body():
+        async with serving(tmp_path, [digits_teacher_pt], max_body_mb=0.01) as (service, client):
+            for name, (status, (payload, headers), field) in cases.items():
+                response = await client.post("/v2/models/teacher/infer", content=payload, headers=headers)
+                assert response.status_code == status, (name, response.text)
+                message = response.json()["error"]
+                assert field is None or field in message, (name, message)
+            too_big = await client.post("/v2/models/teacher/infer", content=b"x" * 20000)
+            assert too_big.status_code == 413
+            assert service.store.num_samples == 0
+            assert service.metrics.batch_size._sum.get() == 0  # the teacher never ran
+            return service
+
+    service = run(body())
+    assert CacheReader(service.store.directory).num_samples == 0
+
+
+def test_nan_inputs_are_rejected(tmp_path, digits_teacher, second_teacher_pt):
+    """A float model: NaN and Inf inputs are refused, naming the sample."""
+    import digits
+
+    x = (digits_teacher["x_test"][:4] / 16).astype(np.float32)
+    path = tmp_path / "float.pt"
+    record = torch.load(second_teacher_pt, weights_only=True)
+    record.update(input_dtype="float32", preprocessing={"scale": 1.0, "mean": [0.0], "std": [1.0]})
+    torch.save(record, path)
+    assert digits.PREPROCESSING.scale == 1 / 16
+
+    async def body():
+        async with serving(tmp_path, [path]) as (service, client):
+            response, _, out = await infer(client, x)
+            assert response.status_code == 200
+            bad = x.copy()
+            bad[2, 3, 3] = np.nan
+            response, _, _ = await infer(client, bad)
+            assert response.status_code == 422 and "#2" in response.json()["error"]
+            bad[2, 3, 3] = np.inf
+            response, _, _ = await infer(client, bad)
+            assert response.status_code == 422
+            assert service.store.num_samples == 4
+
+    run(body())
+
+
+def test_api_key(tmp_path, digits_teacher_pt):
+    async def body():
+        async with serving(tmp_path, [digits_teacher_pt], api_key="s3cret") as (service, client):
+            assert (await client.get("/v2/models/teacher")).status_code == 200
+            for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                for method, path in (("GET", "/v2"), ("GET", "/v2/models/teacher"), ("POST", "/v2/models/teacher/infer"), ("GET", "/metrics")):
+                    response = await client.request(method, path, headers=headers)
+                    assert response.status_code == 401, (headers, path)
+                    assert "s3cret" not in response.text
+            for path in ("/v2/health/live", "/v2/health/ready"):
+                assert (await client.get(path, headers={"Authorization": ""})).status_code == 200
+
+    run(body())
+
+
+class GatedTeacher:
+    """The real digits teacher behind a gate, to hold a batch inside the model on purpose."""
+
+    def __init__(self, teacher) -> None:
+        self.teacher = teacher
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def forward(self, inputs):
+        self.entered.set()
+        self.gate.wait(30)
+        return self.teacher.forward(inputs)
+
+    def __getattr__(self, name):
+        return getattr(self.teacher, name)
+
+
+def test_full_queue_answers_503_and_health_stays_up_during_a_long_batch(tmp_path, digits_teacher, digits_teacher_pt):
+    base = load_teacher([str(digits_teacher_pt)], temperature=T, device="cpu")
+    gated = GatedTeacher(base)
+    x = digits_teacher["x_train"]
+
+    async def body():
+        # The queue holds 4 KiB of inputs: 64 digits.
+        async with serving(tmp_path, [digits_teacher_pt], teacher=gated, max_batch=16, max_queue_mb=4 / 1024) as (service, client):
+            gated.gate.set()
+            await infer(client, x[:1])  # warm
+            gated.gate.clear()
+            gated.entered.clear()
+            first = asyncio.create_task(infer(client, x[:64], ids=np.arange(64)))
+            while not gated.entered.is_set():
+                await asyncio.sleep(0.005)
+            live = await asyncio.wait_for(client.get("/v2/health/live"), 2)
+            assert live.status_code == 200
+            assert (await client.get("/v2/health/ready")).status_code == 200
+            response, _, _ = await infer(client, x[100:164], ids=np.arange(100, 164))
+            assert response.status_code == 503
+            assert response.headers["retry-after"]
+            assert "queue is full" in response.json()["error"]
+            gated.gate.set()
+            response, header, _ = await first
+            assert response.status_code == 200 and header["parameters"]["cache_misses"] == 64
+            assert service.store.num_samples == 65
+
+    run(body())
+
+
+def test_batcher_bounds_the_queue_by_bytes():
+    async def body():
+        batcher = Batcher(lambda x: np.zeros((len(x), 2), np.float32), store=None, max_batch=4, max_queue_bytes=100)
+        batcher.start()
+        first = batcher.submit(np.zeros((10, 8), np.uint8), np.arange(10).astype(str).astype(object), np.full(10, -1), False)
+        assert len(first) == 3  # split into jobs of at most max_batch
+        with pytest.raises(QueueFull):
+            batcher.submit(np.zeros((10, 8), np.uint8), np.arange(10).astype(str).astype(object), np.full(10, -1), False)
+        results = await asyncio.gather(*(job.future for job in first))
+        assert [len(r.logits) for r in results] == [4, 4, 2]
+        await batcher.stop()
+
+    run(body())
+
+
+@pytest.mark.parametrize("ensemble", ["geometric", "arithmetic"])
+def test_ensemble_soft_targets_and_the_trainer_reproduces_them(tmp_path, digits_teacher, digits_teacher_pt, second_teacher_pt, ensemble):
+    x = digits_teacher["x_test"][:30]
+    members = [load_teacher([str(p)], temperature=T, device="cpu") for p in (digits_teacher_pt, second_teacher_pt)]
+    member_logits = [torch.from_numpy(m.forward(x)) for m in members]
+    if ensemble == "geometric":
+        expected = torch.softmax(torch.stack(member_logits).mean(0) / T, dim=1)
+    else:
+        expected = torch.stack([torch.softmax(z / T, dim=1) for z in member_logits]).mean(0)
+
+    async def body():
+        async with serving(tmp_path, [digits_teacher_pt, second_teacher_pt], ensemble=ensemble) as (service, client):
+            response, header, out = await infer(client, x, ids=np.arange(30))
+            assert response.status_code == 200, response.text
+            assert service.teacher.members == 2
+            if ensemble == "arithmetic":
+                refused, _, _ = await infer(client, x, temperature=2.0)
+                assert refused.status_code == 422 and "arithmetic" in refused.json()["error"]
+            return out, service
+
+    out, service = run(body())
+    np.testing.assert_allclose(out["soft_targets"], expected.numpy(), atol=1e-5)
+    # What the trainer sees: the stored logits, softened at the same temperature inside the loss.
+    cache = CacheReader(service.store.directory).read()
+    order = np.argsort(cache["ids"].astype(int))
+    stored = torch.from_numpy(cache["logits"][order].astype(np.float32))
+    trainer_targets = torch.softmax(stored / T, dim=1)
+    np.testing.assert_allclose(trainer_targets.numpy(), out["soft_targets"], atol=1e-6)
+    # And the loss is zero (up to rounding) for a student that outputs exactly those logits.
+    loss = distillation_loss(stored.clone(), stored, torch.full((30,), -1), T, 1.0)
+    assert abs(float(loss)) < 1e-5
+
+
+def test_a_cache_of_another_teacher_is_refused(tmp_path, digits_teacher_pt, second_teacher_pt):
+    first = load_teacher([str(digits_teacher_pt)], temperature=T, device="cpu")
+    CacheStore(tmp_path / "cache", first.cache_meta()).close()
+    other = load_teacher([str(second_teacher_pt)], temperature=T, device="cpu")
+    with pytest.raises(CacheError, match="teacher_fingerprint"):
+        CacheStore(tmp_path / "cache", other.cache_meta())
