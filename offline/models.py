@@ -8,9 +8,10 @@ that a model trained with ``offline-distill`` can be served as a teacher.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -169,3 +170,15 @@ def build(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: each name's UTF-8 bytes, then the tensor's raw
+    contiguous CPU bytes. The teacher fingerprint that caches record; the service and the tests
+    compute it here so that the two always agree."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(name.encode())
+        # A byte view rather than .numpy(): the same bytes, and bfloat16 has no numpy dtype.
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -3,7 +3,6 @@ trained here, its logits written through CacheWriter, and a held-out eval .npz."
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +42,7 @@ def train_teacher(x: np.ndarray, y: np.ndarray, arch: str = "cnn-large", epochs:
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return models.weights_fingerprint(model.state_dict())
 
 
 @torch.no_grad()

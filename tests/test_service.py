@@ -53,12 +53,10 @@ async def serving(tmp_path: Path, teachers: list[Path], *, api_key: str | None =
 async def infer(client, inputs, *, ids=None, labels=None, binary=True, outputs=("soft_targets", "logits"), model="teacher", **params):
     tensors = [("input", inputs)]
     if ids is not None:
-        tensors.append(("id", np.asarray(ids, dtype=object) if not np.asarray(ids).dtype.kind == "i" else np.asarray(ids)))
+        tensors.append(("id", np.asarray(ids, dtype=object) if np.asarray(ids).dtype.kind != "i" else np.asarray(ids)))
     if labels is not None:
         tensors.append(("label", np.asarray(labels, dtype=np.int64)))
-    body, headers = encode_request(
-        tensors, parameters=params or None, outputs=[RequestedOutput(o, binary) for o in outputs], binary=binary
-    )
+    body, headers = encode_request(tensors, parameters=params or None, outputs=[RequestedOutput(o, binary) for o in outputs], binary=binary)
     response = await client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
     if response.status_code != 200:
         return response, None, None
@@ -223,7 +221,12 @@ def test_api_key(tmp_path, digits_teacher_pt):
         async with serving(tmp_path, [digits_teacher_pt], api_key="s3cret") as (service, client):
             assert (await client.get("/v2/models/teacher")).status_code == 200
             for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-                for method, path in (("GET", "/v2"), ("GET", "/v2/models/teacher"), ("POST", "/v2/models/teacher/infer"), ("GET", "/metrics")):
+                for method, path in (
+                    ("GET", "/v2"),
+                    ("GET", "/v2/models/teacher"),
+                    ("POST", "/v2/models/teacher/infer"),
+                    ("GET", "/metrics"),
+                ):
                     response = await client.request(method, path, headers=headers)
                     assert response.status_code == 401, (headers, path)
                     assert "s3cret" not in response.text
