@@ -1,0 +1,434 @@
+"""The teacher component of the service: the four spec kinds, fingerprints, ensembles, the input
+contract, and errors that name the file."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from offline import models, train
+from offline.cache import CacheMeta, Preprocessing
+from service import teacher as teacher_module
+from service.teacher import TeacherError, load_teacher, parse_normalize
+
+SHAPE = (8, 8)
+CLASSES = 10
+PREPROCESSING = Preprocessing(scale=1 / 16)
+FACTORY_SOURCE = """
+import torch
+from offline import models
+
+def make():
+    return models.build("cnn-small", (8, 8), 10)
+
+def not_a_module():
+    return 42
+
+def flat_output():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Flatten(0))
+
+def needs_arguments(input_shape, num_classes):
+    return models.build("mlp-small", input_shape, num_classes)
+"""
+
+
+def random_model(arch: str, seed: int, shape: tuple[int, ...] = SHAPE, classes: int = CLASSES) -> torch.nn.Module:
+    """A model with random weights and, for BatchNorm, random running statistics (so that a missed
+    ``eval()`` or a lost buffer shows)."""
+    torch.manual_seed(seed)
+    model = models.build(arch, shape, classes)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def reference_logits(model: torch.nn.Module, x: np.ndarray, preprocessing: Preprocessing = PREPROCESSING) -> np.ndarray:
+    with torch.no_grad():
+        return model(preprocessing.apply(torch.from_numpy(x))).numpy()
+
+
+def write_student(
+    model: torch.nn.Module, arch: str, directory: Path, preprocessing: Preprocessing = PREPROCESSING, export: bool = True
+) -> Path:
+    """student.pt (and student.pt2) exactly as offline-distill writes them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = CacheMeta(
+        teacher_fingerprint="0" * 64, teacher_name="digits", num_classes=CLASSES, input_shape=SHAPE, input_dtype="uint8",
+        preprocessing=preprocessing,
+    )  # fmt: skip
+    train.save_atomic(train.student_record(train.TrainConfig(caches=[], student=arch), model, meta), directory / "student.pt")
+    if export:
+        train.export_program(model, meta, directory / "student.pt2")
+    return directory
+
+
+def uint8_batch(n: int = 5, seed: int = 0, shape: tuple[int, ...] = SHAPE) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 17, size=(n, *shape), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("teachers")
+    model = random_model("cnn-small", seed=0)
+    write_student(model, "cnn-small", root / "run")
+    torch.save(model.state_dict(), root / "cnn.sd.pt")
+    torch.save(
+        {"state_dict": model.state_dict(), "input_shape": list(SHAPE), "input_dtype": "uint8", "preprocessing": PREPROCESSING.to_dict()},
+        root / "cnn.wrapped.pt",
+    )
+    other = random_model("cnn-small", seed=1)
+    torch.save(other.state_dict(), root / "cnn-other.sd.pt")
+    mlps = [random_model("mlp-small", seed=10 + i) for i in range(3)]
+    for i, mlp in enumerate(mlps):
+        torch.save(mlp.state_dict(), root / f"mlp{i}.sd.pt")
+    torch.save(random_model("mlp-small", seed=20, classes=7).state_dict(), root / "mlp-7.sd.pt")
+    (root / "kd_test_factories.py").write_text(FACTORY_SOURCE)
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), torch.nn.Flatten(0))
+    torch.save(flat.state_dict(), root / "flat.sd.pt")
+    (root / "garbage.pt2").write_bytes(b"not a zip file")
+    torch.save(model, root / "pickled-module.pt")
+    return {"root": root, "model": model, "other": other, "mlps": mlps}
+
+
+@pytest.fixture
+def factories(files, monkeypatch):
+    monkeypatch.syspath_prepend(str(files["root"]))
+    yield
+    sys.modules.pop("kd_test_factories", None)
+
+
+UINT8_SCALED = {"input_shape": SHAPE, "input_dtype": "uint8", "input_scale": 1 / 16}
+
+
+def spec_of(kind: str, root: Path) -> tuple[list[str], list[str], dict]:
+    return {
+        "student.pt": ([str(root / "run/student.pt")], [], {}),
+        "student.pt2": ([str(root / "run/student.pt2")], [], {}),
+        "arch+student.pt": (["cnn-small"], [str(root / "run/student.pt")], {}),
+        "arch+state_dict": (["cnn-small"], [str(root / "cnn.sd.pt")], UINT8_SCALED),
+        "factory+wrapped": (["kd_test_factories:make"], [str(root / "cnn.wrapped.pt")], {}),
+        "factory+state_dict": (["kd_test_factories:make"], [str(root / "cnn.sd.pt")], UINT8_SCALED),
+    }[kind]
+
+
+@pytest.mark.parametrize(
+    "kind", ["student.pt", "student.pt2", "arch+student.pt", "arch+state_dict", "factory+wrapped", "factory+state_dict"]
+)
+def test_every_spec_kind_serves_the_model_itself(files, factories, kind):
+    specs, weights, options = spec_of(kind, files["root"])
+    teacher = load_teacher(specs, weights=weights, device="cpu", **options)
+    x = uint8_batch()
+    logits = teacher.forward(x)
+    assert logits.dtype == np.float32 and logits.flags.c_contiguous and logits.shape == (5, CLASSES)
+    np.testing.assert_allclose(logits, reference_logits(files["model"], x), rtol=1e-5, atol=1e-5)
+    # The same weights have one fingerprint however they are packaged, the one the tests' caches use.
+    assert teacher.fingerprint == models.weights_fingerprint(files["model"].state_dict())
+    assert teacher.contract == teacher_module.InputContract(SHAPE, "uint8", PREPROCESSING)
+    assert (teacher.num_classes, teacher.members, teacher.ensemble, teacher.compute_dtype) == (CLASSES, 1, None, torch.float32)
+
+
+def test_exported_program_without_input_spec_takes_the_contract_from_options(files, tmp_path):
+    program = torch.export.export(files["mlps"][0], (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, tmp_path / "plain.pt2")
+    with pytest.raises(TeacherError, match=r"plain\.pt2: does not declare its input shape"):
+        load_teacher([str(tmp_path / "plain.pt2")], device="cpu")
+    teacher = load_teacher([str(tmp_path / "plain.pt2")], device="cpu", input_shape=SHAPE)
+    x = np.random.default_rng(0).normal(size=(4, *SHAPE)).astype(np.float32)
+    assert teacher.contract == teacher_module.InputContract(SHAPE, "float32", Preprocessing())
+    assert teacher.num_classes == CLASSES  # from a forward pass: the file does not say
+    np.testing.assert_allclose(teacher.forward(x), reference_logits(files["mlps"][0], x, Preprocessing()), rtol=1e-5, atol=1e-5)
+    assert teacher.fingerprint == models.weights_fingerprint(files["mlps"][0].state_dict())
+
+
+def test_class_count_guessed_from_the_classifier_bias(files):
+    teacher = load_teacher(["mlp-small"], weights=[str(files["root"] / "mlp-7.sd.pt")], device="cpu", input_shape=SHAPE)
+    assert teacher.num_classes == 7
+
+
+def test_student_format_matches_the_trainer():
+    assert teacher_module.STUDENT_FORMAT == train.STUDENT_FORMAT
+
+
+def test_fingerprints(files):
+    root = files["root"]
+    one = load_teacher(["cnn-small"], weights=[str(root / "cnn.sd.pt")], device="cpu", **UINT8_SCALED)
+    other = load_teacher(["cnn-small"], weights=[str(root / "cnn-other.sd.pt")], device="cpu", **UINT8_SCALED)
+    assert one.fingerprint != other.fingerprint
+    mlp = [str(root / f"mlp{i}.sd.pt") for i in range(3)]
+
+    def ensemble(weights: list[str], mode: str = "geometric", temperature: float = 1.0) -> str:
+        return load_teacher(
+            ["mlp-small"] * len(weights), weights=weights, ensemble=mode, temperature=temperature, device="cpu", input_shape=SHAPE
+        ).fingerprint
+
+    geometric = ensemble(mlp)
+    assert geometric == ensemble(mlp[::-1]) == ensemble(mlp, temperature=4.0)  # order-free; T does not change mean logits
+    arithmetic = ensemble(mlp, "arithmetic", 2.0)
+    assert arithmetic == ensemble(mlp[::-1], "arithmetic", 2.0)
+    assert len({geometric, arithmetic, ensemble(mlp, "arithmetic", 4.0), ensemble(mlp[:2])}) == 4
+
+
+def member_logits(files, x: np.ndarray) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(reference_logits(m, x, Preprocessing())).double() for m in files["mlps"]])
+
+
+def load_mlp_ensemble(files, **options):
+    weights = [str(files["root"] / f"mlp{i}.sd.pt") for i in range(3)]
+    return load_teacher(["mlp-small"] * 3, weights=weights, device="cpu", input_shape=SHAPE, **options)
+
+
+def test_geometric_ensemble_is_the_normalised_product_at_every_temperature(files):
+    teacher = load_mlp_ensemble(files)
+    assert (teacher.members, teacher.ensemble, teacher.name) == (3, "geometric", "ensemble-geometric(mlp-small,mlp-small,mlp-small)")
+    x = np.random.default_rng(1).normal(size=(6, *SHAPE)).astype(np.float32) * 3
+    stored = torch.from_numpy(teacher.forward(x)).double()
+    z = member_logits(files, x)
+    for t in (0.5, 1.0, 2.0, 8.0):
+        # The geometric mean: the product of the members' p_i ** (1/M), renormalised.
+        product = torch.softmax(z / t, dim=-1).pow(1 / len(z)).prod(dim=0)
+        torch.testing.assert_close(torch.softmax(stored / t, dim=-1), product / product.sum(-1, keepdim=True), atol=1e-5, rtol=0)
+
+
+def test_arithmetic_ensemble_is_the_mean_of_probabilities_at_the_serving_temperature(files):
+    t_s = 2.5
+    teacher = load_mlp_ensemble(files, ensemble="arithmetic", temperature=t_s)
+    x = np.random.default_rng(2).normal(size=(6, *SHAPE)).astype(np.float32) * 3
+    stored = torch.from_numpy(teacher.forward(x)).double()
+    mean = torch.softmax(member_logits(files, x) / t_s, dim=-1).mean(dim=0)
+    torch.testing.assert_close(torch.softmax(stored / t_s, dim=-1), mean, atol=1e-5, rtol=0)
+    meta = teacher.cache_meta("float16")
+    assert (meta.temperature, meta.logits_dtype, meta.teacher_fingerprint, meta.num_classes) == (
+        t_s,
+        "float16",
+        teacher.fingerprint,
+        CLASSES,
+    )
+
+
+def test_uint8_with_device_preprocessing_equals_float_preprocessed_by_hand(files):
+    weights = [str(files["root"] / "mlp0.sd.pt")]
+    mean, std = parse_normalize("0.5,0.25")
+    served = load_teacher(
+        ["mlp-small"], weights=weights, device="cpu", input_shape=SHAPE, input_dtype="uint8", input_scale=1 / 16, normalize=(mean, std)
+    )
+    plain = load_teacher(["mlp-small"], weights=weights, device="cpu", input_shape=SHAPE)
+    x = uint8_batch(7)
+    by_hand = ((x.astype(np.float32) / 16 - 0.5) / 0.25).astype(np.float32)
+    np.testing.assert_allclose(served.forward(x), plain.forward(by_hand), rtol=1e-5, atol=1e-5)
+    assert served.contract.preprocessing == Preprocessing(scale=1 / 16, mean=(0.5,), std=(0.25,))
+
+
+def test_per_channel_normalisation(tmp_path):
+    shape = (3, 4, 4)
+    model = random_model("cnn-small", seed=3, shape=shape)
+    torch.save(model.state_dict(), tmp_path / "rgb.pt")
+    normalize = parse_normalize("0.485/0.456/0.406,0.229/0.224/0.225")
+    teacher = load_teacher(
+        ["cnn-small"],
+        weights=[str(tmp_path / "rgb.pt")],
+        device="cpu",
+        input_shape=shape,
+        input_dtype="uint8",
+        input_scale=1 / 255,
+        normalize=normalize,
+    )
+    x = uint8_batch(3, shape=shape) * 15
+    mean, std = (np.array(v, dtype=np.float32).reshape(1, 3, 1, 1) for v in normalize)
+    by_hand = torch.from_numpy(((x.astype(np.float32) / 255 - mean) / std).astype(np.float32))
+    with torch.no_grad():
+        np.testing.assert_allclose(teacher.forward(x), model(by_hand).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_checks_inputs_and_handles_edge_cases(files):
+    teacher = load_teacher([str(files["root"] / "run/student.pt")], device="cpu")
+    with pytest.raises(ValueError, match=r"inputs are float32, the teacher expects uint8"):
+        teacher.forward(np.zeros((2, *SHAPE), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"inputs are \[2, 9, 9\], the teacher expects \[B, 8, 8\]"):
+        teacher.forward(np.zeros((2, 9, 9), dtype=np.uint8))
+    assert teacher.forward(np.zeros((0, *SHAPE), dtype=np.uint8)).shape == (0, CLASSES)
+    x = uint8_batch(4)
+    read_only = np.frombuffer(x.tobytes(), dtype=np.uint8).reshape(x.shape)  # as a request body decodes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(teacher.forward(read_only), teacher.forward(x))
+    np.testing.assert_array_equal(teacher.forward(x[::-1]), teacher.forward(x)[::-1])
+    teacher.warmup(16)
+    summary = json.loads(json.dumps(teacher.describe()))
+    assert summary["name"] == "cnn-small" and summary["fingerprint"] == teacher.fingerprint and summary["dtype"] == "float32"
+    assert summary["contract"] == {"input_shape": [8, 8], "input_dtype": "uint8", "preprocessing": PREPROCESSING.to_dict()}
+    assert (summary["members"], summary["ensemble"], summary["device"], summary["temperature"]) == (1, None, "cpu", 1.0)
+
+
+def bad_cases(root: Path) -> list:
+    r = str(root)
+    return [
+        ([f"{r}/missing.pt2"], [], {}, r"missing\.pt2: no such file"),
+        ([f"{r}/missing.pt"], [], {}, r"missing\.pt: no such file"),
+        ([f"{r}/garbage.pt2"], [], {}, r"garbage\.pt2: not a torch\.export program"),
+        ([f"{r}/cnn.sd.pt"], [], {}, r"cnn\.sd\.pt: not a student\.pt written by offline-distill"),
+        (["vit-huge"], [], {}, r"vit-huge: not a teacher spec; give a torch\.export program \(FILE\.pt2\).*module:factory"),
+        (["cnn-small"], [], {}, r"cnn-small: needs a weights file"),
+        ([f"{r}/run/student.pt"], [f"{r}/cnn.sd.pt"], {}, r"cnn\.sd\.pt: 1 weights files given but only 0 teacher"),
+        (["cnn-small"], [f"{r}/nope.pt"], {}, r"nope\.pt: no such file"),
+        (["cnn-small"], [f"{r}/pickled-module.pt"], {}, r"pickled-module\.pt: holds Python objects .*state_dict"),
+        (
+            ["cnn-small"],
+            [f"{r}/mlp0.sd.pt"],
+            {"input_shape": SHAPE, "num_classes": 10},
+            r"cnn-small with .*mlp0\.sd\.pt: weights do not fit the model: missing 'features",
+        ),
+        (
+            ["cnn-small"],
+            [f"{r}/mlp0.sd.pt"],
+            {"input_shape": SHAPE},
+            r"mlp0\.sd\.pt: weights do not fit.*guessed 10 classes from 'net\.3\.bias'; pass num_classes",
+        ),
+        (["cnn-small"], [f"{r}/cnn.sd.pt"], {}, r"cnn-small with .*cnn\.sd\.pt: does not declare its input shape"),
+        (
+            ["mlp-small"],
+            [f"{r}/mlp0.sd.pt"],
+            {"input_shape": (9, 9)},
+            r"mlp0\.sd\.pt: weights do not fit the model: 'net\.1\.weight' is \[32, 64\], the model has \[32, 81\]",
+        ),
+        (["mlp-small"], [f"{r}/run/student.pt"], {}, r"student\.pt: holds a 'cnn-small' model, but the teacher spec says 'mlp-small'"),
+        (["no_such_module_kd:make"], [f"{r}/cnn.sd.pt"], {}, r"no_such_module_kd:make: cannot import no_such_module_kd"),
+        (["kd_test_factories:missing"], [f"{r}/cnn.sd.pt"], {}, r"kd_test_factories:missing: kd_test_factories has no callable 'missing'"),
+        (["kd_test_factories:not_a_module"], [f"{r}/cnn.sd.pt"], {}, r"not_a_module\(\) returned int, expected torch\.nn\.Module"),
+        (
+            ["kd_test_factories:needs_arguments"],
+            [f"{r}/cnn.sd.pt"],
+            {},
+            r"needs_arguments: calling needs_arguments\(\) failed; expected a zero-argument callable",
+        ),
+        (
+            ["kd_test_factories:flat_output"],
+            [f"{r}/flat.sd.pt"],
+            {"input_shape": SHAPE},
+            r"flat_output: returns \[20\] for a batch of 2, expected logits \[2, C\]",
+        ),
+        (
+            ["kd_test_factories:make"],
+            [f"{r}/cnn.wrapped.pt"],
+            {"input_shape": (2, 2, 2)},
+            r"kd_test_factories:make: forward pass on inputs \[2, 2, 2, 2\] failed",
+        ),
+        (
+            ["mlp-small", "mlp-small"],
+            [f"{r}/mlp0.sd.pt", f"{r}/mlp-7.sd.pt"],
+            {"input_shape": SHAPE},
+            r"mlp-small: returns 7 classes, but mlp-small returns 10; all members",
+        ),
+        ([f"{r}/run/student.pt", "mlp-small"], [f"{r}/mlp0.sd.pt"], {}, r"mlp-small with .*mlp0\.sd\.pt: does not declare its input shape"),
+        (
+            ["mlp-small", f"{r}/run/student.pt"],
+            [f"{r}/mlp0.sd.pt"],
+            {"input_shape": SHAPE},
+            r"student\.pt: input_dtype is 'uint8', but mlp-small has 'float32'; all members",
+        ),
+        ([f"{r}/run/student.pt"], [], {"num_classes": 7}, r"student\.pt: declares 10 classes, but num_classes is 7"),
+        (
+            [f"{r}/run/student.pt"],
+            [],
+            {"normalize": ((0.1, 0.2), (1.0,))},
+            r"student\.pt: preprocessing mean has 2 values; expected 1 or one per channel \(8",
+        ),
+        ([f"{r}/run/student.pt"], [], {"ensemble": "median"}, r"ensemble 'median': expected one of geometric, arithmetic"),
+        ([f"{r}/run/student.pt"], [], {"dtype": "int8"}, r"dtype 'int8': expected auto, float32, bfloat16, float16"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(bad_cases(Path("/")))))
+def test_bad_specs_are_explained_in_one_line(files, factories, case):
+    specs, weights, options, message = bad_cases(files["root"])[case]
+    options = {"device": "cpu", **options}
+    with pytest.raises(TeacherError, match=message) as caught:
+        load_teacher(specs, weights=weights, **options)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_cuda_without_cuda_is_refused_and_auto_means_cpu_float32(files):
+    with pytest.raises(TeacherError, match=r"device 'cuda': CUDA is not available"):
+        load_teacher([str(files["root"] / "run/student.pt")], device="cuda")
+    teacher = load_teacher([str(files["root"] / "run/student.pt")])
+    assert (teacher.device, teacher.compute_dtype) == (torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.5,0.25", ((0.5,), (0.25,))),
+        ("0.485/0.456/0.406,0.229/0.224/0.225", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+        ("0,1/2/3", ((0.0,), (1.0, 2.0, 3.0))),
+    ],
+)
+def test_parse_normalize(text, expected):
+    assert parse_normalize(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0.5", "expected MEAN,STD"),
+        ("a,b", "expected MEAN,STD"),
+        ("0,0", "std must not contain 0"),
+        ("1/2,1/2/3", "2 means but 3 stds"),
+        ("nan,1", "finite"),
+    ],
+)
+def test_parse_normalize_refuses(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_normalize(text)
+
+
+def test_serves_the_digits_teacher_with_the_fingerprint_its_caches_record(digits_teacher, tmp_path):
+    torch.save(digits_teacher["teacher"].state_dict(), tmp_path / "teacher.pt")
+    teacher = load_teacher(["mlp-teacher"], weights=[str(tmp_path / "teacher.pt")], device="cpu", **UINT8_SCALED)
+    assert teacher.fingerprint == digits_teacher["fingerprint"]
+    np.testing.assert_allclose(teacher.forward(digits_teacher["x_test"]), digits_teacher["logits_test"], rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_autocast_on_the_cpu_returns_float32_close_to_float32(files):
+    """The autocast path of the CUDA test below, on the CPU: runs without a GPU."""
+    x = uint8_batch(16)
+    for spec in ("run/student.pt", "run/student.pt2"):
+        exact = load_teacher([str(files["root"] / spec)], device="cpu")
+        fast = load_teacher([str(files["root"] / spec)], device="cpu", dtype="bfloat16")
+        assert (exact.compute_dtype, fast.compute_dtype, fast.describe()["dtype"]) == (torch.float32, torch.bfloat16, "bfloat16")
+        logits = fast.forward(x)
+        assert logits.dtype == np.float32 and logits.flags.c_contiguous
+        expected = exact.forward(x)
+        np.testing.assert_allclose(logits, expected, atol=0.05 * float(np.abs(expected).max()), rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bfloat16_autocast_is_close_to_cpu_float32(files):
+    root = files["root"]
+    x = uint8_batch(64)
+    for specs, weights, options in (
+        ([str(root / "run/student.pt")], [], {}),
+        ([str(root / "run/student.pt2")], [], {}),
+        (
+            ["mlp-small"] * 3,
+            [str(root / f"mlp{i}.sd.pt") for i in range(3)],
+            {**UINT8_SCALED, "ensemble": "arithmetic", "temperature": 2.0},
+        ),
+    ):
+        on_cpu = load_teacher(specs, weights=weights, device="cpu", **options)
+        on_gpu = load_teacher(specs, weights=weights, device="cuda", dtype="bfloat16", **options)
+        assert on_gpu.device.type == "cuda" and on_gpu.compute_dtype == torch.bfloat16 and on_gpu.fingerprint == on_cpu.fingerprint
+        on_gpu.warmup(32)
+        expected, logits = on_cpu.forward(x), on_gpu.forward(x)
+        assert isinstance(logits, np.ndarray) and logits.dtype == np.float32 and logits.flags.c_contiguous
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(logits, expected, atol=0.05 * scale + 0.02, rtol=0)
+    assert load_teacher([str(root / "run/student.pt")], device="auto").device.type == "cuda"
