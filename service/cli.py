@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -139,6 +140,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         teacher.device, str(teacher.compute_dtype).replace("torch.", ""), settings.cache, store.num_samples, settings.ack,
     )  # fmt: skip
     service = TeacherService(settings, teacher, store, api_key)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-sends the signal to the handler
+    # that was there before it; make that one a no-op, so a clean shutdown exits with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.run(
             create_app(service), host=settings.host, port=settings.port, log_level=settings.log_level,

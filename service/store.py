@@ -130,6 +130,8 @@ class CacheStore:
         if self._closed:
             return
         self._closed = True
+        if not self._thread.is_alive():
+            return
         stop = _Task("stop")
         self._tasks.put(stop)
         stop.future.result()
@@ -148,6 +150,8 @@ class CacheStore:
             if writes:
                 try:
                     self._write_group(writes)
+                except Exception as exc:  # noqa: BLE001 - a bug must fail requests, not hang them
+                    self._fail(writes, exc, None)
                 finally:
                     for _ in writes:
                         self._write_slots.release()
@@ -171,11 +175,16 @@ class CacheStore:
         started = time.perf_counter()
         journal_start = self.journal.bytes
         batches = []
+        seen: set[str] = set()  # concurrent requests may bring the same new id in one group
         try:
             for task in writes:
                 ids, inputs, logits, labels = task.args
                 ids = normalize_ids(ids, len(inputs))
-                new = np.fromiter((sample_id not in self.writer for sample_id in ids), dtype=bool, count=len(ids))
+                new = np.zeros(len(ids), dtype=bool)
+                for i, sample_id in enumerate(ids):
+                    if sample_id not in seen and sample_id not in self.writer:
+                        seen.add(sample_id)
+                        new[i] = True
                 if new.any():
                     if not new.all():
                         ids, inputs, logits, labels = ids[new], inputs[new], logits[new], labels[new]

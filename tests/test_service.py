@@ -337,3 +337,17 @@ def test_a_cache_of_another_teacher_is_refused(tmp_path, digits_teacher_pt, seco
     other = load_teacher([str(second_teacher_pt)], temperature=T, device="cpu")
     with pytest.raises(CacheError, match="teacher_fingerprint"):
         CacheStore(tmp_path / "cache", other.cache_meta())
+
+
+def test_store_takes_each_id_once_even_within_one_write(tmp_path, digits_teacher_pt):
+    """The batcher joins concurrent requests into one write, so one write can repeat an id."""
+    teacher = load_teacher([str(digits_teacher_pt)], temperature=T, device="cpu")
+    store = CacheStore(tmp_path / "cache", teacher.cache_meta())
+    x = np.zeros((3, 8, 8), np.uint8)
+    x[2] += 1
+    logits = np.zeros((3, 10), np.float32)
+    first = store.write(np.array(["a", "b", "a"], dtype=object), x, logits, np.full(3, -1))
+    second = store.write(np.array(["b", "c"], dtype=object), x[:2], logits[:2], np.full(2, -1))
+    assert first.result(10) == 2 and second.result(10) == 1
+    store.close()
+    assert sorted(CacheReader(tmp_path / "cache").read(("ids",))["ids"]) == ["a", "b", "c"]
