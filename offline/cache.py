@@ -173,8 +173,7 @@ class CacheMeta:
             version = int(raw.get("schema_version", 0))
             if version > SCHEMA_VERSION:
                 raise CacheError(
-                    f"{where}: schema version {version} is newer than this reader "
-                    f"supports ({SCHEMA_VERSION}); upgrade the package"
+                    f"{where}: schema version {version} is newer than this reader supports ({SCHEMA_VERSION}); upgrade the package"
                 )
             layout = raw.get("logits_layout", "full")
             if layout not in LOGITS_LAYOUTS:

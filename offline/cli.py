@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from offline.cache import CacheError, CacheReader
+from offline.journal import pending_samples
 
 
 def fail(prog: str, message: str, code: int = 2) -> int:
@@ -57,11 +58,18 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes reading the shards (default: 0 for caches under 256 MiB, else 2)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes reading the shards (default: 0 for caches under 256 MiB, else 2)",
+    )
     p.add_argument("--shuffle-buffer", type=int, default=16384, help="rows in each worker's shuffle window")
     p.add_argument("--allow-mixed-teachers", action="store_true", help="train on caches written by different teachers")
     p.add_argument("--skip-corrupt", action="store_true", help="warn about corrupt shards and train without them")
-    p.add_argument("--verify-checksums", action="store_true", help="check every shard's sha256 before training (reads the whole cache once)")
+    p.add_argument(
+        "--verify-checksums", action="store_true", help="check every shard's sha256 before training (reads the whole cache once)"
+    )
     p.add_argument("--no-export", action="store_true", help="skip the torch.export of the student (student.pt2)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
@@ -117,11 +125,14 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
         "bytes_per_sample": reader.total_bytes / samples if samples else None,
         "label_coverage": reader.label_coverage(),
         "unlisted_files": reader.unlisted_files(),
+        "journal_samples": pending_samples(reader.directory, meta),
     }
 
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cache-inspect", description="Summarise a teacher-output cache; --verify checks every shard's checksum.")
+    p = argparse.ArgumentParser(
+        prog="cache-inspect", description="Summarise a teacher-output cache; --verify checks every shard's checksum."
+    )
     p.add_argument("directory", metavar="DIR")
     p.add_argument("--verify", action="store_true", help="check the sha256 of every shard against the manifest")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -160,6 +171,11 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             print(f"label coverage   {summary['label_coverage']:.1%}")
             if summary["unlisted_files"]:
                 print(f"not published    {', '.join(summary['unlisted_files'])} (left by an interrupted writer; ignored)")
+            if summary["journal_samples"]:
+                print(
+                    f"journal          {summary['journal_samples']:,} samples acknowledged by teacher-serve and not yet in a "
+                    "published shard (published when the service stops, or when it restarts after a crash)"
+                )
             if args.verify:
                 print("checksums        " + ("all match" if not problems else f"{len(problems)} shard(s) corrupt"))
         for line in summary["problems"]:

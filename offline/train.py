@@ -134,7 +134,9 @@ def load_eval_set(path: str, meta: CacheMeta) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, meta: CacheMeta, device: torch.device, batch_size: int = 1024) -> float:
+def evaluate(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, meta: CacheMeta, device: torch.device, batch_size: int = 1024
+) -> float:
     was_training = model.training
     model.eval()
     correct = 0
@@ -248,7 +250,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     if cfg.resume and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=dist.device, weights_only=False)
         if state["config"]["student"] != cfg.student or state["config"]["epochs"] != cfg.epochs:
-            raise TrainError(f"{checkpoint_path}: was made with --student {state['config']['student']} --epochs {state['config']['epochs']}; resume with the same")
+            raise TrainError(
+                f"{checkpoint_path}: was made with --student {state['config']['student']} --epochs {state['config']['epochs']}; resume with the same"
+            )
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -279,6 +283,12 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         f"from {len(stream.shards)} shard(s), teacher {meta.teacher_name} {meta.teacher_fingerprint[:12]}, "
         f"T={cfg.temperature} alpha={cfg.alpha}, device {dist.device}, {dist.world_size} process(es)"
     )
+    if meta.teacher_name.startswith("ensemble-arithmetic") and cfg.temperature != meta.temperature:
+        # Such a cache stores T_s*log(mean of the members' probabilities at T_s): exact only at T_s.
+        log(
+            f"warning: this cache holds an arithmetic-mean ensemble served at T={meta.temperature:g}; its soft targets "
+            f"are exact only at that temperature, and --temperature is {cfg.temperature:g}"
+        )
     if dist.is_main:
         with open(out / "metrics.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(h) + "\n" for h in history)

@@ -9,16 +9,32 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
 from offline.cache import CacheError
-from offline.cli import fail
 from service.settings import ENV_PREFIX, ServeSettings
 
 PROG = "teacher-serve"
 log = logging.getLogger(PROG)
+
+
+def fail(prog: str, message: str, code: int = 2) -> int:
+    """One line on stderr, no traceback: how every known error of the service's CLIs ends."""
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    print(f"{prog}: error: {lines[-1] if lines else message}", file=sys.stderr)
+    return code
+
+
+def run_cli(prog: str, body: Callable[[], int], known: tuple[type[BaseException], ...]) -> int:
+    try:
+        return body()
+    except known as exc:
+        return fail(prog, str(exc))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def serve_parser() -> argparse.ArgumentParser:

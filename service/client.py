@@ -353,7 +353,7 @@ def push_parser() -> argparse.ArgumentParser:
 
 
 def push_main(argv: Sequence[str] | None = None) -> int:
-    from offline.cli import run_cli
+    from service.cli import run_cli
 
     args = push_parser().parse_args(argv)
 
