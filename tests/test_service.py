@@ -351,3 +351,18 @@ def test_store_takes_each_id_once_even_within_one_write(tmp_path, digits_teacher
     assert first.result(10) == 2 and second.result(10) == 1
     store.close()
     assert sorted(CacheReader(tmp_path / "cache").read(("ids",))["ids"]) == ["a", "b", "c"]
+
+
+def test_buffered_ack_stores_too(tmp_path, digits_teacher, digits_teacher_pt):
+    x = digits_teacher["x_test"][:64]
+
+    async def body():
+        async with serving(tmp_path, [digits_teacher_pt], ack="buffered", max_batch=16) as (service, client):
+            assert not service.store.durable
+            response, header, _ = await infer(client, x, ids=np.arange(64))
+            assert response.status_code == 200 and header["parameters"]["cache_misses"] == 64
+            return service
+
+    service = run(body())
+    stored = CacheReader(service.store.directory).read(("ids",))["ids"]
+    assert sorted(stored.astype(int).tolist()) == list(range(64))
