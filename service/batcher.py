@@ -4,8 +4,9 @@ Requests put their cache misses on the queue as jobs of at most ``max_batch`` sa
 batching task on the event loop takes the first waiting job, adds more until the batch holds
 ``max_batch`` samples or ``max_delay`` has passed since it started, and hands the batch to the
 worker thread (a one-thread executor, so the model is only ever touched by that thread). At
-most two batches are in flight: one running, one formed and waiting, so the next batch fills
-while the current one runs and the event loop is never blocked by the model.
+most two batches are in flight: one running and one formed and waiting, so the worker never
+waits for the event loop; a third batch is formed only when a slot frees, from everything that
+queued up meanwhile. The event loop is never blocked by the model.
 
 After the forward pass the worker thread hands the batch's samples that are to be stored to
 the cache writer (``CacheStore.write``) and gives each job its logits plus the write's future.
@@ -132,7 +133,14 @@ class Batcher:
         loop = asyncio.get_running_loop()
         carry: Job | None = None
         while True:
-            first = carry or await self._queue.get()
+            # Take a slot first and only then form the batch: while the worker is busy, requests
+            # pile up in the queue, and the next batch is formed from all of them at once.
+            await self._inflight.acquire()
+            try:
+                first = carry or await self._queue.get()
+            except asyncio.CancelledError:
+                self._inflight.release()
+                raise
             carry = None
             batch, size = [first], first.size
             deadline = loop.time() + self.max_delay_s
@@ -152,7 +160,6 @@ class Batcher:
                     break
                 batch.append(job)
                 size += job.size
-            await self._inflight.acquire()
             self._account(-size, -sum(int(j.inputs.nbytes) for j in batch))
             done = loop.run_in_executor(self.executor, self._run_batch, batch)
             done.add_done_callback(lambda fut, batch=batch: self._finish(fut, batch))
