@@ -33,6 +33,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+SERVERS: list[Server] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test():
+    yield
+    while SERVERS:
+        server = SERVERS.pop()
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(30)
+
+
 class Server:
     """A teacher-serve subprocess; its output goes to a log file shown when a check fails."""
 
@@ -46,6 +59,7 @@ class Server:
             [*command, "--port", str(self.port), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
+        SERVERS.append(self)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
