@@ -366,3 +366,20 @@ def test_buffered_ack_stores_too(tmp_path, digits_teacher, digits_teacher_pt):
     service = run(body())
     stored = CacheReader(service.store.directory).read(("ids",))["ids"]
     assert sorted(stored.astype(int).tolist()) == list(range(64))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_serving_on_cuda_with_bfloat16_autocast(tmp_path, digits_teacher, digits_teacher_pt):
+    x = digits_teacher["x_test"][:100]
+    teacher = load_teacher([str(digits_teacher_pt)], temperature=T, device="cuda", dtype="bfloat16")
+
+    async def body():
+        async with serving(tmp_path, [digits_teacher_pt], teacher=teacher, device="cuda", dtype="bfloat16") as (service, client):
+            response, header, out = await infer(client, x, ids=np.arange(100))
+            assert response.status_code == 200, response.text
+            return out
+
+    out = run(body())
+    assert out["soft_targets"].dtype == np.float32
+    np.testing.assert_allclose(out["soft_targets"], reference_soft_targets(digits_teacher["teacher"], x, T), atol=2e-2)
