@@ -153,7 +153,7 @@ class Batcher:
                         break
                     try:
                         job = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
+                    except asyncio.TimeoutError:  # noqa: UP041 - a different class before Python 3.11
                         break
                 if size + job.size > self.max_batch:
                     carry = job
