@@ -750,8 +750,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=None, help=f"rounds of raw, durable, buffered (default {FULL['repeats']})")
     p.add_argument(
-        "--malloc", choices=("default", "tuned"), default="default",
-        help="tuned: rerun this benchmark with bench/reader.py's TUNED_MALLOC environment, which the server inherits",
+        "--malloc", choices=("service", "tuned"), default="service",
+        help="service: the raw side applies the same mallopt settings that teacher-serve applies at start "
+        "(service.cli.tune_malloc); tuned: rerun with bench/reader.py's TUNED_MALLOC environment, which both sides use",
     )  # fmt: skip
     p.add_argument("--name-threads", action="store_true", help="start the server through the thread-naming shim (per-thread CPU by name)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /v2/health/ready")
@@ -778,6 +779,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
         # glibc reads these once, at start-up: start again with them (the server inherits them).
         os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], {**os.environ, **TUNED_MALLOC})
+    if args.malloc == "service":
+        from service.cli import tune_malloc
+
+        tune_malloc()  # the raw side gets the allocator settings the server gives itself
     shape = tuple(args.input_shape)
     root = Path(tempfile.mkdtemp(prefix="bench-service-", dir=args.tmpdir))
     try:

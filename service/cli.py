@@ -5,6 +5,7 @@ stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -81,6 +82,25 @@ def serve_parser() -> argparse.ArgumentParser:
     return p
 
 
+def tune_malloc() -> bool:
+    """Tell glibc's malloc to keep freed memory instead of handing it back to the OS.
+
+    By default glibc returns large freed blocks at once, so each forward pass (and each request
+    body) faults tens of thousands of zero-filled pages back in: bench/service.py measured up to
+    25% slower forward passes in the server. A long-running server reuses the same sizes over
+    and over, so keeping them costs nothing but a stable RSS. No-op where libc is not glibc.
+    Environment settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) still win."""
+    if any(key.startswith("MALLOC_") for key in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def load_settings(argv: Sequence[str] | None) -> ServeSettings:
     args = serve_parser().parse_args(argv)
     given = {key: value for key, value in vars(args).items() if value is not None}
@@ -116,6 +136,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             "listening on %s without --api-key-env: anyone who can reach this port can use the teacher and fill the cache", settings.host
         )
 
+    tune_malloc()
     # Heavy imports only once the arguments are known to be good.
     import uvicorn
 
