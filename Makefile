@@ -1,25 +1,30 @@
-# Two commands for a fresh clone: `make test` (and, later, `make demo`). Each creates or reuses
-# .venv, installs torch 2.13.0 first (the CPU wheel; a bare `torch` would pull CUDA builds),
-# then the project with the extras it needs.
+# The two commands for a fresh clone, `make demo` and `make test`. Each creates or reuses .venv,
+# installs torch 2.13.0 first (the CPU wheel; a bare `torch` requirement would pull CUDA
+# builds), then the project with the extras it needs, and runs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-test
 
-.PHONY: test lint clean
+.PHONY: demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml
+$(VENV)/.installed-%: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[$*]'
 	touch $@
 
-lint: $(STAMP)
-	$(BIN)/ruff check .
+# The whole pipeline on scikit-learn's bundled digits: teacher, teacher-serve, teacher-push,
+# offline-distill with and without the teacher, a table and demo-out/.
+demo: $(VENV)/.installed-demo
+	$(BIN)/distill-demo --out demo-out
 
-test: $(STAMP) lint
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+
+test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q
 
 clean:
