@@ -160,7 +160,10 @@ class TeacherService:
             )
         labels = batch.labels if batch.labels is not None else np.full(n, -1, dtype=np.int64)
 
-        rows, hit_logits = await asyncio.wrap_future(self.store.lookup(ids))
+        if self.store.known(ids):
+            rows, hit_logits = await asyncio.wrap_future(self.store.lookup(ids))
+        else:
+            rows, hit_logits = np.full(n, -1, dtype=np.int64), None
         miss = rows < 0
         misses = int(miss.sum())
         logits = np.empty((n, self.spec.num_classes), dtype=np.float32)

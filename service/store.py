@@ -121,6 +121,12 @@ class CacheStore:
         self._tasks.put(task)
         return task.future
 
+    def known(self, ids: np.ndarray) -> bool:
+        """Whether any of ``ids`` may be in the cache, answered on the caller's thread (a dict
+        lookup, safe under the GIL), so that requests of new samples skip the writer thread's
+        queue. A True answer is confirmed by ``lookup`` on the writer thread."""
+        return bool((self.writer.lookup(ids) >= 0).any())
+
     @property
     def num_samples(self) -> int:
         return len(self.writer)
