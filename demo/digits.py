@@ -1,0 +1,518 @@
+"""``distill-demo``: the product's whole job, end to end, on scikit-learn's bundled digits.
+
+1. train a teacher (``cnn-large``: conv stages, dropout in the head) on the train split and save
+   it as a ``student.pt``-style record, which ``teacher-serve`` loads;
+2. start ``teacher-serve`` on a free loopback port and wait until it is ready;
+3. ``teacher-push`` the transfer set (the train split, with only ``--transfer-fraction`` of its
+   labels kept: the paper's section 6 setting) in binary mode, then stop the server (SIGTERM);
+4. ``offline-distill`` the same student twice per seed: distilled, and on the labels alone
+   (``--alpha 0``), each evaluated on the test split;
+5. print a table, write ``summary.json`` and ``curves.png``.
+
+Every tool runs as its own process, as a user would run it. The defaults below were chosen on a
+validation split carved out of the train split (``python -m demo.sweep``), never on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Chosen by `python -m demo.sweep --lrs 0.003 0.01` on a validation split of the train split (lr 0.01 beat
+# 0.003 in both arms; T=4, alpha=0.9 was best or tied at 5% and 10% labels; with all labels no setting gains).
+STUDENT = "mlp-small"
+TEMPERATURE = 4.0
+ALPHA = 0.9
+TRANSFER_FRACTION = 0.1
+EPOCHS = 20
+LR = 1e-2
+SEEDS = 3
+TEACHER_ARCH = "cnn-large"
+TEACHER_EPOCHS = 10
+SPLIT_SEED = 0  # the same stratified 70/30 split as tests/digits.py
+INPUT_SCALE = 1 / 16  # digits pixels are 0..16: sent as uint8, scaled on the teacher's device
+
+PROG = "distill-demo"
+# The console scripts this demo drives, and their entry points (used when the scripts are not
+# installed next to this interpreter, e.g. `python -m demo.digits` from a plain checkout).
+TOOLS = {
+    "teacher-serve": "service.cli:serve_main",
+    "teacher-push": "service.client:push_main",
+    "offline-distill": "offline.cli:distill_main",
+}
+ARMS = {"labels_only": "labels only (alpha 0)", "distilled": "distilled"}
+
+
+class StepError(Exception):
+    """A step of the demo that failed, explained in one line."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and teacher (components shared with demo/sweep.py)
+
+
+def load_split(seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+    """scikit-learn's digits as uint8 8×8 images, split 70/30, stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.uint8)
+    x_train, x_test, y_train, y_test = train_test_split(images, digits.target, test_size=0.3, random_state=seed, stratify=digits.target)
+    return {"x_train": x_train, "y_train": y_train.astype(np.int64), "x_test": x_test, "y_test": y_test.astype(np.int64)}
+
+
+def keep_labels(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """A copy of ``labels`` with all but ``fraction`` of each class set to -1 (at least one per class)."""
+    rng = np.random.default_rng(seed)
+    kept = np.full_like(labels, -1)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = max(1, round(fraction * len(members)))
+        chosen = rng.choice(members, size=min(count, len(members)), replace=False)
+        kept[chosen] = labels[chosen]
+    return kept
+
+
+def preprocess(x: np.ndarray):  # -> torch.Tensor; torch is imported lazily so that --help is quick
+    import torch
+
+    return torch.from_numpy(x).float() * INPUT_SCALE
+
+
+def train_teacher(x: np.ndarray, y: np.ndarray, arch: str = TEACHER_ARCH, epochs: int = TEACHER_EPOCHS, seed: int = 0):
+    """Plain supervised training with AdamW (cosine schedule) on all of ``x``'s labels."""
+    import torch
+
+    from offline import models
+
+    torch.manual_seed(seed)
+    model = models.build(arch, x.shape[1:], 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(len(x) / 64)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    inputs, labels = preprocess(x), torch.from_numpy(y)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for index in torch.randperm(len(x), generator=generator).split(64):
+            loss = torch.nn.functional.cross_entropy(model(inputs[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+    return model.eval()
+
+
+def teacher_logits(model, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(preprocess(x)).numpy().astype(np.float32)
+
+
+def save_teacher(model, arch: str, path: Path) -> Path:
+    """The teacher in the format ``offline-distill`` saves students in, which ``teacher-serve`` loads."""
+    import torch
+
+    from offline.cache import Preprocessing
+    from offline.train import STUDENT_FORMAT
+
+    record = {
+        "format": STUDENT_FORMAT, "version": 1, "arch": arch,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "num_classes": 10, "input_shape": [8, 8], "input_dtype": "uint8",
+        "preprocessing": Preprocessing(scale=INPUT_SCALE).to_dict(),
+    }  # fmt: skip
+    torch.save(record, path)
+    return path
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the tools as processes
+
+
+def tool_command(name: str) -> list[str]:
+    script = Path(sys.executable).parent / name
+    if script.exists():
+        return [str(script)]
+    module, _, function = TOOLS[name].partition(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+
+
+def last_line(log_path: Path) -> str:
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    # tqdm redraws with carriage returns; the last redraw is what was on screen.
+    return lines[-1].split("\r")[-1] if lines else "(no output)"
+
+
+def run_tool(step: str, name: str, args: list[str], log_path: Path, timeout: float = 600, env: dict[str, str] | None = None) -> None:
+    """Run a tool to completion with its output in ``log_path``; a failure ends the demo."""
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.run([*tool_command(name), *args], stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise StepError(step, f"{name} did not finish in {timeout:.0f} s (log: {log_path})") from None
+    if proc.returncode != 0:
+        raise StepError(step, f"{name} exited with {proc.returncode}: {last_line(log_path)} (log: {log_path})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TeacherServer:
+    """``teacher-serve`` as a subprocess on a free loopback port, stopped with SIGTERM."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [*tool_command("teacher-serve"), "--port", str(self.port), *args], stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise StepError(
+                    "serve", f"teacher-serve exited with {self.proc.returncode}: {last_line(self.log_path)} (log: {self.log_path})"
+                )
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise StepError("serve", f"teacher-serve not ready after {timeout:.0f} s (log: {self.log_path})")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then wait; kill it if it does not exit in time. Returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self._log.close()
+        return code
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a teacher on scikit-learn's digits, serve it, push the transfer set, distil a student from the "
+        "cache with and without the teacher's soft targets, and compare them on the test split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", default="demo-out", metavar="DIR", help="where the teacher, cache, runs, summary.json and curves.png go")
+    p.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
+    p.add_argument("--seeds", type=int, default=SEEDS, help="student seeds per arm")
+    p.add_argument("--transfer-fraction", type=float, default=TRANSFER_FRACTION, help="fraction of the transfer set that keeps its label")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="student epochs")
+    p.add_argument("--lr", type=float, default=LR, help="student learning rate (AdamW, cosine)")
+    p.add_argument("--student", default=STUDENT, help="a built-in student of offline-distill, or module:factory")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="distillation (and serving) temperature T")
+    p.add_argument("--alpha", type=float, default=ALPHA, help="weight of the soft term in the distilled arm")
+    p.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    args = p.parse_args(argv)
+    problems = []
+    if args.seeds < 1:
+        problems.append(f"--seeds must be >= 1, got {args.seeds}")
+    if not 0 < args.transfer_fraction <= 1:
+        problems.append(f"--transfer-fraction must lie in (0, 1], got {args.transfer_fraction}")
+    if args.epochs < 1 or args.teacher_epochs < 1:
+        problems.append(f"--epochs and --teacher-epochs must be >= 1, got {args.epochs} and {args.teacher_epochs}")
+    if not args.temperature > 0:
+        problems.append(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.alpha <= 1:
+        problems.append(f"--alpha must lie in (0, 1] (the other arm is alpha 0), got {args.alpha}")
+    if args.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+class Steps:
+    """Runs the steps in order, timing each and saying on stderr what it is doing."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, what: str, body: Callable[[], str | None]) -> None:
+        print(f"[{name}] {what} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            result = body()
+        except StepError:
+            raise
+        except Exception as exc:  # anything else a step raises still ends as one line naming the step
+            raise StepError(name, f"{type(exc).__name__}: {exc}") from exc
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        print(f"[{name}] done in {time.perf_counter() - started:.1f} s" + (f": {result}" if result else ""), file=sys.stderr, flush=True)
+
+
+def prepare_out(out: Path) -> dict[str, Path]:
+    """The demo's paths under ``out``; what an earlier run left there is removed first."""
+    paths = {
+        "teacher": out / "teacher.pt", "transfer": out / "transfer.npz", "test": out / "test.npz", "cache": out / "cache",
+        "runs": out / "runs", "logs": out / "logs", "summary": out / "summary.json", "curves": out / "curves.png",
+    }  # fmt: skip
+    for path in paths.values():
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    paths["runs"].mkdir()
+    paths["logs"].mkdir()
+    return paths
+
+
+def read_run(run_dir: Path) -> tuple[float, list[float]]:
+    """The final test accuracy of an ``offline-distill`` run and its per-epoch curve."""
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    curve = [json.loads(line)["eval_accuracy"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return float(summary["eval_accuracy"]), [float(a) for a in curve]
+
+
+def plot_curves(arms: dict[str, dict[str, Any]], teacher_accuracy: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, arm in arms.items():
+        curves = np.asarray(arm["curves"], dtype=np.float64)
+        epochs = np.arange(1, curves.shape[1] + 1)
+        mean = curves.mean(axis=0)
+        ax.plot(epochs, mean, marker="o", markersize=3, label=f"{ARMS[key]}: {arm['mean']:.3f}")
+        if len(curves) > 1:
+            std = curves.std(axis=0, ddof=1)
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.axhline(teacher_accuracy, color="grey", linestyle="--", label=f"teacher: {teacher_accuracy:.3f}")
+    ax.set(xlabel="epoch", ylabel="test accuracy (mean over seeds, ±1 std)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from offline import models
+    from offline.cache import CacheReader
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    try:
+        paths = prepare_out(out)
+    except OSError as exc:
+        raise StepError("prepare", f"cannot use --out {out}: {exc}") from None
+    steps = Steps()
+    state: dict[str, Any] = {}
+
+    def data() -> str:
+        split = load_split()
+        labels = keep_labels(split["y_train"], args.transfer_fraction)
+        np.savez(paths["transfer"], inputs=split["x_train"], labels=labels, ids=np.arange(len(labels), dtype=np.int64))
+        np.savez(paths["test"], inputs=split["x_test"], labels=split["y_test"])
+        state.update(split, labelled=int((labels >= 0).sum()))
+        return f"{len(labels)} train ({state['labelled']} keep their label), {len(split['y_test'])} test"
+
+    def teacher() -> str:
+        model = train_teacher(state["x_train"], state["y_train"], TEACHER_ARCH, args.teacher_epochs)
+        accuracy = float((teacher_logits(model, state["x_test"]).argmax(1) == state["y_test"]).mean())
+        save_teacher(model, TEACHER_ARCH, paths["teacher"])
+        state["teacher"] = {
+            "arch": TEACHER_ARCH,
+            "params": models.count_parameters(model),
+            "epochs": args.teacher_epochs,
+            "test_accuracy": accuracy,
+        }
+        return f"{TEACHER_ARCH}, {state['teacher']['params']:,} parameters, test accuracy {accuracy:.4f}"
+
+    steps.run("data", "loading scikit-learn digits", data)
+    steps.run("teacher", f"training the teacher ({TEACHER_ARCH}, {args.teacher_epochs} epochs, all labels)", teacher)
+
+    serve_args = [
+        "--teacher",
+        str(paths["teacher"]),
+        "--cache",
+        str(paths["cache"]),
+        "--device",
+        device,
+        "--temperature",
+        str(args.temperature),
+    ]
+    server = TeacherServer(serve_args, paths["logs"] / "teacher-serve.log")
+    try:
+        steps.run("serve", f"starting teacher-serve on {server.url}", lambda: server.wait_ready() or None)
+
+        def push() -> str:
+            run_tool(
+                "push",
+                "teacher-push",
+                ["--url", server.url, "--data", str(paths["transfer"]), "--no-progress"],
+                paths["logs"] / "teacher-push.log",
+            )
+            return last_line(paths["logs"] / "teacher-push.log").removeprefix("teacher-push: ")
+
+        steps.run("push", "teacher-push: the transfer set over HTTP, binary tensors", push)
+
+        def stop() -> str:
+            code = server.stop()
+            if code != 0:
+                raise StepError("stop", f"teacher-serve exited with {code} on SIGTERM, expected 0 (log: {server.log_path})")
+            return "exit status 0, shard published"
+
+        steps.run("stop", "stopping teacher-serve (SIGTERM)", stop)
+    finally:
+        server.stop()  # a no-op once stopped; after a failed step, the server must not outlive the demo
+
+    reader = CacheReader(paths["cache"])
+    cache = {
+        "samples": reader.num_samples, "shards": len(reader.shards), "bytes": reader.total_bytes,
+        "bytes_per_sample": reader.total_bytes / max(reader.num_samples, 1), "label_coverage": reader.label_coverage(),
+    }  # fmt: skip
+    if cache["samples"] != len(state["y_train"]):
+        raise StepError(
+            "push", f"{paths['cache']} holds {cache['samples']} samples, expected the {len(state['y_train'])} of the train split"
+        )
+
+    arms: dict[str, dict[str, Any]] = {
+        key: {"alpha": 0.0 if key == "labels_only" else args.alpha, "accuracies": [], "curves": []} for key in ARMS
+    }
+
+    # The students are tiny: on the CPU one thread beats several (no OpenMP spin-waiting), the more
+    # so on a machine shared with other work. OMP_NUM_THREADS set by the user wins.
+    distill_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if device == "cpu" else None
+
+    def distill(key: str, seed: int) -> str:
+        arm, run_dir = arms[key], paths["runs"] / f"{key}-seed{seed}"
+        distill_args = [
+            "--cache", str(paths["cache"]), "--student", args.student, "--epochs", str(args.epochs), "--lr", str(args.lr),
+            "--seed", str(seed), "--temperature", str(args.temperature), "--alpha", str(arm["alpha"]), "--eval", str(paths["test"]),
+            "--out", str(run_dir), "--device", device, "--no-export", "--no-progress",
+        ]  # fmt: skip
+        log_path = paths["logs"] / f"offline-distill-{key}-seed{seed}.log"
+        run_tool(f"distill {key} seed {seed}", "offline-distill", distill_args, log_path, env=distill_env)
+        accuracy, curve = read_run(run_dir)
+        arm["accuracies"].append(accuracy)
+        arm["curves"].append(curve)
+        return f"test accuracy {accuracy:.4f}"
+
+    for seed in range(args.seeds):
+        for key in arms:
+            steps.run(f"distill {key}", f"offline-distill {args.student}, {ARMS[key]}, seed {seed}", functools.partial(distill, key, seed))
+    for arm in arms.values():
+        arm["mean"], arm["std"] = mean_std(arm["accuracies"])
+        arm["curve_mean"] = np.asarray(arm["curves"]).mean(axis=0).tolist()
+
+    title = f"{args.student} on digits, {args.transfer_fraction:.0%} labels, T={args.temperature:g}, alpha={args.alpha:g}"
+    steps.run("plot", f"writing {paths['curves']}", lambda: plot_curves(arms, state["teacher"]["test_accuracy"], paths["curves"], title))
+    summary = {
+        "settings": {
+            "student": args.student, "epochs": args.epochs, "lr": args.lr, "seeds": args.seeds, "temperature": args.temperature, "alpha": args.alpha,
+            "transfer_fraction": args.transfer_fraction, "device": device, "split_seed": SPLIT_SEED,
+        },
+        "data": {"train_samples": len(state["y_train"]), "labelled_train_samples": state["labelled"], "test_samples": len(state["y_test"])},
+        "teacher": state["teacher"],
+        "cache": cache,
+        "arms": {key: {k: v for k, v in arm.items() if k != "curves"} for key, arm in arms.items()},
+        "gain": arms["distilled"]["mean"] - arms["labels_only"]["mean"],
+        "seconds": steps.seconds,
+        "files": {"summary": str(paths["summary"]), "curves": str(paths["curves"]), "cache": str(paths["cache"]), "runs": str(paths["runs"])},
+    }  # fmt: skip
+    paths["summary"].write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    s, arms, cache = summary["settings"], summary["arms"], summary["cache"]
+    seconds = summary["seconds"]
+    rows = [
+        ("teacher", f"{summary['teacher']['arch']}, test accuracy {summary['teacher']['test_accuracy']:.4f}"),
+        *(
+            (
+                f"student, {ARMS[key]}",
+                f"{s['student']}, test accuracy {arms[key]['mean']:.4f} ± {arms[key]['std']:.4f}  "
+                f"({', '.join(f'{a:.4f}' for a in arms[key]['accuracies'])})",
+            )
+            for key in ("labels_only", "distilled")
+        ),  # fmt: skip
+        ("gain from the teacher", f"{summary['gain']:+.4f}"),
+        (
+            "labels kept",
+            f"{summary['data']['labelled_train_samples']} of {summary['data']['train_samples']} ({s['transfer_fraction']:.0%})",
+        ),
+        ("cache", f"{cache['samples']:,} samples, {cache['bytes']:,} bytes, {cache['bytes_per_sample']:,.1f} bytes/sample"),
+        (
+            "settings",
+            f"T={s['temperature']:g} alpha={s['alpha']:g} epochs={s['epochs']} lr={s['lr']:g} seeds={s['seeds']} device={s['device']}",
+        ),
+        *((f"time: {name}", f"{value:.1f} s") for name, value in seconds.items()),
+        ("time: total", f"{sum(seconds.values()):.1f} s"),
+        ("wrote", f"{summary['files']['summary']}, {summary['files']['curves']}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        summary = run_demo(args)
+    except StepError as exc:
+        print(f"{PROG}: error: step {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=1) if args.json else format_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

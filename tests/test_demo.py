@@ -1,0 +1,43 @@
+"""``distill-demo`` end to end with reduced settings: a real teacher-serve, teacher-push and two
+offline-distill processes. The gain itself is too noisy to assert with one seed and few epochs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo-out"
+    command = [sys.executable, "-m", "demo.digits", "--out", str(out), "--json", "--seeds", "1", "--epochs", "2", "--teacher-epochs", "1"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert (out / "curves.png").stat().st_size > 0
+    assert summary["data"]["train_samples"] == 1257 and summary["data"]["test_samples"] == 540
+    assert summary["cache"]["samples"] == summary["data"]["train_samples"]
+    assert 0 < summary["data"]["labelled_train_samples"] < summary["data"]["train_samples"]
+    assert 0 <= summary["teacher"]["test_accuracy"] <= 1
+    assert set(summary["arms"]) == {"labels_only", "distilled"}
+    for arm in summary["arms"].values():
+        assert len(arm["accuracies"]) == 1 and all(0 <= a <= 1 for a in arm["accuracies"])
+        assert len(arm["curve_mean"]) == 2
+    assert summary["arms"]["labels_only"]["alpha"] == 0
+    assert {"teacher", "serve", "push", "stop", "plot"} <= set(summary["seconds"])
+    assert "[push] done" in proc.stderr
+
+
+def test_demo_bad_input_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "demo.digits", "--out", str(tmp_path), "--transfer-fraction", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--transfer-fraction" in proc.stderr and "Traceback" not in proc.stderr
