@@ -30,16 +30,26 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # reused, and pip never writes into a Debian system Python (PEP 668) or a conda base.
 # The constraint pins the torch that is there once TORCH is installed, so `torch>=2.4` in
 # pyproject.toml is satisfied by it and pip cannot swap in another build (CUDA wheels are GBs).
-COPY . /src
 # DL3013 (pin versions in pip): TORCH is the pinned requirement the builder passes in, torch is
 # pinned by the constraint, and the project's own ranges live in pyproject.toml.
 # hadolint ignore=DL3013
 RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
     && if [ -n "$TORCH" ]; then pip install "$TORCH"; fi \
-    && python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > /tmp/torch-constraint.txt \
-    && pip install --constraint /tmp/torch-constraint.txt /src \
-    && python -c 'import torch, h5py, fastapi, service.cli; print("torch", torch.__version__, "cuda", torch.version.cuda)' \
-    && rm -rf /src /tmp/torch-constraint.txt
+    && if ! python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > "$VIRTUAL_ENV/torch-constraint.txt"; then \
+        echo "the base has no torch: pass --build-arg TORCH=torch==VERSION" >&2; exit 1; fi
+
+# The dependencies, in a layer that only pyproject.toml invalidates: the project's metadata with
+# no packages (and an empty readme) installs exactly them.
+COPY pyproject.toml /src/
+RUN touch /src/README.md \
+    && pip install --constraint "$VIRTUAL_ENV/torch-constraint.txt" /src \
+    && rm -rf /src
+
+# The project itself.
+COPY . /src
+RUN pip install --no-deps /src \
+    && rm -rf /src \
+    && python -c 'import torch, h5py, fastapi, service.cli; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
 # A fixed UID, so that host directories mounted as volumes can be given to it (chown 10001).
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin kd \

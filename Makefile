@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-container lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ lint: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest -q
+
+# The image built and run for real: podman from Debian's packages and a local base image (no
+# registry needed; ../shared/container/setup.sh). About 4 minutes the first time, 20 s after.
+test-container: $(VENV)/.installed-test
+	eval "$$(../shared/container/setup.sh)" && KD_CONTAINER_TESTS=1 $(BIN)/python -m pytest -q tests/test_container.py
 
 clean:
 	rm -rf $(VENV) runs demo-out .pytest_cache
