@@ -54,7 +54,23 @@ parameters; ``cnn-large`` is similar in cost) with random weights, built by
 it) in a temporary directory, which is what ``teacher-serve --teacher`` and ``load_teacher`` load.
 
 ``--sweep`` adds raw vs durable vs buffered at batch sizes 16, 64 and 256 (``--max-batch`` and
-request size = batch size), for a plot of the ratio against batch size.
+request size = batch size), one round each; ``--plot PATH`` draws them (samples/s against batch
+size, raw, durable and buffered, with durable / raw written at each point) with matplotlib's Agg
+backend, e.g. ``--sweep --plot docs/bench.png``. ``--switch-interval S`` starts the server through
+the shim with ``sys.setswitchinterval(S)`` (Python's default is 0.005 s); it, ``--torch-threads 1`` and
+``--no-store`` (requests say ``store: false``, so the cache writer never runs) are the tests of
+the small-batch gap in docs/benchmarks.md.
+
+``--ingest`` measures something else, on its own (< 20 s): how many MB/s of request body the
+service's protocol layer takes in, against a bare route on the same server stack that only reads
+the body and throws it away (``DISCARD_APP``: FastAPI on ``uvicorn.run`` with the same settings as
+teacher-serve, so uvloop and httptools, and the same malloc tuning). The same client threads
+post the same pre-encoded binary bodies (256 uint8 [3,32,32] samples with ids and labels, about
+0.8 MB) to both, round-robin, one request in flight per client, for 2 s after 4 warm-up
+acknowledgements. The service side keeps the teacher out of the figure two ways: ``miss``, a tiny
+teacher (``mlp-small``) with ``store: false``, whose forward time and busy share are reported;
+and ``hit``, every id already in the cache (primed once, untimed), so no forward runs and the
+writer thread's lookup answers. Ratios: service / discard.
 
 Runs (``--quick``: < 90 s on 2 cores; ``--json``: one JSON object instead of the tables):
 
@@ -291,7 +307,10 @@ class Server:
             "--max-batch", str(batch_size), "--max-delay-ms", str(args.max_delay_ms), "--ack", ack,
             "--port", str(self.port), "--log-level", "warning",
         ]  # fmt: skip
-        if args.name_threads:
+        if args.switch_interval is not None:
+            shim = [sys.executable, str(Path(__file__).resolve()), "--serve-named", "--switch-interval", str(args.switch_interval)]
+            command = [*shim, "--", *serve_args]
+        elif args.name_threads:
             command = [sys.executable, str(Path(__file__).resolve()), "--serve-named", "--", *serve_args]
         else:
             command = [str(BIN / "teacher-serve"), *serve_args]
@@ -352,11 +371,13 @@ class RequestPlan:
     samples: int
 
 
-def plan_requests(run: str, pool: list[np.ndarray], request_size: int, count: int, classes: int, seed: int) -> RequestPlan:
+def plan_requests(
+    run: str, pool: list[np.ndarray], request_size: int, count: int, classes: int, seed: int, store: bool = True
+) -> RequestPlan:
     rng = np.random.default_rng(seed)
     labels = [rng.integers(0, classes, request_size).astype(np.int64) for _ in range(POOL)]
     outputs = [RequestedOutput("soft_targets", True)]  # what teacher-push asks for
-    parameters = {"store": True}
+    parameters = {"store": store}
 
     def ids_of(request: int) -> np.ndarray:
         return normalize_ids([f"{run}-{request:0{ID_WIDTH}d}-{row:06d}" for row in range(request_size)], request_size)
@@ -530,11 +551,12 @@ def drive(server: Server, plan: RequestPlan, clients: int, warmup_requests: int)
     }
 
 
-def check_cache(cache: Path, plan: RequestPlan, acknowledged: int) -> dict[str, Any]:
-    """After SIGTERM: the cache must hold exactly the acknowledged ids, and no journal."""
+def check_cache(cache: Path, plan: RequestPlan, acknowledged: int, stored_expected: bool = True) -> dict[str, Any]:
+    """After SIGTERM: the cache must hold exactly the acknowledged ids (none with --no-store), and no journal."""
     reader = CacheReader(cache)
     stored = reader.read(("ids",))["ids"]
-    expected = {str(i) for ids in plan.ids for i in ids}
+    expected = {str(i) for ids in plan.ids for i in ids} if stored_expected else set()
+    acknowledged = acknowledged if stored_expected else 0
     stored_set = {str(i) for i in stored}
     return {
         "cache_samples": reader.num_samples,
@@ -553,7 +575,7 @@ def service_run(
     timed = max(preset["min_requests"], math.ceil(preset["seconds"] * raw_rate / request_size))
     count = preset["warmup_requests"] + timed
     pool = input_pool(tuple(args.input_shape), max(request_size, 1), args.seed)
-    plan = plan_requests(tag, pool, request_size, count, args.classes, args.seed)
+    plan = plan_requests(tag, pool, request_size, count, args.classes, args.seed, store=not args.no_store)
     cache = root / f"cache-{tag}"
     server = Server(teacher, cache, root / f"serve-{tag}.log", args, batch_size, ack)
     try:
@@ -568,7 +590,7 @@ def service_run(
     if code != 0:
         raise SystemExit(f"teacher-serve exited with {code} after SIGTERM:\n{server.output()}")
     return {"ack": ack, "batch_size": batch_size, "start_to_ready_s": ready_s, **figures,
-            **check_cache(cache, plan, figures["acknowledged_samples"]), "command": shlex.join(server.command)}  # fmt: skip
+            **check_cache(cache, plan, figures["acknowledged_samples"], not args.no_store), "command": shlex.join(server.command)}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,13 +724,245 @@ def print_tables(result: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The plot (--plot, with --sweep)
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """samples/s against batch size for raw forward and the service, from the sweep's rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(result["sweep"], key=lambda row: row["batch_size"])
+    env, cfg = result["env"], result["config"]
+    batches = [row["batch_size"] for row in rows]
+    raw = [row["raw_samples_per_s"] for row in rows]
+    durable = [row["durable_samples_per_s"] for row in rows]
+    buffered = [row["buffered_samples_per_s"] for row in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.plot(batches, raw, "o-", color="black", label="raw teacher.forward")
+    ax.plot(batches, durable, "s-", color="tab:blue", label="teacher-serve --ack durable")
+    ax.plot(batches, buffered, "^--", color="tab:orange", alpha=0.7, label="teacher-serve --ack buffered")
+    for b, d, r in zip(batches, durable, raw, strict=True):
+        ax.annotate(f"{d / r:.3f}× raw", (b, d), textcoords="offset points", xytext=(0, -15), ha="center", fontsize=8, color="tab:blue")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlim(batches[0] / 1.5, batches[-1] * 1.5)
+    ax.set_ylim(0, max(raw + durable + buffered) * 1.15)
+    ax.set_xlabel("batch size (= --max-batch = samples per request)")
+    ax.set_ylabel("samples/s")
+    ax.set_title(f"teacher-serve vs raw forward: {cfg['teacher_arch']}, uint8 {cfg['input_shape']}, {env['device']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.text(0.01, 0.005, f"{env['date'][:10]}, {env['cpu']}, {env['cpus']} CPUs, torch {env['torch']}; "
+             f"{cfg['clients']} clients, 1 round per point; bench/service.py --sweep", fontsize=6, color="grey")  # fmt: skip
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ingest (--ingest): MB/s of request body the protocol layer takes in, against a bare endpoint
+
+# The same server stack as teacher-serve (FastAPI on uvicorn.run with its defaults: uvloop and
+# httptools when installed, the same malloc tuning), with one route that reads the body and
+# throws it away: the most any route on this stack could ingest.
+DISCARD_APP = """
+import sys
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from service.cli import tune_malloc
+
+tune_malloc()
+app = FastAPI()
+
+@app.post("/discard")
+async def discard(request: Request) -> Response:
+    await request.body()
+    return Response(b"")
+
+@app.get("/v2/health/ready")
+async def ready() -> Response:
+    return Response(b'{"ready":true}')
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False, timeout_graceful_shutdown=30)
+"""
+INGEST = {"arch": "mlp-small", "request_size": 256, "seconds": 2.0, "warmup_requests": 4}
+
+
+class DiscardServer(Server):
+    def __init__(self, log_path: Path, args: argparse.Namespace) -> None:  # noqa: D107 - Server's stop/wait_ready/output
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-c", DISCARD_APP, str(self.port)]
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=child_env(args), cwd=_HERE.parent)
+
+
+def drive_for(server: Server, path: str, plan: RequestPlan, clients: int, warmup_requests: int, seconds: float) -> dict[str, Any]:
+    """``clients`` threads post the plan's bodies round-robin, one in flight each, until
+    ``seconds`` after ack #``warmup_requests``; MB/s of request body acknowledged in that window."""
+    lock = threading.Lock()
+    sizes = [sum(map(len, chunks)) for chunks in plan.bodies]
+    acks: list[tuple[float, int]] = []
+    errors: list[str] = []
+    marks: dict[str, Any] = {}
+    counter = 0
+
+    def client() -> None:
+        nonlocal counter
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            while True:
+                with lock:
+                    if errors or ("stop_at" in marks and time.perf_counter() >= marks["stop_at"]):
+                        return
+                    request = counter % len(plan.bodies)
+                    counter += 1
+                try:
+                    response = http.post(path, content=plan.bodies[request], headers=plan.headers[request])
+                except httpx.HTTPError as exc:
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    return
+                now = time.perf_counter()
+                with lock:
+                    if response.status_code != 200:
+                        errors.append(f"HTTP {response.status_code}: {response.text[:300]}")
+                        return
+                    acks.append((now, sizes[request]))
+                    if len(acks) == warmup_requests:
+                        marks["start"] = snapshot(server.proc.pid)
+                        marks["stop_at"] = now + seconds
+
+    threads = [threading.Thread(target=client, name=f"client-{i}") for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise SystemExit(f"{server.url}{path} failed a request: {errors[0]}\n{server.output()}")
+    end = snapshot(server.proc.pid)
+    acks.sort()
+    t0 = acks[warmup_requests - 1][0]
+    wall = acks[-1][0] - t0
+    body_bytes = sum(n for _, n in acks[warmup_requests:])
+    start: Window = marks["start"]
+    cpus = os.cpu_count() or 1
+    return {
+        "requests": len(acks) - warmup_requests,
+        "seconds": wall,
+        "body_bytes": body_bytes,
+        "mb_per_s": body_bytes / wall / 1e6,
+        "requests_per_s": (len(acks) - warmup_requests) / wall,
+        "server_cpu_share": (end.server_ticks - start.server_ticks) / CLK_TCK / (wall * cpus),
+        "client_cpu_share": (end.client_cpu - start.client_cpu) / (wall * cpus),
+    }
+
+
+def ingest(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The service's infer route against a bare discard route on the same stack, with the same
+    pre-encoded binary bodies from the same client threads. The service runs two ways that
+    keep the teacher out of the way: ``miss``, a tiny teacher (mlp-small) and ``store: false``
+    (no write); ``hit``, every id already in the cache (primed once, untimed), so the teacher
+    does not run and the logits come from the writer thread's lookup. Both send ids (no
+    hashing) and ask for ``soft_targets`` in binary, as teacher-push does. Rounds: discard,
+    miss, miss, discard, then (after priming) hit, hit."""
+    shape = tuple(args.input_shape)
+    size = INGEST["request_size"]
+    teacher, params = write_teacher(root, INGEST["arch"], shape, args.classes, args.seed)
+    pool = input_pool(shape, size, args.seed)
+    plan = plan_requests("ingest", pool, size, POOL, args.classes, args.seed, store=False)
+    prime = plan_requests("ingest", pool, size, POOL, args.classes, args.seed, store=True)  # the same ids, stored
+    service = Server(teacher, root / "cache-ingest", root / "serve-ingest.log", args, size, "durable")
+    discard = DiscardServer(root / "discard.log", args)
+    rounds: dict[str, list[dict[str, Any]]] = {"discard": [], "miss": [], "hit": []}
+    try:
+        discard.wait_ready(args.ready_timeout)
+        service.wait_ready(args.ready_timeout)
+        for side in ("discard", "miss", "miss", "discard", "hit", "hit"):
+            say(f"ingest: {side} ...")
+            if side == "hit" and not rounds["hit"]:
+                with httpx.Client(base_url=service.url, timeout=120) as http:
+                    for chunks, headers in zip(prime.bodies, prime.headers, strict=True):
+                        http.post("/v2/models/teacher/infer", content=chunks, headers=headers).raise_for_status()
+            if side == "discard":
+                run = drive_for(discard, "/discard", plan, args.clients, INGEST["warmup_requests"], INGEST["seconds"])
+            else:  # miss or hit
+                before = service.metrics()
+                run = drive_for(service, "/v2/models/teacher/infer", plan, args.clients, INGEST["warmup_requests"], INGEST["seconds"])
+                after = service.metrics()
+                batches = after["kd_teacher_seconds_count"] - before["kd_teacher_seconds_count"]
+                run["forward_s_per_batch"] = (after["kd_teacher_seconds_sum"] - before["kd_teacher_seconds_sum"]) / max(1, batches)
+                run["teacher_batches"] = batches
+            rounds[side].append(run)
+            say(f"  {run['mb_per_s']:.1f} MB/s, {run['requests_per_s']:.1f} requests/s; server CPU {run['server_cpu_share']:.1%}, "
+                f"client CPU {run['client_cpu_share']:.1%} of the machine")  # fmt: skip
+    finally:
+        for server in (service, discard):
+            server.stop()
+    rate = {side: statistics.mean(run["mb_per_s"] for run in runs) for side, runs in rounds.items()}
+    if any(run["teacher_batches"] for run in rounds["hit"]):
+        raise SystemExit("ingest: the teacher ran during the all-hit rounds; the cache did not answer them")
+    return {
+        "teacher": INGEST["arch"],
+        "teacher_params": params,
+        "request_size": size,
+        "body_bytes_per_request": sum(map(len, plan.bodies[0])),
+        "clients": args.clients,
+        "discard_mb_per_s": rate["discard"],
+        "service_miss_mb_per_s": rate["miss"],
+        "service_hit_mb_per_s": rate["hit"],
+        "ratio_miss_vs_discard": rate["miss"] / rate["discard"],
+        "ratio_hit_vs_discard": rate["hit"] / rate["discard"],
+        "miss_forward_s_per_request": statistics.mean(run["forward_s_per_batch"] for run in rounds["miss"]),
+        "miss_teacher_busy_share": statistics.mean(
+            run["forward_s_per_batch"] * run["teacher_batches"] / run["seconds"] for run in rounds["miss"]
+        ),
+        "rounds": rounds,
+    }
+
+
+def print_ingest(result: dict[str, Any]) -> None:
+    env, ing = result["env"], result["ingest"]
+    print("bench/service.py --ingest: MB/s of request body, teacher-serve's infer route vs a bare route that discards the body")
+    print(f"command    {env['command']}")
+    print(f"date       {env['date']}")
+    print(f"hardware   {env['cpu']}, {env['cpus']} CPUs; torch {env['torch']}, python {env['python']}, httpx {env['httpx']}")
+    print(f"load       {ing['clients']} clients x 1 request in flight; {ing['request_size']} uint8 samples per request, "
+          f"{ing['body_bytes_per_request']:,} bytes per body (binary, pre-encoded, with ids and labels)")  # fmt: skip
+    print(f"service    teacher {ing['teacher']} ({ing['teacher_params']:,} parameters), store=false, soft_targets in binary; miss: "
+          f"forward {ing['miss_forward_s_per_request'] * 1e3:.2f} ms per request, teacher busy {ing['miss_teacher_busy_share']:.0%} "
+          f"of the window; hit: every id in the cache, no forward")  # fmt: skip
+    print()
+    print(f"{'side':>8}  {'MB/s (per round)':>24}  {'requests/s':>10}  {'server CPU':>10}  {'client CPU':>10}")
+    for side in ("discard", "miss", "hit"):
+        runs = result["ingest"]["rounds"][side]
+        per_round = ", ".join(f"{run['mb_per_s']:.0f}" for run in runs)
+        print(f"{side:>8}  {statistics.mean(r['mb_per_s'] for r in runs):>8.1f} ({per_round:>12})  "
+              f"{statistics.mean(r['requests_per_s'] for r in runs):>10.1f}  {statistics.mean(r['server_cpu_share'] for r in runs):>10.1%}  "
+              f"{statistics.mean(r['client_cpu_share'] for r in runs):>10.1%}")  # fmt: skip
+    print()
+    print(f"service (miss) / discard = {ing['ratio_miss_vs_discard']:.3f}; service (hit) / discard = {ing['ratio_hit_vs_discard']:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------
 # The naming shim (--serve-named): teacher-serve with OS thread names
 
 
 def serve_named(argv: list[str]) -> int:
     """Run ``service.cli.serve_main(argv)`` with every Python thread's name given to the OS, so
     that /proc/PID/task/*/comm tells the event loop, ``teacher_0``, ``cache-writer`` and the
-    thread pool apart. Torch's OpenMP threads keep the process name."""
+    thread pool apart. Torch's OpenMP threads keep the process name. ``--switch-interval S``
+    before the ``--`` sets ``sys.setswitchinterval(S)`` first (the GIL hand-off test)."""
+    if argv[:1] == ["--switch-interval"]:
+        sys.setswitchinterval(float(argv[1]))
+        argv = argv[2:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_name = 15
 
@@ -755,6 +1009,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(service.cli.tune_malloc); tuned: rerun with bench/reader.py's TUNED_MALLOC environment, which both sides use",
     )  # fmt: skip
     p.add_argument("--name-threads", action="store_true", help="start the server through the thread-naming shim (per-thread CPU by name)")
+    p.add_argument(
+        "--switch-interval", type=float, default=None, metavar="S",
+        help="sys.setswitchinterval(S) in the server (through the naming shim; Python's default is 0.005): the GIL hand-off test",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-store", action="store_true",
+        help="requests say store: false, so the cache writer never runs (a diagnostic: the service without its write path)",
+    )  # fmt: skip
+    p.add_argument("--plot", metavar="PATH", default=None, help="with --sweep: samples/s against batch size, raw vs service, as a PNG")
+    p.add_argument(
+        "--ingest", action="store_true",
+        help="only measure the protocol layer's ingest rate (MB/s of request body) against a bare endpoint that discards bodies (< 20 s)",
+    )  # fmt: skip
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /v2/health/ready")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmpdir", default=None, help="where the teacher and caches go (default: the system's temporary directory)")
@@ -766,6 +1033,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeats is None:
         args.repeats = preset["repeats"]
     args.preset = preset
+    if args.plot and not args.sweep:
+        p.error("--plot needs --sweep (it plots the sweep's batch sizes)")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     return args
@@ -774,7 +1043,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--serve-named"]:
-        return serve_named(argv[2:] if argv[1:2] == ["--"] else argv[1:])
+        return serve_named(argv[1:])
     args = parse_args(argv)
     if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
         # glibc reads these once, at start-up: start again with them (the server inherits them).
@@ -786,6 +1055,13 @@ def main(argv: list[str] | None = None) -> int:
     shape = tuple(args.input_shape)
     root = Path(tempfile.mkdtemp(prefix="bench-service-", dir=args.tmpdir))
     try:
+        if args.ingest:
+            result = {"env": environment(args), "ingest": ingest(root, args)}
+            if args.json:
+                print(json.dumps(result, indent=1, default=str))
+            else:
+                print_ingest(result)
+            return 0
         teacher, params = write_teacher(root, args.teacher_arch, shape, args.classes, args.seed)
         say(f"teacher {args.teacher_arch} ({params:,} parameters) in {teacher}; torch {torch.get_num_threads()} threads")
         main_row = compare(teacher, root, args, args.batch_size, args.preset, args.repeats)
@@ -823,6 +1099,9 @@ def main(argv: list[str] | None = None) -> int:
             "main": main_row,
             "sweep": sweep,
         }
+        if args.plot:
+            plot_sweep(result, Path(args.plot))
+            say(f"wrote {args.plot}")
         if args.json:
             print(json.dumps(result, indent=1, default=str))
         else:

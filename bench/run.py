@@ -1,0 +1,200 @@
+"""Every benchmark, one after another, and one table of the figures the project promises.
+
+    .venv/bin/python bench/run.py [--quick] [--device cpu|cuda] [--json]
+
+Runs each benchmark as a subprocess with ``--json`` (``--quick`` and ``--device`` passed on to
+those that take them), one at a time so that they never compete for the machine, and reads
+the one JSON object each prints:
+
+====  =====================================================  ==================  =====================================
+ id   figure                                                 from                target
+====  =====================================================  ==================  =====================================
+ P1   teacher-serve (``--ack durable``) ÷ raw forward         bench/service.py    >= 0.9  (``ratio_durable_vs_raw``)
+ P2   training steps/s from the shards ÷ from memory          bench/reader.py     >= 0.95 (trainer's default workers)
+ P3   offline speed-up over online KD ÷ the ideal speed-up    bench/online.py     >= 0.9
+ P4   peak RSS of offline-distill, 10x cache ÷ 1x             bench/reader.py     < 1.2   (default workers)
+====  =====================================================  ==================  =====================================
+
+P2 and P4 are read for the worker count ``offline-distill`` picks by itself for the reader's
+cache (``offline.train.AUTO_WORKERS_BYTES``), which is what a user gets. bench/reader.py
+measures on the CPU only (it has no ``--device``), so under ``--device cuda`` P2 and P4 are
+still CPU figures.
+
+Progress goes to stderr, one line per benchmark with its elapsed time (the benchmarks' own
+progress is kept and shown only when one fails). A benchmark that fails, or whose JSON lacks
+a figure, does not stop the others: its error is recorded in one line, the table says so, and
+the exit status is 1 at the end. With ``--json`` one object is printed: the four figures
+(``p1_service_vs_forward``, ``p2_reader_vs_memory``, ``p3_offline_speedup_vs_ideal``,
+``p4_rss_growth_10x``), ``targets``, ``met``, ``errors``, ``device``, ``torch``, the elapsed
+seconds per benchmark, and each benchmark's full JSON under ``details``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # offline/, when run from a checkout without `pip install -e .`
+
+# name -> (script, takes --device)
+BENCHMARKS: dict[str, tuple[str, bool]] = {
+    "service": ("service.py", True),
+    "reader": ("reader.py", False),
+    "online": ("online.py", True),
+}
+# Under --quick, extra arguments that keep the whole run under 3 minutes on 2 cores: the
+# reader's quick cache is far below offline.train.AUTO_WORKERS_BYTES, so offline-distill reads
+# it with 0 workers, and its throughput row with 2 workers (about 25 s) is not needed for P2.
+QUICK_EXTRA = {"reader": ["--workers", "0"]}
+TARGETS = {
+    "p1_service_vs_forward": (">=", 0.9),
+    "p2_reader_vs_memory": (">=", 0.95),
+    "p3_offline_speedup_vs_ideal": (">=", 0.9),
+    "p4_rss_growth_10x": ("<", 1.2),
+}
+DESCRIPTIONS = {
+    "p1_service_vs_forward": "P1 teacher-serve durable ÷ raw forward",
+    "p2_reader_vs_memory": "P2 steps/s shards ÷ memory (default workers)",
+    "p3_offline_speedup_vs_ideal": "P3 offline speed-up ÷ ideal",
+    "p4_rss_growth_10x": "P4 peak RSS 10x cache ÷ 1x (default workers)",
+}
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def reader_default_workers(reader: dict[str, Any]) -> int:
+    from offline.train import AUTO_WORKERS_BYTES
+
+    return 0 if reader["config"]["cache_bytes"] < AUTO_WORKERS_BYTES else 2
+
+
+def p2(reader: dict[str, Any]) -> float:
+    workers = reader_default_workers(reader)
+    rows = [r for r in reader["throughput"] if r["workers"] == workers and r["malloc"] == "default"]
+    if not rows:
+        raise KeyError(f"no throughput row for {workers} workers with the default malloc")
+    return round(rows[0]["ratio"], 4)
+
+
+# figure -> (benchmark, how to read it from that benchmark's JSON)
+FIGURES: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
+    "p1_service_vs_forward": ("service", lambda r: r["ratio_durable_vs_raw"]),
+    "p2_reader_vs_memory": ("reader", p2),
+    "p3_offline_speedup_vs_ideal": ("online", lambda r: r["p3_offline_speedup_vs_ideal"]),
+    "p4_rss_growth_10x": ("reader", lambda r: r["rss_growth_10x_default"]),
+}
+
+
+def run_benchmark(name: str, args: argparse.Namespace) -> tuple[dict[str, Any] | None, str | None, float]:
+    """(its JSON, None) or (None, a one-line error), and the seconds it took."""
+    script, takes_device = BENCHMARKS[name]
+    cmd = [sys.executable, str(HERE / script), "--json"]
+    if args.quick:
+        cmd += ["--quick", *QUICK_EXTRA.get(name, [])]
+    if takes_device:
+        cmd += ["--device", args.device]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"{shlex.join(cmd)}: no result after {args.timeout:.0f} s", time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        last = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "no output on stderr")
+        return None, f"{shlex.join(cmd)} exited with {proc.returncode}: {last.strip()}", seconds
+    try:
+        return json.loads(proc.stdout), None, seconds
+    except json.JSONDecodeError as exc:
+        return None, f"{shlex.join(cmd)}: its stdout is not one JSON object ({exc})", seconds
+
+
+def met(key: str, value: float | None) -> bool | None:
+    if value is None:
+        return None
+    op, target = TARGETS[key]
+    return value >= target if op == ">=" else value < target
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="each benchmark's --quick (under 3 minutes in all on 2 cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="passed to the benchmarks that take it")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds one benchmark may take before it counts as failed")
+    args = p.parse_args(argv)
+
+    started = time.perf_counter()
+    details: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for i, name in enumerate(BENCHMARKS, 1):
+        say(f"[{i}/{len(BENCHMARKS)}] bench/{BENCHMARKS[name][0]} ...")
+        result, error, seconds[name] = run_benchmark(name, args)
+        if error:
+            errors[name] = error
+            say(f"[{i}/{len(BENCHMARKS)}] bench/{BENCHMARKS[name][0]} FAILED after {seconds[name]:.1f} s: {error}")
+        else:
+            details[name] = result
+            say(f"[{i}/{len(BENCHMARKS)}] bench/{BENCHMARKS[name][0]} done in {seconds[name]:.1f} s")
+
+    figures: dict[str, float | None] = {}
+    for key, (name, read) in FIGURES.items():
+        figures[key] = None
+        if name in details:
+            try:
+                figures[key] = float(read(details[name]))
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                errors[key] = f"bench/{BENCHMARKS[name][0]}'s JSON has no {key} ({type(exc).__name__}: {exc})"
+    import torch  # late: the benchmarks, not this process, do the work
+
+    device = args.device
+    for name in ("online", "service"):
+        if name in details and details[name].get("device"):
+            device = details[name]["device"]
+            break
+    result = {
+        **figures,
+        "targets": {key: f"{op} {target}" for key, (op, target) in TARGETS.items()},
+        "met": {key: met(key, value) for key, value in figures.items()},
+        "errors": errors,
+        "device": device,
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "seconds": {**{k: round(v, 1) for k, v in seconds.items()}, "total": round(time.perf_counter() - started, 1)},
+        "details": details,
+    }
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    else:
+        print(f"bench/run.py{' --quick' if args.quick else ''}, device {device}, torch {torch.__version__}, {result['date']}")
+        print(f"{'figure':<48}  {'measured':>8}  {'target':>7}  met")
+        for key, value in figures.items():
+            op, target = TARGETS[key]
+            shown = "error" if value is None else f"{value:.3f}"
+            ok = {True: "yes", False: "NO", None: "-"}[met(key, value)]
+            print(f"{DESCRIPTIONS[key]:<48}  {shown:>8}  {op + ' ' + str(target):>7}  {ok}")
+        print("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
+        for key, error in errors.items():
+            print(f"error ({key}): {error}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
