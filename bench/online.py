@@ -39,7 +39,10 @@ cheap kinds, a fraction of a second an epoch, are not timed on one short epoch).
 rounds alternate the order (online, offline, teacher, student, then reversed: ABBA); each
 figure is the median over rounds, and the per-round ratios are reported. Each timing records the
 child's minor page faults per epoch and the share of the machine other processes took ("other
-CPU"): on a 2-core machine a busy neighbour decides the result. On CUDA every epoch ends with a
+CPU"): on a 2-core machine a busy neighbour decides the result. It also records the time spent
+waiting for the next batch ("fetch": reading and gathering; on the CPU the rest of the epoch is
+the steps, on CUDA the split is blurred by asynchronous kernels), which splits the offline
+side's extra cost into the reader's own and a slower step. On CUDA every epoch ends with a
 synchronize; in-memory tensors stay on the host, as the trainer's do, and every batch is
 copied to the device (pinned for the shards, as the trainer's DataLoader does).
 
@@ -256,8 +259,15 @@ def side_main(args: argparse.Namespace) -> int:
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         epochs = steps = samples = 0
+        fetch_s = 0.0  # waiting for the next batch (reading, gathering); the rest of the epoch is the steps
         while True:
-            for batch in batches(epoch + epochs):
+            iterator = batches(epoch + epochs)
+            while True:
+                fetch_started = time.perf_counter()
+                batch = next(iterator, None)
+                fetch_s += time.perf_counter() - fetch_started
+                if batch is None:
+                    break
                 step(batch)
                 steps += 1
                 samples += len(batch["labels"])
@@ -268,7 +278,7 @@ def side_main(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
         print(json.dumps({
-            "epoch_s": seconds / epochs, "epochs": epochs, "steps": steps, "samples": samples, "seconds": seconds,
+            "epoch_s": seconds / epochs, "fetch_s_per_epoch": fetch_s / epochs, "epochs": epochs, "steps": steps, "samples": samples, "seconds": seconds,
             "faults_per_epoch": (after.ru_minflt - before.ru_minflt) / epochs,
             "cpu_s_per_epoch": (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / epochs,
         }), flush=True)  # fmt: skip
@@ -348,6 +358,7 @@ def measure(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
         "median_epoch_s": median,
         **{f"{k}_faults_per_epoch": statistics.median(r["faults_per_epoch"] for r in rounds[k]) for k in KINDS},
         **{f"{k}_cpu_s_per_epoch": statistics.median(r["cpu_s_per_epoch"] for r in rounds[k]) for k in KINDS},
+        **{f"{k}_fetch_s_per_epoch": statistics.median(r["fetch_s_per_epoch"] for r in rounds[k]) for k in KINDS},
         "ratio_per_round": [r["ratio"] for r in per_round],
         "measured_per_round": [r["measured"] for r in per_round],
         "ideal_per_round": [r["ideal"] for r in per_round],
@@ -392,10 +403,11 @@ def print_tables(result: dict[str, Any]) -> None:
           f"({cfg['student_params']:,} parameters), batch {cfg['batch_size']}, KL T={TEMPERATURE} alpha={ALPHA}, AdamW lr {LR}")  # fmt: skip
     print()
     print(f"Seconds per epoch, median of {cfg['repeats']} alternating rounds (each timing >= {cfg['min_seconds']} s of whole epochs)")
-    print(f"{'':>10}  {'s/epoch':>8}  {'samples/s':>9}  {'faults/epoch':>12}  {'CPU s/epoch':>11}")
+    print(f"{'':>10}  {'s/epoch':>8}  {'samples/s':>9}  {'fetch s/epoch':>13}  {'faults/epoch':>12}  {'CPU s/epoch':>11}")
     for kind, label in (("online", "t_online"), ("offline", "t_offline"), ("teacher", "t_teacher"), ("student", "t_student")):
         seconds = result[f"{label}_s"]
-        print(f"{label:>10}  {seconds:>8.3f}  {cfg['samples'] / seconds:>9,.0f}  {result['detail'][f'{kind}_faults_per_epoch']:>12,.0f}  "
+        print(f"{label:>10}  {seconds:>8.3f}  {cfg['samples'] / seconds:>9,.0f}  {result['detail'][f'{kind}_fetch_s_per_epoch']:>13.4f}  "
+              f"{result['detail'][f'{kind}_faults_per_epoch']:>12,.0f}  "
               f"{result['detail'][f'{kind}_cpu_s_per_epoch']:>11.2f}")  # fmt: skip
     print(
         f"{'fill':>10}  {result['fill_s']:>8.3f}  (one time: teacher {result['fill_forward_s']:.3f} s + write {result['fill_write_s']:.3f} s)"
