@@ -836,6 +836,7 @@ def drive_for(server: Server, path: str, plan: RequestPlan, clients: int, warmup
                     acks.append((now, sizes[request]))
                     if len(acks) == warmup_requests:
                         marks["start"] = snapshot(server.proc.pid)
+                        marks["meter"] = CpuMeter()
                         marks["stop_at"] = now + seconds
 
     threads = [threading.Thread(target=client, name=f"client-{i}") for i in range(clients)]
@@ -846,6 +847,7 @@ def drive_for(server: Server, path: str, plan: RequestPlan, clients: int, warmup
     if errors:
         raise SystemExit(f"{server.url}{path} failed a request: {errors[0]}\n{server.output()}")
     end = snapshot(server.proc.pid)
+    noise = marks["meter"].stop()
     acks.sort()
     t0 = acks[warmup_requests - 1][0]
     wall = acks[-1][0] - t0
@@ -860,6 +862,7 @@ def drive_for(server: Server, path: str, plan: RequestPlan, clients: int, warmup
         "requests_per_s": (len(acks) - warmup_requests) / wall,
         "server_cpu_share": (end.server_ticks - start.server_ticks) / CLK_TCK / (wall * cpus),
         "client_cpu_share": (end.client_cpu - start.client_cpu) / (wall * cpus),
+        **noise,  # foreign_cpu: the share of the machine other processes took
     }
 
 
@@ -938,13 +941,13 @@ def print_ingest(result: dict[str, Any]) -> None:
           f"forward {ing['miss_forward_s_per_request'] * 1e3:.2f} ms per request, teacher busy {ing['miss_teacher_busy_share']:.0%} "
           f"of the window; hit: every id in the cache, no forward")  # fmt: skip
     print()
-    print(f"{'side':>8}  {'MB/s (per round)':>24}  {'requests/s':>10}  {'server CPU':>10}  {'client CPU':>10}")
+    print(f"{'side':>8}  {'MB/s (per round)':>24}  {'requests/s':>10}  {'server CPU':>10}  {'client CPU':>10}  {'other CPU':>9}")
     for side in ("discard", "miss", "hit"):
         runs = result["ingest"]["rounds"][side]
         per_round = ", ".join(f"{run['mb_per_s']:.0f}" for run in runs)
         print(f"{side:>8}  {statistics.mean(r['mb_per_s'] for r in runs):>8.1f} ({per_round:>12})  "
               f"{statistics.mean(r['requests_per_s'] for r in runs):>10.1f}  {statistics.mean(r['server_cpu_share'] for r in runs):>10.1%}  "
-              f"{statistics.mean(r['client_cpu_share'] for r in runs):>10.1%}")  # fmt: skip
+              f"{statistics.mean(r['client_cpu_share'] for r in runs):>10.1%}  {max(r['foreign_cpu'] for r in runs):>9.1%}")  # fmt: skip
     print()
     print(f"service (miss) / discard = {ing['ratio_miss_vs_discard']:.3f}; service (hit) / discard = {ing['ratio_hit_vs_discard']:.3f}")
 
