@@ -82,6 +82,7 @@ MIN_CHUNK_ROWS = 16
 MAX_CHUNK_ROWS = 16384
 DEFAULT_SHARD_SAMPLES = 65536
 DEFAULT_SHARD_BYTES = 512 << 20
+STAGE_ROWS = 1024
 _STR_DTYPE = h5py.string_dtype("utf-8")
 
 
@@ -580,8 +581,15 @@ class CacheWriter:
             raise
         self._h5: h5py.File | None = None
         self._tmp_path: Path | None = None
-        self._open_rows = 0
+        self._open_rows = 0  # rows of the open shard: written to HDF5, then staged
+        self._written_rows = 0
+        self._staged: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         self._chunk_rows = meta.chunk_rows()
+        # Appends are staged and written to HDF5 in pieces of at least this many rows: each h5py
+        # call holds the GIL, and four resize-and-write calls per small batch stalled the
+        # service's teacher thread (docs/benchmarks.md). A crash loses staged rows exactly as it
+        # loses the rows of the unpublished temporary shard.
+        self._stage_rows = max(1, min(self._chunk_rows, STAGE_ROWS))
 
     # -- start-up ---------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -677,8 +685,15 @@ class CacheWriter:
                 out[mask] = block[local - lo]
             else:
                 assert self._h5 is not None
-                lo, hi = int(local.min()), int(local.max()) + 1
-                out[mask] = self._h5["logits"][lo:hi][local - lo]
+                written = local < self._written_rows
+                if written.any():
+                    part = local[written]
+                    lo, hi = int(part.min()), int(part.max()) + 1
+                    block = np.asarray(self._h5["logits"][lo:hi], dtype=np.float32)
+                    out[np.flatnonzero(mask)[written]] = block[part - lo]
+                if not written.all():
+                    staged = np.concatenate([batch[2] for batch in self._staged]).astype(self.meta.logits_dtype)
+                    out[np.flatnonzero(mask)[~written]] = staged[local[~written] - self._written_rows]
         return out
 
     def append(self, ids: Any, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray | None = None) -> int:
@@ -707,6 +722,7 @@ class CacheWriter:
     def flush(self) -> None:
         """Push the open shard's rows to the OS page cache (not a durability point)."""
         if self._h5 is not None:
+            self._drain()
             self._h5.flush()
 
     def flush_shard(self) -> ShardInfo | None:
@@ -715,10 +731,12 @@ class CacheWriter:
             return None
         tmp_path = self._tmp_path
         assert tmp_path is not None
+        self._drain()
         if 0 < self._open_rows < self._chunk_rows:
             self._compact()
+            self._drain()
         self._h5.close()
-        self._h5, self._tmp_path, self._open_rows = None, None, 0
+        self._h5, self._tmp_path, self._open_rows, self._written_rows = None, None, 0, 0
         _fsync_path(tmp_path)
         final = self.directory / tmp_path.name[1:-4]
         info = ShardInfo(final, read_shard_meta(tmp_path)[1], sha256_file(tmp_path), tmp_path.stat().st_size)
@@ -744,6 +762,7 @@ class CacheWriter:
             if self._tmp_path is not None:
                 self._tmp_path.unlink(missing_ok=True)
             self._h5 = None
+        self._staged = []
         self._release_lock()
 
     def __enter__(self) -> CacheWriter:
@@ -813,7 +832,7 @@ class CacheWriter:
             "logits", shape=(0, meta.num_classes), maxshape=(None, meta.num_classes), dtype=meta.logits_dtype,
             **{**options, "chunks": (rows, meta.num_classes)},
         )  # fmt: skip
-        self._h5, self._open_rows = h5, 0
+        self._h5, self._open_rows, self._written_rows, self._staged = h5, 0, 0, []
 
     def _compact(self) -> None:
         """Rewrite a shard smaller than one chunk with chunks of its own size: HDF5 allocates
@@ -829,17 +848,30 @@ class CacheWriter:
         self._write_rows(ids, columns["inputs"], columns["logits"], columns["labels"])
 
     def _write_rows(self, ids: np.ndarray, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
+        """Assign the rows to the open shard; they reach HDF5 in ``_drain``."""
         if self._h5 is None:
             self._open_shard()
+        start = self._open_rows
+        self._staged.append((ids, inputs, logits, labels.astype(np.int64)))
+        self._open_rows += len(ids)
+        base = self._published_rows + start
+        self._ids.update(zip(ids.tolist(), range(base, base + len(ids)), strict=True))
+        if self._open_rows - self._written_rows >= self._stage_rows:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Write the staged rows to the open shard: one resize and one write per dataset."""
+        if not self._staged:
+            return
         assert self._h5 is not None
-        start, stop = self._open_rows, self._open_rows + len(ids)
-        for name, values in (("ids", ids), ("inputs", inputs), ("labels", labels.astype(np.int64)), ("logits", logits)):
+        staged, self._staged = self._staged, []
+        columns = [np.concatenate(column) if len(staged) > 1 else column[0] for column in zip(*staged, strict=True)]
+        start, stop = self._written_rows, self._open_rows
+        for name, values in zip(("ids", "inputs", "logits", "labels"), columns, strict=True):
             dataset = self._h5[name]
             dataset.resize(stop, axis=0)
             dataset[start:stop] = values.astype(self.meta.logits_dtype) if name == "logits" else values
-        self._open_rows = stop
-        base = self._published_rows + start
-        self._ids.update(zip(ids.tolist(), range(base, base + len(ids)), strict=True))
+        self._written_rows = stop
 
     def _write_manifest(self) -> None:
         payload = {

@@ -630,3 +630,18 @@ def test_lookup_and_read_logits_across_published_and_open_shards(tmp_path):
     reopened.append(ids[45:], inputs[45:], logits[45:])
     np.testing.assert_array_equal(reopened.read_logits(reopened.lookup(ids)), logits)
     reopened.close()
+
+
+def test_staged_and_written_rows_of_the_open_shard_read_back_alike(tmp_path):
+    """Appends are staged and reach HDF5 in pieces of at least one chunk; hits must see both."""
+    meta = CacheMeta(teacher_fingerprint="f" * 64, teacher_name="t", num_classes=4, input_shape=(1 << 16,), input_dtype="uint8")
+    assert meta.chunk_rows() == 16
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(25, 4)).astype(np.float32)
+    inputs = np.zeros((25, 1 << 16), dtype=np.uint8)
+    with CacheWriter(tmp_path / "c", meta) as writer:
+        for start, stop in ((0, 10), (10, 20), (20, 25)):  # 10 staged; 20 written at once; 5 staged
+            writer.append([f"s{i}" for i in range(start, stop)], inputs[start:stop], logits[start:stop])
+        assert writer.pending_rows == 25
+        np.testing.assert_array_equal(writer.read_logits(writer.lookup([f"s{i}" for i in range(25)])), logits)
+    np.testing.assert_array_equal(CacheReader(tmp_path / "c").read(("logits",))["logits"], logits)
