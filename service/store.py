@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import queue
 import threading
 import time
@@ -183,6 +184,7 @@ class CacheStore:
         batches = []
         seen: set[str] = set()  # concurrent requests may bring the same new id in one group
         try:
+            self._check_space(sum(len(t.args[0]) for t in writes))
             for task in writes:
                 ids, inputs, logits, labels = task.args
                 ids = normalize_ids(ids, len(inputs))
@@ -219,6 +221,19 @@ class CacheStore:
             task.future.set_result(0 if batch is None else len(batch[0]))
         if self._on_write is not None:
             self._on_write(sum(len(t.args[0]) for t in writes), stored, time.perf_counter() - started)
+
+    def _check_space(self, samples: int) -> None:
+        """Refuse a group before writing anything when the disk cannot take it: its rows go to
+        the journal and to the shard, and HDF5 allocates whole chunks. HDF5 must never meet a
+        full disk itself: a failed write leaves its file handle unusable (seen: a crash at
+        close), while a refusal here leaves the cache as it was and the service recovers as
+        soon as space is freed."""
+        meta = self.meta
+        chunk = meta.chunk_rows() * meta.row_bytes()
+        needed = 2 * samples * (meta.row_bytes() + 64) + 2 * chunk + (1 << 20)
+        stats = os.statvfs(self.directory)
+        if stats.f_bavail * stats.f_frsize < needed:
+            raise OSError(errno.ENOSPC, f"{stats.f_bavail * stats.f_frsize} bytes free, a group of {samples} samples needs {needed}")
 
     def _checkpoint(self) -> None:
         if self.journal.bytes == 0:

@@ -383,3 +383,55 @@ def test_serving_on_cuda_with_bfloat16_autocast(tmp_path, digits_teacher, digits
     out = run(body())
     assert out["soft_targets"].dtype == np.float32
     np.testing.assert_allclose(out["soft_targets"], reference_soft_targets(digits_teacher["teacher"], x, T), atol=2e-2)
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 16 MiB tmpfs, where this machine lets the tests mount one (root on Linux)."""
+    import subprocess
+
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_a_full_disk_answers_507_keeps_what_was_acknowledged_and_recovers(tiny_filesystem, digits_teacher, digits_teacher_pt):
+    import os
+
+    x = np.concatenate([digits_teacher["x_train"], digits_teacher["x_test"]] * 4)
+
+    async def body():
+        async with serving(tiny_filesystem, [digits_teacher_pt]) as (service, client):
+            stats = os.statvfs(tiny_filesystem)
+            filler = tiny_filesystem / "filler"
+            filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - (5 << 20)))  # leave 5 MiB
+            acknowledged, refused = [], 0
+            for start in range(0, len(x), 64):
+                index = np.arange(start, start + 64)
+                response, _, _ = await infer(client, x[index], ids=index, outputs=("logits",))
+                if response.status_code == 200:
+                    assert refused == 0, "a request succeeded after the disk was full"
+                    acknowledged.extend(index.tolist())
+                else:
+                    assert response.status_code == 507, response.text
+                    assert "disk is full" in response.json()["error"] and response.headers["retry-after"]
+                    refused += 1
+                    if refused == 3:
+                        break
+            assert acknowledged and refused == 3
+            assert (await client.get("/v2/health/ready")).status_code == 200
+            filler.unlink()  # space is back: the service takes writes again
+            response, _, _ = await infer(client, x[:64] + 1, ids=np.arange(100_000, 100_064), outputs=("logits",))
+            assert response.status_code == 200, response.text
+            return acknowledged + list(range(100_000, 100_064)), service
+
+    acknowledged, service = run(body())
+    stored = set(CacheReader(service.store.directory).read(("ids",))["ids"].astype(int).tolist())
+    assert set(acknowledged) <= stored
+    assert CacheReader(service.store.directory).verify() == []
