@@ -69,7 +69,6 @@ import resource
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -285,11 +284,10 @@ def side_main(args: argparse.Namespace) -> int:
     return 0
 
 
-class Side:
-    """The parent's handle on a ``side_main`` child."""
+class Side(_reader.SideProcess):
+    """The parent's handle on a ``side_main`` child (the line protocol is bench/reader.py's)."""
 
     def __init__(self, kind: str, cache: Path, args: argparse.Namespace) -> None:
-        self.kind = kind
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--side", kind, "--side-cache", str(cache),
             "--workers", str(args.workers), "--student", args.student, "--teacher", args.teacher, "--batch-size", str(args.batch_size),
@@ -297,35 +295,7 @@ class Side:
             "--min-seconds", str(args.min_seconds), "--warmup-batches", str(args.warmup_batches),
             "--input-shape", *map(str, args.input_shape), "--classes", str(args.classes),
         ]  # fmt: skip
-        env = {**os.environ, **(TUNED_MALLOC if args.malloc == "tuned" else {})}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
-
-    def _answer(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"the {self.kind} side exited with code {self.proc.wait()} (its error is above)")
-        return json.loads(line)
-
-    def ready(self) -> None:
-        self._answer()
-
-    def time_epochs(self, epoch: int) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        meter = CpuMeter()  # rooted at this process: all sides and their workers are "ours"
-        self.proc.stdin.write(json.dumps({"epoch": epoch}) + "\n")
-        self.proc.stdin.flush()
-        figures = self._answer()
-        return {**figures, **meter.stop()}
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
-            self.proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        self.proc.wait()
+        super().__init__(kind, cmd, TUNED_MALLOC if args.malloc == "tuned" else None)
 
 
 def speedups(t: dict[str, float]) -> dict[str, float]:
@@ -345,7 +315,7 @@ def measure(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
         epoch = 0
         for i in range(args.repeats):
             for kind in KINDS if i % 2 == 0 else tuple(reversed(KINDS)):
-                figures = sides[kind].time_epochs(epoch)
+                figures = sides[kind].epoch(epoch)
                 epoch += figures["epochs"]
                 rounds[kind].append(figures)
             say(f"  round {i + 1}/{args.repeats}: " + ", ".join(f"{k} {rounds[k][-1]['epoch_s']:.3f} s" for k in KINDS))

@@ -279,16 +279,12 @@ def side_main(args: argparse.Namespace) -> int:
     return 0
 
 
-class Side:
-    """The parent's handle on a ``side_main`` child."""
+class SideProcess:
+    """The parent's handle on a child that times epochs on request: one JSON line in ("epoch" or
+    "quit"), one JSON line out. bench/online.py drives its children the same way."""
 
-    def __init__(self, kind: str, cache: Path, args: argparse.Namespace, workers: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, kind: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         self.kind = kind
-        cmd = [
-            sys.executable, str(Path(__file__).resolve()), "--side", kind, "--side-cache", str(cache), "--workers", str(workers),
-            "--student", args.student, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-            "--shuffle-buffer", str(args.shuffle_buffer),
-        ]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, **(env or {})}
         )
@@ -305,7 +301,7 @@ class Side:
 
     def epoch(self, epoch: int) -> dict[str, Any]:
         assert self.proc.stdin is not None
-        meter = CpuMeter()  # rooted at this process: both sides and their workers are "ours"
+        meter = CpuMeter()  # rooted at this process: all sides and their workers are "ours"
         self.proc.stdin.write(json.dumps({"epoch": epoch}) + "\n")
         self.proc.stdin.flush()
         figures = self._answer()
@@ -320,6 +316,17 @@ class Side:
             pass
         self.proc.wait()
 
+
+class Side(SideProcess):
+    """The parent's handle on a ``side_main`` child."""
+
+    def __init__(self, kind: str, cache: Path, args: argparse.Namespace, workers: int, env: dict[str, str] | None = None) -> None:
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--side", kind, "--side-cache", str(cache), "--workers", str(workers),
+            "--student", args.student, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+            "--shuffle-buffer", str(args.shuffle_buffer),
+        ]  # fmt: skip
+        super().__init__(kind, cmd, env)
 
 def compare(reader: CacheReader, args: argparse.Namespace, workers: int, malloc: str) -> dict[str, Any]:
     """Alternate whole epochs of the two sides, each in its own process (see the module doc)."""
