@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,6 +85,33 @@ DEFAULT_SHARD_SAMPLES = 65536
 DEFAULT_SHARD_BYTES = 512 << 20
 STAGE_ROWS = 1024
 _STR_DTYPE = h5py.string_dtype("utf-8")
+
+
+# Fault injection for the crash trials (bench/crash.py, docs/reliability.md): with
+# KDCACHE_CRASH_AT=<point>[:<n>] in its environment, a process kills itself with SIGKILL the n-th
+# time (default 1) it reaches ``crash_point(<point>)``, so a trial can stop the writer exactly
+# between two steps that a random kill -9 would hit only rarely. Unset, a crash point is one
+# comparison.
+CRASH_POINTS = (
+    "journal-synced",  # service: a group is durable in the journal, not yet in the shard
+    "shard-partly-written",  # some of a shard's datasets hold the new rows, the others not yet
+    "shard-closed",  # rollover: the full shard is closed and fsynced, not yet renamed
+    "shard-renamed",  # rollover: renamed to its final name, not yet in the manifest
+    "manifest-tmp-written",  # the new manifest is fsynced beside the old one, not yet replacing it
+    "manifest-replaced",  # the manifest lists the new shard; the journal is not yet emptied
+)
+_CRASH_AT = os.environ.get("KDCACHE_CRASH_AT")
+_crash_point, _, _crash_nth = (_CRASH_AT or "").partition(":")
+_crash_countdown = int(_crash_nth) if _crash_nth.isdigit() else 1
+
+
+def crash_point(point: str) -> None:
+    global _crash_countdown
+    if _CRASH_AT is None or point != _crash_point:
+        return
+    _crash_countdown -= 1
+    if _crash_countdown <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CacheError(Exception):
@@ -288,8 +316,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
+    crash_point(f"{path.stem}-tmp-written")
     os.replace(tmp, path)
     _fsync_path(path.parent)
+    crash_point(f"{path.stem}-replaced")
 
 
 @dataclass(frozen=True)
@@ -738,10 +768,12 @@ class CacheWriter:
         self._h5.close()
         self._h5, self._tmp_path, self._open_rows, self._written_rows = None, None, 0, 0
         _fsync_path(tmp_path)
+        crash_point("shard-closed")
         final = self.directory / tmp_path.name[1:-4]
         info = ShardInfo(final, read_shard_meta(tmp_path)[1], sha256_file(tmp_path), tmp_path.stat().st_size)
         os.replace(tmp_path, final)
         _fsync_path(self.directory)
+        crash_point("shard-renamed")
         self._shards.append(info)
         self._published_rows += info.num_samples
         self._write_manifest()
@@ -871,6 +903,9 @@ class CacheWriter:
             dataset = self._h5[name]
             dataset.resize(stop, axis=0)
             dataset[start:stop] = values.astype(self.meta.logits_dtype) if name == "logits" else values
+            if name == "inputs" and _CRASH_AT is not None:
+                self._h5.flush()  # so that the crash leaves rows on disk in some datasets only
+                crash_point("shard-partly-written")
         self._written_rows = stop
 
     def _write_manifest(self) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from offline.cache import CacheMeta, CacheWriter, normalize_ids
+from offline.cache import CacheMeta, CacheWriter, crash_point, normalize_ids
 from offline.journal import JOURNAL_NAME, Journal, encode_record, read_journal
 
 
@@ -200,6 +200,7 @@ class CacheStore:
                 batches.append((ids, inputs, logits, labels) if new.any() else None)
             if self.durable:
                 self.journal.sync()
+                crash_point("journal-synced")
         except OSError as exc:
             self._fail(writes, exc, journal_start)
             return

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,14 +22,9 @@ from conftest import BIN
 from offline.cache import CacheReader, content_ids
 from offline.journal import JOURNAL_NAME
 from service.client import TeacherClient
+from service.launch import LaunchError, ServeProcess
 
 T = 4.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 SERVERS: list[Server] = []
@@ -42,47 +36,23 @@ def _no_server_outlives_its_test():
     while SERVERS:
         server = SERVERS.pop()
         if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait(30)
+            server.kill()
 
 
-class Server:
-    """A teacher-serve subprocess; its output goes to a log file shown when a check fails."""
+class Server(ServeProcess):
+    """A teacher-serve subprocess; a failure to start shows its whole log."""
 
     def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str] | None = None, module: bool = False) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp_path / f"serve-{self.port}.log"
         command = [sys.executable, "-m", "service"] if module else [str(BIN / "teacher-serve")]
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*command, "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )  # fmt: skip
+        super().__init__(args, tmp_path / f"serve-{len(SERVERS)}-{time.monotonic_ns()}.log", command=command, env=env)
         SERVERS.append(self)
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def wait_ready(self, timeout: float = 90.0) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"teacher-serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"teacher-serve not ready after {timeout} s:\n{self.output()}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
-        self.log.close()
-        return code
+        try:
+            super().wait_ready(timeout)
+        except LaunchError as exc:
+            raise AssertionError(f"{exc}\n{self.output()}") from None
+        return self
 
 
 def serve_args(teacher: Path, cache: Path, *extra: str) -> list[str]:
@@ -203,8 +173,7 @@ def test_kill_9_after_acknowledgement_loses_nothing(tmp_path, digits_teacher, di
     while len(acknowledged) < 600:
         time.sleep(0.01)
         assert any(t.is_alive() for t in threads)
-    server.proc.kill()  # kill -9 while requests are in flight
-    server.proc.wait(30)
+    server.kill()  # kill -9 while requests are in flight
     stop.set()
     for thread in threads:
         thread.join(30)
