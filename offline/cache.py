@@ -259,7 +259,7 @@ def normalize_ids(ids: Any, count: int | None = None) -> np.ndarray:
     if arr.dtype.kind in "iu":
         return np.array([str(int(v)) for v in arr], dtype=object)
     if arr.dtype.kind == "S":
-        return np.array([v.decode("utf-8") for v in arr], dtype=object)
+        arr = arr.astype(object)
     if arr.dtype.kind in "UO":
         out = np.empty(len(arr), dtype=object)
         for i, value in enumerate(arr):
@@ -271,6 +271,8 @@ def normalize_ids(ids: Any, count: int | None = None) -> np.ndarray:
                 raise ValueError(f"id #{i} is a {type(value).__name__}, expected str or int")
             if not value:
                 raise ValueError(f"id #{i} is empty")
+            if "\x00" in value:  # HDF5 strings end at a NUL: such an id could never be written
+                raise ValueError(f"id #{i} contains a NUL character")
             out[i] = value
         return out
     raise ValueError(f"ids have dtype {arr.dtype}, expected strings or integers")

@@ -5,8 +5,9 @@ hits, the batcher runs misses through the teacher, and the answer is encoded bac
 touches HDF5 or the model directly.
 
 Statuses: 400 malformed body, 401 missing or wrong token, 404 unknown model, 413 body or batch
-too large, 422 a well-formed request the model cannot take (shape, dtype, NaN, duplicate ids),
-503 queue full or not ready (with ``Retry-After``), 507 cache disk full. Every error body is
+too large, 415 a compressed body (Content-Encoding), 422 a well-formed request the model cannot
+take (shape, dtype, NaN, duplicate ids), 503 queue full or not ready (with ``Retry-After``), 507
+cache disk full. Every error body is
 ``{"error": "..."}``, as KServe clients expect.
 """
 
@@ -22,13 +23,13 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from offline.cache import content_ids
 from service import __version__
-from service.batcher import Batcher, QueueFull
+from service.batcher import Batcher, BodyBudget, QueueFull
 from service.metrics import Metrics
 from service.protocol import DecodedRequest, ModelSpec, ProtocolError, datatype_of, decode_request, encode_response, error_body, validate
 from service.settings import ServeSettings
@@ -42,11 +43,144 @@ HEADER_LENGTH = "inference-header-content-length"
 INLINE_BODY_BYTES = 256 << 10
 RETRY_AFTER_S = "1"
 
+# OpenAPI for the infer routes. They read the raw body (the binary extension needs the bytes as
+# sent), so FastAPI sees no body parameter; this spells the v2 request out for /docs and for
+# schema-driven fuzzers (tests/test_fuzz.py runs schemathesis over it).
+_DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
+_JSON_ELEMENT = {"oneOf": [{"type": "number"}, {"type": "boolean"}, {"type": "string"}]}
+_TENSOR_DATA = {
+    "type": "array",
+    "description": "the elements, row-major: flat or nested as the shape; BYTES elements are strings",
+    "items": {"oneOf": [_JSON_ELEMENT, {"type": "array", "items": {}}]},
+}
+_REQUEST_INPUT = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "description": "input (required), id or label", "examples": ["input", "id", "label"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": _DATATYPES},
+        "data": _TENSOR_DATA,
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "binary_data_size": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "the tensor's bytes follow the JSON (binary extension) instead of 'data'",
+                }
+            },
+        },
+    },
+}
+_INFER_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "temperature": {"type": "number", "exclusiveMinimum": 0, "description": "softmax temperature of soft_targets"},
+                "store": {"type": "boolean", "description": "append the samples to the cache (default true)"},
+                "binary_data_output": {"type": "boolean"},
+            },
+        },
+        "inputs": {"type": "array", "items": _REQUEST_INPUT},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "enum": ["soft_targets", "logits"]},
+                    "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+                },
+            },
+        },
+    },
+    "example": {"id": "r1", "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.0, 0.5, 1.0, 0.25]}]},
+}
+_INFER_RESPONSE = {
+    "type": "object",
+    "required": ["model_name", "outputs"],
+    "properties": {
+        "model_name": {"type": "string"},
+        "model_version": {"type": "string"},
+        "id": {"type": "string"},
+        "parameters": {"type": "object"},
+        "outputs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "datatype", "shape"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "datatype": {"type": "string"},
+                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "data": {"type": "array"},
+                    "parameters": {"type": "object"},
+                },
+            },
+        },
+    },
+}
+_ERROR = {
+    "content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}
+}
+INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "soft targets and logits; application/octet-stream when any output is binary",
+        "content": {
+            "application/json": {"schema": _INFER_RESPONSE},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    **{
+        status: {"description": description, **_ERROR}
+        for status, description in (
+            (400, "malformed request"),
+            (401, "missing or wrong bearer token"),
+            (404, "unknown model or version"),
+            (413, "body or batch too large"),
+            (415, "a Content-Encoding other than identity"),
+            (422, "a request the model cannot take"),
+            (503, "queue full or not ready (Retry-After)"),
+            (507, "cache disk full (Retry-After)"),
+        )
+    },
+}
+INFER_OPENAPI: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 0},
+            "description": "length of the JSON part when binary tensors follow it",
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _INFER_REQUEST},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "binary tensor extension: the JSON request, then the tensors' bytes",
+            },
+        },
+    },
+}
+
 
 def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(logits / T) per row, in float32."""
-    z = logits / np.float32(temperature)
-    z -= z.max(axis=1, keepdims=True)
+    # Shift, then scale: softmax is shift-invariant, and a tiny temperature then sends the other
+    # logits to -inf (exp 0) where logits / T overflowed and inf - inf made NaN soft targets, sent
+    # as NaN literals, which are not JSON (found by tests/test_fuzz.py).
+    z = logits - logits.max(axis=1, keepdims=True)
+    with np.errstate(over="ignore"):
+        z /= np.float32(temperature)
     np.exp(z, out=z)
     z /= z.sum(axis=1, keepdims=True)
     return z
@@ -288,20 +422,54 @@ def create_app(service: TeacherService) -> FastAPI:
             return problem
         return await ready()
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
+    @app.post("/v2/models/{name}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)
+    @app.post("/v2/models/{name}/versions/{version}/infer", responses=INFER_RESPONSES, openapi_extra=INFER_OPENAPI)
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        response = await _infer(name, version, request)
+        held = body_bytes(request)
+        if not bodies.take(held):
+            response = await refuse_busy(request)
+        else:
+            try:
+                response = await _infer(name, version, request)
+            finally:
+                bodies.give(held)
         metrics.requests.labels(status=str(response.status_code)).inc()
         return response
+
+    bodies = BodyBudget(settings.max_inflight_bytes)
+
+    def body_bytes(request: Request) -> int:
+        """What the request's body will hold: its Content-Length, or the largest body allowed
+        when it is sent in chunks; 0 when it is over the limit (answered 413 without reading)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isascii() and declared.isdigit():
+            return int(declared) if int(declared) <= settings.max_body_bytes else 0
+        return settings.max_body_bytes
+
+    async def refuse_busy(request: Request) -> Response:
+        # The body is read and dropped piece by piece, so that the client reads this answer
+        # rather than a connection reset in the middle of its upload.
+        async for _ in request.stream():
+            pass
+        metrics.errors.labels(kind="busy").inc()
+        message = f"the server holds {bodies.held >> 20} MiB of request bodies (--max-inflight-mb {settings.max_inflight_mb:g}); retry later"
+        return _error(503, message, {"Retry-After": RETRY_AFTER_S})
 
     async def _infer(name: str, version: str | None, request: Request) -> Response:
         problem = check_model(name, version)
         if problem is not None:
             return problem
+        # The body is read as sent: a compressed one would only fail later as "not valid JSON",
+        # and a plain body labelled gzip would be taken as if the label were not there.
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            metrics.errors.labels(kind="bad_request").inc()
+            return _error(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
         declared = request.headers.get("content-length")
         limit = settings.max_body_bytes
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        # isascii: str.isdigit also takes "\xb2" (superscript two), which int() refuses (a 500
+        # before, in process; uvicorn's parsers refuse such a Content-Length themselves).
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             metrics.errors.labels(kind="too_large").inc()
             return _error(413, f"request body is {int(declared)} bytes; the limit is {limit} (--max-body-mb)")
         chunks, total = [], 0
@@ -341,7 +509,7 @@ def create_app(service: TeacherService) -> FastAPI:
             return _error(500, f"internal error: {type(exc).__name__}: {exc}")
         return Response(payload, headers=headers)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text/plain, what Prometheus reads
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 

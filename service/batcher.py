@@ -12,8 +12,9 @@ After the forward pass the worker thread hands the batch's samples that are to b
 the cache writer (``CacheStore.write``) and gives each job its logits plus the write's future.
 
 The queue is bounded by input bytes: a request that would take it past ``max_queue_bytes``
-is refused at once with ``QueueFull`` (the route answers 503 with ``Retry-After``), so a flood
-of clients never piles up memory.
+is refused at once with ``QueueFull`` (the route answers 503 with ``Retry-After``). Before
+that, ``BodyBudget`` bounds the request bodies the server holds at once, from the first byte read
+to the answer, so that many clients sending large bodies together cannot pile up memory either.
 """
 
 from __future__ import annotations
@@ -32,6 +33,25 @@ from service.store import CacheStore
 
 class QueueFull(Exception):
     """The teacher's queue has no room for this request now; try again later."""
+
+
+class BodyBudget:
+    """Bytes of request bodies held at once. Used from the event loop only, so no lock."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.held = 0
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes``, or refuse. A body larger than the whole budget is taken when
+        nothing else is held, so that it is served eventually rather than refused forever."""
+        if self.held + nbytes > self.limit and self.held > 0:
+            return False
+        self.held += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.held -= nbytes
 
 
 @dataclass

@@ -75,6 +75,7 @@ def serve_parser() -> argparse.ArgumentParser:
     a("--logits-dtype", choices=("float32", "float16"), help="dtype of the cached logits (default float32)")
     a("--max-body-mb", type=float, metavar="MB", help="largest request body (default 64)")
     a("--max-queue-mb", type=float, metavar="MB", help="input bytes that may wait for the teacher (default 256)")
+    a("--max-inflight-mb", type=float, metavar="MB", help="request bodies held at once, from receipt to answer (default 512)")
     a("--shard-samples", type=int, metavar="N", help="samples per shard (default 65536)")
     a("--shard-mb", type=float, metavar="MB", help="bytes per shard (default 512)")
     a("--access-log", action="store_true", default=None, help="log every request")
@@ -117,6 +118,17 @@ def describe_validation(exc: ValidationError) -> str:
             message = f"required (or set {ENV_PREFIX}{field.split('.')[0].upper()})"
         parts.append(f"{option}: {message}")
     return "; ".join(parts)
+
+
+class HideQueryStrings(logging.Filter):
+    """The access log shows paths without their query strings: no route takes parameters there,
+    and a client that puts its token in the URL by mistake must not have it written to a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?...", *args[3:])
+        return True
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
@@ -182,12 +194,19 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             create_app(service), host=settings.host, port=settings.port, log_level=settings.log_level,
             access_log=settings.access_log, timeout_graceful_shutdown=30,
         )  # fmt: skip
+        logging.getLogger("uvicorn.access").addFilter(HideQueryStrings())  # after Config set logging up
+        uvicorn.Server(config).run()
     finally:
         store.close()
+    if store.close_error is not None:
+        return fail(
+            PROG, f"could not publish the cache at shutdown ({type(store.close_error).__name__}: {store.close_error}); "
+            f"the acknowledged samples stay in {settings.cache}/.journal for the next start", code=1,
+        )  # fmt: skip
     return 0
 
 

@@ -111,7 +111,11 @@ class TeacherClient:
         self.model = model
         self.max_retries = max_retries
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        # Idle connections expire here before uvicorn's 5 s keep-alive closes them on its side: with
+        # equal timeouts a request can go out on a connection the server is closing (seen as
+        # ReadError under load, bench/flood.py).
+        limits = httpx.Limits(keepalive_expiry=2.0)
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport, limits=limits)
         self._model_path = f"/v2/models/{quote(model, safe='')}"
         self._sleep = time.sleep
         self._random = random.Random()

@@ -54,6 +54,10 @@ BYTES = "BYTES"
 _UNSUPPORTED_DATATYPES = ("BF16",)
 _DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items()}
 _LENGTH_PREFIX = struct.Struct("<I")
+# numpy refuses arrays of more dimensions (32 before numpy 2, 64 since): refuse them as a 400
+# here rather than meet numpy's ValueError in reshape, a 500 (found by tests/test_fuzz.py).
+MAX_DIMS = 32
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 class ProtocolError(Exception):
@@ -152,6 +156,8 @@ def _load_json_object(raw: bytes, what: str) -> dict[str, Any]:
 def _shape(field: str, shape: Any) -> list[int]:
     if not isinstance(shape, list) or not all(type(dim) is int and dim >= 0 for dim in shape):
         raise _fail(400, field, f"shape must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > MAX_DIMS:
+        raise _fail(400, field, f"shape has {len(shape)} dimensions, at most {MAX_DIMS} are supported")
     return shape
 
 
@@ -182,11 +188,14 @@ _JSON_KINDS = {"b": ((bool,), "booleans"), "i": ((int,), "integers"), "u": ((int
 def _from_json(field: str, data: Any, shape: list[int], count: int, datatype: str, dtype: np.dtype | None) -> np.ndarray:
     flat = _flatten(field, data, count)
     if dtype is None:
+        strings = np.empty(count, dtype=object)
         for i, item in enumerate(flat):
             if type(item) is not str:
                 raise _fail(400, field, f"data element #{i} is {type(item).__name__}, BYTES in JSON are strings")
-        strings = np.empty(count, dtype=object)
-        strings[:] = [item.encode("utf-8") for item in flat]
+            try:
+                strings[i] = item.encode("utf-8")
+            except UnicodeEncodeError:  # JSON can spell a lone surrogate ("\ud800"), which UTF-8 cannot hold
+                raise _fail(400, field, f"data element #{i} is not valid Unicode (a lone surrogate)") from None
         return strings.reshape(shape)
     accepted, noun = _JSON_KINDS[dtype.kind]
     for i, item in enumerate(flat):
@@ -197,7 +206,11 @@ def _from_json(field: str, data: Any, shape: list[int], count: int, datatype: st
         low, high = min(flat), max(flat)
         if low < info.min or high > info.max:
             raise _fail(400, field, f"data value {low if low < info.min else high} is out of range for {datatype}")
-    return np.array(flat, dtype=dtype).reshape(shape)
+    try:
+        array = np.array(flat, dtype=dtype)
+    except OverflowError:  # a JSON integer literal beyond any float (1e400 spelled out), for an FP datatype
+        raise _fail(400, field, f"a data value is out of range for {datatype}") from None
+    return array.reshape(shape)
 
 
 def _bytes_elements(field: str, chunk: memoryview, count: int) -> np.ndarray:
@@ -288,6 +301,10 @@ def decode_request(body: bytes | bytearray | memoryview, header_length: int | st
         count = math.prod(shape)
         if count > max_elements:
             raise _fail(413, name, f"shape {shape} declares {count} elements, the limit is {max_elements}")
+        # A zero dimension makes the count 0 whatever the others are, yet numpy refuses a shape whose
+        # other dimensions multiply past its index range (a 500 before, found by tests/test_fuzz.py).
+        if math.prod(dim for dim in shape if dim) > max_elements:
+            raise _fail(413, name, f"shape {shape} has dimensions whose product exceeds the limit of {max_elements} elements")
         params = _parameters(name, raw.get("parameters"))
         if "shared_memory_region" in params:
             raise _fail(400, name, "shared memory inputs are not supported; send the data in the body")
@@ -386,6 +403,8 @@ def _ids(array: np.ndarray, datatype: str, batch: int) -> np.ndarray:
                 raise _fail(422, "id", f"element #{i} is not valid UTF-8") from None
             if not ids[i]:
                 raise _fail(422, "id", f"element #{i} is empty")
+            if "\x00" in ids[i]:  # the cache's HDF5 strings cannot hold one (offline.cache.normalize_ids)
+                raise _fail(422, "id", f"element #{i} contains a NUL character")
     else:
         # offline.cache imports h5py; importing it here, only for integer ids, keeps this module
         # importable without it.
@@ -404,9 +423,14 @@ def _ids(array: np.ndarray, datatype: str, batch: int) -> np.ndarray:
 def _temperature(raw: Any, spec: ModelSpec) -> float:
     if raw is None:
         return float(spec.temperature)
-    if type(raw) not in (int, float) or not math.isfinite(raw) or raw <= 0:
+    try:
+        temperature = float(raw) if type(raw) in (int, float) else math.nan
+    except OverflowError:  # an integer beyond any float: math.isfinite would raise it too (a 500 before)
+        temperature = math.inf
+    if not math.isfinite(temperature) or temperature <= 0:
         raise _fail(422, "temperature", f"must be a finite number > 0, got {raw!r}")
-    temperature = float(raw)
+    if temperature < _FLOAT32_TINY:  # soft targets are computed in float32, where it would be 0 (or subnormal)
+        raise _fail(422, "temperature", f"must be at least {_FLOAT32_TINY:.4g} (float32's smallest normal number), got {raw!r}")
     if spec.fixed_temperature and not math.isclose(temperature, spec.temperature, rel_tol=1e-9):
         raise _fail(
             422,

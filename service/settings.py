@@ -46,6 +46,7 @@ class ServeSettings(BaseSettings):
     logits_dtype: Literal["float32", "float16"] = "float32"
     max_body_mb: float = Field(64.0, gt=0, description="largest request body accepted")
     max_queue_mb: float = Field(256.0, gt=0, description="input bytes that may wait for the teacher")
+    max_inflight_mb: float = Field(512.0, gt=0, description="request bodies held at once, from receipt to answer")
     shard_samples: int = Field(65536, ge=1)
     shard_mb: float = Field(512.0, gt=0)
     access_log: bool = False
@@ -56,6 +57,10 @@ class ServeSettings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * (1 << 20))
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        return int(self.max_inflight_mb * (1 << 20))
 
     @property
     def max_queue_bytes(self) -> int:

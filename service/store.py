@@ -99,6 +99,7 @@ class CacheStore:
         self._tasks: queue.Queue[_Task] = queue.Queue()
         self._write_slots = threading.BoundedSemaphore(max_pending)
         self.broken: BaseException | None = None
+        self.close_error: BaseException | None = None  # why close() could not publish, if it could not
         self._closed = False
         self._on_write = on_write
         self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
@@ -141,8 +142,13 @@ class CacheStore:
             return
         stop = _Task("stop")
         self._tasks.put(stop)
-        stop.future.result()
-        self._thread.join()
+        try:
+            stop.future.result()
+        except BaseException as exc:
+            self.close_error = exc
+            raise
+        finally:
+            self._thread.join()
 
     # -- the writer thread ------------------------------------------------------------------
     def _run(self) -> None:

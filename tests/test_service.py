@@ -34,7 +34,9 @@ def run(coro):
 async def serving(tmp_path: Path, teachers: list[Path], *, api_key: str | None = None, teacher=None, **options):
     settings = ServeSettings(teacher=[str(p) for p in teachers], cache=tmp_path / "cache", device="cpu", temperature=T, **options)
     teacher = teacher or load_teacher(settings.teacher, ensemble=settings.ensemble, temperature=T, device="cpu")
-    store = CacheStore(settings.cache, teacher.cache_meta(settings.logits_dtype), durable=settings.ack == "durable")
+    store = CacheStore(
+        settings.cache, teacher.cache_meta(settings.logits_dtype), durable=settings.ack == "durable", max_shard_samples=settings.shard_samples
+    )
     service = TeacherService(settings, teacher, store, api_key)
     app = create_app(service)
     await service.start()
