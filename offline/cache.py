@@ -84,6 +84,7 @@ MAX_CHUNK_ROWS = 16384
 DEFAULT_SHARD_SAMPLES = 65536
 DEFAULT_SHARD_BYTES = 512 << 20
 STAGE_ROWS = 1024
+IMAGE_BLOCK_BYTES = 4 << 20  # the in-memory open shard grows in steps of this many bytes
 _STR_DTYPE = h5py.string_dtype("utf-8")
 
 
@@ -94,8 +95,8 @@ _STR_DTYPE = h5py.string_dtype("utf-8")
 # comparison.
 CRASH_POINTS = (
     "journal-synced",  # service: a group is durable in the journal, not yet in the shard
-    "shard-partly-written",  # some of a shard's datasets hold the new rows, the others not yet
-    "shard-closed",  # rollover: the full shard is closed and fsynced, not yet renamed
+    "shard-partly-written",  # some of the open shard's datasets hold the new rows, the others not yet
+    "shard-closed",  # rollover: the full shard's image is written and fsynced, not yet renamed
     "shard-renamed",  # rollover: renamed to its final name, not yet in the manifest
     "manifest-tmp-written",  # the new manifest is fsynced beside the old one, not yet replacing it
     "manifest-replaced",  # the manifest lists the new shard; the journal is not yet emptied
@@ -362,7 +363,7 @@ def read_shard_meta(path: Path) -> tuple[CacheMeta, int]:
             meta = CacheMeta.from_dict(raw, path.name)
             missing = [name for name in DATASETS if name not in h5]
             if missing:
-                raise CacheError(f"{path.name}: missing dataset(s) {', '.join(missing)}")
+                raise CacheError(f"{path}: missing dataset(s) {', '.join(missing)}")
             n = h5["ids"].shape[0]
             expected = {
                 "inputs": (n, *meta.input_shape),
@@ -371,16 +372,27 @@ def read_shard_meta(path: Path) -> tuple[CacheMeta, int]:
             }
             for name, shape in expected.items():
                 if h5[name].shape != shape:
-                    raise CacheError(f"{path.name}: {name} has shape {list(h5[name].shape)}, expected {list(shape)}")
+                    raise CacheError(f"{path}: {name} has shape {list(h5[name].shape)}, expected {list(shape)}")
             if h5["inputs"].dtype != np.dtype(meta.input_dtype):
-                raise CacheError(f"{path.name}: inputs are {h5['inputs'].dtype}, attributes say {meta.input_dtype}")
+                raise CacheError(f"{path}: inputs are {h5['inputs'].dtype}, attributes say {meta.input_dtype}")
             if h5["logits"].dtype != np.dtype(meta.logits_dtype):
-                raise CacheError(f"{path.name}: logits are {h5['logits'].dtype}, attributes say {meta.logits_dtype}")
+                raise CacheError(f"{path}: logits are {h5['logits'].dtype}, attributes say {meta.logits_dtype}")
+            # A shard rewritten by hand with float labels or numeric ids would otherwise fail
+            # later, inside the training step or the id lookup, with a raw torch/numpy error.
+            if h5["labels"].dtype != np.dtype(np.int64):
+                raise CacheError(f"{path}: labels are {h5['labels'].dtype}, expected int64")
+            if h5py.check_string_dtype(h5["ids"].dtype) is None:
+                raise CacheError(f"{path}: ids are {h5['ids'].dtype}, expected strings")
             return meta, n
     except CacheError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
-        raise CacheError(f"{path.name}: not a readable HDF5 shard ({exc})") from None
+    # The full path, so that a message from one of several caches says which file. Besides
+    # OSError, a damaged file makes h5py raise RuntimeError (attribute iteration over a header
+    # with a bad checksum: bench/corrupt.py), and an object of the wrong kind where a dataset
+    # belongs gives TypeError/AttributeError/IndexError (a group has no .shape or .dtype; a
+    # scalar dataset has no shape[0]).
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise CacheError(f"{path}: not a readable HDF5 shard ({type(exc).__name__}: {exc})") from None
 
 
 class ShardHandle:
@@ -402,9 +414,11 @@ class ShardHandle:
                     values = np.array([v.decode("utf-8") if isinstance(v, bytes) else v for v in values], dtype=object)
                 out[name] = values
             return out
-        except (OSError, KeyError, ValueError) as exc:
+        # RuntimeError: what h5py raises for some damaged metadata (bench/corrupt.py); the full
+        # path, so that the message says which cache the shard belongs to.
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             self.close()
-            raise CacheError(f"{self.path.name}: read of rows {start}:{stop} failed ({exc})") from None
+            raise CacheError(f"{self.path}: read of rows {start}:{stop} failed ({type(exc).__name__}: {exc})") from None
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -457,9 +471,24 @@ class CacheReader:
     Opening checks each listed shard's size and HDF5 structure against the manifest (cheap);
     ``verify()`` also checks the sha256 checksums. With ``skip_corrupt`` a bad shard is dropped
     and recorded in ``skipped`` instead of raising.
+
+    The cheap checks cannot see damage that keeps a shard's size (flipped or zeroed bytes): such
+    a shard opens, and its rows read as garbage, fail in HDF5 (a ``CacheError``), or, when the
+    damage hits a global heap (where the ids and string attributes live), can make HDF5 itself
+    loop forever (a libhdf5 bug, 2.0.0 included: an all-zero heap object never advances its
+    parser; see bench/corrupt.py). ``verify_checksums=True`` checks each shard's sha256 *before*
+    HDF5 parses it, which rules all of that out at the cost of one read of the cache.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], *, skip_corrupt: bool = False, check_files: bool = True) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        skip_corrupt: bool = False,
+        check_files: bool = True,
+        verify_checksums: bool = False,
+        progress: Any = None,
+    ) -> None:
         self.directory = Path(directory)
         manifest = _load_manifest(self.directory)
         where = str(self.directory / MANIFEST_NAME)
@@ -472,6 +501,10 @@ class CacheReader:
             except (KeyError, TypeError, ValueError):
                 raise CacheError(f"{where}: malformed shard entry {entry!r}") from None
             try:
+                if verify_checksums:
+                    problem = self._checksum_problem(info, progress)
+                    if problem:
+                        raise CacheError(f"{info.path}: {problem}")
                 if check_files:
                     self._check_shard(info)
                 self.shards.append(info)
@@ -505,14 +538,27 @@ class CacheReader:
         """Checksum every shard. Returns [(file, problem)], empty when all match."""
         problems = []
         for info in self.shards:
-            try:
-                actual = sha256_file(info.path, progress)
-            except OSError as exc:
-                problems.append((str(info.path), f"unreadable ({exc})"))
-                continue
-            if actual != info.sha256:
-                problems.append((str(info.path), f"sha256 {actual[:12]}… does not match the manifest's {info.sha256[:12]}…"))
+            problem = self._checksum_problem(info, progress)
+            if problem:
+                problems.append((str(info.path), problem))
         return problems
+
+    @staticmethod
+    def _checksum_problem(info: ShardInfo, progress: Any = None) -> str | None:
+        """What is wrong with the shard's bytes, or None. Presence and size first, so that a
+        missing or truncated shard is described as such, not as a checksum mismatch."""
+        try:
+            size = info.path.stat().st_size
+            if size != info.bytes:
+                return f"{size} bytes on disk, manifest says {info.bytes} (truncated or replaced?)"
+            actual = sha256_file(info.path, progress)
+        except FileNotFoundError:
+            return "listed in the manifest but missing"
+        except OSError as exc:
+            return f"unreadable ({exc})"
+        if actual != info.sha256:
+            return f"sha256 {actual[:12]}… does not match the manifest's {info.sha256[:12]}…"
+        return None
 
     def unlisted_files(self) -> list[str]:
         """Shard-like files that the manifest does not list: leftovers of an interrupted writer."""
@@ -568,10 +614,11 @@ class CacheReader:
 class CacheWriter:
     """Appends teacher outputs to a cache directory; the only code that writes shards.
 
-    Rows go into a hidden temporary shard. When it reaches ``max_samples`` rows or ``max_bytes``
-    (or on ``flush_shard()`` / ``close()``), the file is closed, fsynced, checksummed, renamed to
-    its final name, the directory fsynced, and only then the manifest replaced atomically. A
-    reader therefore only ever sees complete shards.
+    Rows go into an open shard held in memory. When it reaches ``max_samples`` rows or
+    ``max_bytes`` (or on ``flush_shard()`` / ``close()``), its image is written to a hidden
+    temporary file, fsynced, renamed to its final name, the directory fsynced, and only then the
+    manifest replaced atomically. A reader therefore only ever sees complete shards, and a full
+    disk fails a publication cleanly, to be retried.
 
     Opening takes an exclusive lock on the directory, removes temporary files left by a crashed
     writer (their rows were never published), adopts complete shards that a crash left out of
@@ -743,6 +790,8 @@ class CacheWriter:
             norm_ids, inputs, logits, labels = norm_ids[keep], inputs[keep], logits[keep], labels[keep]
         written = 0
         while written < len(norm_ids):
+            if self._open_rows >= self._capacity():
+                self.flush_shard()  # full, and its publication failed before (a full disk): retry first
             room = self._room()
             take = slice(written, written + room)
             self._write_rows(norm_ids[take], inputs[take], logits[take], labels[take])
@@ -752,13 +801,16 @@ class CacheWriter:
         return written
 
     def flush(self) -> None:
-        """Push the open shard's rows to the OS page cache (not a durability point)."""
+        """Write the staged rows into the open shard, which is in memory (not a durability point)."""
         if self._h5 is not None:
             self._drain()
             self._h5.flush()
 
     def flush_shard(self) -> ShardInfo | None:
-        """Publish the open shard, however full: close, fsync, checksum, rename, manifest."""
+        """Publish the open shard, however full: write its image, fsync, rename, manifest.
+
+        On an OSError (a full disk) nothing is published and the shard stays open with all its
+        rows, so a later call (or the next ``append``) tries again."""
         if self._h5 is None:
             return None
         tmp_path = self._tmp_path
@@ -767,12 +819,23 @@ class CacheWriter:
         if 0 < self._open_rows < self._chunk_rows:
             self._compact()
             self._drain()
+        self._h5.flush()
+        image = self._h5.id.get_file_image()
+        try:
+            with open(tmp_path, "wb") as fh:
+                fh.write(image)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            tmp_path.unlink(missing_ok=True)
+            raise
+        crash_point("shard-closed")
+        rows = self._open_rows
         self._h5.close()
         self._h5, self._tmp_path, self._open_rows, self._written_rows = None, None, 0, 0
-        _fsync_path(tmp_path)
-        crash_point("shard-closed")
         final = self.directory / tmp_path.name[1:-4]
-        info = ShardInfo(final, read_shard_meta(tmp_path)[1], sha256_file(tmp_path), tmp_path.stat().st_size)
+        info = ShardInfo(final, rows, hashlib.sha256(image).hexdigest(), len(image))
+        del image
         os.replace(tmp_path, final)
         _fsync_path(self.directory)
         crash_point("shard-renamed")
@@ -848,7 +911,12 @@ class CacheWriter:
     def _open_shard(self, path: Path | None = None, rows: int | None = None) -> None:
         meta = self.meta
         self._tmp_path = path or self.directory / f".shard-{self._next_index():06d}.h5.tmp"
-        h5 = h5py.File(self._tmp_path, "w", libver="latest")
+        # The open shard lives in memory (HDF5's core driver) and reaches the disk as one plain
+        # write when it is published. HDF5 itself never writes to the disk, so a full disk is a
+        # clean OSError in flush_shard, never a failed write inside HDF5, which left h5py's file
+        # unusable and crashed the process at close (docs/reliability.md). Unpublished rows are
+        # lost in a crash either way; the service's journal holds them.
+        h5 = h5py.File(self._tmp_path, "w", libver="latest", driver="core", backing_store=False, block_size=IMAGE_BLOCK_BYTES)
         rows = rows or self._chunk_rows
         attrs = meta.to_dict()
         attrs.update(format=FORMAT_NAME, chunk_rows=rows, created_at=_now())
@@ -905,8 +973,7 @@ class CacheWriter:
             dataset = self._h5[name]
             dataset.resize(stop, axis=0)
             dataset[start:stop] = values.astype(self.meta.logits_dtype) if name == "logits" else values
-            if name == "inputs" and _CRASH_AT is not None:
-                self._h5.flush()  # so that the crash leaves rows on disk in some datasets only
+            if name == "inputs":
                 crash_point("shard-partly-written")
         self._written_rows = stop
 

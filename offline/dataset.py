@@ -23,7 +23,6 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,18 +49,11 @@ def open_caches(
     directories: Sequence[str], *, allow_mixed_teachers: bool = False, skip_corrupt: bool = False, verify_checksums: bool = False
 ) -> tuple[list[CacheReader], CacheMeta]:
     """Open several cache directories and check that their shards can be trained on together.
-    With ``verify_checksums`` every shard's sha256 is checked first (one full read of the cache)."""
+    With ``verify_checksums`` every shard's sha256 is checked (one full read of the cache)
+    before HDF5 parses it: damaged bytes can make HDF5 fail or even hang (see ``CacheReader``)."""
     if not directories:
         raise CacheError("no cache directory given")
-    readers = [CacheReader(d, skip_corrupt=skip_corrupt) for d in directories]
-    if verify_checksums:
-        for reader in readers:
-            problems = reader.verify()
-            if problems and not skip_corrupt:
-                raise CacheError(f"{problems[0][0]}: {problems[0][1]}")
-            bad = {path for path, _ in problems}
-            reader.skipped += [(Path(path).name, problem) for path, problem in problems]
-            reader.shards = [s for s in reader.shards if str(s.path) not in bad]
+    readers = [CacheReader(d, skip_corrupt=skip_corrupt, verify_checksums=verify_checksums) for d in directories]
     first = readers[0].meta
     for reader in readers[1:]:
         problem = first.mismatch(reader.meta, ("num_classes", "input_shape", "input_dtype"))
@@ -239,7 +231,21 @@ class ShardStream(IterableDataset):
         handles[block.shard] = handle
         while len(handles) > MAX_OPEN_FILES:
             handles.popitem(last=False)[1].close()
-        return handle.read(block.start, block.stop, self.fields)
+        rows = handle.read(block.start, block.stop, self.fields)
+        # Cheap sanity checks on what the training step cannot take: the writer stores only
+        # finite logits and labels in [-1, C), so anything else is damage that the size and
+        # structure checks at open could not see (a flipped byte in a data chunk). Without
+        # them a bad label would escape as an IndexError from cross_entropy, and a NaN logit
+        # would silently turn the loss into NaN (tests/test_corrupt.py, bad-label/nan-logits).
+        labels, logits = rows["labels"], rows["logits"]
+        bad_labels = (labels < -1) | (labels >= self.meta.num_classes)
+        if bad_labels.any() or not np.isfinite(logits).all():
+            what = f"label {int(labels[bad_labels][0])} out of range" if bad_labels.any() else "non-finite teacher logits"
+            raise CacheError(
+                f"{self.shards[block.shard].path}: {what} in rows {block.start}:{block.stop} "
+                "(the shard is corrupt; cache-inspect --verify checks it)"
+            )
+        return rows
 
     def _emit(
         self, buffer: dict[str, np.ndarray], rng: np.random.Generator, pending: dict[str, list[np.ndarray]], *, final: bool

@@ -11,9 +11,11 @@ Every cache operation of the service goes through ``CacheStore``'s single thread
 Whenever everything in the journal is in published shards, the journal is emptied. On start,
 the journal a crash left behind is replayed into the cache and published first.
 
-Errors: a full disk fails the writes of that group with ``StoreError`` (status 507), the
-journal is cut back to what it held before, and the service goes on; it recovers as soon as
-space is freed. Nothing of a failed group was acknowledged.
+Errors: a full disk fails the writes of that group with ``StoreError`` (status 507) and the
+service goes on; it recovers as soon as space is freed. Usually the free-space check refuses
+the group before anything is written and the journal is cut back; when the disk fills later
+(another process), the group stays in the journal and the open shard, which stays in memory
+until a publication succeeds. Either way nothing acknowledged is lost.
 """
 
 from __future__ import annotations
@@ -216,7 +218,15 @@ class CacheStore:
                 if batch is not None:
                     stored += self.writer.append(*batch)
             self._checkpoint()
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # A shard could not be published (the disk filled after the free-space check,
+                # from another process). The writer keeps it open in memory and retries on the
+                # next write; the journal keeps these batches, so nothing here is lost.
+                error = StoreError(f"cache disk is full ({self.directory}): retry later", status=507)
+                for task in writes:
+                    task.future.set_exception(error)
+                return
             # The journal holds these batches; rebuild the open shard from it, which stores them.
             try:
                 self._reopen()

@@ -73,3 +73,19 @@ def second_teacher_pt(tmp_path_factory) -> Path:
     split = digits.load_split()
     model = digits.train_teacher(split["x_train"], split["y_train"], arch="mlp-teacher", epochs=2, seed=1)
     return save_teacher_record(model, tmp_path_factory.mktemp("teacher2") / "teacher2.pt")
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 16 MiB tmpfs, where this machine lets the tests mount one (root on Linux)."""
+    import subprocess
+
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)

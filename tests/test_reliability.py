@@ -19,6 +19,8 @@ import flood  # noqa: E402
 import numpy as np  # noqa: E402
 from test_service import GatedTeacher, infer, run, serving  # noqa: E402
 
+from offline.cache import CacheReader  # noqa: E402
+from service.store import CacheStore  # noqa: E402
 from service.teacher import load_teacher  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -112,3 +114,42 @@ def test_bodies_beyond_the_in_flight_budget_get_503_before_they_are_kept(tmp_pat
             assert service.store.num_samples == 1 + 64 + 200
 
     run(body())
+
+
+def test_a_disk_filled_by_someone_else_behind_the_free_space_check_loses_nothing(tiny_filesystem, digits_teacher, digits_teacher_pt, monkeypatch):
+    """Without the free-space check the writes meet ENOSPC themselves: in the journal, or when
+    a full shard is published. Requests get 507, the open shard stays in memory, nothing
+    acknowledged is lost, and the service recovers once space is freed (HDF5 never writes to
+    the disk itself, so it never meets the full disk: that once crashed the process)."""
+    monkeypatch.setattr(CacheStore, "_check_space", lambda self, samples: None)
+    x = np.concatenate([digits_teacher["x_train"], digits_teacher["x_test"]] * 8)
+
+    async def body():
+        async with serving(tiny_filesystem, [digits_teacher_pt], shard_samples=512) as (service, client):
+            stats = os.statvfs(tiny_filesystem)
+            filler = tiny_filesystem / "filler"
+            filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - (1 << 20)))  # leave 1 MiB
+            acknowledged, refused = [], 0
+            for start in range(0, len(x), 128):
+                index = np.arange(start, min(start + 128, len(x)))
+                response, _, _ = await infer(client, x[index], ids=index, outputs=("logits",))
+                if response.status_code == 200:
+                    acknowledged.extend(index.tolist())
+                else:
+                    assert response.status_code == 507, response.text
+                    assert "disk is full" in response.json()["error"] and response.headers["retry-after"]
+                    refused += 1
+                    if refused == 3:
+                        break
+            assert acknowledged and refused == 3
+            assert (await client.get("/v2/health/ready")).status_code == 200
+            filler.unlink()
+            response, _, _ = await infer(client, x[:64] + 1, ids=np.arange(10**6, 10**6 + 64), outputs=("logits",))
+            assert response.status_code == 200, response.text
+            return acknowledged + list(range(10**6, 10**6 + 64)), service
+
+    acknowledged, service = run(body())
+    reader = CacheReader(service.store.directory)
+    stored = set(reader.read(("ids",))["ids"].astype(int).tolist())
+    assert set(acknowledged) <= stored
+    assert reader.verify() == []

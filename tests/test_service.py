@@ -387,22 +387,6 @@ def test_serving_on_cuda_with_bfloat16_autocast(tmp_path, digits_teacher, digits
     np.testing.assert_allclose(out["soft_targets"], reference_soft_targets(digits_teacher["teacher"], x, T), atol=2e-2)
 
 
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A 16 MiB tmpfs, where this machine lets the tests mount one (root on Linux)."""
-    import subprocess
-
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
 def test_a_full_disk_answers_507_keeps_what_was_acknowledged_and_recovers(tiny_filesystem, digits_teacher, digits_teacher_pt):
     import os
 
