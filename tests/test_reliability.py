@@ -1,22 +1,23 @@
 """The reliability campaign in reduced form (docs/reliability.md has the soak figures): kill -9 at
-random moments and at the writer's crash points, a flood of clients against a small queue, and
-the security properties of a running server. ``pytest -m soak`` runs the long forms."""
+random moments and at the writer's crash points, a flood of clients against a small queue and a
+small in-flight budget, and a disk that fills up. ``pytest -m soak`` runs the long forms.
+Fuzzing, corrupt caches and security have their own files (test_fuzz, test_corrupt,
+test_security)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-import asyncio  # noqa: E402
-
 import crash  # noqa: E402
 import flood  # noqa: E402
-import numpy as np  # noqa: E402
 from test_service import GatedTeacher, infer, run, serving  # noqa: E402
 
 from offline.cache import CacheReader  # noqa: E402
@@ -116,40 +117,59 @@ def test_bodies_beyond_the_in_flight_budget_get_503_before_they_are_kept(tmp_pat
     run(body())
 
 
-def test_a_disk_filled_by_someone_else_behind_the_free_space_check_loses_nothing(tiny_filesystem, digits_teacher, digits_teacher_pt, monkeypatch):
+def fill_free_cycles(tiny_filesystem: Path, x: np.ndarray, teacher_pt: Path, cycles: int) -> None:
+    """Each cycle: fill the disk to 1 MiB free, push until three requests get 507, free it, push
+    again. Afterwards every acknowledged sample is in the cache and every shard verifies."""
+
+    async def body():
+        async with serving(tiny_filesystem, [teacher_pt], shard_samples=512) as (service, client):
+            acknowledged, next_id = [], 0
+            for cycle in range(cycles):
+                stats = os.statvfs(tiny_filesystem)
+                filler = tiny_filesystem / "filler"
+                filler.write_bytes(b"\0" * max(0, stats.f_bavail * stats.f_frsize - (1 << 20)))  # leave 1 MiB
+                refused = 0
+                while refused < 3:
+                    index = np.arange(next_id, next_id + 128)
+                    next_id += 128
+                    response, _, _ = await infer(client, x[index % len(x)], ids=index, outputs=("logits",))
+                    if response.status_code == 200:
+                        acknowledged.extend(index.tolist())
+                    else:
+                        assert response.status_code == 507, response.text
+                        assert "disk is full" in response.json()["error"] and response.headers["retry-after"]
+                        refused += 1
+                assert (await client.get("/v2/health/ready")).status_code == 200
+                filler.unlink()
+                index = np.arange(next_id, next_id + 64)
+                next_id += 64
+                response, _, _ = await infer(client, x[index % len(x)], ids=index, outputs=("logits",))
+                assert response.status_code == 200, f"cycle {cycle}: {response.text}"
+                acknowledged.extend(index.tolist())
+            return acknowledged, service
+
+    acknowledged, service = run(body())
+    reader = CacheReader(service.store.directory)
+    stored = set(reader.read(("ids",))["ids"].astype(int).tolist())
+    missing = set(acknowledged) - stored
+    assert not missing, f"{len(missing)} acknowledged samples lost"
+    assert reader.verify() == []
+
+
+def test_a_disk_filled_by_someone_else_behind_the_free_space_check_loses_nothing(
+    tiny_filesystem, digits_teacher, digits_teacher_pt, monkeypatch
+):
     """Without the free-space check the writes meet ENOSPC themselves: in the journal, or when
     a full shard is published. Requests get 507, the open shard stays in memory, nothing
     acknowledged is lost, and the service recovers once space is freed (HDF5 never writes to
     the disk itself, so it never meets the full disk: that once crashed the process)."""
     monkeypatch.setattr(CacheStore, "_check_space", lambda self, samples: None)
-    x = np.concatenate([digits_teacher["x_train"], digits_teacher["x_test"]] * 8)
+    fill_free_cycles(tiny_filesystem, digits_teacher["x_train"], digits_teacher_pt, cycles=1)
 
-    async def body():
-        async with serving(tiny_filesystem, [digits_teacher_pt], shard_samples=512) as (service, client):
-            stats = os.statvfs(tiny_filesystem)
-            filler = tiny_filesystem / "filler"
-            filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - (1 << 20)))  # leave 1 MiB
-            acknowledged, refused = [], 0
-            for start in range(0, len(x), 128):
-                index = np.arange(start, min(start + 128, len(x)))
-                response, _, _ = await infer(client, x[index], ids=index, outputs=("logits",))
-                if response.status_code == 200:
-                    acknowledged.extend(index.tolist())
-                else:
-                    assert response.status_code == 507, response.text
-                    assert "disk is full" in response.json()["error"] and response.headers["retry-after"]
-                    refused += 1
-                    if refused == 3:
-                        break
-            assert acknowledged and refused == 3
-            assert (await client.get("/v2/health/ready")).status_code == 200
-            filler.unlink()
-            response, _, _ = await infer(client, x[:64] + 1, ids=np.arange(10**6, 10**6 + 64), outputs=("logits",))
-            assert response.status_code == 200, response.text
-            return acknowledged + list(range(10**6, 10**6 + 64)), service
 
-    acknowledged, service = run(body())
-    reader = CacheReader(service.store.directory)
-    stored = set(reader.read(("ids",))["ids"].astype(int).tolist())
-    assert set(acknowledged) <= stored
-    assert reader.verify() == []
+@pytest.mark.soak
+@pytest.mark.parametrize("check_space", [True, False])
+def test_soak_disk_full_cycles(tiny_filesystem, digits_teacher, digits_teacher_pt, monkeypatch, check_space):
+    if not check_space:
+        monkeypatch.setattr(CacheStore, "_check_space", lambda self, samples: None)
+    fill_free_cycles(tiny_filesystem, digits_teacher["x_train"], digits_teacher_pt, cycles=int(os.environ.get("KD_DISKFULL_CYCLES", "8")))

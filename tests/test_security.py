@@ -6,6 +6,7 @@ outside the cache directory; an exposed server without a token warns; the contai
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
 import socket
 import sys
@@ -243,3 +244,46 @@ def test_the_served_model_name_cannot_be_a_path(tmp_path, digits_teacher_pt, nam
     assert result.proc.wait(60) == 2
     result.stop()
     assert "model_name" in result.output() or "model-name" in result.output(), result.output()
+
+
+def authorization_values(token: str, examples: int) -> list[str]:
+    """Header values drawn by hypothesis: near misses of the token and arbitrary latin-1 text."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=80)
+    bases = st.sampled_from([f"Bearer {token}", token, f"bearer {token}", "Bearer", "Bearer ", f"Bearer {token[:-1]}"])
+    values = st.one_of(st.tuples(bases, text.map(lambda t: t[:8])).map("".join), text)
+    drawn: list[str] = []
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(values)
+    def collect(value: str) -> None:
+        drawn.append(value)
+
+    collect()
+    return drawn
+
+
+def check_authorization_values(tmp_path: Path, teacher_pt: Path, examples: int) -> None:
+    """Any Authorization value but the exact one gets 401 on a guarded route; never a 5xx."""
+    token = "s3cret-token"
+    values = authorization_values(token, examples)
+
+    async def body():
+        async with serving(tmp_path, [teacher_pt], api_key=token) as (_, client):
+            for value in values:
+                response = await client.get("/v2/models/teacher", headers={"Authorization": value.encode("latin-1")})
+                assert response.status_code == (200 if value == f"Bearer {token}" else 401), (value, response.status_code)
+
+    run(body())
+    assert len(values) >= examples // 2
+
+
+def test_random_authorization_headers(tmp_path, digits_teacher_pt):
+    check_authorization_values(tmp_path, digits_teacher_pt, 200)
+
+
+@pytest.mark.soak
+def test_soak_random_authorization_headers(tmp_path, digits_teacher_pt):
+    check_authorization_values(tmp_path, digits_teacher_pt, int(os.environ.get("KD_FUZZ_EXAMPLES", "5000")))
