@@ -27,11 +27,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +49,7 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from offline import models  # noqa: E402
 from offline.cache import CacheReader, Preprocessing  # noqa: E402
 from offline.journal import JOURNAL_NAME  # noqa: E402
+from service.launch import ServeProcess  # noqa: E402
 from service.protocol import ModelSpec  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -93,51 +91,10 @@ def write_teacher(directory: Path) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, workdir: Path, teacher: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cache = workdir / "cache"
-        self.log_path = workdir / "serve.log"
-        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        args = ["--teacher", str(teacher), "--cache", str(self.cache), "--device", "cpu", "--port", str(self.port)]
-        args += ["--api-key-env", TOKEN_ENV, "--max-body-mb", str(MAX_BODY_MB)]
-        self.proc = subprocess.Popen(
-            [str(BIN / "teacher-serve"), *args], stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, TOKEN_ENV: TOKEN}
-        )
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"teacher-serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit(f"teacher-serve not ready after {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(30)
-        self.log.close()
-        return code
+def start_server(workdir: Path, teacher: Path) -> ServeProcess:
+    args = ["--teacher", str(teacher), "--cache", str(workdir / "cache"), "--device", "cpu"]
+    args += ["--api-key-env", TOKEN_ENV, "--max-body-mb", str(MAX_BODY_MB)]
+    return ServeProcess(args, workdir / "serve.log", command=[str(BIN / "teacher-serve")], env={TOKEN_ENV: TOKEN})
 
 
 class Tally:
@@ -308,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.only or [*families, "raw_content_length", "schemathesis"])
     with tempfile.TemporaryDirectory(prefix="kd-fuzz-") as tmp:
         workdir = Path(tmp)
-        server = Server(workdir, write_teacher(workdir))
+        server = start_server(workdir, write_teacher(workdir))
         started = time.perf_counter()
         try:
             server.wait_ready()
@@ -332,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             exit_code = server.stop()
         seconds = time.perf_counter() - started
         log = server.output()
-        samples = CacheReader(server.cache).num_samples if server.cache.exists() else 0
-        journal = server.cache / JOURNAL_NAME
+        cache = workdir / "cache"
+        samples = CacheReader(cache).num_samples if cache.exists() else 0
+        journal = cache / JOURNAL_NAME
         journal_bytes = journal.stat().st_size if journal.exists() else 0
 
     rows = [tally.row() for tally in tallies]

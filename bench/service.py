@@ -116,9 +116,7 @@ import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -141,6 +139,7 @@ import torch  # noqa: E402
 from offline import models  # noqa: E402
 from offline.cache import CacheReader, Preprocessing, normalize_ids  # noqa: E402
 from offline.journal import JOURNAL_NAME  # noqa: E402
+from service.launch import LaunchError, ServeProcess  # noqa: E402
 from service.protocol import HEADER_LENGTH, RequestedOutput, encode_request, serialize_bytes  # noqa: E402
 from service.teacher import WARMUP_PASSES  # noqa: E402
 
@@ -259,12 +258,6 @@ def raw_forward(
 # The server subprocess, and what /proc says about it
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
     """tid -> (name, utime + stime ticks, minor page faults) for every thread of ``pid``."""
     out: dict[int, tuple[str, int, int]] = {}
@@ -296,58 +289,37 @@ def metric_sums(text: str) -> dict[str, float]:
     return out
 
 
-class Server:
+class Server(ServeProcess):
     """A ``teacher-serve`` subprocess (or the naming shim around the same ``serve_main``)."""
 
     def __init__(self, teacher: Path, cache: Path, log_path: Path, args: argparse.Namespace, batch_size: int, ack: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         serve_args = [
             "--teacher", str(teacher), "--cache", str(cache), "--device", args.device, "--dtype", args.dtype,
-            "--max-batch", str(batch_size), "--max-delay-ms", str(args.max_delay_ms), "--ack", ack,
-            "--port", str(self.port), "--log-level", "warning",
+            "--max-batch", str(batch_size), "--max-delay-ms", str(args.max_delay_ms), "--ack", ack, "--log-level", "warning",
         ]  # fmt: skip
         if args.switch_interval is not None:
-            shim = [sys.executable, str(Path(__file__).resolve()), "--serve-named", "--switch-interval", str(args.switch_interval)]
-            command = [*shim, "--", *serve_args]
+            command = [sys.executable, str(Path(__file__).resolve()), "--serve-named", "--switch-interval", str(args.switch_interval), "--"]
         elif args.name_threads:
-            command = [sys.executable, str(Path(__file__).resolve()), "--serve-named", "--", *serve_args]
+            command = [sys.executable, str(Path(__file__).resolve()), "--serve-named", "--"]
         else:
-            command = [str(BIN / "teacher-serve"), *serve_args]
-        self.command = command
-        self.log_path = log_path
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=child_env(args))
+            command = [str(BIN / "teacher-serve")]
+        super().__init__(serve_args, log_path, command=command, env=child_env(args))
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
+    def output(self, tail: int | None = 3000) -> str:
+        return super().output(tail)
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"teacher-serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit(f"teacher-serve not ready after {timeout} s:\n{self.output()}")
+    def wait_ready(self, timeout: float = 300.0) -> Server:
+        try:
+            super().wait_ready(timeout)
+        except LaunchError as exc:
+            raise SystemExit(f"{exc}\n{self.output()}") from None
+        return self
 
     def metrics(self) -> dict[str, float]:
         return metric_sums(httpx.get(f"{self.url}/metrics", timeout=30).text)
 
-    def stop(self, timeout: float = 120.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self.log.close()
-        return code
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
+        return super().stop(sig, timeout)
 
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
@@ -788,19 +760,14 @@ async def discard(request: Request) -> Response:
 async def ready() -> Response:
     return Response(b'{"ready":true}')
 
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False, timeout_graceful_shutdown=30)
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[sys.argv.index("--port") + 1]), log_level="warning", access_log=False, timeout_graceful_shutdown=30)
 """
 INGEST = {"arch": "mlp-small", "request_size": 256, "seconds": 2.0, "warmup_requests": 4}
 
 
 class DiscardServer(Server):
     def __init__(self, log_path: Path, args: argparse.Namespace) -> None:  # noqa: D107 - Server's stop/wait_ready/output
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-c", DISCARD_APP, str(self.port)]
-        self.log_path = log_path
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=child_env(args), cwd=_HERE.parent)
+        ServeProcess.__init__(self, [], log_path, command=[sys.executable, "-c", DISCARD_APP], env=child_env(args), cwd=_HERE.parent)
 
 
 def drive_for(server: Server, path: str, plan: RequestPlan, clients: int, warmup_requests: int, seconds: float) -> dict[str, Any]:

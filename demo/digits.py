@@ -21,8 +21,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from service.launch import LaunchError, ServeProcess
 
 # Chosen by `python -m demo.sweep --lrs 0.003 0.01` on a validation split of the train split (lr 0.01 beat
 # 0.003 in both arms; T=4, alpha=0.9 was best or tied at 5% and 10% labels; with all labels no setting gains).
@@ -181,52 +181,18 @@ def run_tool(step: str, name: str, args: list[str], log_path: Path, timeout: flo
         raise StepError(step, f"{name} exited with {proc.returncode}: {last_line(log_path)} (log: {log_path})")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class TeacherServer:
-    """``teacher-serve`` as a subprocess on a free loopback port, stopped with SIGTERM."""
+class TeacherServer(ServeProcess):
+    """``teacher-serve`` as a subprocess on a free loopback port; a failure to start is a step error."""
 
     def __init__(self, args: list[str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*tool_command("teacher-serve"), "--port", str(self.port), *args], stdout=self._log, stderr=subprocess.STDOUT
-        )
+        super().__init__(args, log_path, command=tool_command("teacher-serve"))
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise StepError(
-                    "serve", f"teacher-serve exited with {self.proc.returncode}: {last_line(self.log_path)} (log: {self.log_path})"
-                )
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise StepError("serve", f"teacher-serve not ready after {timeout:.0f} s (log: {self.log_path})")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM, then wait; kill it if it does not exit in time. Returns the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+    def wait_ready(self, timeout: float = 120.0) -> TeacherServer:
         try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._log.close()
-        return code
+            super().wait_ready(timeout)
+        except LaunchError as exc:
+            raise StepError("serve", str(exc)) from None
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
