@@ -207,7 +207,10 @@ def _from_json(field: str, data: Any, shape: list[int], count: int, datatype: st
         if low < info.min or high > info.max:
             raise _fail(400, field, f"data value {low if low < info.min else high} is out of range for {datatype}")
     try:
-        array = np.array(flat, dtype=dtype)
+        # A value beyond the float type's range (1e300 as FP16) becomes inf, which validate()
+        # refuses with 422 like any non-finite input; no warning on the server's stderr for it.
+        with np.errstate(over="ignore"):
+            array = np.array(flat, dtype=dtype)
     except OverflowError:  # a JSON integer literal beyond any float (1e400 spelled out), for an FP datatype
         raise _fail(400, field, f"a data value is out of range for {datatype}") from None
     return array.reshape(shape)

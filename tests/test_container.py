@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import BIN, save_teacher_record
-from test_serve_e2e import Server, free_port, softmax
+from test_serve_e2e import Server, softmax
 
 from offline import models
 from offline.cache import CacheReader
 from service.client import TeacherClient
+from service.launch import free_port
 
 
 def small_teacher(directory: Path) -> tuple[torch.nn.Module, Path]:
@@ -62,12 +63,13 @@ def test_cmd_and_healthcheck_work_outside_a_container(tmp_path):
         return subprocess.run(health, env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
 
     assert check().returncode != 0, "the health check passes with no server"
+    # The CMD exactly, configured by the environment alone (ServeProcess would add --port).
     server = Server.__new__(Server)
     server.port = int(env["TEACHER_SERVE_PORT"])
     server.url = f"http://127.0.0.1:{server.port}"
     server.log_path = tmp_path / "serve.log"
-    server.log = open(server.log_path, "wb")  # noqa: SIM115 - closed in stop()
-    server.proc = subprocess.Popen(command, stdout=server.log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    server._log = open(server.log_path, "wb")  # noqa: SIM115 - closed in stop()
+    server.proc = subprocess.Popen(command, stdout=server._log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     try:
         server.wait_ready(timeout=60)
         result = check()
