@@ -147,13 +147,11 @@ class Clients:
                     self.acknowledged.append(index)
 
 
-ACK = "durable"  # --ack buffered shows what the journal's fsync before the answer buys
-
-
-def serve_args(teacher: Teacher, cache: Path, shard_samples: int, log_level: str = "warning") -> list[str]:
+def serve_args(teacher: Teacher, cache: Path, shard_samples: int, ack: str, log_level: str = "warning") -> list[str]:
+    """``ack``: durable, or buffered to show what the journal's fsync before the answer buys."""
     return [
         "--teacher", str(teacher.path), "--cache", str(cache), "--device", "cpu", "--max-batch", "64",
-        "--max-delay-ms", "2", "--shard-samples", str(shard_samples), "--ack", ACK, "--log-level", log_level,
+        "--max-delay-ms", "2", "--shard-samples", str(shard_samples), "--ack", ack, "--log-level", log_level,
     ]  # fmt: skip
 
 
@@ -184,8 +182,8 @@ def check(cache: Path, clients: Clients, acknowledged: np.ndarray, teacher: Teac
             result.problems.append(f"{result.wrong_logits} acknowledged samples have logits unlike the teacher's")
 
 
-def restart(teacher: Teacher, cache: Path, log_dir: Path, shard_samples: int, result: TrialResult) -> ServeProcess | None:
-    server = ServeProcess(serve_args(teacher, cache, shard_samples, "info"), log_dir / f"restart-{result.trial}.log")
+def restart(teacher: Teacher, cache: Path, log_dir: Path, shard_samples: int, ack: str, result: TrialResult) -> ServeProcess | None:
+    server = ServeProcess(serve_args(teacher, cache, shard_samples, ack, "info"), log_dir / f"restart-{result.trial}.log")
     try:
         server.wait_ready(120)
     except LaunchError as exc:
@@ -198,14 +196,16 @@ def restart(teacher: Teacher, cache: Path, log_dir: Path, shard_samples: int, re
     return server
 
 
-def run_trial(trial: int, seed: int, fault: str | None, teacher: Teacher, cache: Path, log_dir: Path, shard_samples: int) -> TrialResult:
+def run_trial(
+    trial: int, seed: int, fault: str | None, teacher: Teacher, cache: Path, log_dir: Path, shard_samples: int, ack: str = "durable"
+) -> TrialResult:
     """``fault`` is a crash point ``name:n``, or None for a kill -9 at a random moment."""
     rng = np.random.default_rng(seed)
     started = time.monotonic()
     delay = float(rng.uniform(0.2, 2.5))
     result = TrialResult(trial, seed, fault or f"kill -9 at {delay:.2f} s")
     env = {"KDCACHE_CRASH_AT": fault} if fault else None
-    server = ServeProcess(serve_args(teacher, cache, shard_samples), log_dir / f"trial-{trial}.log", env=env)
+    server = ServeProcess(serve_args(teacher, cache, shard_samples, ack), log_dir / f"trial-{trial}.log", env=env)
     try:
         server.wait_ready(120)
     except LaunchError:
@@ -227,7 +227,7 @@ def run_trial(trial: int, seed: int, fault: str | None, teacher: Teacher, cache:
         server.kill()
     acknowledged = clients.join() if result.died_during == "serving" else np.zeros(0, dtype=np.int64)
     result.acknowledged = len(acknowledged)
-    restarted = restart(teacher, cache, log_dir, shard_samples, result)
+    restarted = restart(teacher, cache, log_dir, shard_samples, ack, result)
     if restarted is not None:
         check(cache, clients, acknowledged, teacher, result)
         code = restarted.stop()
@@ -269,12 +269,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     teacher = make_teacher(root)
     results = []
     # A first clean run gives every trial a cache that already has published shards and a manifest.
-    with ServeProcess(serve_args(teacher, cache, args.shard_samples), log_dir / "seed.log") as server:
+    with ServeProcess(serve_args(teacher, cache, args.shard_samples, args.ack), log_dir / "seed.log") as server:
         server.wait_ready(120)
         seed_clients = Clients(server.url, "seed", np.random.default_rng(args.seed), capacity=2 * args.shard_samples).start()
         seed_clients.join()
     for trial, (seed, fault) in enumerate(plan(args)):
-        result = run_trial(trial, seed, fault, teacher, cache, log_dir, args.shard_samples)
+        result = run_trial(trial, seed, fault, teacher, cache, log_dir, args.shard_samples, args.ack)
         results.append(result)
         if not args.json:
             status = "ok" if result.ok else "FAIL: " + "; ".join(result.problems)
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "wrong_logits": sum(r.wrong_logits for r in results),
         "unreadable_shards": sum(r.corrupt_shards for r in results),
         "failed_trials": sum(not r.ok for r in results),
-        "ack": ACK,
+        "ack": args.ack,
         **final,
         "workdir": str(root),
         "results": [asdict(r) for r in results],
@@ -317,9 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global ACK
     args = parse_args(argv)
-    ACK = args.ack
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     summary = run(args)
     if args.json:
