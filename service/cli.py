@@ -90,7 +90,12 @@ def tune_malloc() -> bool:
     body) faults tens of thousands of zero-filled pages back in: bench/service.py measured up to
     25% slower forward passes in the server. A long-running server reuses the same sizes over
     and over, so keeping them costs nothing but a stable RSS. No-op where libc is not glibc.
-    Environment settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_) still win."""
+    Environment settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_ARENA_MAX) still win.
+
+    One arena: each thread other than the main one (the teacher's worker, the cache writer)
+    otherwise gets an arena of its own, whose heaps glibc unmaps whenever they fall empty,
+    whatever the trim threshold, so the teacher still faulted 16-20k pages per batch; with one
+    arena, about 600 (docs/benchmarks.md). Must run before those threads start."""
     if any(key.startswith("MALLOC_") for key in os.environ):
         return False
     try:
@@ -98,8 +103,9 @@ def tune_malloc() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    settings = ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 30), (m_arena_max, 1))
+    return all([bool(mallopt(option, value)) for option, value in settings])
 
 
 def load_settings(argv: Sequence[str] | None) -> ServeSettings:
