@@ -71,16 +71,6 @@ class FloodResult:
         return refused / max(1, self.requests)
 
 
-def rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def body_for(prefix: str, start: int, inputs: np.ndarray) -> tuple[bytes, dict[str, str]]:
     ids = np.array([f"{prefix}-{start + i}" for i in range(len(inputs))], dtype=object)
     return encode_request([("input", inputs), ("id", ids)], parameters={"store": True}, outputs=[RequestedOutput("logits", True)])
@@ -155,13 +145,13 @@ def run(args: argparse.Namespace) -> FloodResult:
         warm, headers = body_for("warm", 0, np.zeros((args.batch, *INPUT_SHAPE), dtype=np.uint8))
         for _ in range(3):
             httpx.post(f"{server.url}/v2/models/teacher/infer", content=warm, headers=headers, timeout=120).raise_for_status()
-        result.rss_before_mb = rss_bytes(server.pid) / 2**20
+        result.rss_before_mb = server.memory("VmRSS") / 2**20
         peak = [result.rss_before_mb]
         sampling = threading.Event()
 
         def sample() -> None:
             while not sampling.wait(0.05):
-                peak[0] = max(peak[0], rss_bytes(server.pid) / 2**20)
+                peak[0] = max(peak[0], server.memory("VmRSS") / 2**20)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()

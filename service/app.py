@@ -438,12 +438,19 @@ def create_app(service: TeacherService) -> FastAPI:
 
     bodies = BodyBudget(settings.max_inflight_bytes)
 
+    def declared_length(request: Request) -> int | None:
+        """The Content-Length, when it is a plain decimal number."""
+        declared = request.headers.get("content-length")
+        # isascii: str.isdigit also takes "\xb2" (superscript two), which int() refuses (a 500
+        # before, in process; uvicorn's parsers refuse such a Content-Length themselves).
+        return int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
+
     def body_bytes(request: Request) -> int:
         """What the request's body will hold: its Content-Length, or the largest body allowed
         when it is sent in chunks; 0 when it is over the limit (answered 413 without reading)."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isascii() and declared.isdigit():
-            return int(declared) if int(declared) <= settings.max_body_bytes else 0
+        declared = declared_length(request)
+        if declared is not None:
+            return declared if declared <= settings.max_body_bytes else 0
         return settings.max_body_bytes
 
     async def refuse_busy(request: Request) -> Response:
@@ -465,13 +472,11 @@ def create_app(service: TeacherService) -> FastAPI:
         if encoding not in ("", "identity"):
             metrics.errors.labels(kind="bad_request").inc()
             return _error(415, f"Content-Encoding {encoding!r} is not supported; send the body uncompressed")
-        declared = request.headers.get("content-length")
+        declared = declared_length(request)
         limit = settings.max_body_bytes
-        # isascii: str.isdigit also takes "\xb2" (superscript two), which int() refuses (a 500
-        # before, in process; uvicorn's parsers refuse such a Content-Length themselves).
-        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared > limit:
             metrics.errors.labels(kind="too_large").inc()
-            return _error(413, f"request body is {int(declared)} bytes; the limit is {limit} (--max-body-mb)")
+            return _error(413, f"request body is {declared} bytes; the limit is {limit} (--max-body-mb)")
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)

@@ -86,11 +86,12 @@ class ServeProcess:
             time.sleep(0.1)
         raise LaunchError(f"teacher-serve not ready after {timeout:.0f} s: {self.last_line()} (log: {self.log_path})")
 
-    def peak_rss_bytes(self) -> int:
-        """The child's peak resident set so far (VmHWM), while it runs; 0 where /proc lacks it."""
+    def memory(self, field: str = "VmRSS") -> int:
+        """Bytes of ``field`` in /proc/PID/status (VmRSS now, VmHWM the peak) while the child
+        runs; 0 where /proc lacks it."""
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
         except OSError:
             pass

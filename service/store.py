@@ -223,9 +223,7 @@ class CacheStore:
                 # A shard could not be published (the disk filled after the free-space check,
                 # from another process). The writer keeps it open in memory and retries on the
                 # next write; the journal keeps these batches, so nothing here is lost.
-                error = StoreError(f"cache disk is full ({self.directory}): retry later", status=507)
-                for task in writes:
-                    task.future.set_exception(error)
+                self._fail(writes, exc, None)
                 return
             # The journal holds these batches; rebuild the open shard from it, which stores them.
             try:
@@ -272,7 +270,9 @@ class CacheStore:
             with contextlib.suppress(OSError):
                 self.journal.truncate(journal_start)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            error = StoreError(f"cache disk is full ({self.directory}): nothing from this request was stored", status=507)
+            # Cut back, the journal holds nothing of these requests; otherwise it keeps them.
+            outcome = "nothing from this request was stored" if journal_start is not None else "retry later"
+            error = StoreError(f"cache disk is full ({self.directory}): {outcome}", status=507)
         else:
             error = StoreError(f"cache write failed ({type(exc).__name__}: {exc})", status=500)
         for task in writes:

@@ -6,7 +6,6 @@ test_security)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -98,11 +97,7 @@ def test_bodies_beyond_the_in_flight_budget_get_503_before_they_are_kept(tmp_pat
         async with serving(tmp_path, [digits_teacher_pt], teacher=gated, max_batch=16, max_inflight_mb=6 / 1024) as (service, client):
             gated.gate.set()
             await infer(client, x[:1])  # warm
-            gated.gate.clear()
-            gated.entered.clear()
-            first = asyncio.create_task(infer(client, x[:64], ids=np.arange(64)))
-            while not gated.entered.is_set():
-                await asyncio.sleep(0.005)
+            first = await gated.hold(infer(client, x[:64], ids=np.arange(64)))
             response, _, _ = await infer(client, x[100:164], ids=np.arange(100, 164))
             assert response.status_code == 503 and response.headers["retry-after"]
             assert "request bodies" in response.json()["error"] and "--max-inflight-mb" in response.json()["error"]

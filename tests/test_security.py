@@ -117,8 +117,8 @@ def test_a_running_server_guards_every_route_and_never_logs_the_token(tmp_path, 
                     response = http.request(method, path, headers={**authed, **headers}, content=body if method == "POST" else None)
                     assert response.status_code in (400, 404), (name, path, response.status_code, response.text)
             # Hostile ids are stored as data.
-            response = http.post("/v2/models/teacher/infer", headers={**authed, **dict(request_body(len(HOSTILE_IDS), HOSTILE_IDS)[1])},
-                                 content=request_body(len(HOSTILE_IDS), HOSTILE_IDS)[0])  # fmt: skip
+            hostile_body, hostile_headers = request_body(len(HOSTILE_IDS), HOSTILE_IDS)
+            response = http.post("/v2/models/teacher/infer", headers={**authed, **hostile_headers}, content=hostile_body)
             assert response.status_code == 200, response.text
             # A NUL inside an id is refused up front: HDF5 strings end at NUL, so such an id once
             # failed the whole shard at publication.

@@ -254,6 +254,16 @@ class GatedTeacher:
     def __getattr__(self, name):
         return getattr(self.teacher, name)
 
+    async def hold(self, request) -> asyncio.Task:
+        """Shut the gate, start ``request`` (a coroutine) and return its task once its batch is
+        inside the model; ``gate.set()`` lets it finish."""
+        self.gate.clear()
+        self.entered.clear()
+        task = asyncio.create_task(request)
+        while not self.entered.is_set():
+            await asyncio.sleep(0.005)
+        return task
+
 
 def test_full_queue_answers_503_and_health_stays_up_during_a_long_batch(tmp_path, digits_teacher, digits_teacher_pt):
     base = load_teacher([str(digits_teacher_pt)], temperature=T, device="cpu")
@@ -265,11 +275,7 @@ def test_full_queue_answers_503_and_health_stays_up_during_a_long_batch(tmp_path
         async with serving(tmp_path, [digits_teacher_pt], teacher=gated, max_batch=16, max_queue_mb=4 / 1024) as (service, client):
             gated.gate.set()
             await infer(client, x[:1])  # warm
-            gated.gate.clear()
-            gated.entered.clear()
-            first = asyncio.create_task(infer(client, x[:64], ids=np.arange(64)))
-            while not gated.entered.is_set():
-                await asyncio.sleep(0.005)
+            first = await gated.hold(infer(client, x[:64], ids=np.arange(64)))
             live = await asyncio.wait_for(client.get("/v2/health/live"), 2)
             assert live.status_code == 200
             assert (await client.get("/v2/health/ready")).status_code == 200
