@@ -90,11 +90,12 @@ from offline import models  # noqa: E402
 from offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing  # noqa: E402
 from offline.dataset import DEFAULT_SHUFFLE_BUFFER, ShardStream  # noqa: E402
 from offline.losses import distillation_loss  # noqa: E402
+from offline.malloc import tune_malloc  # noqa: E402
 from offline.train import AUTO_WORKERS_BYTES  # noqa: E402
 
 
 def _load_reader_helpers() -> Any:
-    """bench/reader.py's CpuMeter, memory_epoch, cpu_model and TUNED_MALLOC (one home), by path."""
+    """bench/reader.py's CpuMeter, memory_epoch, cpu_model and GLIBC_DEFAULTS (one home), by path."""
     spec = importlib.util.spec_from_file_location("bench_reader", _HERE / "reader.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -104,7 +105,7 @@ def _load_reader_helpers() -> Any:
 
 
 _reader = _load_reader_helpers()
-CpuMeter, cpu_model, memory_epoch, TUNED_MALLOC = _reader.CpuMeter, _reader.cpu_model, _reader.memory_epoch, _reader.TUNED_MALLOC
+CpuMeter, cpu_model, memory_epoch, GLIBC_DEFAULTS = _reader.CpuMeter, _reader.cpu_model, _reader.memory_epoch, _reader.GLIBC_DEFAULTS
 
 KINDS = ("online", "offline", "teacher", "student")
 RATIO_TARGET = 0.9
@@ -185,6 +186,7 @@ def side_main(args: argparse.Namespace) -> int:
     whole epochs from N on until ``--min-seconds`` have passed and prints one JSON line with the
     seconds per epoch; ``{"quit": true}`` or EOF ends it.
     """
+    tune_malloc()  # as offline-distill does; a no-op under --malloc glibc (GLIBC_DEFAULTS in the environment)
     device = torch.device(args.device)
     reader = CacheReader(args.side_cache)
     meta = reader.meta
@@ -295,7 +297,7 @@ class Side(_reader.SideProcess):
             "--min-seconds", str(args.min_seconds), "--warmup-batches", str(args.warmup_batches),
             "--input-shape", *map(str, args.input_shape), "--classes", str(args.classes),
         ]  # fmt: skip
-        super().__init__(kind, cmd, TUNED_MALLOC if args.malloc == "tuned" else None)
+        super().__init__(kind, cmd, GLIBC_DEFAULTS if args.malloc == "glibc" else None)
 
 
 def speedups(t: dict[str, float]) -> dict[str, float]:
@@ -422,7 +424,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup-batches", type=int, default=None, help=f"untimed batches per side before the rounds (default {FULL['warmup_batches']})"
     )
     p.add_argument(
-        "--malloc", choices=("default", "tuned"), default="default", help="glibc malloc of the timed sides: as is, or TUNED_MALLOC"
+        "--malloc", choices=("trainer", "glibc"), default="trainer",
+        help="glibc malloc of the timed sides: offline-distill's settings (offline.malloc.tune_malloc), or glibc's own defaults"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tmpdir", default=None, help="where the cache goes (default: the system's temporary directory)")

@@ -22,11 +22,11 @@ Two measurements on a synthetic cache written with ``CacheWriter`` in a temporar
    worker does not flatter the shard side. One row uses ``--workers`` (default 2), a second
    row 0 workers, which is what the trainer picks for caches under 256 MiB.
 
-   ``--malloc tuned`` (and ``both``, the default of a full run) repeats the rows with glibc
-   malloc told to keep freed memory (``TUNED_MALLOC``): with the default settings a training
-   step can page-fault tens of MB of zero-filled memory per step, an allocator effect that
-   varies from run to run and dwarfs the reader's own cost; the tuned rows measure the reader
-   without it. Every row reports the trainer process's minor page faults per step, and the
+   Both sides set glibc malloc up as ``offline-distill`` does (``offline.malloc.tune_malloc``:
+   freed memory is kept for the next step). ``--malloc glibc`` (and ``both``, the default of a
+   full run) repeats the rows with glibc's own defaults (``GLIBC_DEFAULTS``), under which a
+   training step page-faults tens of MB of zero-filled memory back in per step, an allocator
+   effect that varies from run to run and dwarfs the reader's own cost. Every row reports the trainer process's minor page faults per step, and the
    share of the machine that other processes took while it was timed ("other CPU"): on a
    2-core machine a busy neighbour decides the result, and the report says so.
 
@@ -76,18 +76,17 @@ from offline import models
 from offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing
 from offline.dataset import DEFAULT_SHUFFLE_BUFFER, ShardStream
 from offline.losses import distillation_loss
+from offline.malloc import tune_malloc
 from offline.train import AUTO_WORKERS_BYTES
 
 NOISE_LIMIT = 0.05  # share of the machine taken by other processes above which a figure is flagged
 RATIO_TARGET = 0.95
-# glibc malloc with a fixed mmap threshold (32 MiB, the most it accepts) and no trimming of the
-# heap: freed activation buffers are reused instead of being returned to the kernel and
-# faulted in again, zero-filled, on the next step. Setting either variable also turns off
-# glibc's dynamic threshold, which is what makes the default behaviour depend on history.
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+# Any MALLOC_* variable turns offline.malloc.tune_malloc off (the environment wins), and an arena
+# limit of 0 is glibc's own default: a side started with this runs on glibc's defaults.
+GLIBC_DEFAULTS = {"MALLOC_ARENA_MAX": "0"}
 RSS_TARGET = 1.2
 TEMPERATURE, ALPHA, LR = 4.0, 0.9, 1e-3
-QUICK = {"samples": 4096, "rss_samples": 2048, "repeats": 3, "malloc": "default"}
+QUICK = {"samples": 4096, "rss_samples": 2048, "repeats": 3, "malloc": "trainer"}
 FULL = {"samples": 12000, "rss_samples": 10000, "repeats": 6, "malloc": "both"}
 
 
@@ -244,6 +243,7 @@ def side_main(args: argparse.Namespace) -> int:
     Protocol: prints ``{"ready": ...}``, then for each JSON line ``{"epoch": N}`` on stdin runs
     epoch N and prints its figures as one JSON line; ``{"quit": true}`` or EOF ends it.
     """
+    tune_malloc()  # as offline-distill does; a no-op under --malloc glibc (GLIBC_DEFAULTS in the environment)
     reader = CacheReader(args.side_cache)
     meta = reader.meta
     step = make_step(args.student, meta, args.seed)
@@ -330,7 +330,7 @@ class Side(SideProcess):
 
 def compare(reader: CacheReader, args: argparse.Namespace, workers: int, malloc: str) -> dict[str, Any]:
     """Alternate whole epochs of the two sides, each in its own process (see the module doc)."""
-    env = TUNED_MALLOC if malloc == "tuned" else None
+    env = GLIBC_DEFAULTS if malloc == "glibc" else None
     sides = {kind: Side(kind, reader.directory, args, workers, env) for kind in ("memory", "shards")}
     try:
         for side in sides.values():
@@ -600,8 +600,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help=f"alternating timed repeats per side (default {FULL['repeats']})")
     p.add_argument("--epochs-per-repeat", type=int, default=1)
     p.add_argument(
-        "--malloc", choices=("default", "tuned", "both"), default=None,
-        help="glibc malloc settings of the throughput runs: as is, TUNED_MALLOC, or both (default: both; --quick: default)",
+        "--malloc", choices=("trainer", "glibc", "both"), default=None,
+        help="glibc malloc settings of the throughput runs: offline-distill's (offline.malloc.tune_malloc), "
+        "glibc's own defaults, or both (default: both; --quick: trainer)",
     )  # fmt: skip
     p.add_argument("--poll-interval", type=float, default=0.05, help="seconds between /proc samples of the memory runs")
     p.add_argument("--skip-throughput", action="store_true")
@@ -638,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         student_params = models.count_parameters(models.build(args.student, meta.input_shape, meta.num_classes))
         throughput = []
         if not args.skip_throughput:
-            for malloc in ("default", "tuned") if args.malloc == "both" else (args.malloc,):
+            for malloc in ("trainer", "glibc") if args.malloc == "both" else (args.malloc,):
                 for workers in dict.fromkeys([args.workers, 0]):
                     say(f"throughput: shards with {workers} worker(s) vs memory, {malloc} malloc, {args.repeats} repeats ...")
                     throughput.append(compare(reader, args, workers, malloc))
@@ -666,10 +667,10 @@ def main(argv: list[str] | None = None) -> int:
             return round(found[0], 4) if found else None
 
         result = {
-            "reader_vs_memory": pick(throughput, "ratio", lambda r: r["workers"] == args.workers and r["malloc"] == "default"),
-            "reader_vs_memory_workers0": pick(throughput, "ratio", lambda r: r["workers"] == 0 and r["malloc"] == "default"),
-            "reader_vs_memory_tuned_malloc": pick(throughput, "ratio", lambda r: r["workers"] == args.workers and r["malloc"] == "tuned"),
-            "reader_vs_memory_workers0_tuned_malloc": pick(throughput, "ratio", lambda r: r["workers"] == 0 and r["malloc"] == "tuned"),
+            "reader_vs_memory": pick(throughput, "ratio", lambda r: r["workers"] == args.workers and r["malloc"] == "trainer"),
+            "reader_vs_memory_workers0": pick(throughput, "ratio", lambda r: r["workers"] == 0 and r["malloc"] == "trainer"),
+            "reader_vs_memory_glibc_malloc": pick(throughput, "ratio", lambda r: r["workers"] == args.workers and r["malloc"] == "glibc"),
+            "reader_vs_memory_workers0_glibc_malloc": pick(throughput, "ratio", lambda r: r["workers"] == 0 and r["malloc"] == "glibc"),
             "rss_growth_10x": pick(rss, "growth_pss", lambda r: r["workers_arg"] == 2),
             "rss_growth_10x_default": pick(rss, "growth_pss", lambda r: r["workers_arg"] == "default"),
             "targets": {"reader_vs_memory": f">= {RATIO_TARGET}", "rss_growth_10x": f"< {RSS_TARGET}"},

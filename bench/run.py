@@ -83,9 +83,9 @@ def reader_default_workers(reader: dict[str, Any]) -> int:
 
 def p2(reader: dict[str, Any]) -> float:
     workers = reader_default_workers(reader)
-    rows = [r for r in reader["throughput"] if r["workers"] == workers and r["malloc"] == "default"]
+    rows = [r for r in reader["throughput"] if r["workers"] == workers and r["malloc"] == "trainer"]
     if not rows:
-        raise KeyError(f"no throughput row for {workers} workers with the default malloc")
+        raise KeyError(f"no throughput row for {workers} workers with the trainer's malloc settings")
     return round(rows[0]["ratio"], 4)
 
 

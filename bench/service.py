@@ -155,7 +155,7 @@ def _load_reader_helpers() -> Any:
 
 
 _reader = _load_reader_helpers()
-CpuMeter, cpu_model, TUNED_MALLOC = _reader.CpuMeter, _reader.cpu_model, _reader.TUNED_MALLOC
+CpuMeter, cpu_model, GLIBC_DEFAULTS = _reader.CpuMeter, _reader.cpu_model, _reader.GLIBC_DEFAULTS
 
 RATIO_TARGET = 0.9
 NOISE_LIMIT = 0.05
@@ -746,7 +746,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from service.cli import tune_malloc
+from offline.malloc import tune_malloc
 
 tune_malloc()
 app = FastAPI()
@@ -974,9 +974,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=None, help=f"rounds of raw, durable, buffered (default {FULL['repeats']})")
     p.add_argument(
-        "--malloc", choices=("service", "tuned"), default="service",
+        "--malloc", choices=("service", "glibc"), default="service",
         help="service: the raw side applies the same mallopt settings that teacher-serve applies at start "
-        "(service.cli.tune_malloc); tuned: rerun with bench/reader.py's TUNED_MALLOC environment, which both sides use",
+        "(offline.malloc.tune_malloc); glibc: rerun with glibc's own defaults on both sides (bench/reader.py's GLIBC_DEFAULTS)",
     )  # fmt: skip
     p.add_argument("--name-threads", action="store_true", help="start the server through the thread-naming shim (per-thread CPU by name)")
     p.add_argument(
@@ -1015,11 +1015,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--serve-named"]:
         return serve_named(argv[1:])
     args = parse_args(argv)
-    if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
+    if args.malloc == "glibc" and any(os.environ.get(k) != v for k, v in GLIBC_DEFAULTS.items()):
         # glibc reads these once, at start-up: start again with them (the server inherits them).
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], {**os.environ, **TUNED_MALLOC})
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], {**os.environ, **GLIBC_DEFAULTS})
     if args.malloc == "service":
-        from service.cli import tune_malloc
+        from offline.malloc import tune_malloc
 
         tune_malloc()  # the raw side gets the allocator settings the server gives itself
     shape = tuple(args.input_shape)

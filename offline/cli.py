@@ -11,6 +11,7 @@ from typing import Any
 
 from offline.cache import CacheError, CacheReader
 from offline.journal import pending_samples
+from offline.malloc import tune_malloc
 
 
 def fail(prog: str, message: str, code: int = 2) -> int:
@@ -93,6 +94,7 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(sorted(REGISTRY)))
         return 0
     args = distill_parser().parse_args(argv)
+    tune_malloc()  # before DataLoader workers fork and pin-memory threads start
 
     def body() -> int:
         train(

@@ -5,7 +5,6 @@ stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -15,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from offline.cache import CacheError
+from offline.malloc import tune_malloc
 from service.settings import ENV_PREFIX, ServeSettings
 
 PROG = "teacher-serve"
@@ -81,31 +81,6 @@ def serve_parser() -> argparse.ArgumentParser:
     a("--access-log", action="store_true", default=None, help="log every request")
     a("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     return p
-
-
-def tune_malloc() -> bool:
-    """Tell glibc's malloc to keep freed memory instead of handing it back to the OS.
-
-    By default glibc returns large freed blocks at once, so each forward pass (and each request
-    body) faults tens of thousands of zero-filled pages back in: bench/service.py measured up to
-    25% slower forward passes in the server. A long-running server reuses the same sizes over
-    and over, so keeping them costs nothing but a stable RSS. No-op where libc is not glibc.
-    Environment settings (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, MALLOC_ARENA_MAX) still win.
-
-    One arena: each thread other than the main one (the teacher's worker, the cache writer)
-    otherwise gets an arena of its own, whose heaps glibc unmaps whenever they fall empty,
-    whatever the trim threshold, so the teacher still faulted 16-20k pages per batch; with one
-    arena, about 600 (docs/benchmarks.md). Must run before those threads start."""
-    if any(key.startswith("MALLOC_") for key in os.environ):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    settings = ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 1 << 30), (m_arena_max, 1))
-    return all([bool(mallopt(option, value)) for option, value in settings])
 
 
 def load_settings(argv: Sequence[str] | None) -> ServeSettings:

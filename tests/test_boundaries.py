@@ -19,8 +19,8 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_the_service_imports_only_the_cache_format_and_the_model_registry_from_offline():
-    allowed = {"offline.cache", "offline.journal", "offline.models"}
+def test_the_service_imports_only_the_cache_format_the_model_registry_and_the_malloc_settings_from_offline():
+    allowed = {"offline.cache", "offline.journal", "offline.malloc", "offline.models"}
     for path in sorted((ROOT / "service").glob("*.py")):
         used = {name for name in imported_modules(path) if name.startswith("offline.")}
         assert used <= allowed, f"{path.name} imports {sorted(used - allowed)}"
