@@ -33,11 +33,15 @@ for itself (it is about 1 on the same device, since filling is one teacher epoch
 
 Method. Each of the four kinds runs in its own child process (``--side``, driven over a pipe,
 as in bench/reader.py), so that each has its own malloc heap and the idle ones cost nothing;
-a child warms up on ``--warmup-batches`` batches before it reports ready. A timing runs whole
-epochs until at least ``--min-seconds`` have passed and reports seconds per epoch (so the
-cheap kinds, a fraction of a second an epoch, are not timed on one short epoch). ``--repeats``
-rounds alternate the order (online, offline, teacher, student, then reversed: ABBA); each
-figure is the median over rounds, and the per-round ratios are reported. Each timing records the
+a child warms up on ``--warmup-batches`` batches before it reports ready, and one untimed round
+of all four follows. A timing runs whole epochs until at least ``--min-seconds`` have passed and
+reports seconds per epoch (so the cheap kinds, a fraction of a second an epoch, are not timed
+on one short epoch). ``--repeats`` rounds alternate the order (online, offline, teacher,
+student, then reversed: ABBA). Each round gives its own measured ÷ ideal from its four timings,
+taken within seconds of each other, and ``p3_offline_speedup_vs_ideal`` is the median of those
+paired ratios: the machine drifts by ±10% over a minute, which a ratio of per-kind medians
+(``ratio_of_medians``, reported beside it) does not cancel. The times shown are the per-kind
+medians. Each timing records the
 child's minor page faults per epoch and the share of the machine other processes took ("other
 CPU"): on a 2-core machine a busy neighbour decides the result. It also records the time spent
 waiting for the next batch ("fetch": reading and gathering; on the CPU the rest of the epoch is
@@ -112,7 +116,7 @@ RATIO_TARGET = 0.9
 NOISE_LIMIT = 0.05
 TEMPERATURE, ALPHA, LR = 4.0, 0.9, 1e-3
 QUICK = {"samples": 1024, "repeats": 3, "min_seconds": 0.8, "warmup_batches": 2}
-FULL = {"samples": 6144, "repeats": 5, "min_seconds": 2.0, "warmup_batches": 3}
+FULL = {"samples": 6144, "repeats": 9, "min_seconds": 2.0, "warmup_batches": 3}
 
 
 def say(message: str) -> None:  # progress on stderr, so that --json output stays one object
@@ -315,6 +319,8 @@ def measure(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
             side.ready()
         say(f"  sides started and warmed up in {time.perf_counter() - started:.1f} s")
         epoch = 0
+        for kind in KINDS:  # one untimed round: the first timings of each side ran up to 20% slow
+            epoch += sides[kind].epoch(epoch)["epochs"]
         for i in range(args.repeats):
             for kind in KINDS if i % 2 == 0 else tuple(reversed(KINDS)):
                 figures = sides[kind].epoch(epoch)
@@ -332,6 +338,7 @@ def measure(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
         **{f"{k}_cpu_s_per_epoch": statistics.median(r["cpu_s_per_epoch"] for r in rounds[k]) for k in KINDS},
         **{f"{k}_fetch_s_per_epoch": statistics.median(r["fetch_s_per_epoch"] for r in rounds[k]) for k in KINDS},
         "ratio_per_round": [r["ratio"] for r in per_round],
+        "ratio_median_of_rounds": statistics.median(r["ratio"] for r in per_round),
         "measured_per_round": [r["measured"] for r in per_round],
         "ideal_per_round": [r["ideal"] for r in per_round],
         "max_foreign_cpu": max(r["foreign_cpu"] for rs in rounds.values() for r in rs),
@@ -390,8 +397,9 @@ def print_tables(result: dict[str, Any]) -> None:
     print(f"{'figure':<42}  {'value':>8}  {'target':>7}  met")
     print(f"{'speed-up ideal (t_teacher+t_student)/t_student':<42}  {result['speedup_ideal']:>8.2f}")
     print(f"{'speed-up measured t_online/t_offline':<42}  {result['speedup_measured']:>8.2f}")
-    print(f"{'measured / ideal':<42}  {result['p3_offline_speedup_vs_ideal']:>8.3f}  {'>= ' + str(RATIO_TARGET):>7}  "
+    print(f"{'measured / ideal, median of rounds':<42}  {result['p3_offline_speedup_vs_ideal']:>8.3f}  {'>= ' + str(RATIO_TARGET):>7}  "
           f"{ok[result['target_met']]}   per round: {per}")  # fmt: skip
+    print(f"{'measured / ideal, from the medians':<42}  {result['ratio_of_medians']:>8.3f}")
     be = result["break_even_epochs"]
     print(f"{'break-even, epochs (fill / saved per epoch)':<42}  {be if be is None else f'{be:.2f}':>8}")
     if result["max_foreign_cpu"] > NOISE_LIMIT:
@@ -445,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
     if args.side:
         return side_main(args)
+    if args.malloc == "trainer":
+        tune_malloc()  # the fill stands for teacher-serve, which tunes malloc at start
     device = torch.device(args.device)
     root = Path(tempfile.mkdtemp(prefix="bench-online-", dir=args.tmpdir))
     try:
@@ -460,11 +470,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"timing online, offline ({args.workers} workers), teacher, student: {args.repeats} rounds ...")
         detail = measure(reader.directory, args)
         t = detail["median_epoch_s"]
-        ratios = speedups(t)
+        ratios = speedups(t)  # from the medians of the four timings: reported beside the P3 figure
         saved = t["online"] - t["offline"]
         env = environment(args)
         result = {
-            "p3_offline_speedup_vs_ideal": round(ratios["ratio"], 4),
+            # Each round's four timings are taken within seconds of each other, so a round's ratio
+            # cancels the machine's drift (±10% over a minute on a shared 2-core VM); the figure is
+            # the median of those paired ratios. The ratio of the four medians is kept beside it.
+            "p3_offline_speedup_vs_ideal": round(detail["ratio_median_of_rounds"], 4),
+            "ratio_of_medians": round(ratios["ratio"], 4),
             "speedup_measured": round(ratios["measured"], 3),
             "speedup_ideal": round(ratios["ideal"], 3),
             "t_online_s": round(t["online"], 4),
@@ -478,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             "online_vs_sum": round(t["online"] / (t["teacher"] + t["student"]), 4),  # > 1: the shared loop costs extra
             "student_vs_offline": round(t["student"] / t["offline"], 4),  # < 1: the reader costs extra
             "target": f">= {RATIO_TARGET} (measured / ideal speed-up)",
-            "target_met": ratios["ratio"] >= RATIO_TARGET,
+            "target_met": detail["ratio_median_of_rounds"] >= RATIO_TARGET,
             "max_foreign_cpu": detail["max_foreign_cpu"],
             "device": env["device"],
             "torch": env["torch"],
