@@ -56,7 +56,7 @@ offline.models, random weights, eval mode), student ``--student`` (default ``mlp
 layer of 128: a student far cheaper than its teacher, which is where distillation pays, and
 where the reader's overhead shows most).
 
-    .venv/bin/python bench/online.py --quick          # < 45 s on 2 cores
+    .venv/bin/python bench/online.py --quick          # < 60 s on 2 cores
     .venv/bin/python bench/online.py --json           # a few minutes on 2 cores
     .venv/bin/python bench/online.py --device cuda
 """
@@ -115,7 +115,7 @@ KINDS = ("online", "offline", "teacher", "student")
 RATIO_TARGET = 0.9
 NOISE_LIMIT = 0.05
 TEMPERATURE, ALPHA, LR = 4.0, 0.9, 1e-3
-QUICK = {"samples": 1024, "repeats": 3, "min_seconds": 0.8, "warmup_batches": 2}
+QUICK = {"samples": 2048, "repeats": 5, "min_seconds": 0.8, "warmup_batches": 2}
 FULL = {"samples": 6144, "repeats": 9, "min_seconds": 2.0, "warmup_batches": 3}
 
 
@@ -413,7 +413,7 @@ def print_tables(result: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help=f"small run, < 45 s on 2 cores (defaults become {QUICK})")
+    p.add_argument("--quick", action="store_true", help=f"small run, < 60 s on 2 cores (defaults become {QUICK})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--samples", type=int, default=None, help=f"samples per epoch (default {FULL['samples']})")

@@ -86,8 +86,8 @@ RATIO_TARGET = 0.95
 GLIBC_DEFAULTS = {"MALLOC_ARENA_MAX": "0"}
 RSS_TARGET = 1.2
 TEMPERATURE, ALPHA, LR = 4.0, 0.9, 1e-3
-QUICK = {"samples": 4096, "rss_samples": 2048, "repeats": 3, "malloc": "trainer"}
-FULL = {"samples": 12000, "rss_samples": 10000, "repeats": 6, "malloc": "both"}
+QUICK = {"samples": 4096, "rss_samples": 2048, "repeats": 5, "epochs_per_repeat": 2, "malloc": "trainer"}
+FULL = {"samples": 12000, "rss_samples": 10000, "repeats": 6, "epochs_per_repeat": 1, "malloc": "both"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,7 +598,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shuffle-buffer", type=int, default=DEFAULT_SHUFFLE_BUFFER)
     p.add_argument("--shard-samples", type=int, default=None, help="rows per shard (default: CacheWriter's)")
     p.add_argument("--repeats", type=int, default=None, help=f"alternating timed repeats per side (default {FULL['repeats']})")
-    p.add_argument("--epochs-per-repeat", type=int, default=1)
+    p.add_argument(
+        "--epochs-per-repeat", type=int, default=None,
+        help=f"epochs per timed repeat (default {FULL['epochs_per_repeat']}; --quick {QUICK['epochs_per_repeat']})",
+    )
     p.add_argument(
         "--malloc", choices=("trainer", "glibc", "both"), default=None,
         help="glibc malloc settings of the throughput runs: offline-distill's (offline.malloc.tune_malloc), "
