@@ -11,6 +11,12 @@ Two measurements on a synthetic cache written with ``CacheWriter`` in a temporar
    * *memory*: the same rows held as torch tensors, a fresh random permutation per epoch and
      batches gathered by slicing it.
 
+   With ``--device cuda`` the student trains on the GPU and each batch is copied there in the
+   step (``non_blocking``): pinned on the shard side, as ``offline-distill``'s DataLoader pins
+   it, and from pageable host memory on the memory side, as bench/online.py does. Each epoch
+   ends with a synchronize. A student far cheaper than a GPU step (the default ``cnn-small``)
+   measures launch overhead rather than the reader: pass a larger one (``--student resnet``).
+
    Each side runs in its own child process (``--side``, driven over a pipe), and the parent
    alternates whole epochs between them, so the two never compete for the CPU and each
    process has its own malloc heap, as a real trainer does. (Running both sides in one
@@ -193,16 +199,20 @@ class CpuMeter:
 # Throughput: shards vs memory
 
 
-def make_step(student: str, meta: CacheMeta, seed: int) -> Callable[[dict[str, torch.Tensor]], None]:
-    """One optimiser step as ``offline/train.py`` takes it (CPU, so no device copies)."""
+def make_step(student: str, meta: CacheMeta, seed: int, device: torch.device | None = None) -> Callable[[dict[str, torch.Tensor]], None]:
+    """One optimiser step as ``offline/train.py`` takes it: the batch is copied to the device
+    (``non_blocking``: the shard side's batches are pinned, as the trainer's DataLoader pins them)."""
+    device = device or torch.device("cpu")
     torch.manual_seed(seed)
-    model = models.build(student, meta.input_shape, meta.num_classes)
+    model = models.build(student, meta.input_shape, meta.num_classes).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
-        inputs = meta.preprocessing.apply(batch["inputs"])
-        loss = distillation_loss(model(inputs), batch["logits"], batch["labels"], TEMPERATURE, ALPHA)
+        inputs = meta.preprocessing.apply(batch["inputs"].to(device, non_blocking=True))
+        logits = batch["logits"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        loss = distillation_loss(model(inputs), logits, labels, TEMPERATURE, ALPHA)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -217,8 +227,11 @@ def memory_epoch(data: dict[str, torch.Tensor], batch_size: int, generator: torc
         yield {name: values[index] for name, values in data.items()}
 
 
-def timed_epoch(batches: Iterator[dict[str, torch.Tensor]], step: Callable[[dict[str, torch.Tensor]], None]) -> dict[str, float]:
-    """Time one epoch, including the wait for the first batch (the reader's start-up is a real cost)."""
+def timed_epoch(
+    batches: Iterator[dict[str, torch.Tensor]], step: Callable[[dict[str, torch.Tensor]], None], sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Time one epoch, including the wait for the first batch (the reader's start-up is a real
+    cost); ``sync`` waits for the device's queued work before the clock stops."""
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     steps = samples = 0
@@ -226,6 +239,7 @@ def timed_epoch(batches: Iterator[dict[str, torch.Tensor]], step: Callable[[dict
         step(batch)
         steps += 1
         samples += len(batch["labels"])
+    sync()
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {
@@ -246,7 +260,9 @@ def side_main(args: argparse.Namespace) -> int:
     tune_malloc()  # as offline-distill does; a no-op under --malloc glibc (GLIBC_DEFAULTS in the environment)
     reader = CacheReader(args.side_cache)
     meta = reader.meta
-    step = make_step(args.student, meta, args.seed)
+    device = torch.device(args.device)
+    step = make_step(args.student, meta, args.seed, device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     if args.side == "memory":
         arrays = reader.read(("inputs", "logits", "labels"))
         data = {name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in arrays.items()}
@@ -260,9 +276,9 @@ def side_main(args: argparse.Namespace) -> int:
             [reader], meta, batch_size=args.batch_size, seed=args.seed, shuffle=True, shuffle_buffer=args.shuffle_buffer,
             rank=0, world_size=1,
         )  # fmt: skip
-        # As offline/train.py builds it (pin_memory is False on the CPU).
+        # As offline/train.py builds it.
         loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=args.workers, pin_memory=False,
+            stream, batch_size=None, num_workers=args.workers, pin_memory=device.type == "cuda",
             prefetch_factor=4 if args.workers else None, persistent_workers=args.workers > 0,
         )  # fmt: skip
 
@@ -275,7 +291,7 @@ def side_main(args: argparse.Namespace) -> int:
         request = json.loads(line)
         if request.get("quit"):
             break
-        print(json.dumps(timed_epoch(batches(int(request["epoch"])), step)), flush=True)
+        print(json.dumps(timed_epoch(batches(int(request["epoch"])), step, sync)), flush=True)
     return 0
 
 
@@ -324,7 +340,7 @@ class Side(SideProcess):
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--side", kind, "--side-cache", str(cache), "--workers", str(workers),
             "--student", args.student, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-            "--shuffle-buffer", str(args.shuffle_buffer),
+            "--shuffle-buffer", str(args.shuffle_buffer), "--device", args.device,
         ]  # fmt: skip
         super().__init__(kind, cmd, env)
 
@@ -451,7 +467,7 @@ def distill_peak(cache: Path, out: Path, args: argparse.Namespace, workers: int 
     exe = Path(sys.executable).parent / "offline-distill"
     cmd = [
         str(exe), "--cache", str(cache), "--student", args.student, "--epochs", "1", "--batch-size", str(args.batch_size),
-        "--out", str(out), "--seed", str(args.seed), "--device", "cpu", "--no-progress", "--no-export",
+        "--out", str(out), "--seed", str(args.seed), "--device", args.device, "--no-progress", "--no-export",
     ]  # fmt: skip
     if workers is not None:
         cmd += ["--workers", str(workers)]
@@ -509,7 +525,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment() -> dict[str, Any]:
+def environment(device: str = "cpu") -> dict[str, Any]:
     return {
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -517,6 +533,7 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "device": f"cuda ({torch.cuda.get_device_name(0)})" if device == "cuda" else "cpu",
         "python": platform.python_version(),
         "numpy": np.__version__,
         "h5py": h5py.__version__,
@@ -530,7 +547,7 @@ def print_tables(result: dict[str, Any]) -> None:
     print("bench/reader.py: ShardStream vs in-memory tensors; offline-distill peak memory vs cache size")
     print(f"command    {env['command']}")
     print(f"date       {env['date']}")
-    print(f"hardware   {env['cpu']}, {env['cpus']} CPUs; torch {env['torch']} ({env['torch_threads']} threads), "
+    print(f"hardware   {env['cpu']}, {env['cpus']} CPUs, device {env['device']}; torch {env['torch']} ({env['torch_threads']} threads), "
           f"python {env['python']}, numpy {env['numpy']}, h5py {env['h5py']}")  # fmt: skip
     print(f"data       {cfg['samples']:,} samples, uint8 {cfg['input_shape']}, {cfg['classes']} classes, float32 logits, "
           f"{cfg['shards']} shard(s), {cfg['cache_bytes'] / 2**20:.1f} MiB")  # fmt: skip
@@ -592,7 +609,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--input-shape", type=int, nargs="+", default=[3, 16, 16], metavar="D", help="uint8 sample shape")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--student", default="cnn-small", help="a registry name, or module:factory")
+    p.add_argument("--student", default="cnn-small", help="a registry name, or module:factory (on a GPU, pick one that keeps it busy)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="where the student trains; batches come from host memory either way, pinned on the shard side as offline-distill pins them",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the first throughput row; a second row uses 0")
     p.add_argument("--shuffle-buffer", type=int, default=DEFAULT_SHUFFLE_BUFFER)
@@ -627,6 +648,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
     if args.side:
         return side_main(args)
     shape = tuple(args.input_shape)
@@ -680,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_foreign_cpu": max(
                 [r["max_foreign_cpu"] for r in throughput] + [g[k]["foreign_cpu"] for g in rss for k in ("1x", "10x")], default=None
             ),
-            "env": environment(),
+            "env": environment(args.device),
             "config": {
                 **{k: v for k, v in vars(args).items() if k not in ("json", "tmpdir", "keep")},
                 "input_shape": list(shape),

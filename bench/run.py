@@ -16,9 +16,9 @@ the one JSON object each prints:
 ====  =====================================================  ==================  =====================================
 
 P2 and P4 are read for the worker count ``offline-distill`` picks by itself for the reader's
-cache (``offline.train.AUTO_WORKERS_BYTES``), which is what a user gets. bench/reader.py
-measures on the CPU only (it has no ``--device``), so under ``--device cuda`` P2 and P4 are
-still CPU figures.
+cache (``offline.train.AUTO_WORKERS_BYTES``), which is what a user gets. Under
+``--device cuda`` the reader's student trains on the GPU (pick a student that keeps it busy with
+``bench/reader.py --student``); P4 is then the host memory of ``offline-distill --device cuda``.
 
 Progress goes to stderr, one line per benchmark with its elapsed time (the benchmarks' own
 progress is kept and shown only when one fails). A benchmark that fails, or whose JSON lacks
@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE.parent))  # offline/, when run from a checkout witho
 # name -> (script, takes --device)
 BENCHMARKS: dict[str, tuple[str, bool]] = {
     "service": ("service.py", True),
-    "reader": ("reader.py", False),
+    "reader": ("reader.py", True),
     "online": ("online.py", True),
 }
 # Under --quick, extra arguments that keep the whole run under 3 minutes on 2 cores: the

@@ -1,0 +1,55 @@
+"""The benchmark scripts run, end to end, on a tiny configuration: the figures in
+docs/benchmarks.md come from them, so a change that breaks one must fail here, not at the next
+measurement. The figures themselves are not asserted (they are ratios of timings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_bench(script: str, *args: str, timeout: float = 240) -> dict:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--json"], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def tiny_reader(device: str) -> dict:
+    return run_bench(
+        "reader.py", "--samples", "768", "--repeats", "1", "--epochs-per-repeat", "1", "--workers", "0", "--skip-rss",
+        "--malloc", "trainer", "--batch-size", "128", "--device", device,
+    )  # fmt: skip
+
+
+def test_reader_bench_runs_both_sides_on_the_cpu():
+    result = tiny_reader("cpu")
+    (row,) = result["throughput"]
+    assert row["workers"] == 0 and row["malloc"] == "trainer"
+    # Both sides trained on every sample of the epoch: 768 rows in batches of 128.
+    for side in ("memory", "shards"):
+        assert [r["samples"] for r in row["repeats"][side]] == [768]
+        assert [r["steps"] for r in row["repeats"][side]] == [6]
+    assert result["reader_vs_memory_workers0"] == pytest.approx(row["ratio"], abs=1e-3)
+    assert result["env"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reader_bench_trains_on_the_gpu():
+    result = tiny_reader("cuda")
+    assert result["env"]["device"].startswith("cuda (")
+    (row,) = result["throughput"]
+    assert row["ratio"] > 0
+
+
+def test_malloc_bench_compares_the_trainer_setting_with_glibc_defaults():
+    result = run_bench("malloc.py", "--students", "mlp-small", "--rounds", "1", "--epochs", "1", "--samples", "512")
+    row = result["students"]["mlp-small"]
+    assert len(row["trainer"]) == len(row["glibc"]) == 1
+    assert row["ratio_median"] == pytest.approx(row["trainer"][0] / row["glibc"][0])
