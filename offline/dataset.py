@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,43 +201,65 @@ class ShardStream(IterableDataset):
         blocks = self.plan(worker, num_workers)
         rng = np.random.default_rng([self.seed, self.epoch, *self._rank_world(), worker, 2])
         handles: OrderedDict[int, ShardHandle] = OrderedDict()
-        pending: dict[str, list[np.ndarray]] = {name: [] for name in self.fields}
-        pending_rows = 0
+        # One buffer per field, allocated once per epoch: blocks are read straight into it (no
+        # per-block arrays to concatenate), and the rows left over after the whole batches of
+        # one fill move to its front. It can hold a full shuffle window plus one block.
+        capacity = self.shuffle_buffer + max((b.stop - b.start for b in blocks), default=0)
+        buffer: dict[str, np.ndarray] = {}
+        fill = 0
         try:
             for block in blocks:
                 try:
-                    rows = self._read(handles, block)
+                    handle = self._handle(handles, block)
+                    buffer = self._fit(buffer, handle, capacity, fill)
+                    handle.read_into(block.start, block.stop, buffer, fill)
+                    self._check(block, buffer, fill)
                 except CacheError as exc:
                     if not self.skip_corrupt:
                         raise
                     warnings.warn(f"skipping unreadable rows: {exc}", stacklevel=1)
                     continue
-                for name in self.fields:
-                    pending[name].append(rows[name])
-                pending_rows += block.stop - block.start
-                if pending_rows >= self.shuffle_buffer:
-                    buffer = {name: np.concatenate(parts) for name, parts in pending.items()}
-                    yield from self._emit(buffer, rng, pending, final=False)
-                    pending_rows = len(pending["labels"][0]) if pending["labels"] else 0
-            if pending_rows:
-                buffer = {name: np.concatenate(parts) for name, parts in pending.items()}
-                yield from self._emit(buffer, rng, pending, final=True)
+                fill += block.stop - block.start
+                if fill >= self.shuffle_buffer:
+                    fill = yield from self._emit(buffer, fill, rng, final=False)
+            if fill:
+                yield from self._emit(buffer, fill, rng, final=True)
         finally:
             for handle in handles.values():
                 handle.close()
 
-    def _read(self, handles: OrderedDict[int, ShardHandle], block: Block) -> dict[str, np.ndarray]:
+    def _handle(self, handles: OrderedDict[int, ShardHandle], block: Block) -> ShardHandle:
         handle = handles.pop(block.shard, None) or ShardHandle(self.shards[block.shard].path)
         handles[block.shard] = handle
         while len(handles) > MAX_OPEN_FILES:
             handles.popitem(last=False)[1].close()
-        rows = handle.read(block.start, block.stop, self.fields)
-        # Cheap sanity checks on what the training step cannot take: the writer stores only
-        # finite logits and labels in [-1, C), so anything else is damage that the size and
-        # structure checks at open could not see (a flipped byte in a data chunk). Without
-        # them a bad label would escape as an IndexError from cross_entropy, and a NaN logit
-        # would silently turn the loss into NaN (tests/test_corrupt.py, bad-label/nan-logits).
-        labels, logits = rows["labels"], rows["logits"]
+        return handle
+
+    def _fit(self, buffer: dict[str, np.ndarray], handle: ShardHandle, capacity: int, fill: int) -> dict[str, np.ndarray]:
+        """The epoch's buffers, allocated on the first block. A later shard that stores a field in
+        a wider dtype (float32 logits after float16 ones, from another cache) widens that buffer,
+        as concatenating the two would."""
+        for name, (dtype, shape) in handle.fields(self.fields).items():
+            dtype = np.dtype(object) if name == "ids" else dtype
+            held = buffer.get(name)
+            if held is None:
+                buffer[name] = np.empty((capacity, *shape), dtype=dtype)
+            elif held.shape[1:] != shape:
+                raise CacheError(f"{handle.path}: {name} rows have shape {list(shape)}, but earlier shards' have {list(held.shape[1:])}")
+            elif np.result_type(held.dtype, dtype) != held.dtype:
+                wider = np.empty(held.shape, dtype=np.result_type(held.dtype, dtype))
+                wider[:fill] = held[:fill]
+                buffer[name] = wider
+        return buffer
+
+    def _check(self, block: Block, buffer: dict[str, np.ndarray], fill: int) -> None:
+        """Cheap sanity checks on what the training step cannot take: the writer stores only
+        finite logits and labels in [-1, C), so anything else is damage that the size and
+        structure checks at open could not see (a flipped byte in a data chunk). Without them a
+        bad label would escape as an IndexError from cross_entropy, and a NaN logit would
+        silently turn the loss into NaN (tests/test_corrupt.py, bad-label/nan-logits)."""
+        rows = slice(fill, fill + block.stop - block.start)
+        labels, logits = buffer["labels"][rows], buffer["logits"][rows]
         bad_labels = (labels < -1) | (labels >= self.meta.num_classes)
         if bad_labels.any() or not np.isfinite(logits).all():
             what = f"label {int(labels[bad_labels][0])} out of range" if bad_labels.any() else "non-finite teacher logits"
@@ -245,24 +267,25 @@ class ShardStream(IterableDataset):
                 f"{self.shards[block.shard].path}: {what} in rows {block.start}:{block.stop} "
                 "(the shard is corrupt; cache-inspect --verify checks it)"
             )
-        return rows
 
     def _emit(
-        self, buffer: dict[str, np.ndarray], rng: np.random.Generator, pending: dict[str, list[np.ndarray]], *, final: bool
-    ) -> Iterator[dict[str, torch.Tensor | np.ndarray]]:
-        """Yield whole batches from a permuted buffer; keep the remainder in ``pending``."""
-        n = len(buffer["labels"])
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
-        whole = n - n % self.batch_size
+        self, buffer: dict[str, np.ndarray], fill: int, rng: np.random.Generator, *, final: bool
+    ) -> Generator[dict[str, torch.Tensor | np.ndarray], None, int]:
+        """Yield whole batches from the first ``fill`` rows, permuted; move the remainder to the
+        front of the buffer (or yield it as a last, short batch when ``final``). Returns the
+        rows left in the buffer."""
+        order = rng.permutation(fill) if self.shuffle else np.arange(fill)
+        whole = fill - fill % self.batch_size
         for start in range(0, whole, self.batch_size):
             yield self._batch(buffer, order[start : start + self.batch_size])
         rest = order[whole:]
-        for name in self.fields:
-            pending[name] = [buffer[name][rest]] if len(rest) else []
-        if final and len(rest) and not self.drop_last:
-            yield self._batch(buffer, rest)
-            for name in self.fields:
-                pending[name] = []
+        if final:
+            if len(rest) and not self.drop_last:
+                yield self._batch(buffer, rest)
+            return 0
+        for values in buffer.values():
+            values[: len(rest)] = values[rest]  # fancy indexing copies first: overlap is safe
+        return len(rest)
 
     def _batch(self, buffer: dict[str, np.ndarray], index: np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
         index = np.sort(index) if not self.shuffle else index

@@ -116,3 +116,49 @@ def test_different_class_counts_never_mix(tmp_path):
     for allow in (False, True):
         with pytest.raises(CacheError, match="num_classes"):
             open_caches([str(a), str(b)], allow_mixed_teachers=allow)
+
+
+def rows_by_id(directory):
+    from offline.cache import CacheReader
+
+    stored = CacheReader(directory).read(("ids", "inputs", "logits", "labels"))
+    return {i: (stored["inputs"][k], stored["logits"][k], stored["labels"][k]) for k, i in enumerate(stored["ids"])}
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_every_row_keeps_its_own_inputs_logits_and_labels(tmp_path, shuffle):
+    # Small blocks, a small shuffle window and a batch size that divides nothing: the rows left
+    # over after each window's whole batches move to the front of the buffer many times.
+    directory = make_cache(tmp_path / "c", [300, 17, 128, 250, 5])
+    readers, meta = open_caches([str(directory)])
+    stream = ShardStream.from_readers(
+        readers, meta, batch_size=23, shuffle=shuffle, shuffle_buffer=50, block_rows=16, with_ids=True, rank=0, world_size=1
+    )
+    expected = rows_by_id(directory)
+    seen = []
+    for batch in stream:
+        for k, sample_id in enumerate(batch["ids"]):
+            inputs, logits, label = expected[sample_id]
+            assert np.array_equal(batch["inputs"][k].numpy(), inputs)
+            assert np.array_equal(batch["logits"][k].numpy(), logits)
+            assert batch["labels"][k].item() == label
+        seen += list(batch["ids"])
+    assert sorted(seen) == sorted(expected)
+    if not shuffle:
+        assert seen == [f"s{i}" for i in range(700)]
+
+
+def test_float16_and_float32_logits_from_two_caches_share_a_batch_as_float32(tmp_path):
+    meta32 = CacheMeta("a" * 64, "t", 10, (4, 4), "uint8", PREPROCESSING)
+    meta16 = CacheMeta("a" * 64, "t", 10, (4, 4), "uint8", PREPROCESSING, logits_dtype="float16")
+    rng = np.random.default_rng(0)
+    for name, meta in (("c16", meta16), ("c32", meta32)):
+        with CacheWriter(tmp_path / name, meta) as writer:
+            writer.append([f"{name}-{i}" for i in range(40)], rng.integers(0, 255, (40, 4, 4), dtype=np.uint8), rng.normal(size=(40, 10)).astype(np.float32))
+    readers, meta = open_caches([str(tmp_path / "c16"), str(tmp_path / "c32")])
+    stream = ShardStream.from_readers(readers, meta, batch_size=80, shuffle=False, with_ids=True, rank=0, world_size=1)
+    (batch,) = list(stream)
+    assert batch["logits"].dtype == torch.float32
+    expected = {**rows_by_id(tmp_path / "c16"), **rows_by_id(tmp_path / "c32")}
+    for k, sample_id in enumerate(batch["ids"]):
+        assert np.array_equal(batch["logits"][k].numpy(), expected[sample_id][1].astype(np.float32))
