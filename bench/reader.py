@@ -396,6 +396,39 @@ def compare(reader: CacheReader, args: argparse.Namespace, workers: int, malloc:
     }
 
 
+def reader_alone(reader: CacheReader, args: argparse.Namespace, repeats: int = 7) -> dict[str, Any]:
+    """The reader with no training step: epochs of ``ShardStream`` batches (0 workers, shuffled)
+    against epochs of the same batches gathered from in-memory tensors, alternating in this
+    process. What the reader costs per batch, before a step hides it."""
+    arrays = reader.read(("inputs", "logits", "labels"))
+    data = {name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in arrays.items()}
+    generator = torch.Generator().manual_seed(args.seed)
+    stream = ShardStream.from_readers(
+        [reader], reader.meta, batch_size=args.batch_size, seed=args.seed, shuffle=True, shuffle_buffer=args.shuffle_buffer,
+        rank=0, world_size=1,
+    )  # fmt: skip
+
+    def rate(batches: Iterator[dict[str, torch.Tensor]]) -> float:
+        started = time.perf_counter()
+        count = sum(1 for _ in batches)
+        return count / (time.perf_counter() - started)
+
+    rates: dict[str, list[float]] = {"shards": [], "memory": []}
+    for epoch in range(repeats + 1):  # the first round warms up, untimed
+        stream.set_epoch(epoch)
+        shards, memory = rate(iter(stream)), rate(memory_epoch(data, args.batch_size, generator))
+        if epoch:
+            rates["shards"].append(shards)
+            rates["memory"].append(memory)
+    ratios = [s / m for s, m in zip(rates["shards"], rates["memory"], strict=True)]
+    return {
+        "shards_batches_per_s": statistics.median(rates["shards"]),
+        "memory_batches_per_s": statistics.median(rates["memory"]),
+        "ratio": statistics.median(ratios),
+        "ratio_per_repeat": ratios,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Peak memory of a real offline-distill process tree
 
@@ -566,6 +599,12 @@ def print_tables(result: dict[str, Any]) -> None:
             faults = f"{row['memory_faults_per_step']:,.0f} | {row['shards_faults_per_step']:,.0f}"
             print(f"{row['malloc']:>7}  {row['workers']:>7}  {row['memory_steps_per_s']:>14.2f}  {row['shards_steps_per_s']:>14.2f}  {row['ratio']:>6.3f}  "
                   f"{'>= ' + str(RATIO_TARGET):>7}  {ok[row['ratio'] >= RATIO_TARGET]:>3}  {faults:>22}  {row['max_foreign_cpu']:>9.1%}  {per}")  # fmt: skip
+    alone = result["reader_alone"]
+    if alone:
+        per = " ".join(f"{r:.2f}" for r in alone["ratio_per_repeat"])
+        print()
+        print(f"The reader alone (no step, 0 workers): {alone['shards_batches_per_s']:,.0f} batches/s from the shards, "
+              f"{alone['memory_batches_per_s']:,.0f} gathered from memory: {alone['ratio']:.2f}x (per repeat {per})")  # fmt: skip
     rss = result["rss"]
     if rss:
         print()
@@ -664,11 +703,14 @@ def main(argv: list[str] | None = None) -> int:
         meta = reader.meta
         student_params = models.count_parameters(models.build(args.student, meta.input_shape, meta.num_classes))
         throughput = []
+        alone = None
         if not args.skip_throughput:
             for malloc in ("trainer", "glibc") if args.malloc == "both" else (args.malloc,):
                 for workers in dict.fromkeys([args.workers, 0]):
                     say(f"throughput: shards with {workers} worker(s) vs memory, {malloc} malloc, {args.repeats} repeats ...")
                     throughput.append(compare(reader, args, workers, malloc))
+            say("the reader alone: ShardStream vs gathering from memory, no training step ...")
+            alone = reader_alone(reader, args)
         rss = []
         if not args.skip_rss:
             small = reader if args.rss_samples == args.samples else write_cache(
@@ -697,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
             "reader_vs_memory_workers0": pick(throughput, "ratio", lambda r: r["workers"] == 0 and r["malloc"] == "trainer"),
             "reader_vs_memory_glibc_malloc": pick(throughput, "ratio", lambda r: r["workers"] == args.workers and r["malloc"] == "glibc"),
             "reader_vs_memory_workers0_glibc_malloc": pick(throughput, "ratio", lambda r: r["workers"] == 0 and r["malloc"] == "glibc"),
+            "reader_alone_vs_memory_gather": round(alone["ratio"], 4) if alone else None,
+            "reader_alone": alone,
             "rss_growth_10x": pick(rss, "growth_pss", lambda r: r["workers_arg"] == 2),
             "rss_growth_10x_default": pick(rss, "growth_pss", lambda r: r["workers_arg"] == "default"),
             "targets": {"reader_vs_memory": f">= {RATIO_TARGET}", "rss_growth_10x": f"< {RSS_TARGET}"},
