@@ -446,8 +446,6 @@ class ShardHandle:
                     file_space = dataset.id.get_space()
                     file_space.select_hyperslab((start,) + (0,) * (dest.ndim - 1), dest.shape)
                     dataset.id.read(h5py.h5s.create_simple(dest.shape), file_space, dest)
-        except CacheError:
-            raise
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise self._failed(f"read of rows {start}:{stop}", exc) from None
 

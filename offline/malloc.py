@@ -9,7 +9,6 @@ import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_ARENA_MAX, 1))
-ENV_EQUIVALENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_ARENA_MAX": "1"}
 
 
 def tune_malloc() -> bool:
@@ -18,8 +17,8 @@ def tune_malloc() -> bool:
     By default glibc returns large freed blocks at once (anything over its dynamic mmap
     threshold, and the top of the heap past 128 KiB), so every forward pass or training step
     faults tens of thousands of zero-filled pages back in. Measured on a 2-core VM: forward
-    passes in the server up to 25% slower, and ``offline-distill`` with the CNN student 33%
-    slower (docs/benchmarks.md). The same sizes come back every step, so keeping them costs only
+    passes in the server up to 25% slower, and ``offline-distill`` with the CNN student 1.3-1.55x
+    slower (bench/malloc.py, docs/benchmarks.md). The same sizes come back every step, so keeping them costs only
     a stable RSS. Returns False, changing nothing, where libc is not glibc or where any
     ``MALLOC_*`` variable is set (the environment wins; ``MALLOC_ARENA_MAX=0`` keeps glibc's
     defaults).
