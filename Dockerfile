@@ -49,7 +49,7 @@ RUN touch /src/README.md \
 COPY . /src
 RUN pip install --no-deps /src \
     && rm -rf /src \
-    && python -c 'import torch, h5py, fastapi, service.cli; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+    && python -c 'import torch, h5py, fastapi, kdcache.service.cli; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 
 # A fixed UID, so that host directories mounted as volumes can be given to it (chown 10001).
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin kd \

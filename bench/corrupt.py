@@ -55,11 +55,11 @@ from pathlib import Path
 import numpy as np
 
 try:
-    import offline  # noqa: F401
+    import kdcache.offline  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offline.cache import MANIFEST_NAME, CacheError, CacheMeta, CacheReader, CacheWriter, Preprocessing
+from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheMeta, CacheReader, CacheWriter, Preprocessing
 
 NUM_SAMPLES = 300
 SHARD_SAMPLES = 64  # five shards: 4 x 64 + 44
@@ -212,8 +212,7 @@ def _epoch(directory: Path, *, skip_corrupt: bool = False, verify_checksums: boo
     """Stream one epoch the way offline-distill does; returns (rows seen, shard paths skipped).
     Raises AssertionError on a batch that the training step could not take."""
     import torch
-
-    from offline.dataset import ShardStream, open_caches
+    from kdcache.offline.dataset import ShardStream, open_caches
 
     readers, meta = open_caches([str(directory)], skip_corrupt=skip_corrupt, verify_checksums=verify_checksums)
     stream = ShardStream.from_readers(readers, meta, batch_size=32, seed=0, shuffle_buffer=128, skip_corrupt=skip_corrupt)
@@ -243,7 +242,7 @@ def examine(directory: Path, damage: Damage, on_safe_done: Callable[[], None] | 
 
     The checksum-first paths run first; ``on_safe_done`` is called once they have passed, before
     the cheap path lets HDF5 parse bytes that may be damaged (which can hang: see CacheReader)."""
-    from offline.cli import inspect_summary
+    from kdcache.offline.cli import inspect_summary
 
     targets = damage.files
 
@@ -341,10 +340,9 @@ def worker(seeds: list[int], kinds: tuple[str, ...], timeout: float) -> int:
     checksum-first stages have passed, and when it is done."""
     # Imported before the first case's watchdog starts: on a loaded machine importing torch
     # alone took over 10 s, which the watchdog then counted as a hang of that case.
+    import kdcache.offline.cli  # noqa: F401
+    import kdcache.offline.dataset  # noqa: F401
     import torch  # noqa: F401
-
-    import offline.cli  # noqa: F401
-    import offline.dataset  # noqa: F401
 
     with tempfile.TemporaryDirectory(prefix="corrupt-bench-") as tmp:
         scratch = Path(tmp)

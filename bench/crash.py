@@ -42,10 +42,10 @@ import torch
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(_ROOT))
 
-from offline import models  # noqa: E402
-from offline.cache import CRASH_POINTS, CacheError, CacheReader, Preprocessing  # noqa: E402
-from service.client import TeacherClient  # noqa: E402
-from service.launch import LaunchError, ServeProcess  # noqa: E402
+from kdcache.offline import models  # noqa: E402
+from kdcache.offline.cache import CRASH_POINTS, CacheError, CacheReader, Preprocessing  # noqa: E402
+from kdcache.service.client import TeacherClient  # noqa: E402
+from kdcache.service.launch import LaunchError, ServeProcess  # noqa: E402
 
 BIN = Path(sys.executable).parent
 INPUT_SHAPE = (8, 8)

@@ -37,10 +37,9 @@ sys.path.insert(0, str(_HERE.parent))
 sys.path.insert(0, str(_HERE))
 
 from crash import INPUT_SHAPE, make_teacher  # noqa: E402
-
-from offline.cache import CacheReader  # noqa: E402
-from service.launch import ServeProcess  # noqa: E402
-from service.protocol import HEADER_LENGTH, RequestedOutput, encode_request  # noqa: E402
+from kdcache.offline.cache import CacheReader  # noqa: E402
+from kdcache.service.launch import ServeProcess  # noqa: E402
+from kdcache.service.protocol import HEADER_LENGTH, RequestedOutput, encode_request  # noqa: E402
 
 
 @dataclass

@@ -45,12 +45,11 @@ sys.path.insert(1, str(_ROOT / "tests"))  # test_fuzz imports nothing from tests
 import httpx  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-
-from offline import models  # noqa: E402
-from offline.cache import CacheReader, Preprocessing  # noqa: E402
-from offline.journal import JOURNAL_NAME  # noqa: E402
-from service.launch import ServeProcess  # noqa: E402
-from service.protocol import ModelSpec  # noqa: E402
+from kdcache.offline import models  # noqa: E402
+from kdcache.offline.cache import CacheReader, Preprocessing  # noqa: E402
+from kdcache.offline.journal import JOURNAL_NAME  # noqa: E402
+from kdcache.service.launch import ServeProcess  # noqa: E402
+from kdcache.service.protocol import ModelSpec  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TOKEN_ENV = "KD_FUZZ_TOKEN"

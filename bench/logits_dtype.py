@@ -47,8 +47,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 import numpy as np  # noqa: E402
-
-from offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing  # noqa: E402
+from kdcache.offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DTYPES = ("float32", "float16")

@@ -38,7 +38,7 @@ def distill(cache: Path, out: Path, student: str, epochs: int, env: dict[str, st
     """One offline-distill run: its samples/s and its peak RSS in MiB (the trainer process; 0 workers here)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     cmd = [
-        sys.executable, "-m", "offline.cli", "--cache", str(cache), "--student", student, "--epochs", str(epochs),
+        sys.executable, "-m", "kdcache.offline.cli", "--cache", str(cache), "--student", student, "--epochs", str(epochs),
         "--out", str(out), "--no-export", "--no-progress",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env={**clean, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=_HERE.parent)

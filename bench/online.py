@@ -86,16 +86,16 @@ import torch
 
 _HERE = Path(__file__).resolve().parent
 try:
-    import offline  # noqa: F401
+    import kdcache.offline  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(_HERE.parent))
 
-from offline import models  # noqa: E402
-from offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing  # noqa: E402
-from offline.dataset import DEFAULT_SHUFFLE_BUFFER, ShardStream  # noqa: E402
-from offline.losses import distillation_loss  # noqa: E402
-from offline.malloc import tune_malloc  # noqa: E402
-from offline.train import AUTO_WORKERS_BYTES  # noqa: E402
+from kdcache.offline import models  # noqa: E402
+from kdcache.offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing  # noqa: E402
+from kdcache.offline.dataset import DEFAULT_SHUFFLE_BUFFER, ShardStream  # noqa: E402
+from kdcache.offline.losses import distillation_loss  # noqa: E402
+from kdcache.offline.malloc import tune_malloc  # noqa: E402
+from kdcache.offline.train import AUTO_WORKERS_BYTES  # noqa: E402
 
 
 def _load_reader_helpers() -> Any:

@@ -74,16 +74,16 @@ import numpy as np
 import torch
 
 try:
-    import offline  # noqa: F401
+    import kdcache.offline  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offline import models
-from offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing
-from offline.dataset import DEFAULT_SHUFFLE_BUFFER, ShardStream
-from offline.losses import distillation_loss
-from offline.malloc import tune_malloc
-from offline.train import AUTO_WORKERS_BYTES
+from kdcache.offline import models
+from kdcache.offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing
+from kdcache.offline.dataset import DEFAULT_SHUFFLE_BUFFER, ShardStream
+from kdcache.offline.losses import distillation_loss
+from kdcache.offline.malloc import tune_malloc
+from kdcache.offline.train import AUTO_WORKERS_BYTES
 
 NOISE_LIMIT = 0.05  # share of the machine taken by other processes above which a figure is flagged
 RATIO_TARGET = 0.95

@@ -76,7 +76,7 @@ def say(message: str) -> None:
 
 
 def reader_default_workers(reader: dict[str, Any]) -> int:
-    from offline.train import AUTO_WORKERS_BYTES
+    from kdcache.offline.train import AUTO_WORKERS_BYTES
 
     return 0 if reader["config"]["cache_bytes"] < AUTO_WORKERS_BYTES else 2
 

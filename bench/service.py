@@ -135,13 +135,12 @@ sys.path.insert(0, str(_HERE.parent))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from offline import models  # noqa: E402
-from offline.cache import CacheReader, Preprocessing, normalize_ids  # noqa: E402
-from offline.journal import JOURNAL_NAME  # noqa: E402
-from service.launch import LaunchError, ServeProcess  # noqa: E402
-from service.protocol import HEADER_LENGTH, RequestedOutput, encode_request, serialize_bytes  # noqa: E402
-from service.teacher import WARMUP_PASSES  # noqa: E402
+from kdcache.offline import models  # noqa: E402
+from kdcache.offline.cache import CacheReader, Preprocessing, normalize_ids  # noqa: E402
+from kdcache.offline.journal import JOURNAL_NAME  # noqa: E402
+from kdcache.service.launch import LaunchError, ServeProcess  # noqa: E402
+from kdcache.service.protocol import HEADER_LENGTH, RequestedOutput, encode_request, serialize_bytes  # noqa: E402
+from kdcache.service.teacher import WARMUP_PASSES  # noqa: E402
 
 
 def _load_reader_helpers() -> Any:
@@ -216,7 +215,7 @@ def raw_forward(
     which with the default settings page-faults several times more per batch than a thread
     arena, see docs/benchmarks.md). The number of timed batches is sized from the warm-up to
     last about ``seconds``."""
-    from service.teacher import load_teacher
+    from kdcache.service.teacher import load_teacher
 
     teacher = load_teacher([str(teacher_path)], device=args.device, dtype=args.dtype)
     pool = input_pool(tuple(args.input_shape), batch_size, args.seed)
@@ -746,7 +745,7 @@ import sys
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from offline.malloc import tune_malloc
+from kdcache.offline.malloc import tune_malloc
 
 tune_malloc()
 app = FastAPI()
@@ -947,7 +946,7 @@ def serve_named(argv: list[str]) -> int:
 
     threading.Thread._bootstrap_inner = bootstrap_inner  # type: ignore[attr-defined]
     set_name("event-loop")
-    from service.cli import serve_main
+    from kdcache.service.cli import serve_main
 
     return serve_main(argv)
 
@@ -1019,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
         # glibc reads these once, at start-up: start again with them (the server inherits them).
         os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], {**os.environ, **GLIBC_DEFAULTS})
     if args.malloc == "service":
-        from offline.malloc import tune_malloc
+        from kdcache.offline.malloc import tune_malloc
 
         tune_malloc()  # the raw side gets the allocator settings the server gives itself
     shape = tuple(args.input_shape)

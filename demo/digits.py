@@ -10,7 +10,7 @@
 5. print a table, write ``summary.json`` and ``curves.png``.
 
 Every tool runs as its own process, as a user would run it. The defaults below were chosen on a
-validation split carved out of the train split (``python -m demo.sweep``), never on the test split.
+validation split carved out of the train split (``python -m kdcache.demo.sweep``), never on the test split.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from service.launch import LaunchError, ServeProcess
+from ..service.launch import LaunchError, ServeProcess
 
-# Chosen by `python -m demo.sweep --lrs 0.003 0.01` on a validation split of the train split (lr 0.01 beat
+# Chosen by `python -m kdcache.demo.sweep --lrs 0.003 0.01` on a validation split of the train split (lr 0.01 beat
 # 0.003 in both arms; T=4, alpha=0.9 was best or tied at 5% and 10% labels; with all labels no setting gains).
 STUDENT = "mlp-small"
 TEMPERATURE = 4.0
@@ -48,7 +48,7 @@ INPUT_SCALE = 1 / 16  # digits pixels are 0..16: sent as uint8, scaled on the te
 
 PROG = "distill-demo"
 # The console scripts this demo drives, and their entry points (used when the scripts are not
-# installed next to this interpreter, e.g. `python -m demo.digits` from a plain checkout).
+# installed next to this interpreter, e.g. `python -m kdcache.demo.digits` from a plain checkout).
 TOOLS = {
     "teacher-serve": "service.cli:serve_main",
     "teacher-push": "service.client:push_main",
@@ -102,7 +102,7 @@ def train_teacher(x: np.ndarray, y: np.ndarray, arch: str = TEACHER_ARCH, epochs
     """Plain supervised training with AdamW (cosine schedule) on all of ``x``'s labels."""
     import torch
 
-    from offline import models
+    from ..offline import models
 
     torch.manual_seed(seed)
     model = models.build(arch, x.shape[1:], 10)
@@ -133,8 +133,8 @@ def save_teacher(model, arch: str, path: Path) -> Path:
     """The teacher in the format ``offline-distill`` saves students in, which ``teacher-serve`` loads."""
     import torch
 
-    from offline.cache import Preprocessing
-    from offline.train import STUDENT_FORMAT
+    from ..offline.cache import Preprocessing
+    from ..offline.train import STUDENT_FORMAT
 
     record = {
         "format": STUDENT_FORMAT, "version": 1, "arch": arch,
@@ -306,8 +306,8 @@ def plot_curves(arms: dict[str, dict[str, Any]], teacher_accuracy: float, path: 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from offline import models
-    from offline.cache import CacheReader
+    from ..offline import models
+    from ..offline.cache import CacheReader
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)

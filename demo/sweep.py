@@ -1,4 +1,4 @@
-"""``python -m demo.sweep``: how the defaults of ``distill-demo`` were chosen, on validation only.
+"""``python -m kdcache.demo.sweep``: how the defaults of ``distill-demo`` were chosen, on validation only.
 
 A validation split is carved out of the demo's train split (stratified, fixed seed); the test
 split is never loaded. A teacher (the demo's) is trained on the rest of the train split, its
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demo import digits as demo
+from . import digits as demo
 
 VALIDATION_SEED = 1
 VALIDATION_FRACTION = 0.25
@@ -31,7 +31,7 @@ VALIDATION_FRACTION = 0.25
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m demo.sweep", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m kdcache.demo.sweep", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--students", nargs="+", default=["mlp-small", "cnn-small"])
     p.add_argument("--fractions", nargs="+", type=float, default=[0.05, 0.1, 1.0])
@@ -55,7 +55,7 @@ def validation_split() -> dict[str, np.ndarray]:
 
 
 def write_cache(directory: Path, x: np.ndarray, logits: np.ndarray, labels: np.ndarray, fingerprint: str) -> Path:
-    from offline.cache import CacheMeta, CacheWriter, Preprocessing
+    from ..offline.cache import CacheMeta, CacheWriter, Preprocessing
 
     meta = CacheMeta(
         teacher_fingerprint=fingerprint, teacher_name=demo.TEACHER_ARCH, num_classes=logits.shape[1], input_shape=x.shape[1:],
@@ -69,8 +69,8 @@ def write_cache(directory: Path, x: np.ndarray, logits: np.ndarray, labels: np.n
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from offline.models import weights_fingerprint
-    from offline.train import TrainConfig, train
+    from ..offline.models import weights_fingerprint
+    from ..offline.train import TrainConfig, train
 
     args = parse_args(argv)
     # Tiny models: one thread avoids OpenMP spin-waiting, several times faster on a shared 2-core machine.

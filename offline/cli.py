@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from offline.cache import CacheError, CacheReader
-from offline.journal import pending_samples
-from offline.malloc import tune_malloc
+from .cache import CacheError, CacheReader
+from .journal import pending_samples
+from .malloc import tune_malloc
 
 
 def fail(prog: str, message: str, code: int = 2) -> int:
@@ -85,8 +85,8 @@ def distill_parser() -> argparse.ArgumentParser:
 
 
 def distill_main(argv: Sequence[str] | None = None) -> int:
-    from offline.models import REGISTRY, ModelSpecError
-    from offline.train import TrainConfig, TrainError, train
+    from .models import REGISTRY, ModelSpecError
+    from .train import TrainConfig, TrainError, train
 
     if argv is None:
         argv = sys.argv[1:]

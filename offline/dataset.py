@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from offline.cache import CacheError, CacheMeta, CacheReader, ShardHandle, ShardInfo
+from .cache import CacheError, CacheMeta, CacheReader, ShardHandle, ShardInfo
 
 TRAIN_FIELDS = ("inputs", "logits", "labels")
 DEFAULT_BLOCK_BYTES = 4 << 20

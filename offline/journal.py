@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offline.cache import CacheError, CacheMeta
+from .cache import CacheError, CacheMeta
 
 JOURNAL_NAME = ".journal"
 MAGIC = b"KDJ1"

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from offline import models
-from offline.cache import CacheError, CacheMeta, CacheReader, read_transfer_set
-from offline.dataset import ShardStream, open_caches
-from offline.losses import distillation_loss
+from . import models
+from .cache import CacheError, CacheMeta, CacheReader, read_transfer_set
+from .dataset import ShardStream, open_caches
+from .losses import distillation_loss
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Below this size the shards sit in the page cache and reading them in the training process is

@@ -1,7 +1,7 @@
-"""``python -m service`` is ``teacher-serve``."""
+"""``python -m kdcache.service`` is ``teacher-serve``."""
 
 import sys
 
-from service.cli import serve_main
+from .cli import serve_main
 
 sys.exit(serve_main())

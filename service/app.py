@@ -27,13 +27,13 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from offline.cache import content_ids
-from service import __version__
-from service.batcher import Batcher, BodyBudget, QueueFull
-from service.metrics import Metrics
-from service.protocol import DecodedRequest, ModelSpec, ProtocolError, datatype_of, decode_request, encode_response, error_body, validate
-from service.settings import ServeSettings
-from service.store import CacheStore, StoreError
+from ..offline.cache import content_ids
+from . import __version__
+from .batcher import Batcher, BodyBudget, QueueFull
+from .metrics import Metrics
+from .protocol import DecodedRequest, ModelSpec, ProtocolError, datatype_of, decode_request, encode_response, error_body, validate
+from .settings import ServeSettings
+from .store import CacheStore, StoreError
 
 log = logging.getLogger("teacher-serve")
 

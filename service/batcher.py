@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.metrics import Metrics
-from service.store import CacheStore
+from .metrics import Metrics
+from .store import CacheStore
 
 
 class QueueFull(Exception):

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
-from offline.cache import CacheError
-from offline.malloc import tune_malloc
-from service.settings import ENV_PREFIX, ServeSettings
+from ..offline.cache import CacheError
+from ..offline.malloc import tune_malloc
+from .settings import ENV_PREFIX, ServeSettings
 
 PROG = "teacher-serve"
 log = logging.getLogger(PROG)
@@ -133,9 +133,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     # Heavy imports only once the arguments are known to be good.
     import uvicorn
 
-    from service.app import TeacherService, create_app
-    from service.store import CacheStore
-    from service.teacher import TeacherError, load_teacher, parse_normalize
+    from .app import TeacherService, create_app
+    from .store import CacheStore
+    from .teacher import TeacherError, load_teacher, parse_normalize
 
     try:
         normalize = parse_normalize(settings.normalize) if settings.normalize else None

@@ -27,8 +27,8 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from offline.cache import CacheError, normalize_ids, read_transfer_set
-from service.protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request
+from ..offline.cache import CacheError, normalize_ids, read_transfer_set
+from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request
 
 RETRY_STATUSES = (429, 503)
 BACKOFF_BASE_S = 0.25
@@ -357,7 +357,7 @@ def push_parser() -> argparse.ArgumentParser:
 
 
 def push_main(argv: Sequence[str] | None = None) -> int:
-    from service.cli import run_cli
+    from .cli import run_cli
 
     args = push_parser().parse_args(argv)
 

@@ -35,14 +35,14 @@ def serve_command() -> list[str]:
     if local.exists():
         return [str(local)]
     found = shutil.which("teacher-serve")
-    return [found] if found else [sys.executable, "-m", "service"]
+    return [found] if found else [sys.executable, "-m", "kdcache.service"]
 
 
 class ServeProcess:
     """A ``teacher-serve`` child whose stdout and stderr go to ``log_path``.
 
     ``args`` are the server's options without ``--port``; ``command`` replaces the program (for
-    example ``[sys.executable, "-m", "service"]``); ``env`` is added to this process's
+    example ``[sys.executable, "-m", "kdcache.service"]``); ``env`` is added to this process's
     environment."""
 
     def __init__(

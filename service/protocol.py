@@ -411,7 +411,7 @@ def _ids(array: np.ndarray, datatype: str, batch: int) -> np.ndarray:
     else:
         # offline.cache imports h5py; importing it here, only for integer ids, keeps this module
         # importable without it.
-        from offline.cache import normalize_ids
+        from ..offline.cache import normalize_ids
 
         ids = normalize_ids(array)
     if len(set(ids)) != batch:

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from offline.cache import CacheMeta, CacheWriter, crash_point, normalize_ids
-from offline.journal import JOURNAL_NAME, Journal, encode_record, read_journal
+from ..offline.cache import CacheMeta, CacheWriter, crash_point, normalize_ids
+from ..offline.journal import JOURNAL_NAME, Journal, encode_record, read_journal
 
 
 class StoreError(Exception):

@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from offline import models
-from offline.cache import CacheMeta, Preprocessing
+from ..offline import models
+from ..offline.cache import CacheMeta, Preprocessing
 
 ENSEMBLE_MODES = ("geometric", "arithmetic")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

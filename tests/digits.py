@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from offline import models
-from offline.cache import CacheMeta, CacheWriter, Preprocessing
+from kdcache.offline import models
+from kdcache.offline.cache import CacheMeta, CacheWriter, Preprocessing
 
 PREPROCESSING = Preprocessing(scale=1 / 16)
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-from offline.cache import MANIFEST_NAME, CacheMeta, CacheReader, CacheWriter
+from kdcache.offline.cache import MANIFEST_NAME, CacheMeta, CacheReader, CacheWriter
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +32,7 @@ META = CacheMeta(teacher_fingerprint="ab" * 32, teacher_name="crash-test", num_c
 WRITER_SCRIPT = r"""
 import sys
 import numpy as np
-from offline.cache import CacheMeta, CacheWriter
+from kdcache.offline.cache import CacheMeta, CacheWriter
 
 directory, max_samples, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 meta = CacheMeta(teacher_fingerprint="ab" * 32, teacher_name="crash-test", num_classes=10, input_shape=(8, 8), input_dtype="uint8")

@@ -6,28 +6,67 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
+# Where each installed package's source lives (pyproject.toml's package-dir).
+PACKAGES = {"offline": "kdcache.offline", "service": "kdcache.service", "demo": "kdcache.demo"}
+
+
+def module_name(path: Path) -> str:
+    relative = path.relative_to(ROOT).with_suffix("")
+    parts = [PACKAGES[relative.parts[0]], *relative.parts[1:]]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Absolute names of what a file imports, relative imports resolved, each ``from M import N``
+    counted as both ``M`` and ``M.N`` (N may be a submodule)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names if node.module == "offline")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
 
 
-def test_the_service_imports_only_the_cache_format_the_model_registry_and_the_malloc_settings_from_offline():
-    allowed = {"offline.cache", "offline.journal", "offline.malloc", "offline.models"}
-    for path in sorted((ROOT / "service").glob("*.py")):
-        used = {name for name in imported_modules(path) if name.startswith("offline.")}
-        assert used <= allowed, f"{path.name} imports {sorted(used - allowed)}"
+def sources(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_the_service_imports_only_the_cache_format_the_journal_the_model_registry_and_malloc_from_offline():
+    allowed = ("kdcache.offline.cache", "kdcache.offline.journal", "kdcache.offline.malloc", "kdcache.offline.models")
+    for path in sources("service"):
+        used = {name for name in imported_modules(path) if name.startswith("kdcache.offline.")}
+        bad = {name for name in used if not any(name == a or name.startswith(a + ".") for a in allowed)}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
 
 
 def test_the_trainer_never_imports_the_service_or_a_web_framework():
-    for path in sorted((ROOT / "offline").glob("*.py")):
+    for path in sources("offline"):
         used = imported_modules(path)
         bad = {name for name in used if name.split(".")[0] in {"service", "fastapi", "uvicorn", "starlette", "httpx"}}
-        assert not bad, f"{path.name} imports {sorted(bad)}"
+        bad |= {name for name in used if name.startswith("kdcache.service")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_the_cache_contract_needs_no_h5py():
+    """The input contract, ids and layouts are numpy only: a client (teacher-push) can use them without HDF5."""
+    for name in ("contract", "ids", "keys"):
+        path = ROOT / "offline" / "cache" / f"{name}.py"
+        if path.exists():
+            used = imported_modules(path)
+            assert "h5py" not in used, f"{path.relative_to(ROOT)} imports h5py"
+
+
+def test_the_resolver_sees_relative_imports():
+    """A guard on the guard: the service's relative imports resolve to kdcache.offline names."""
+    used = imported_modules(ROOT / "service" / "cli.py")
+    assert any(name.startswith("kdcache.offline.") for name in used), sorted(used)

@@ -11,8 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
-from offline.cache import (
+from kdcache.offline.cache import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     CacheError,

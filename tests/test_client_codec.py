@@ -11,13 +11,21 @@ import threading
 import time
 
 import httpx
+import kdcache.service.client as client_module
 import numpy as np
 import pytest
-
-import service.client as client_module
-from offline.cache import content_ids
-from service.client import ClientError, TeacherClient, push_main, retry_after_seconds
-from service.protocol import HEADER_LENGTH, ModelSpec, ProtocolError, RequestedOutput, decode_request, encode_response, error_body, validate
+from kdcache.offline.cache import content_ids
+from kdcache.service.client import ClientError, TeacherClient, push_main, retry_after_seconds
+from kdcache.service.protocol import (
+    HEADER_LENGTH,
+    ModelSpec,
+    ProtocolError,
+    RequestedOutput,
+    decode_request,
+    encode_response,
+    error_body,
+    validate,
+)
 
 SPEC = ModelSpec(input_shape=(8, 8), input_dtype="uint8", num_classes=10, temperature=1.0, max_samples=64)
 RNG = np.random.default_rng(1)

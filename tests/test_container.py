@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import BIN, save_teacher_record
+from kdcache.offline import models
+from kdcache.offline.cache import CacheReader
+from kdcache.service.client import TeacherClient
+from kdcache.service.launch import free_port
 from test_serve_e2e import Server, softmax
-
-from offline import models
-from offline.cache import CacheReader
-from service.client import TeacherClient
-from service.launch import free_port
 
 
 def small_teacher(directory: Path) -> tuple[torch.nn.Module, Path]:

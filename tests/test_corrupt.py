@@ -18,8 +18,7 @@ import h5py
 import numpy as np
 import pytest
 from digits import write_cache
-
-from offline.cache import MANIFEST_NAME, CacheError, CacheReader
+from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheReader
 
 pytestmark = pytest.mark.slow
 
@@ -371,7 +370,7 @@ def test_distill_skip_corrupt_trains_on_the_rest(caches, distill_results):
 
 
 def test_verify_checksums_catches_a_byte_flip_before_training(caches):
-    from offline.dataset import open_caches
+    from kdcache.offline.dataset import open_caches
 
     directory, damaged = caches["flip"]
     open_caches([str(directory)])  # the cheap checks pass
@@ -418,7 +417,7 @@ def test_skip_corrupt_trains_on_the_other_shards(caches, damage):
 def test_stream_names_rows_the_training_step_cannot_take(caches, damage, why):
     """Right shapes and dtypes, matching checksum, bad values: the stream names the shard
     instead of cross_entropy raising IndexError (bad label) or the loss turning NaN."""
-    from offline.dataset import open_caches
+    from kdcache.offline.dataset import open_caches
 
     directory, damaged = caches[damage]
     with pytest.raises(CacheError, match=re.escape(f"{damaged}: {why}")):

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 from digits import PREPROCESSING
-
-from offline.cache import CacheError, CacheMeta, CacheWriter
-from offline.dataset import ShardStream, open_caches, plan_epoch
+from kdcache.offline.cache import CacheError, CacheMeta, CacheWriter
+from kdcache.offline.dataset import ShardStream, open_caches, plan_epoch
 
 
 def make_cache(directory, sizes, *, fingerprint="a" * 64, num_classes=10, id_prefix="s"):
@@ -119,7 +118,7 @@ def test_different_class_counts_never_mix(tmp_path):
 
 
 def rows_by_id(directory):
-    from offline.cache import CacheReader
+    from kdcache.offline.cache import CacheReader
 
     stored = CacheReader(directory).read(("ids", "inputs", "logits", "labels"))
     return {i: (stored["inputs"][k], stored["logits"][k], stored["labels"][k]) for k, i in enumerate(stored["ids"])}

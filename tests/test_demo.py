@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo-out"
-    command = [sys.executable, "-m", "demo.digits", "--out", str(out), "--json", "--seeds", "1", "--epochs", "2", "--teacher-epochs", "1"]
+    command = [sys.executable, "-m", "kdcache.demo.digits", "--out", str(out), "--json", "--seeds", "1", "--epochs", "2", "--teacher-epochs", "1"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_demo_bad_input_is_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "demo.digits", "--out", str(tmp_path), "--transfer-fraction", "0"],
+        [sys.executable, "-m", "kdcache.demo.digits", "--out", str(tmp_path), "--transfer-fraction", "0"],
         capture_output=True,
         text=True,
         timeout=60,

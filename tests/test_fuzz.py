@@ -43,11 +43,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
-from offline.cache import CacheReader
-from offline.journal import JOURNAL_NAME
-from service.app import TeacherService, create_app
-from service.protocol import (
+from kdcache.offline.cache import CacheReader
+from kdcache.offline.journal import JOURNAL_NAME
+from kdcache.service.app import TeacherService, create_app
+from kdcache.service.protocol import (
     BINARY_CONTENT_TYPE,
     DATATYPES,
     HEADER_LENGTH,
@@ -60,8 +59,8 @@ from service.protocol import (
     encode_request,
     validate,
 )
-from service.settings import ServeSettings
-from service.store import CacheStore
+from kdcache.service.settings import ServeSettings
+from kdcache.service.store import CacheStore
 
 CI_EXAMPLES = 30
 SOAK_EXAMPLES = int(os.environ.get("KD_FUZZ_EXAMPLES", "2000"))
@@ -450,7 +449,7 @@ def malformed_requests(draw: st.DrawFn, family: str) -> tuple[str, bytes, dict[s
 
 
 def build_service(tmp_path: Path, teacher_pt: Path, api_key: str | None = None, **options: Any) -> TeacherService:
-    from service.teacher import load_teacher
+    from kdcache.service.teacher import load_teacher
 
     settings = ServeSettings(teacher=[str(teacher_pt)], cache=tmp_path / "cache", device="cpu", temperature=4.0, **options)
     teacher = load_teacher(settings.teacher, temperature=settings.temperature, device="cpu")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 # a block that large with mmap and unmaps it on free; tuned, it comes from the heap and stays.
 PROBE = r"""
 import ctypes, json, sys
-from offline.malloc import tune_malloc
+from kdcache.offline.malloc import tune_malloc
 
 def rss():
     with open("/proc/self/statm") as fh:

@@ -4,8 +4,7 @@ import sys
 
 import pytest
 import torch
-
-from offline import models
+from kdcache.offline import models
 
 
 @pytest.mark.parametrize("arch", sorted(models.REGISTRY))

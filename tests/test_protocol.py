@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from service.protocol import (
+from kdcache.service.protocol import (
     HEADER_LENGTH,
     DecodedRequest,
     ModelSpec,
@@ -230,7 +229,7 @@ def test_huge_declared_shape_is_413_without_allocating():
 
 
 def test_module_imports_no_framework_model_or_hdf5():
-    code = "import sys, service.protocol; print(sorted(m for m in ('fastapi', 'torch', 'h5py', 'httpx') if m in sys.modules))"
+    code = "import sys, kdcache.service.protocol; print(sorted(m for m in ('fastapi', 'torch', 'h5py', 'httpx') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

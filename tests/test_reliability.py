@@ -17,11 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 import crash  # noqa: E402
 import flood  # noqa: E402
+from kdcache.offline.cache import CacheReader  # noqa: E402
+from kdcache.service.store import CacheStore  # noqa: E402
+from kdcache.service.teacher import load_teacher  # noqa: E402
 from test_service import GatedTeacher, infer, run, serving  # noqa: E402
-
-from offline.cache import CacheReader  # noqa: E402
-from service.store import CacheStore  # noqa: E402
-from service.teacher import load_teacher  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,10 @@ import httpx
 import numpy as np
 import pytest
 from conftest import BIN
-
-from offline.cache import CacheReader, content_ids
-from offline.journal import JOURNAL_NAME
-from service.client import TeacherClient
-from service.launch import LaunchError, ServeProcess
+from kdcache.offline.cache import CacheReader, content_ids
+from kdcache.offline.journal import JOURNAL_NAME
+from kdcache.service.client import TeacherClient
+from kdcache.service.launch import LaunchError, ServeProcess
 
 T = 4.0
 
@@ -43,7 +42,7 @@ class Server(ServeProcess):
     """A teacher-serve subprocess; a failure to start shows its whole log."""
 
     def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str] | None = None, module: bool = False) -> None:
-        command = [sys.executable, "-m", "service"] if module else [str(BIN / "teacher-serve")]
+        command = [sys.executable, "-m", "kdcache.service"] if module else [str(BIN / "teacher-serve")]
         super().__init__(args, tmp_path / f"serve-{len(SERVERS)}-{time.monotonic_ns()}.log", command=command, env=env)
         SERVERS.append(self)
 
@@ -74,7 +73,7 @@ def test_push_tritonclient_concurrent_clients_and_sigterm(tmp_path, digits_teach
     transfer = tmp_path / "transfer.npz"
     np.savez(transfer, inputs=x, labels=digits_teacher["y_train"])
     cache = tmp_path / "cache"
-    # Configured through the environment, as in a container; started as `python -m service`.
+    # Configured through the environment, as in a container; started as `python -m kdcache.service`.
     env = {"TEACHER_SERVE_MAX_BATCH": "64", "TEACHER_SERVE_API_KEY_ENV": "KD_TOKEN", "KD_TOKEN": "tok-123"}
     server = Server(tmp_path, serve_args(digits_teacher_pt, cache), env=env, module=True).wait_ready()
     try:

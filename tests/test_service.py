@@ -12,16 +12,15 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
-from offline.cache import CacheError, CacheReader
-from offline.journal import JOURNAL_NAME
-from offline.losses import distillation_loss
-from service.app import TeacherService, create_app
-from service.batcher import Batcher, QueueFull
-from service.protocol import RequestedOutput, decode_response, encode_request
-from service.settings import ServeSettings
-from service.store import CacheStore
-from service.teacher import load_teacher
+from kdcache.offline.cache import CacheError, CacheReader
+from kdcache.offline.journal import JOURNAL_NAME
+from kdcache.offline.losses import distillation_loss
+from kdcache.service.app import TeacherService, create_app
+from kdcache.service.batcher import Batcher, QueueFull
+from kdcache.service.protocol import RequestedOutput, decode_response, encode_request
+from kdcache.service.settings import ServeSettings
+from kdcache.service.store import CacheStore
+from kdcache.service.teacher import load_teacher
 
 T = 4.0
 

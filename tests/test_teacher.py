@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from offline import models, train
-from offline.cache import CacheMeta, Preprocessing
-from service import teacher as teacher_module
-from service.teacher import TeacherError, load_teacher, parse_normalize
+from kdcache.offline import models, train
+from kdcache.offline.cache import CacheMeta, Preprocessing
+from kdcache.service import teacher as teacher_module
+from kdcache.service.teacher import TeacherError, load_teacher, parse_normalize
 
 SHAPE = (8, 8)
 CLASSES = 10
 PREPROCESSING = Preprocessing(scale=1 / 16)
 FACTORY_SOURCE = """
 import torch
-from offline import models
+from kdcache.offline import models
 
 def make():
     return models.build("cnn-small", (8, 8), 10)

@@ -12,8 +12,7 @@ import pytest
 import torch
 from conftest import BIN
 from digits import PREPROCESSING
-
-from offline import models
+from kdcache.offline import models
 
 DISTILL = str(BIN / "offline-distill")
 
@@ -97,7 +96,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(digits_files, tmp_path):
 def test_ddp_two_cpu_processes(digits_files, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "offline.cli",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdcache.offline.cli",
          "--cache", str(digits_files["cache"]), "--student", "mlp", "--epochs", "4", "--batch-size", "32", "--lr", "5e-3",
          "--eval", str(digits_files["eval"]), "--out", str(tmp_path / "ddp"), "--no-progress", "--no-export", "--workers", "1"],
         capture_output=True, text=True, timeout=300, env=env,
