@@ -134,7 +134,7 @@ def save_teacher(model, arch: str, path: Path) -> Path:
     import torch
 
     from ..offline.cache import Preprocessing
-    from ..offline.train import STUDENT_FORMAT
+    from ..offline.models import STUDENT_FORMAT
 
     record = {
         "format": STUDENT_FORMAT, "version": 1, "arch": arch,

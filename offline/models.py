@@ -1,23 +1,51 @@
-"""The model registry: built-in students (and teachers), and ``module:factory`` for your own.
+"""The model registry: built-in students (and teachers), ``module:factory`` for your own, and the
+student record that ``offline-distill`` writes and ``teacher-serve`` loads.
 
-A factory takes ``(input_shape, num_classes)``, the shape of one sample as stored in the cache
-and the number of classes, and returns an ``nn.Module`` mapping a float batch
-``[B, *input_shape]`` to logits ``[B, num_classes]``. The service imports this registry too, so
-that a model trained with ``offline-distill`` can be served as a teacher.
+A model spec is a registry name or ``package.module:factory`` (the attribute may be dotted,
+``module:Class.build``), importable from the current environment. Its factory is called with
+what its signature takes:
+
+* ``factory(input_shape, num_classes)``: the shape of one sample as stored in the cache and the
+  number of classes. Every built-in is such a factory; a factory that accepts two positional
+  arguments is always called this way.
+* ``factory()``: a model of fixed shape (``teacher-serve`` loaded only this form before). The
+  model's own input shape and classes are then checked by a forward pass.
+
+Either way it returns an ``nn.Module`` mapping a float batch ``[B, *input_shape]`` to logits
+``[B, num_classes]``. ``resolve`` finds the factory, ``instantiate`` calls it, ``build`` also
+checks the model with a forward pass; the trainer and the service both go through them.
+
+``student.pt`` (``student_record``, ``read_student_record``) holds the architecture, the
+weights and the input contract, loadable with ``torch.load(weights_only=True)``;
+``student.pt2`` (``export_program``) is a ``torch.export`` program carrying the same contract
+in its extra file ``kd_input_spec.json``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-Factory = Callable[[tuple[int, ...], int], nn.Module]
+if TYPE_CHECKING:
+    from .cache import CacheMeta
+
+Factory = Callable[..., nn.Module]
 REGISTRY: dict[str, Factory] = {}
+STUDENT_FORMAT = "kd-student"
+STUDENT_VERSION = 1
+INPUT_SPEC_FILE = "kd_input_spec.json"
+# What a reader needs of a student record; the rest (teacher_fingerprint, temperature, alpha)
+# describes how it was trained.
+STUDENT_REQUIRED = ("arch", "state_dict", "num_classes", "input_shape")
 
 
 class ModelSpecError(ValueError):
@@ -129,43 +157,82 @@ def resolve(spec: str) -> Factory:
     """A registry name, or ``package.module:factory`` importable from the current environment."""
     if spec in REGISTRY:
         return REGISTRY[spec]
-    if ":" not in spec:
+    module_name, sep, attr = spec.partition(":")
+    if not (sep and module_name and attr):
         raise ModelSpecError(f"unknown model {spec!r}; built-in: {', '.join(sorted(REGISTRY))}; or give module:factory")
-    module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelSpecError(f"{spec}: cannot import {module_name} ({exc})") from None
-    factory = getattr(module, attr, None)
+        factory: Any = importlib.import_module(module_name)
+    except Exception as exc:  # a user module can fail in any way on import; say which and why
+        raise ModelSpecError(f"{spec}: cannot import {module_name} ({describe_error(exc)})") from None
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
     if not callable(factory):
         raise ModelSpecError(f"{spec}: {module_name} has no callable {attr!r}")
     return factory
 
 
-def build(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build a model and check, with one forward pass on zeros, that it fits the inputs."""
-    input_shape = tuple(int(d) for d in input_shape)
-    factory = resolve(spec)
+def takes_shape(spec: str, factory: Factory) -> bool:
+    """Whether ``factory`` is called as ``factory(input_shape, num_classes)`` (True) or
+    ``factory()`` (False), read from its signature."""
     try:
-        model = factory(input_shape, num_classes)
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no signature to read (a builtin): the registry's form
+        return True
+    for args, shaped in (((None, None), True), ((), False)):
+        try:
+            signature.bind(*args)
+        except TypeError:
+            continue
+        return shaped
+    raise ModelSpecError(f"{spec}: its factory takes {signature}; a factory takes (input_shape, num_classes) or no arguments")
+
+
+def instantiate(spec: str, input_shape: Sequence[int] | None, num_classes: int | None) -> nn.Module:
+    """Resolve ``spec`` and call its factory with what it takes. ``input_shape`` and
+    ``num_classes`` may be None only for a factory that takes no arguments."""
+    factory = resolve(spec)
+    shaped = takes_shape(spec, factory)
+    if shaped and (input_shape is None or num_classes is None):
+        missing = "input shape" if input_shape is None else "number of classes"
+        raise ModelSpecError(f"{spec}: its factory takes (input_shape, num_classes), but the {missing} is not known")
+    name = spec.partition(":")[2] or spec
+    call = f"{name}({list(input_shape)}, {num_classes})" if shaped else f"{name}()"  # type: ignore[arg-type]
+    try:
+        model = factory(tuple(int(d) for d in input_shape), int(num_classes)) if shaped else factory()  # type: ignore[union-attr, arg-type]
     except ModelSpecError:
         raise
     except Exception as exc:  # a user factory can fail in any way; say which one and why
-        raise ModelSpecError(f"{spec}: building it for inputs {list(input_shape)} failed ({type(exc).__name__}: {exc})") from None
+        raise ModelSpecError(f"{spec}: calling {call} failed ({describe_error(exc)})") from None
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"{spec}: the factory returned {type(model).__name__}, expected torch.nn.Module")
+        raise ModelSpecError(f"{spec}: {call} returned {type(model).__name__}, expected torch.nn.Module")
+    return model
+
+
+def build(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Build a model and check, with one forward pass on zeros, that it fits the inputs."""
+    input_shape = tuple(int(d) for d in input_shape)
+    model = instantiate(spec, input_shape, num_classes)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
     except Exception as exc:
-        raise ModelSpecError(f"{spec} does not fit inputs of shape {list(input_shape)} ({type(exc).__name__}: {exc})") from None
+        raise ModelSpecError(f"{spec} does not fit inputs of shape {list(input_shape)} ({describe_error(exc)})") from None
     finally:
         model.train(was_training)
     if tuple(out.shape) != (2, num_classes):
         raise ModelSpecError(f"{spec} returns shape {list(out.shape[1:])} per sample, expected [{num_classes}] logits")
     return model
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as one short line (torch's messages run over several), for the errors of
+    model loading here and in the service."""
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -182,3 +249,50 @@ def weights_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:
         # A byte view rather than .numpy(): the same bytes, and bfloat16 has no numpy dtype.
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The student record and the exported program
+
+
+def input_contract(meta: CacheMeta) -> dict[str, Any]:
+    """The input contract as the model files record it: ``input_shape``, ``input_dtype`` and
+    ``preprocessing``, JSON-compatible."""
+    return {"input_shape": list(meta.input_shape), "input_dtype": meta.input_dtype, "preprocessing": meta.preprocessing.to_dict()}
+
+
+def student_record(arch: str, model: nn.Module, meta: CacheMeta, *, temperature: float, alpha: float) -> dict[str, Any]:
+    """What ``student.pt`` holds: enough to rebuild the model and feed it, with weights_only=True."""
+    contract = input_contract(meta)
+    return {
+        "format": STUDENT_FORMAT,
+        "version": STUDENT_VERSION,
+        "arch": arch,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "num_classes": meta.num_classes,
+        **contract,
+        "teacher_fingerprint": meta.teacher_fingerprint,
+        "temperature": temperature,
+        "alpha": alpha,
+    }
+
+
+def read_student_record(where: str, record: Any) -> Mapping[str, Any]:
+    """``record`` (what ``torch.load`` gave for ``where``) checked to be a student record with
+    every field a reader needs; the fields themselves are parsed by the reader."""
+    if not isinstance(record, Mapping) or record.get("format") != STUDENT_FORMAT:
+        raise ModelSpecError(f"{where}: not a student.pt written by offline-distill (no format {STUDENT_FORMAT!r})")
+    for key in STUDENT_REQUIRED:
+        if key not in record:
+            raise ModelSpecError(f"{where}: a {STUDENT_FORMAT} record without {key!r}")
+    return record
+
+
+def export_program(model: nn.Module, meta: CacheMeta, path: Path) -> None:
+    """``torch.export`` the model for preprocessed float32 input with a dynamic batch size; the
+    input contract goes into the extra file ``INPUT_SPEC_FILE``."""
+    model = model.eval().cpu()
+    example = torch.zeros(2, *meta.input_shape)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path, extra_files={INPUT_SPEC_FILE: json.dumps(input_contract(meta))})

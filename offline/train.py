@@ -32,7 +32,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # Below this size the shards sit in the page cache and reading them in the training process is
 # cheaper than shipping batches from worker processes (docs/benchmarks.md).
 AUTO_WORKERS_BYTES = 256 << 20
-STUDENT_FORMAT = "kd-student"
 
 
 class TrainError(Exception):
@@ -158,30 +157,13 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def student_record(cfg: TrainConfig, model: nn.Module, meta: CacheMeta) -> dict[str, Any]:
-    """What ``student.pt`` holds: enough to rebuild the model and feed it, with weights_only=True."""
-    return {
-        "format": STUDENT_FORMAT,
-        "version": 1,
-        "arch": cfg.student,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "num_classes": meta.num_classes,
-        "input_shape": list(meta.input_shape),
-        "input_dtype": meta.input_dtype,
-        "preprocessing": meta.preprocessing.to_dict(),
-        "teacher_fingerprint": meta.teacher_fingerprint,
-        "temperature": cfg.temperature,
-        "alpha": cfg.alpha,
-    }
+    """What ``student.pt`` holds (``models.student_record``, where its readers find it too)."""
+    return models.student_record(cfg.student, model, meta, temperature=cfg.temperature, alpha=cfg.alpha)
 
 
 def export_program(model: nn.Module, meta: CacheMeta, path: Path) -> None:
-    """``torch.export`` the student for preprocessed float32 input with a dynamic batch size."""
-    model = model.eval().cpu()
-    example = torch.zeros(2, *meta.input_shape)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    spec = {"input_shape": list(meta.input_shape), "input_dtype": meta.input_dtype, "preprocessing": meta.preprocessing.to_dict()}
-    torch.export.save(program, path, extra_files={"kd_input_spec.json": json.dumps(spec)})
+    """``student.pt2``: the student exported with its input contract (``models.export_program``)."""
+    models.export_program(model, meta, path)
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -134,8 +134,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from .app import TeacherService, create_app
+    from .loading import TeacherError, parse_normalize
     from .store import CacheStore
-    from .teacher import TeacherError, load_teacher, parse_normalize
+    from .teacher import load_teacher
 
     try:
         normalize = parse_normalize(settings.normalize) if settings.normalize else None
@@ -166,7 +167,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
     log.info(
         "teacher %s (%s, fingerprint %s) on %s/%s; cache %s holds %d samples; ack %s",
-        teacher.name, f"ensemble of {teacher.members}" if teacher.members > 1 else "single", teacher.fingerprint[:12],
+        teacher.name, f"ensemble of {len(teacher.members)}" if len(teacher.members) > 1 else "single", teacher.fingerprint[:12],
         teacher.device, str(teacher.compute_dtype).replace("torch.", ""), settings.cache, store.num_samples, settings.ack,
     )  # fmt: skip
     service = TeacherService(settings, teacher, store, api_key)

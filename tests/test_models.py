@@ -49,6 +49,34 @@ def test_user_factory(tmp_path, monkeypatch):
     sys.modules.pop("my_students", None)
 
 
+def test_factory_forms_are_read_from_the_signature(tmp_path, monkeypatch):
+    """One module:factory contract for the trainer and the service: (input_shape, num_classes), or no arguments."""
+    (tmp_path / "my_factories.py").write_text(
+        "import torch\n"
+        "def fixed():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n"
+        "class Zoo:\n"
+        "    @staticmethod\n"
+        "    def shaped(input_shape, num_classes, width=4):\n"
+        "        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))\n"
+        "def one(config):\n"
+        "    return fixed()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert models.takes_shape("my_factories:fixed", models.resolve("my_factories:fixed")) is False
+    assert models.takes_shape("my_factories:Zoo.shaped", models.resolve("my_factories:Zoo.shaped")) is True
+    assert models.build("my_factories:fixed", (8, 8), 10)(torch.zeros(1, 8, 8)).shape == (1, 10)
+    assert models.build("my_factories:Zoo.shaped", (3, 3), 5)(torch.zeros(1, 3, 3)).shape == (1, 5)
+    with pytest.raises(models.ModelSpecError, match=r"returns shape \[10\] per sample, expected \[7\]"):
+        models.build("my_factories:fixed", (8, 8), 7)  # a fixed model is checked like any other
+    with pytest.raises(models.ModelSpecError, match=r"my_factories:one: its factory takes \(config\); a factory takes"):
+        models.build("my_factories:one", (8, 8), 10)
+    with pytest.raises(models.ModelSpecError, match=r"the input shape is not known"):
+        models.instantiate("my_factories:Zoo.shaped", None, None)
+    assert isinstance(models.instantiate("my_factories:fixed", None, None), torch.nn.Module)
+    sys.modules.pop("my_factories", None)
+
+
 def test_student_sizes_are_ordered():
     sizes = [models.count_parameters(models.build(a, (8, 8), 10)) for a in ("mlp-small", "mlp", "mlp-large", "mlp-teacher")]
     assert sizes == sorted(sizes)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from kdcache.offline import models, train
 from kdcache.offline.cache import CacheMeta, Preprocessing
-from kdcache.service import teacher as teacher_module
-from kdcache.service.teacher import TeacherError, load_teacher, parse_normalize
+from kdcache.service.ensemble import ArithmeticMean, GeometricMean, SingleMember
+from kdcache.service.loading import InputContract, TeacherError, parse_normalize
+from kdcache.service.teacher import load_teacher
 
 SHAPE = (8, 8)
 CLASSES = 10
@@ -34,6 +35,15 @@ def flat_output():
 
 def needs_arguments(input_shape, num_classes):
     return models.build("mlp-small", input_shape, num_classes)
+
+def shaped(input_shape, num_classes):
+    return models.build("cnn-small", input_shape, num_classes)
+
+def one_argument(config):
+    return make()
+
+def broken():
+    raise RuntimeError("no")
 """
 
 
@@ -115,12 +125,19 @@ def spec_of(kind: str, root: Path) -> tuple[list[str], list[str], dict]:
         "arch+state_dict": (["cnn-small"], [str(root / "cnn.sd.pt")], UINT8_SCALED),
         "factory+wrapped": (["kd_test_factories:make"], [str(root / "cnn.wrapped.pt")], {}),
         "factory+state_dict": (["kd_test_factories:make"], [str(root / "cnn.sd.pt")], UINT8_SCALED),
+        # offline.models' factory form, (input_shape, num_classes): loaded as an ARCH is.
+        "shaped factory+wrapped": (["kd_test_factories:shaped"], [str(root / "cnn.wrapped.pt")], {}),
+        "shaped factory+state_dict": (["kd_test_factories:shaped"], [str(root / "cnn.sd.pt")], UINT8_SCALED),
     }[kind]
 
 
 @pytest.mark.parametrize(
-    "kind", ["student.pt", "student.pt2", "arch+student.pt", "arch+state_dict", "factory+wrapped", "factory+state_dict"]
-)
+    "kind",
+    [
+        "student.pt", "student.pt2", "arch+student.pt", "arch+state_dict", "factory+wrapped", "factory+state_dict",
+        "shaped factory+wrapped", "shaped factory+state_dict",
+    ],
+)  # fmt: skip
 def test_every_spec_kind_serves_the_model_itself(files, factories, kind):
     specs, weights, options = spec_of(kind, files["root"])
     teacher = load_teacher(specs, weights=weights, device="cpu", **options)
@@ -130,8 +147,14 @@ def test_every_spec_kind_serves_the_model_itself(files, factories, kind):
     np.testing.assert_allclose(logits, reference_logits(files["model"], x), rtol=1e-5, atol=1e-5)
     # The same weights have one fingerprint however they are packaged, the one the tests' caches use.
     assert teacher.fingerprint == models.weights_fingerprint(files["model"].state_dict())
-    assert teacher.contract == teacher_module.InputContract(SHAPE, "uint8", PREPROCESSING)
-    assert (teacher.num_classes, teacher.members, teacher.ensemble, teacher.compute_dtype) == (CLASSES, 1, None, torch.float32)
+    assert teacher.contract == InputContract(SHAPE, "uint8", PREPROCESSING)
+    assert (teacher.num_classes, len(teacher.members), teacher.combiner.ensemble, teacher.compute_dtype) == (
+        CLASSES,
+        1,
+        None,
+        torch.float32,
+    )
+    assert isinstance(teacher.combiner, SingleMember) and teacher.cache_meta().temperature_rule == "any"
 
 
 def test_exported_program_without_input_spec_takes_the_contract_from_options(files, tmp_path):
@@ -141,7 +164,7 @@ def test_exported_program_without_input_spec_takes_the_contract_from_options(fil
         load_teacher([str(tmp_path / "plain.pt2")], device="cpu")
     teacher = load_teacher([str(tmp_path / "plain.pt2")], device="cpu", input_shape=SHAPE)
     x = np.random.default_rng(0).normal(size=(4, *SHAPE)).astype(np.float32)
-    assert teacher.contract == teacher_module.InputContract(SHAPE, "float32", Preprocessing())
+    assert teacher.contract == InputContract(SHAPE, "float32", Preprocessing())
     assert teacher.num_classes == CLASSES  # from a forward pass: the file does not say
     np.testing.assert_allclose(teacher.forward(x), reference_logits(files["mlps"][0], x, Preprocessing()), rtol=1e-5, atol=1e-5)
     assert teacher.fingerprint == models.weights_fingerprint(files["mlps"][0].state_dict())
@@ -152,8 +175,22 @@ def test_class_count_guessed_from_the_classifier_bias(files):
     assert teacher.num_classes == 7
 
 
-def test_student_format_matches_the_trainer():
-    assert teacher_module.STUDENT_FORMAT == train.STUDENT_FORMAT
+def test_student_format_matches_the_trainer(files):
+    """One definition of the record: what the trainer writes is what the reader checks."""
+    record = torch.load(files["root"] / "run/student.pt", weights_only=True)
+    assert record["format"] == models.STUDENT_FORMAT
+    assert models.read_student_record("student.pt", record) is record
+    assert set(record) == {
+        "format", "version", "arch", "state_dict", "num_classes", "input_shape", "input_dtype", "preprocessing",
+        "teacher_fingerprint", "temperature", "alpha",
+    }  # fmt: skip
+    with pytest.raises(models.ModelSpecError, match=r"student\.pt: a kd-student record without 'num_classes'"):
+        models.read_student_record("student.pt", {k: v for k, v in record.items() if k != "num_classes"})
+    extra_files = {models.INPUT_SPEC_FILE: ""}
+    torch.export.load(files["root"] / "run/student.pt2", extra_files=extra_files)
+    assert json.loads(extra_files[models.INPUT_SPEC_FILE]) == {
+        "input_shape": list(SHAPE), "input_dtype": "uint8", "preprocessing": PREPROCESSING.to_dict(),
+    }  # fmt: skip
 
 
 def test_fingerprints(files):
@@ -186,7 +223,12 @@ def load_mlp_ensemble(files, **options):
 
 def test_geometric_ensemble_is_the_normalised_product_at_every_temperature(files):
     teacher = load_mlp_ensemble(files)
-    assert (teacher.members, teacher.ensemble, teacher.name) == (3, "geometric", "ensemble-geometric(mlp-small,mlp-small,mlp-small)")
+    assert (len(teacher.members), teacher.combiner.ensemble, teacher.name) == (
+        3,
+        "geometric",
+        "ensemble-geometric(mlp-small,mlp-small,mlp-small)",
+    )
+    assert isinstance(teacher.combiner, GeometricMean) and teacher.cache_meta().temperature_rule == "any"
     x = np.random.default_rng(1).normal(size=(6, *SHAPE)).astype(np.float32) * 3
     stored = torch.from_numpy(teacher.forward(x)).double()
     z = member_logits(files, x)
@@ -204,12 +246,14 @@ def test_arithmetic_ensemble_is_the_mean_of_probabilities_at_the_serving_tempera
     mean = torch.softmax(member_logits(files, x) / t_s, dim=-1).mean(dim=0)
     torch.testing.assert_close(torch.softmax(stored / t_s, dim=-1), mean, atol=1e-5, rtol=0)
     meta = teacher.cache_meta("float16")
-    assert (meta.temperature, meta.logits_dtype, meta.teacher_fingerprint, meta.num_classes) == (
+    assert (meta.serving_temperature, meta.logits_dtype, meta.teacher_fingerprint, meta.num_classes) == (
         t_s,
         "float16",
         teacher.fingerprint,
         CLASSES,
     )
+    # The rule the cache records, so that the trainer need not parse the teacher's name.
+    assert isinstance(teacher.combiner, ArithmeticMean) and meta.temperature_rule == "serving"
 
 
 def test_uint8_with_device_preprocessing_equals_float_preprocessed_by_hand(files):
@@ -302,11 +346,19 @@ def bad_cases(root: Path) -> list:
         (["kd_test_factories:missing"], [f"{r}/cnn.sd.pt"], {}, r"kd_test_factories:missing: kd_test_factories has no callable 'missing'"),
         (["kd_test_factories:not_a_module"], [f"{r}/cnn.sd.pt"], {}, r"not_a_module\(\) returned int, expected torch\.nn\.Module"),
         (
+            # A factory taking (input_shape, num_classes) needs the shape from the weights or the options.
             ["kd_test_factories:needs_arguments"],
             [f"{r}/cnn.sd.pt"],
             {},
-            r"needs_arguments: calling needs_arguments\(\) failed; expected a zero-argument callable",
+            r"kd_test_factories:needs_arguments with .*cnn\.sd\.pt: does not declare its input shape",
         ),
+        (
+            ["kd_test_factories:one_argument"],
+            [f"{r}/cnn.sd.pt"],
+            {},
+            r"one_argument: its factory takes \(config\); a factory takes \(input_shape, num_classes\) or no arguments",
+        ),
+        (["kd_test_factories:broken"], [f"{r}/cnn.sd.pt"], {}, r"kd_test_factories:broken: calling broken\(\) failed \(RuntimeError: no"),
         (
             ["kd_test_factories:flat_output"],
             [f"{r}/flat.sd.pt"],

@@ -1,0 +1,395 @@
+"""Loading a teacher's members: the four spec kinds, their weights, their input contract, and the
+options that override what a file declares. Everything here happens on the CPU; ``teacher``
+moves the members to the serving device.
+
+A teacher is named by one or more ``--teacher SPEC``, each of four kinds:
+
+    FILE.pt2          a ``torch.export`` program. One written by offline-distill (``student.pt2``)
+                      carries its input contract in the extra file ``kd_input_spec.json``; any other
+                      needs ``input_shape`` (input dtype float32 and identity preprocessing unless given).
+    FILE.pt           a ``student.pt`` written by offline-distill: architecture, weights and contract.
+    ARCH + weights    a built-in architecture of ``offline.models`` (``mlp-teacher``, ``resnet``, ...)
+                      with a ``student.pt`` or a plain state_dict.
+    module:factory    a factory as ``offline.models`` defines it, with a weights file: one taking
+    + weights         ``(input_shape, num_classes)`` is loaded as an ARCH is; one taking no arguments
+                      returns its model as is. The weights are a plain state_dict, or a dict holding
+                      ``state_dict`` and optionally the contract (or a student.pt).
+
+Weights files are paired, in order, with the specs that need one (the last two kinds). Options
+(``input_shape``, ``input_dtype``, ``normalize``, ``input_scale``, ``num_classes``) override what a
+file declares.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..offline import models
+from ..offline.cache import Preprocessing
+from ..offline.models import describe_error
+
+SPEC_FORMS = (
+    "a torch.export program (FILE.pt2), a student.pt written by offline-distill (FILE.pt), "
+    "a built-in architecture ({archs}) with a weights file, or module:factory (a callable taking (input_shape, num_classes) "
+    "or no arguments, returning an nn.Module) with a weights file"
+)
+
+
+class TeacherError(Exception):
+    """A teacher that cannot be loaded or served; one line naming the file or spec and what was expected."""
+
+
+def spec_forms() -> str:
+    return SPEC_FORMS.format(archs=", ".join(sorted(models.REGISTRY)))
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a client sends (``input_shape`` per sample, ``input_dtype``) and what the teacher does to
+    it on the device before the forward pass (``preprocessing``)."""
+
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    preprocessing: Preprocessing
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_shape": list(self.input_shape), "input_dtype": self.input_dtype, "preprocessing": self.preprocessing.to_dict()}
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The loading options, laid over what each model file declares."""
+
+    input_shape: tuple[int, ...] | None = None
+    input_dtype: str | None = None
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    input_scale: float | None = None
+    num_classes: int | None = None
+
+    def contract(self, where: str, declared: Mapping[str, Any]) -> InputContract:
+        shape = self.input_shape or declared.get("input_shape")
+        if shape is None:
+            raise TeacherError(f"{where}: does not declare its input shape; pass input_shape (the shape of one sample)")
+        preprocessing = declared.get("preprocessing") or Preprocessing()
+        if self.normalize is not None:
+            preprocessing = replace(preprocessing, mean=tuple(self.normalize[0]), std=tuple(self.normalize[1]))
+        if self.input_scale is not None:
+            preprocessing = replace(preprocessing, scale=float(self.input_scale))
+        return _make_contract(where, shape, self.input_dtype or declared.get("input_dtype") or "float32", preprocessing)
+
+
+@dataclass
+class Member:
+    """One loaded model of a teacher."""
+
+    spec: str
+    name: str
+    module: nn.Module
+    fingerprint: str
+    contract: InputContract
+    declared_classes: int | None  # what the file (or num_classes) says, checked against a forward pass
+    exported: bool  # a torch.export program: moved to a device with move_to_device_pass, never .eval()'d
+
+    def on_device(self, device: torch.device) -> Member:
+        """This member with its module on ``device``, in inference mode."""
+        try:
+            if self.exported:
+                program: Any = self.module
+                if device.type != "cpu":
+                    program = torch.export.passes.move_to_device_pass(program, device)
+                module = program.module()  # an exported module refuses .eval(); it was traced in the mode it runs in
+            else:
+                module = self.module.to(device).eval()
+        except Exception as exc:
+            raise TeacherError(f"{self.spec}: cannot be moved to {device} ({describe_error(exc)})") from None
+        return replace(self, module=module)
+
+
+# ---------------------------------------------------------------------------------------------
+# The input contract
+
+
+def torch_dtype(input_dtype: str) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=input_dtype)).dtype
+
+
+def _make_contract(where: str, shape: Sequence[int], dtype: Any, preprocessing: Preprocessing) -> InputContract:
+    try:
+        input_shape = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise TeacherError(f"{where}: input shape {shape!r} is not a list of integers") from None
+    if not input_shape or any(d < 1 for d in input_shape):
+        raise TeacherError(f"{where}: input shape {list(input_shape)} must have at least one dimension, all >= 1")
+    try:
+        input_dtype = np.dtype(dtype).name
+        if np.dtype(dtype).kind not in "uifb":
+            raise TypeError(f"{input_dtype} is not numeric")
+        torch_dtype(input_dtype)
+    except (TypeError, ValueError) as exc:
+        raise TeacherError(f"{where}: input dtype {dtype!r} is not a numeric dtype torch supports ({describe_error(exc)})") from None
+    for label, values in (("mean", preprocessing.mean), ("std", preprocessing.std)):
+        if len(values) not in (1, input_shape[0]):
+            raise TeacherError(
+                f"{where}: preprocessing {label} has {len(values)} values; expected 1 or one per channel "
+                f"({input_shape[0]}, axis 0 of the sample shape {list(input_shape)})"
+            )
+    if any(s == 0 for s in preprocessing.std):
+        raise TeacherError(f"{where}: preprocessing std must not contain 0")
+    return InputContract(input_shape, input_dtype, preprocessing)
+
+
+def _declared_contract(where: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """input_shape / input_dtype / preprocessing / num_classes as a model file records them
+    (``offline.models.input_contract`` writes them)."""
+    declared: dict[str, Any] = {}
+    try:
+        if raw.get("input_shape") is not None:
+            declared["input_shape"] = tuple(int(d) for d in raw["input_shape"])
+        if raw.get("input_dtype") is not None:
+            declared["input_dtype"] = np.dtype(str(raw["input_dtype"])).name
+        if raw.get("preprocessing") is not None:
+            declared["preprocessing"] = Preprocessing.from_dict(dict(raw["preprocessing"]))
+        if raw.get("num_classes") is not None:
+            declared["num_classes"] = int(raw["num_classes"])
+    except (TypeError, ValueError) as exc:
+        raise TeacherError(f"{where}: bad input contract ({describe_error(exc)})") from None
+    return declared
+
+
+def parse_normalize(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``"MEAN,STD"``: two scalars, or per-channel values joined by ``/``
+    (``"0.485/0.456/0.406,0.229/0.224/0.225"``)."""
+    form = "expected MEAN,STD: two numbers, or per-channel numbers joined by '/' as in 0.485/0.456/0.406,0.229/0.224/0.225"
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"normalize {text!r}: {form}")
+    try:
+        mean, std = (tuple(float(v) for v in part.split("/")) for part in parts)
+    except ValueError:
+        raise ValueError(f"normalize {text!r}: {form}") from None
+    if not all(math.isfinite(v) for v in mean + std):
+        raise ValueError(f"normalize {text!r}: values must be finite")
+    if any(s == 0 for s in std):
+        raise ValueError(f"normalize {text!r}: std must not contain 0")
+    if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+        raise ValueError(f"normalize {text!r}: {len(mean)} means but {len(std)} stds; give as many of each, or one")
+    return mean, std
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _names(keys: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(k) for k in list(keys)[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _torch_load(path: str, role: str) -> Any:
+    if not Path(path).is_file():
+        raise TeacherError(f"{path}: no such file ({role})")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise TeacherError(
+            f"{path}: holds Python objects that torch.load(weights_only=True) refuses (a pickled nn.Module?); "
+            f"save model.state_dict() instead ({describe_error(exc)[:160]})"
+        ) from None
+    except Exception as exc:
+        raise TeacherError(f"{path}: not readable by torch.load ({describe_error(exc)})") from None
+
+
+def _state_dict_of(where: str, payload: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A plain state_dict, or a dict holding one under ``state_dict`` beside an optional contract."""
+    declared: dict[str, Any] = {}
+    state = payload
+    if isinstance(payload, Mapping) and "state_dict" in payload:
+        state = payload["state_dict"]
+        declared = _declared_contract(where, payload)
+    if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise TeacherError(
+            f"{where}: expected a state_dict (parameter names to tensors) or a dict with 'state_dict', got {type(payload).__name__}"
+        )
+    return dict(state), declared
+
+
+def _load_weights(where: str, module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Strict load, with what does not fit said on one line."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    for key in expected:
+        if key in state and state[key].shape != expected[key].shape:
+            problems.append(f"{key!r} is {list(state[key].shape)}, the model has {list(expected[key].shape)}")
+            break
+    if problems:
+        raise TeacherError(f"{where}: weights do not fit the model: {'; '.join(problems)}")
+    try:
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise TeacherError(f"{where}: weights do not fit the model ({describe_error(exc)})") from None
+
+
+def _member(spec: str, name: str, module: nn.Module, contract: InputContract, declared_classes: int | None) -> Member:
+    """A member built from an ``nn.Module``, fingerprinted by its weights."""
+    fingerprint = models.weights_fingerprint(module.state_dict())
+    return Member(
+        spec=spec, name=name, module=module, fingerprint=fingerprint, contract=contract, declared_classes=declared_classes, exported=False
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The four kinds
+
+
+def _load_exported(spec: str, options: Overrides) -> Member:
+    if not Path(spec).is_file():
+        raise TeacherError(f"{spec}: no such file (torch.export program)")
+    spec_file = models.INPUT_SPEC_FILE
+    extra_files = {spec_file: ""}
+    try:
+        program = torch.export.load(spec, extra_files=extra_files)
+    except Exception as exc:
+        raise TeacherError(f"{spec}: not a torch.export program ({describe_error(exc)})") from None
+    declared: dict[str, Any] = {}
+    if extra_files.get(spec_file):
+        try:
+            raw = json.loads(extra_files[spec_file])
+        except ValueError as exc:
+            raise TeacherError(f"{spec}: {spec_file} is not JSON ({describe_error(exc)})") from None
+        if not isinstance(raw, dict):
+            raise TeacherError(f"{spec}: {spec_file} is not a JSON object")
+        declared = _declared_contract(f"{spec}: {spec_file}", raw)
+    # Parameters, buffers and lifted constants under their module names: the same names, hence the
+    # same fingerprint, as the state_dict of the nn.Module that was exported.
+    tensors = {k: v for k, v in {**program.state_dict, **program.constants}.items() if isinstance(v, torch.Tensor)}
+    return Member(
+        spec=spec, name=spec, module=program, fingerprint=models.weights_fingerprint(tensors),  # type: ignore[arg-type]
+        contract=options.contract(spec, declared), declared_classes=declared.get("num_classes"), exported=True,
+    )  # fmt: skip
+
+
+def _from_student_record(where: str, payload: Any, options: Overrides, model_spec: str | None) -> Member:
+    try:
+        record = models.read_student_record(where, payload)
+    except models.ModelSpecError as exc:
+        hint = "to serve a plain state_dict give ARCH or module:factory as the teacher and this file as its weights"
+        raise TeacherError(f"{exc}; {hint}" if "not a student.pt" in str(exc) else str(exc)) from None
+    arch = str(record["arch"])
+    if model_spec is not None and arch != model_spec:
+        raise TeacherError(f"{where}: holds a {arch!r} model, but the teacher spec says {model_spec!r}")
+    state, declared = _state_dict_of(where, record)
+    contract = options.contract(where, declared)
+    module = _build(where, arch, contract.input_shape, declared["num_classes"])
+    _load_weights(where, module, state)
+    return _member(where, arch, module, contract, declared["num_classes"])
+
+
+def _build(where: str, model_spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    try:
+        return models.build(model_spec, input_shape, num_classes)
+    except models.ModelSpecError as exc:
+        raise TeacherError(f"{where}: {exc}") from None
+
+
+def _load_with_weights(model_spec: str, weights: str, options: Overrides) -> Member:
+    """An ARCH or module:factory spec and its weights file."""
+    try:
+        if not models.takes_shape(model_spec, models.resolve(model_spec)):
+            # The factory's model has its own shape; the contract only says what clients send.
+            module = models.instantiate(model_spec, None, None)
+            state, declared = _state_dict_of(weights, _torch_load(weights, f"weights for {model_spec}"))
+            where = f"{model_spec} with {weights}"
+            _load_weights(where, module, state)
+            return _member(model_spec, model_spec, module, options.contract(where, declared), declared.get("num_classes"))
+    except models.ModelSpecError as exc:
+        raise TeacherError(str(exc)) from None
+    payload = _torch_load(weights, f"weights for {model_spec}")
+    if isinstance(payload, Mapping) and "format" in payload:
+        return _from_student_record(weights, payload, options, model_spec=model_spec)
+    where = f"{model_spec} with {weights}"
+    state, declared = _state_dict_of(weights, payload)
+    contract = options.contract(where, declared)
+    num_classes = options.num_classes or declared.get("num_classes")
+    if num_classes is not None:
+        module = _build(where, model_spec, contract.input_shape, num_classes)
+        _load_weights(where, module, state)
+        return _member(model_spec, model_spec, module, contract, num_classes)
+    # The class count is the length of the classifier's bias, the last 1-D tensor in the usual
+    # definition order; the strict load confirms the guess.
+    last = next((k for k in reversed(state) if state[k].dim() == 1), None)
+    if last is None:
+        raise TeacherError(f"{where}: cannot tell the class count (no 1-D tensor in the state_dict); pass num_classes")
+    guess = int(state[last].numel())
+    module = _build(where, model_spec, contract.input_shape, guess)
+    try:
+        _load_weights(where, module, state)
+    except TeacherError as exc:
+        raise TeacherError(f"{exc}; guessed {guess} classes from {last!r}; pass num_classes") from None
+    return _member(model_spec, model_spec, module, contract, guess)
+
+
+def spec_kind(spec: str) -> str:
+    """``exported``, ``student`` or ``model`` (an ARCH or module:factory, which takes a weights file)."""
+    if spec.endswith(".pt2"):
+        return "exported"
+    if spec.endswith(".pt"):
+        return "student"
+    if spec in models.REGISTRY:
+        return "model"
+    module_name, sep, attr = spec.partition(":")
+    if sep and module_name and attr and all(p.isidentifier() for p in module_name.split(".") + attr.split(".")):
+        return "model"
+    raise TeacherError(f"{spec}: not a teacher spec; give {spec_forms()}")
+
+
+def load_members(specs: Sequence[str], weights: Sequence[str], options: Overrides) -> Iterator[Member]:
+    """Every member on the CPU, one at a time and in order (so that the caller can move each to
+    its device before the next is loaded), checked to take the same inputs as the first. Class
+    counts are checked later, by a forward pass on the device."""
+    kinds = [spec_kind(spec) for spec in specs]
+    needing = [spec for spec, kind in zip(specs, kinds, strict=True) if kind == "model"]
+    if len(weights) < len(needing):
+        raise TeacherError(f"{needing[len(weights)]}: needs a weights file; {len(needing)} teacher(s) need one, {len(weights)} given")
+    if len(weights) > len(needing):
+        raise TeacherError(
+            f"{weights[len(needing)]}: {len(weights)} weights files given but only {len(needing)} teacher(s) take one ({', '.join(needing) or 'none'})"
+        )
+    pending_weights = iter(weights)
+    first: tuple[str, InputContract] | None = None  # not the member: the caller moves it off the CPU
+    for spec, kind in zip(specs, kinds, strict=True):
+        if kind == "exported":
+            member = _load_exported(spec, options)
+        elif kind == "student":
+            member = _from_student_record(spec, _torch_load(spec, "student.pt"), options, model_spec=None)
+        else:
+            member = _load_with_weights(spec, next(pending_weights), options)
+        if options.num_classes is not None:
+            if member.declared_classes not in (None, options.num_classes):
+                raise TeacherError(f"{member.spec}: declares {member.declared_classes} classes, but num_classes is {options.num_classes}")
+            member = replace(member, declared_classes=options.num_classes)
+        if first is None:
+            first = (member.spec, member.contract)
+        elif member.contract != first[1]:
+            first_spec, contract = first
+            field = next(f for f in ("input_shape", "input_dtype", "preprocessing") if getattr(member.contract, f) != getattr(contract, f))
+            raise TeacherError(
+                f"{member.spec}: {field} is {getattr(member.contract, field)!r}, but {first_spec} has {getattr(contract, field)!r}; "
+                "all members of an ensemble must take the same inputs"
+            )
+        yield member
