@@ -59,7 +59,7 @@ def write_cache(directory: Path, x: np.ndarray, logits: np.ndarray, labels: np.n
 
     meta = CacheMeta(
         teacher_fingerprint=fingerprint, teacher_name=demo.TEACHER_ARCH, num_classes=logits.shape[1], input_shape=x.shape[1:],
-        input_dtype=x.dtype.name, preprocessing=Preprocessing(scale=demo.INPUT_SCALE), temperature=1.0,
+        input_dtype=x.dtype.name, preprocessing=Preprocessing(scale=demo.INPUT_SCALE), serving_temperature=1.0,
     )  # fmt: skip
     with CacheWriter(directory, meta) as writer:
         writer.append(np.arange(len(x)), x, logits, labels)

@@ -29,8 +29,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .cache import CacheError, CacheMeta, CacheReader, ShardHandle, ShardInfo
+from .cache.contract import MIXABLE_FIELDS
 
-TRAIN_FIELDS = ("inputs", "logits", "labels")
 DEFAULT_BLOCK_BYTES = 4 << 20
 DEFAULT_SHUFFLE_BUFFER = 16384
 MAX_OPEN_FILES = 4
@@ -56,7 +56,7 @@ def open_caches(
     readers = [CacheReader(d, skip_corrupt=skip_corrupt, verify_checksums=verify_checksums) for d in directories]
     first = readers[0].meta
     for reader in readers[1:]:
-        problem = first.mismatch(reader.meta, ("num_classes", "input_shape", "input_dtype"))
+        problem = first.mismatch(reader.meta, MIXABLE_FIELDS)
         if problem:
             raise CacheError(
                 f"{reader.directory}: cannot be mixed with {readers[0].directory}: {problem} "
@@ -120,7 +120,8 @@ def _dist_rank() -> tuple[int, int]:
 
 
 class ShardStream(IterableDataset):
-    """Streams collated batches ``{"inputs", "logits", "labels"[, "ids"]}`` from cache shards.
+    """Streams collated batches ``{"inputs", "labels", <the layout's fields>[, "ids"]}`` from
+    cache shards (``{"inputs", "labels", "logits"}`` for full logits).
 
     ``rank``/``world_size`` default to torch.distributed's when it is initialised. Call
     ``set_epoch`` before iterating, as with DistributedSampler.
@@ -153,7 +154,8 @@ class ShardStream(IterableDataset):
         chunk = meta.chunk_rows()
         self.block_rows = block_rows or chunk * max(1, DEFAULT_BLOCK_BYTES // max(1, chunk * meta.row_bytes()))
         self.drop_last = drop_last
-        self.fields = TRAIN_FIELDS + (("ids",) if with_ids else ())
+        # The columns a training step takes: inputs, labels and the layout's target fields.
+        self.fields = ("inputs", "labels", *meta.layout.fields(meta.num_classes)) + (("ids",) if with_ids else ())
         self.skip_corrupt = skip_corrupt
         self._rank, self._world = rank, world_size
         # Shared memory, so that persistent DataLoader workers see set_epoch() from the parent.
@@ -259,10 +261,11 @@ class ShardStream(IterableDataset):
         bad label would escape as an IndexError from cross_entropy, and a NaN logit would
         silently turn the loss into NaN (tests/test_corrupt.py, bad-label/nan-logits)."""
         rows = slice(fill, fill + block.stop - block.start)
-        labels, logits = buffer["labels"][rows], buffer["logits"][rows]
+        labels = buffer["labels"][rows]
         bad_labels = (labels < -1) | (labels >= self.meta.num_classes)
-        if bad_labels.any() or not np.isfinite(logits).all():
-            what = f"label {int(labels[bad_labels][0])} out of range" if bad_labels.any() else "non-finite teacher logits"
+        targets = {name: buffer[name][rows] for name in self.meta.layout.fields(self.meta.num_classes)}
+        what = f"label {int(labels[bad_labels][0])} out of range" if bad_labels.any() else self.meta.layout.problem(targets)
+        if what:
             raise CacheError(
                 f"{self.shards[block.shard].path}: {what} in rows {block.start}:{block.stop} "
                 "(the shard is corrupt; cache-inspect --verify checks it)"

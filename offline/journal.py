@@ -1,7 +1,7 @@
 """The cache's write-ahead journal: how the service acknowledges samples before their shard is
 published.
 
-A shard is published only when it is full (see ``offline.cache.CacheWriter``), which can be
+A shard is published only when it is full (see ``offline.cache.writer``), which can be
 tens of thousands of samples later than the request that brought a sample in. So that the
 service can answer "stored" at once and still lose nothing to a ``kill -9``, every batch it
 stores is first appended to ``DIR/.journal`` and fsynced (one fsync per group of batches:
@@ -16,8 +16,11 @@ Record layout, little-endian::
     crc32   uint32    of the payload
     length  uint64    payload bytes
     payload           uint32 header length, a JSON header {"n", "ids"}, then the raw bytes of
-                      inputs [n, *input_shape] (cache input dtype), logits [n, C] (float32)
-                      and labels [n] (int64)
+                      inputs [n, *input_shape] (cache input dtype), the teacher's logits [n, C]
+                      (float32) and labels [n] (int64)
+
+The journal holds what the teacher produced, before the cache's target layout encodes it:
+replay appends it through ``CacheWriter.append``, which encodes it as any new batch.
 
 A record is valid only if it is complete and its checksum matches. A crash can tear only the
 last record (records are appended by one thread, in order), and that record was never
@@ -36,6 +39,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,7 +51,14 @@ _HEAD = struct.Struct("<4sIQ")
 _LEN = struct.Struct("<I")
 
 
-def encode_record(meta: CacheMeta, ids: list[str], inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> bytes:
+class JournalRecord(NamedTuple):
+    ids: list[str]
+    inputs: np.ndarray
+    teacher_logits: np.ndarray
+    labels: np.ndarray
+
+
+def encode_record(meta: CacheMeta, ids: list[str], inputs: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray) -> bytes:
     n = len(ids)
     header = json.dumps({"n": n, "ids": ids}, separators=(",", ":")).encode()
     payload = b"".join(
@@ -55,14 +66,14 @@ def encode_record(meta: CacheMeta, ids: list[str], inputs: np.ndarray, logits: n
             _LEN.pack(len(header)),
             header,
             np.ascontiguousarray(inputs, dtype=meta.input_dtype).tobytes(),
-            np.ascontiguousarray(logits, dtype=np.float32).tobytes(),
+            np.ascontiguousarray(teacher_logits, dtype=np.float32).tobytes(),
             np.ascontiguousarray(labels, dtype=np.int64).tobytes(),
         )
     )
     return _HEAD.pack(MAGIC, zlib.crc32(payload), len(payload)) + payload
 
 
-def _decode_payload(meta: CacheMeta, payload: memoryview) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def _decode_payload(meta: CacheMeta, payload: memoryview) -> JournalRecord:
     (header_len,) = _LEN.unpack_from(payload, 0)
     header = json.loads(bytes(payload[_LEN.size : _LEN.size + header_len]))
     n, ids = int(header["n"]), [str(v) for v in header["ids"]]
@@ -75,10 +86,10 @@ def _decode_payload(meta: CacheMeta, payload: memoryview) -> tuple[list[str], np
     labels = np.frombuffer(payload, dtype=np.int64, count=n, offset=offset)
     if offset + labels.nbytes != len(payload) or len(ids) != n:
         raise ValueError("record size does not match its header")
-    return ids, inputs, logits, labels
+    return JournalRecord(ids, inputs, logits, labels)
 
 
-def read_journal(path: Path, meta: CacheMeta) -> tuple[list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray]], int, int]:
+def read_journal(path: Path, meta: CacheMeta) -> tuple[list[JournalRecord], int, int]:
     """The valid records of a journal, the byte length they span, and the bytes after them (a
     torn tail, or 0)."""
     if not path.exists():
@@ -104,7 +115,7 @@ def read_journal(path: Path, meta: CacheMeta) -> tuple[list[tuple[list[str], np.
 def pending_samples(directory: Path, meta: CacheMeta) -> int:
     """Samples in a journal not yet folded into shards (some may already be published)."""
     records, _, _ = read_journal(Path(directory) / JOURNAL_NAME, meta)
-    return sum(len(r[0]) for r in records)
+    return sum(len(r.ids) for r in records)
 
 
 class Journal:

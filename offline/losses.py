@@ -6,6 +6,8 @@ of the soft term. Both are chosen at training time, independently of the serving
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -40,3 +42,18 @@ def distillation_loss(
     labelled = labels >= 0
     hard = F.cross_entropy(z, labels.clamp(min=0), reduction="none") * labelled
     return (alpha * soft + (1.0 - alpha) * hard).mean()
+
+
+LOSS_KINDS = ("kl", "mse")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a run distils with: ``distillation_loss`` at one temperature, weight and kind."""
+
+    temperature: float
+    alpha: float
+    kind: str = "kl"
+
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(student_logits, teacher_logits, labels, self.temperature, self.alpha, self.kind)

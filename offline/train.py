@@ -1,9 +1,12 @@
-"""The offline training loop: a student learns from cached teacher logits; no teacher is loaded.
+"""The offline training loop: a student learns from cached teacher outputs; no teacher is loaded.
 
-Read it top to bottom: open the caches, build the student, then for each epoch stream batches,
-take optimiser steps on ``distillation_loss``, evaluate, log, checkpoint. Under ``torchrun`` the
-same loop runs with DDP (gloo on the CPU, nccl on CUDA); each rank streams its own part of the
-shards and only rank 0 writes files.
+Read it top to bottom: the step (``train_step``: preprocess, forward, ``Objective``, AdamW),
+the set-up (device and process group, DataLoader workers, checkpoints), the outputs, and the
+loop that ``train`` runs: open the caches, build the student, then for each epoch stream
+batches through ``train_step``, evaluate, log, checkpoint. Under ``torchrun`` the same loop runs
+with DDP (gloo on the CPU, nccl on CUDA); each rank streams its own part of the shards and only
+rank 0 writes files. The benchmarks import ``train_step`` and ``EpochStats``, so that they
+time exactly this step.
 """
 
 from __future__ import annotations
@@ -14,19 +17,20 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from . import models
-from .cache import CacheError, CacheMeta, CacheReader, read_transfer_set
+from .cache import CacheError, CacheMeta, CacheReader
 from .dataset import ShardStream, open_caches
-from .losses import distillation_loss
+from .evaluate import EvalSetError, evaluate, load_eval_set
+from .losses import LOSS_KINDS, Objective
+from .step import EpochStats, step_on_inputs, train_step
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Below this size the shards sit in the page cache and reading them in the training process is
@@ -54,7 +58,7 @@ class TrainConfig:
     resume: bool = False
     loss: str = "kl"
     weight_decay: float = 0.0
-    workers: int | None = None  # None: 0 for caches under AUTO_WORKERS_BYTES, else 2
+    workers: int | None = None  # None: default_workers(the caches' bytes)
     shuffle_buffer: int = 16384
     allow_mixed_teachers: bool = False
     skip_corrupt: bool = False
@@ -74,10 +78,13 @@ class TrainConfig:
             raise TrainError(f"--temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise TrainError(f"--alpha must lie in [0, 1], got {self.alpha}")
-        if self.loss not in ("kl", "mse"):
+        if self.loss not in LOSS_KINDS:
             raise TrainError(f"--loss must be kl or mse, got {self.loss!r}")
         if self.workers is not None and self.workers < 0:
             raise TrainError(f"--workers must be >= 0, got {self.workers}")
+
+    def objective(self) -> Objective:
+        return Objective(self.temperature, self.alpha, self.loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,34 +123,50 @@ def setup_distributed(device: str) -> Dist:
     )
 
 
-def load_eval_set(path: str, meta: CacheMeta) -> tuple[torch.Tensor, torch.Tensor]:
-    """An ``.npz`` with ``inputs`` and ``labels``, or a cache directory, checked against ``meta``."""
-    arrays = CacheReader(path).read(("inputs", "labels")) if Path(path).is_dir() else read_transfer_set(path)
-    inputs = arrays["inputs"]
-    if tuple(inputs.shape[1:]) != meta.input_shape:
-        raise TrainError(f"{path}: inputs have sample shape {list(inputs.shape[1:])}, the cache's are {list(meta.input_shape)}")
-    if inputs.dtype.kind not in "biuf":
-        raise TrainError(f"{path}: inputs have dtype {inputs.dtype}, expected numbers")
-    if "labels" not in arrays:
-        raise TrainError(f"{path}: has no 'labels' array to evaluate against")
-    labels = arrays["labels"]
-    if len(labels) == 0 or (labels < 0).any() or (labels >= meta.num_classes).any():
-        raise TrainError(f"{path}: labels must be known and lie in [0, {meta.num_classes - 1}]")
-    return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(labels)
+def default_workers(total_bytes: int) -> int:
+    """DataLoader worker processes when ``--workers`` is not given, from the caches' size."""
+    return 0 if total_bytes < AUTO_WORKERS_BYTES else 2
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, meta: CacheMeta, device: torch.device, batch_size: int = 1024
-) -> float:
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(inputs), batch_size):
-        x = meta.preprocessing.apply(inputs[start : start + batch_size].to(device))
-        correct += int((model(x).argmax(-1).cpu() == labels[start : start + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(inputs)
+@dataclass
+class Checkpoint:
+    """``RUN_DIR/checkpoint.pt``, written after each epoch. Because the data order is a function
+    of (seed, epoch), a resumed run takes exactly the same steps as an uninterrupted one."""
+
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng_cpu: torch.Tensor
+    rng_cuda: torch.Tensor | None
+    epoch: int
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+
+    @classmethod
+    def capture(
+        cls, student: nn.Module, optimizer: Any, scheduler: Any, device: torch.device, epoch: int, history: list, cfg: TrainConfig
+    ) -> Checkpoint:
+        return cls(
+            model=student.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            epoch=epoch, history=history, config=asdict(cfg),
+        )  # fmt: skip
+
+    def save(self, path: Path) -> None:
+        save_atomic({f.name: getattr(self, f.name) for f in fields(self)}, path)
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device) -> Checkpoint:
+        state = torch.load(path, map_location=device, weights_only=False)
+        return cls(**{f.name: state.get(f.name) for f in fields(cls)})
+
+    def restore(self, student: nn.Module, optimizer: Any, scheduler: Any, device: torch.device) -> None:
+        student.load_state_dict(self.model)
+        optimizer.load_state_dict(self.optimizer)
+        scheduler.load_state_dict(self.scheduler)
+        torch.set_rng_state(self.rng_cpu)
+        if device.type == "cuda" and self.rng_cuda is not None:
+            torch.cuda.set_rng_state(self.rng_cuda.cpu())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +220,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dist = setup_distributed(cfg.device)
     try:
         return _train(cfg, dist)
+    except EvalSetError as exc:
+        raise TrainError(str(exc)) from None
     finally:
         if dist.world_size > 1:
             torch.distributed.destroy_process_group()
@@ -228,27 +253,20 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     history: list[dict[str, Any]] = []
-    start_epoch = 0
     if cfg.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=dist.device, weights_only=False)
-        if state["config"]["student"] != cfg.student or state["config"]["epochs"] != cfg.epochs:
+        checkpoint = Checkpoint.load(checkpoint_path, dist.device)
+        if checkpoint.config["student"] != cfg.student or checkpoint.config["epochs"] != cfg.epochs:
             raise TrainError(
-                f"{checkpoint_path}: was made with --student {state['config']['student']} --epochs {state['config']['epochs']}; resume with the same"
+                f"{checkpoint_path}: was made with --student {checkpoint.config['student']} --epochs {checkpoint.config['epochs']}; "
+                "resume with the same"
             )
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if dist.device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
-        history, start_epoch = state["history"], state["epoch"]
-        log(f"resuming {out} after epoch {start_epoch}")
+        checkpoint.restore(student, optimizer, scheduler, dist.device)
+        history = checkpoint.history
+        log(f"resuming {out} after epoch {checkpoint.epoch}")
     elif cfg.resume:
         log(f"no checkpoint in {out}; starting from epoch 1")
 
-    workers = cfg.workers
-    if workers is None:
-        workers = 0 if sum(r.total_bytes for r in readers) < AUTO_WORKERS_BYTES else 2
+    workers = cfg.workers if cfg.workers is not None else default_workers(sum(r.total_bytes for r in readers))
     model: nn.Module = student
     if dist.world_size > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
@@ -265,24 +283,22 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         f"from {len(stream.shards)} shard(s), teacher {meta.teacher_name} {meta.teacher_fingerprint[:12]}, "
         f"T={cfg.temperature} alpha={cfg.alpha}, device {dist.device}, {dist.world_size} process(es)"
     )
-    if meta.teacher_name.startswith("ensemble-arithmetic") and cfg.temperature != meta.temperature:
+    if meta.temperature_rule == "serving" and cfg.temperature != meta.serving_temperature:
         # Such a cache stores T_s*log(mean of the members' probabilities at T_s): exact only at T_s.
         log(
-            f"warning: this cache holds an arithmetic-mean ensemble served at T={meta.temperature:g}; its soft targets "
+            f"warning: this cache holds an arithmetic-mean ensemble served at T={meta.serving_temperature:g}; its soft targets "
             f"are exact only at that temperature, and --temperature is {cfg.temperature:g}"
         )
     if dist.is_main:
         with open(out / "metrics.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(h) + "\n" for h in history)
 
-    train_seconds = sum(h["seconds"] for h in history)
-    train_samples = sum(h["samples"] for h in history)
-    for epoch in range(start_epoch, cfg.epochs):
+    objective = cfg.objective()
+    for epoch in range(len(history), cfg.epochs):
         stream.set_epoch(epoch)
         model.train()
         started = time.perf_counter()
-        # [loss * n, n, correct, labelled] summed over this rank's batches
-        totals = torch.zeros(4, dtype=torch.float64, device=dist.device)
+        stats = EpochStats(dist.device)
         bar = tqdm(
             total=stream.num_batches(workers), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
             disable=not (cfg.progress and dist.is_main), leave=True, file=sys.stderr, dynamic_ncols=True,
@@ -290,61 +306,47 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         join = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
         with join:
             for step, batch in enumerate(loader):
-                inputs = meta.preprocessing.apply(batch["inputs"].to(dist.device, non_blocking=True))
-                teacher_logits = batch["logits"].to(dist.device, non_blocking=True)
-                labels = batch["labels"].to(dist.device, non_blocking=True)
-                student_logits = model(inputs)
-                loss = distillation_loss(student_logits, teacher_logits, labels, cfg.temperature, cfg.alpha, cfg.loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    labelled = labels >= 0
-                    n = len(labels)
-                    totals += torch.stack([
-                        loss.detach().double() * n, torch.tensor(n, dtype=torch.float64, device=dist.device),
-                        ((student_logits.argmax(-1) == labels) & labelled).sum().double(), labelled.sum().double(),
-                    ])  # fmt: skip
+                train_step(model, optimizer, batch, meta=meta, objective=objective, device=dist.device, stats=stats)
                 bar.update(1)
                 if step % 20 == 0:
-                    values = totals.tolist()
-                    bar.set_postfix(loss=f"{values[0] / max(values[1], 1):.4f}", acc=f"{values[2] / max(values[3], 1):.3f}")
+                    bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy or 0:.3f}")
         if dist.world_size > 1:
-            torch.distributed.all_reduce(totals)
+            stats.all_reduce()
         scheduler.step()
         seconds = time.perf_counter() - started
-        loss_sum, samples, correct, labelled_count = totals.tolist()
         record: dict[str, Any] = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / max(samples, 1),
-            "train_accuracy": correct / labelled_count if labelled_count else None,
+            "train_loss": stats.loss,
+            "train_accuracy": stats.accuracy,
             "eval_accuracy": evaluate(student, *eval_set, meta, dist.device) if eval_set and dist.is_main else None,
-            "samples": int(samples),
+            "samples": stats.samples,
             "seconds": seconds,
-            "samples_per_s": samples / seconds if seconds else math.nan,
+            "samples_per_s": stats.samples / seconds if seconds else math.nan,
             "lr": optimizer.param_groups[0]["lr"],
         }
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", eval_acc=record["eval_accuracy"])
         bar.close()
         history.append(record)
-        train_seconds += seconds
-        train_samples += int(samples)
         if dist.is_main:
-            save_atomic(
-                {
-                    "model": student.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state() if dist.device.type == "cuda" else None,
-                    "epoch": epoch + 1, "history": history, "config": asdict(cfg),
-                },
-                checkpoint_path,
-            )  # fmt: skip
+            Checkpoint.capture(student, optimizer, scheduler, dist.device, epoch + 1, history, cfg).save(checkpoint_path)
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
         if dist.world_size > 1:
             torch.distributed.barrier()
 
-    summary: dict[str, Any] = {
+    summary = run_summary(cfg, student, meta, readers, history, dist)
+    if dist.is_main:
+        write_outputs(cfg, student, meta, out, history, summary, log)
+    return summary
+
+
+def run_summary(
+    cfg: TrainConfig, student: nn.Module, meta: CacheMeta, readers: list[CacheReader], history: list[dict[str, Any]], dist: Dist
+) -> dict[str, Any]:
+    """What metrics.json holds."""
+    train_seconds = sum(h["seconds"] for h in history)
+    train_samples = sum(h["samples"] for h in history)
+    return {
         "eval_accuracy": history[-1]["eval_accuracy"],
         "train_accuracy": history[-1]["train_accuracy"],
         "train_loss": history[-1]["train_loss"],
@@ -361,25 +363,32 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         "teacher_fingerprint": meta.teacher_fingerprint,
         "teacher_name": meta.teacher_name,
         "temperature": cfg.temperature,
-        "serving_temperature": meta.temperature,
+        "serving_temperature": meta.serving_temperature,
         "alpha": cfg.alpha,
         "caches": [str(r.directory) for r in readers],
         "world_size": dist.world_size,
         "device": str(dist.device),
         **cfg.extra,
     }
-    if dist.is_main:
-        save_atomic(student_record(cfg, student, meta), out / "student.pt")
-        if cfg.export:
-            try:
-                export_program(student, meta, out / "student.pt2")
-            except Exception as exc:  # export support varies by model; the run itself succeeded
-                summary["export_error"] = f"{type(exc).__name__}: {exc}"
-                log(f"warning: torch.export of the student failed, no student.pt2 written ({exc})", file=sys.stderr)
-        plot_curves(history, out / "curves.png", f"{cfg.student}, T={cfg.temperature}, alpha={cfg.alpha}")
-        (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-        log(f"done: eval accuracy {summary['eval_accuracy']}, {summary['train_samples_per_s'] or 0:,.0f} samples/s; wrote {out}")
-    return summary
 
 
-__all__ = ["TrainConfig", "TrainError", "train", "CacheError"]
+def write_outputs(
+    cfg: TrainConfig, student: nn.Module, meta: CacheMeta, out: Path, history: list[dict[str, Any]], summary: dict[str, Any], log: Any
+) -> None:
+    """student.pt, student.pt2, curves.png and metrics.json, by rank 0 at the end of a run."""
+    save_atomic(student_record(cfg, student, meta), out / "student.pt")
+    if cfg.export:
+        try:
+            export_program(student, meta, out / "student.pt2")
+        except Exception as exc:  # export support varies by model; the run itself succeeded
+            summary["export_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"warning: torch.export of the student failed, no student.pt2 written ({exc})", file=sys.stderr)
+    plot_curves(history, out / "curves.png", f"{cfg.student}, T={cfg.temperature}, alpha={cfg.alpha}")
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    log(f"done: eval accuracy {summary['eval_accuracy']}, {summary['train_samples_per_s'] or 0:,.0f} samples/s; wrote {out}")
+
+
+__all__ = [
+    "Checkpoint", "EpochStats", "Objective", "TrainConfig", "TrainError",
+    "default_workers", "step_on_inputs", "train", "train_step", "CacheError",
+]  # fmt: skip

@@ -55,7 +55,7 @@ def write_cache(
 ) -> Path:  # fmt: skip
     meta = CacheMeta(
         teacher_fingerprint=teacher_fingerprint, teacher_name=teacher_name, num_classes=logits.shape[1],
-        input_shape=x.shape[1:], input_dtype=x.dtype.name, preprocessing=PREPROCESSING, temperature=1.0,
+        input_shape=x.shape[1:], input_dtype=x.dtype.name, preprocessing=PREPROCESSING, serving_temperature=1.0,
         logits_dtype=logits_dtype,
     )  # fmt: skip
     with CacheWriter(directory, meta, max_samples=max_samples) as writer:

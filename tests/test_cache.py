@@ -30,7 +30,7 @@ PREPROCESSING = Preprocessing(scale=1 / 16, mean=(0.5,), std=(2.0,))
 def make_meta(**overrides) -> CacheMeta:
     fields = dict(
         teacher_fingerprint=FINGERPRINT, teacher_name="test-teacher", num_classes=10, input_shape=(8, 8),
-        input_dtype="uint8", preprocessing=PREPROCESSING, temperature=2.5,
+        input_dtype="uint8", preprocessing=PREPROCESSING, serving_temperature=2.5,
     )  # fmt: skip
     fields.update(overrides)
     return CacheMeta(**fields)

@@ -1,0 +1,185 @@
+"""The cache's contract: what a cache holds and how to feed a student what the teacher saw.
+
+``CacheMeta`` is what every shard of one cache shares (teacher, classes, input contract,
+serving temperature, target layout); ``Preprocessing`` is the transform the teacher applied to
+the stored inputs. Numpy only: no h5py, and torch only inside ``Preprocessing.apply``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .layout import LAYOUTS, TargetLayout, make_layout
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "kd-cache"
+# How a cache's soft targets depend on the distillation temperature T: "any" when
+# softmax(stored / T) is the teacher's soft target at every T (one teacher, or the geometric
+# ensemble), "serving" when it is exact only at the serving temperature (the arithmetic ensemble).
+TEMPERATURE_RULES = ("any", "serving")
+TARGET_CHUNK_BYTES = 1 << 20
+MIN_CHUNK_ROWS = 16
+MAX_CHUNK_ROWS = 16384
+
+
+class CacheError(Exception):
+    """A cache directory or shard that cannot be used; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """``x = (x.astype(float32) * scale - mean) / std``, with mean/std per channel (axis 0 of a
+    sample) or scalars. The default is the identity."""
+
+    scale: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> Preprocessing:
+        raw = raw or {}
+        unknown = set(raw) - {"scale", "mean", "std"}
+        if unknown:
+            raise ValueError(f"preprocessing has unknown keys {sorted(unknown)}")
+        mean = tuple(float(v) for v in np.atleast_1d(raw.get("mean", 0.0)))
+        std = tuple(float(v) for v in np.atleast_1d(raw.get("std", 1.0)))
+        if any(s == 0 for s in std):
+            raise ValueError("preprocessing std must not contain 0")
+        return cls(scale=float(raw.get("scale", 1.0)), mean=mean, std=std)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "mean": list(self.mean), "std": list(self.std)}
+
+    def apply(self, inputs: Any) -> Any:
+        """Preprocess a torch tensor batch [B, *shape] on its own device; returns float32."""
+        import torch
+
+        x = inputs.to(torch.float32)
+        if self.scale != 1.0:
+            x = x * self.scale
+        if self.mean != (0.0,) or self.std != (1.0,):
+            view = (1, -1) + (1,) * (x.dim() - 2) if len(self.mean) > 1 or len(self.std) > 1 else ()
+            mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device)
+            std = torch.tensor(self.std, dtype=torch.float32, device=x.device)
+            if view:
+                mean, std = mean.view(view), std.view(view)
+            x = (x - mean) / std
+        return x
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What every shard of one cache shares. Two caches can be trained on together only if
+    their ``num_classes`` and inputs agree (and, unless allowed, their teacher).
+
+    ``serving_temperature`` is stored under the attribute name ``temperature``."""
+
+    teacher_fingerprint: str
+    teacher_name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    serving_temperature: float = 1.0
+    temperature_rule: str = "any"
+    logits_dtype: str = "float32"
+    logits_layout: str = "full"
+    views_per_id: int = 1
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
+        object.__setattr__(self, "input_dtype", np.dtype(self.input_dtype).name)
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        object.__setattr__(self, "layout", make_layout(self.logits_layout, dtype=self.logits_dtype))
+        if not self.serving_temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.serving_temperature}")
+        if self.temperature_rule not in TEMPERATURE_RULES:
+            raise ValueError(f"temperature_rule must be one of {TEMPERATURE_RULES}, got {self.temperature_rule!r}")
+
+    # Set in __post_init__ from logits_layout and logits_dtype; not a field of its own.
+    layout: TargetLayout = field(init=False, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["layout"]
+        out["temperature"] = out.pop("serving_temperature")
+        out["input_shape"] = list(self.input_shape)
+        out["preprocessing"] = self.preprocessing.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str) -> CacheMeta:
+        try:
+            version = int(raw.get("schema_version", 0))
+            if version > SCHEMA_VERSION:
+                raise CacheError(
+                    f"{where}: schema version {version} is newer than this reader supports ({SCHEMA_VERSION}); upgrade the package"
+                )
+            layout = raw.get("logits_layout", "full")
+            if layout not in LAYOUTS:
+                raise CacheError(f"{where}: logits layout {layout!r} is not supported by this reader")
+            if int(raw.get("views_per_id", 1)) != 1:
+                raise CacheError(f"{where}: {raw['views_per_id']} views per id is not supported by this reader")
+            teacher_name = str(raw["teacher_name"])
+            # Caches written before the rule was recorded: only the arithmetic ensemble has the
+            # "serving" rule, and its name says so.
+            legacy_rule = "serving" if teacher_name.startswith("ensemble-arithmetic") else "any"
+            return cls(
+                teacher_fingerprint=str(raw["teacher_fingerprint"]),
+                teacher_name=teacher_name,
+                num_classes=int(raw["num_classes"]),
+                input_shape=tuple(raw["input_shape"]),
+                input_dtype=str(raw["input_dtype"]),
+                preprocessing=Preprocessing.from_dict(raw.get("preprocessing")),
+                serving_temperature=float(raw.get("temperature", 1.0)),
+                temperature_rule=str(raw.get("temperature_rule", legacy_rule)),
+                logits_dtype=str(raw.get("logits_dtype", "float32")),
+                logits_layout=layout,
+                views_per_id=1,
+                schema_version=version,
+            )
+        except CacheError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheError(f"{where}: bad cache metadata ({type(exc).__name__}: {exc})") from None
+
+    def mismatch(self, other: CacheMeta, fields: Sequence[str]) -> str | None:
+        """The first of ``fields`` that differs, described, or None."""
+        for name in fields:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{name} is {theirs!r}, expected {mine!r}"
+        return None
+
+    def input_row_bytes(self) -> int:
+        return int(np.prod(self.input_shape, dtype=np.int64)) * np.dtype(self.input_dtype).itemsize
+
+    def row_bytes(self) -> int:
+        """Bytes of one stored sample, without its id."""
+        return self.input_row_bytes() + 8 + self.layout.row_bytes(self.num_classes)
+
+    def chunk_rows(self) -> int:
+        return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, TARGET_CHUNK_BYTES // max(1, self.input_row_bytes()))))
+
+    def columns(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Every dataset of a shard, in the one column order used everywhere: ids, inputs, labels,
+        then the layout's fields. Row shape and dtype of each (ids: variable-length strings)."""
+        return {
+            "ids": ((), np.dtype(object)),
+            "inputs": (self.input_shape, np.dtype(self.input_dtype)),
+            "labels": ((), np.dtype(np.int64)),
+            **self.layout.fields(self.num_classes),
+        }
+
+
+# The fields that must agree between a cache's manifest and each of its shards, and between a
+# writer and the cache it appends to; one definition for the reader, the writer and open_caches.
+SHARD_FIELDS = ("teacher_fingerprint", "num_classes", "input_shape", "input_dtype", "logits_dtype", "logits_layout")
+WRITER_FIELDS = SHARD_FIELDS + ("preprocessing",)
+MIXABLE_FIELDS = ("num_classes", "input_shape", "input_dtype")

@@ -1,0 +1,117 @@
+"""``manifest.json``: the list of published shards, and the cache's metadata.
+
+A reader only reads the shards the manifest lists, so it never sees a half-written file; the
+writer replaces the manifest after a shard is durable under its final name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .contract import FORMAT_NAME, SCHEMA_VERSION, CacheError, CacheMeta
+from .storage import Storage
+
+MANIFEST_NAME = "manifest.json"
+SHARD_PATTERN = re.compile(r"^shard-(\d{6,})\.h5$")
+TMP_PATTERN = re.compile(r"^\.shard-(\d{6,})\.h5\.tmp$")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.h5"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One published shard, as the manifest lists it."""
+
+    storage: Storage
+    name: str
+    num_samples: int
+    sha256: str
+    bytes: int
+
+    @property
+    def path(self) -> Path:
+        """Where the shard is: a local path, or the backend's name for it."""
+        return self.storage.local_path(self.name) or Path(self.storage.where(self.name))
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"name": self.name, "num_samples": self.num_samples, "sha256": self.sha256, "bytes": self.bytes}
+
+    @classmethod
+    def from_manifest(cls, storage: Storage, entry: Any, where: str) -> ShardInfo:
+        try:
+            name = entry["name"]
+            if not isinstance(name, str) or not SHARD_PATTERN.match(name):
+                raise ValueError(name)
+            return cls(storage, name, int(entry["num_samples"]), str(entry["sha256"]), int(entry["bytes"]))
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{where}: malformed shard entry {entry!r}") from None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    meta: CacheMeta
+    shards: list[ShardInfo]
+    etag: str | None  # the version read, for put_if_match
+
+
+def load_manifest(storage: Storage) -> Manifest:
+    """The manifest, checked; a CacheError naming the file when it is missing or malformed."""
+    where = storage.where(MANIFEST_NAME)
+    try:
+        raw_bytes = storage.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        try:
+            stray = sorted(name for name in storage.list() if SHARD_PATTERN.match(name))
+        except FileNotFoundError:
+            raise CacheError(f"{storage.location}: no such cache directory") from None
+        except NotADirectoryError:
+            raise CacheError(f"{storage.location}: not a directory") from None
+        if stray:
+            raise CacheError(
+                f"{where}: missing, but {len(stray)} shard file(s) are present; "
+                "a writer started on this directory (teacher-serve, or CacheWriter) rebuilds it"
+            ) from None
+        raise CacheError(f"{storage.location}: empty cache directory (no {MANIFEST_NAME})") from None
+    except NotADirectoryError:
+        raise CacheError(f"{storage.location}: not a directory") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CacheError(f"{where}: unreadable manifest ({exc})") from None
+    try:
+        manifest = json.loads(raw_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CacheError(f"{where}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or not isinstance(manifest.get("shards"), list):
+        raise CacheError(f"{where}: not a {FORMAT_NAME} manifest")
+    try:
+        version = int(manifest.get("schema_version", 0))
+    except (TypeError, ValueError):
+        raise CacheError(f"{where}: bad schema_version {manifest.get('schema_version')!r}") from None
+    if version > SCHEMA_VERSION:
+        raise CacheError(f"{where}: schema version {version} is newer than this reader supports ({SCHEMA_VERSION}); upgrade the package")
+    meta = CacheMeta.from_dict(manifest.get("meta", {}), where)
+    shards = [ShardInfo.from_manifest(storage, entry, where) for entry in manifest["shards"]]
+    return Manifest(meta, shards, hashlib.sha256(raw_bytes).hexdigest())
+
+
+def manifest_bytes(meta: CacheMeta, shards: list[ShardInfo]) -> bytes:
+    payload = {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "meta": meta.to_dict(),
+        "shards": [s.to_manifest() for s in shards],
+        "num_samples": sum(s.num_samples for s in shards),
+        "updated_at": now(),
+    }
+    return (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode("utf-8")

@@ -1,0 +1,153 @@
+"""Reading a published cache: its manifest, its shards, their verification."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .contract import SHARD_FIELDS, CacheError
+from .manifest import MANIFEST_NAME, SHARD_PATTERN, TMP_PATTERN, ShardInfo, load_manifest
+from .shard import ShardHandle, read_shard_meta
+from .storage import LocalStorage, Storage
+
+
+def open_storage(location: str | os.PathLike[str] | Storage) -> Storage:
+    """A cache's storage from a directory (or an existing ``Storage``)."""
+    return location if isinstance(location, Storage) else LocalStorage(location)
+
+
+def read_rows(info: ShardInfo, fields: Sequence[str]) -> dict[str, np.ndarray]:
+    """All rows of one shard, for the given fields."""
+    handle = ShardHandle(info.path)
+    try:
+        return handle.read(0, info.num_samples, fields)
+    finally:
+        handle.close()
+
+
+def checksum_problem(info: ShardInfo, progress: Any = None) -> str | None:
+    """What is wrong with the shard's bytes, or None. Presence and size first, so that a missing
+    or truncated shard is described as such, not as a checksum mismatch."""
+    try:
+        size = info.storage.size(info.name)
+        if size != info.bytes:
+            return f"{size} bytes on disk, manifest says {info.bytes} (truncated or replaced?)"
+        actual = info.storage.sha256(info.name, progress)
+    except FileNotFoundError:
+        return "listed in the manifest but missing"
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    if actual != info.sha256:
+        return f"sha256 {actual[:12]}… does not match the manifest's {info.sha256[:12]}…"
+    return None
+
+
+class CacheReader:
+    """A published cache: its manifest, its shards, their verification, and block reads.
+
+    Opening checks each listed shard's size and HDF5 structure against the manifest (cheap);
+    ``verify()`` also checks the sha256 checksums. With ``skip_corrupt`` a bad shard is dropped
+    and recorded in ``skipped`` instead of raising.
+
+    The cheap checks cannot see damage that keeps a shard's size (flipped or zeroed bytes): such
+    a shard opens, and its rows read as garbage, fail in HDF5 (a ``CacheError``), or, when the
+    damage hits a global heap (where the ids and string attributes live), can make HDF5 itself
+    loop forever (a libhdf5 bug, 2.0.0 included: an all-zero heap object never advances its
+    parser; see bench/corrupt.py). ``verify_checksums=True`` checks each shard's sha256 *before*
+    HDF5 parses it, which rules all of that out at the cost of one read of the cache.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | Storage,
+        *,
+        skip_corrupt: bool = False,
+        check_files: bool = True,
+        verify_checksums: bool = False,
+        progress: Any = None,
+    ) -> None:
+        self.storage = open_storage(directory)
+        self.directory = Path(self.storage.location)
+        manifest = load_manifest(self.storage)
+        self.meta = manifest.meta
+        self.skipped: list[tuple[str, str]] = []
+        self.shards: list[ShardInfo] = []
+        for info in manifest.shards:
+            try:
+                if verify_checksums:
+                    problem = checksum_problem(info, progress)
+                    if problem:
+                        raise CacheError(f"{info.path}: {problem}")
+                if check_files:
+                    self._check_shard(info)
+                self.shards.append(info)
+            except CacheError as exc:
+                if not skip_corrupt:
+                    raise
+                self.skipped.append((info.name, str(exc)))
+
+    def _check_shard(self, info: ShardInfo) -> None:
+        try:
+            size = info.storage.size(info.name)
+        except FileNotFoundError:
+            raise CacheError(f"{info.path}: listed in the manifest but missing") from None
+        if size != info.bytes:
+            raise CacheError(f"{info.path}: {size} bytes on disk, manifest says {info.bytes} (truncated or replaced?)")
+        meta, n = read_shard_meta(info.path)
+        if n != info.num_samples:
+            raise CacheError(f"{info.path}: holds {n} samples, manifest says {info.num_samples}")
+        problem = self.meta.mismatch(meta, SHARD_FIELDS)
+        if problem:
+            raise CacheError(f"{info.path}: {problem} (from the manifest)")
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def verify(self, progress: Any = None) -> list[tuple[str, str]]:
+        """Checksum every shard. Returns [(file, problem)], empty when all match."""
+        problems = []
+        for info in self.shards:
+            problem = checksum_problem(info, progress)
+            if problem:
+                problems.append((str(info.path), problem))
+        return problems
+
+    def unlisted_files(self) -> list[str]:
+        """Shard-like files that the manifest does not list: leftovers of an interrupted writer."""
+        listed = {s.name for s in self.shards} | {name for name, _ in self.skipped}
+        return sorted(name for name in self.storage.list() if (SHARD_PATTERN.match(name) and name not in listed) or TMP_PATTERN.match(name))
+
+    def read(self, fields: Sequence[str] = ("ids", "inputs", "labels", "logits")) -> dict[str, np.ndarray]:
+        """Everything, in shard order. For small caches and tests; training streams instead."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
+        for info in self.shards:
+            block = read_rows(info, fields)
+            for name in fields:
+                parts[name].append(block[name])
+        columns = self.meta.columns()
+        empty = {name: np.empty((0, *shape), dtype=dtype) for name, (shape, dtype) in columns.items()}
+        return {name: np.concatenate(parts[name]) if parts[name] else empty[name] for name in fields}
+
+    def iter_ids(self) -> Iterator[tuple[ShardInfo, np.ndarray]]:
+        for info in self.shards:
+            yield info, read_rows(info, ("ids",))["ids"]
+
+    def label_coverage(self) -> float:
+        total = labelled = 0
+        for info in self.shards:
+            labels = read_rows(info, ("labels",))["labels"]
+            total += len(labels)
+            labelled += int((labels >= 0).sum())
+        return labelled / total if total else 0.0
+
+
+__all__ = ["CacheReader", "MANIFEST_NAME", "checksum_problem", "open_storage", "read_rows"]

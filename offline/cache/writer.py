@@ -1,0 +1,361 @@
+"""Writing a cache: the only code that writes shards.
+
+Rows go into an open shard held in memory. When it reaches ``max_samples`` rows or
+``max_bytes`` (or on ``flush_shard()`` / ``close()``), its image is published through the
+storage (temporary file, fsync, rename, directory fsync) and only then the manifest replaced
+atomically. A reader therefore only ever sees complete shards, and a full disk fails a
+publication cleanly, to be retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import faults
+from .contract import FORMAT_NAME, WRITER_FIELDS, CacheError, CacheMeta
+from .ids import normalize_ids
+from .keys import RowIndex
+from .manifest import MANIFEST_NAME, SHARD_PATTERN, ShardInfo, load_manifest, manifest_bytes, now, shard_name
+from .reader import open_storage, read_rows
+from .shard import STRING_DTYPE, ShardHandle, decode_ids, encode_attrs, read_shard_meta
+from .storage import Storage
+
+DEFAULT_SHARD_SAMPLES = 65536
+DEFAULT_SHARD_BYTES = 512 << 20
+STAGE_ROWS = 1024
+IMAGE_BLOCK_BYTES = 4 << 20  # the in-memory open shard grows in steps of this many bytes
+Rows = dict[str, np.ndarray]  # one array per column (CacheMeta.columns), the same number of rows each
+
+
+class CacheWriter:
+    """Appends teacher outputs to a cache; see the module docstring for how shards are published.
+
+    Opening takes the storage's writer lease, removes temporary files left by a crashed writer
+    (their rows were never published), adopts complete shards that a crash left out of the
+    manifest, and loads the ids already present so that ``append`` stores each id once.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | Storage,
+        meta: CacheMeta,
+        *,
+        max_samples: int = DEFAULT_SHARD_SAMPLES,
+        max_bytes: int = DEFAULT_SHARD_BYTES,
+        compression: str | None = None,
+    ) -> None:
+        if max_samples < 1 or max_bytes < 1:
+            raise ValueError("max_samples and max_bytes must be >= 1")
+        self.storage = open_storage(directory)
+        self.directory = Path(self.storage.location)
+        self.meta = meta
+        self.layout = meta.layout
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.compression = compression
+        self._shards: list[ShardInfo] = []
+        # Rows are numbered across the published shards in manifest order, then the open shard,
+        # so that a cache hit can be read back without scanning.
+        self._rows = RowIndex()
+        self._h5: h5py.File | None = None
+        self._open_name: str | None = None
+        self._open_rows = 0  # rows of the open shard: written to HDF5, then staged
+        self._written_rows = 0
+        self._staged: list[Rows] = []
+        self._chunk_rows = meta.chunk_rows()
+        # Appends are staged and written to HDF5 in pieces of at least this many rows: each h5py
+        # call holds the GIL, and four resize-and-write calls per small batch stalled the
+        # service's teacher thread (docs/benchmarks.md). A crash loses staged rows exactly as it
+        # loses the rows of the unpublished open shard.
+        self._stage_rows = max(1, min(self._chunk_rows, STAGE_ROWS))
+        self._handles: dict[int, ShardHandle] = {}
+        self._lease = self.storage.lease()
+        try:
+            self._recover()
+        except BaseException:
+            self._lease.release()
+            raise
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _recover(self) -> None:
+        storage = self.storage
+        if storage.exists(MANIFEST_NAME):
+            manifest = load_manifest(storage)
+            self._check_compatible(manifest.meta, storage.where(MANIFEST_NAME))
+            listed = manifest.shards
+        else:
+            listed = []
+        for name in storage.partial_puts():
+            if SHARD_PATTERN.match(name) or name == MANIFEST_NAME:
+                storage.discard_partial(name)
+        listed_names = {s.name for s in listed}
+        adopted = []
+        for name in sorted(storage.list()):
+            if SHARD_PATTERN.match(name) and name not in listed_names:
+                meta, n = read_shard_meta(storage.local_path(name))
+                self._check_compatible(meta, name)
+                adopted.append(ShardInfo(storage, name, n, storage.sha256(name), storage.size(name)))
+        self._shards = listed + adopted
+        for info in self._shards:
+            self._rows.add(read_rows(info, ("ids",))["ids"].tolist())
+        self._rows.seal()
+        if adopted or not storage.exists(MANIFEST_NAME):
+            self._write_manifest()
+
+    def _check_compatible(self, existing: CacheMeta, where: str) -> None:
+        problem = self.meta.mismatch(existing, WRITER_FIELDS)
+        if problem:
+            raise CacheError(f"{where}: this cache was written by another teacher or input contract: {problem}")
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def shards(self) -> list[ShardInfo]:
+        return list(self._shards)
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows appended to the open shard but not yet published."""
+        return self._open_rows
+
+    @property
+    def capacity(self) -> int:
+        """Rows per shard: max_samples, or as many whole rows as fit in max_bytes (at least one)."""
+        return min(self.max_samples, max(1, self.max_bytes // max(1, self.meta.row_bytes())))
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def lookup(self, ids: Any) -> np.ndarray:
+        """Global row of each id (published or in the open shard), -1 where the id is absent."""
+        return self._rows.lookup(ids)
+
+    def read_logits(self, rows: np.ndarray) -> np.ndarray:
+        """The stored targets of global ``rows`` (from ``lookup``), decoded by the layout into
+        float32 logits [len(rows), C]. Rows still in the open shard are read from it, so a
+        sample answers as a cache hit as soon as it is appended, before its shard is published."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.meta.num_classes), dtype=np.float32)
+        if len(rows) == 0:
+            return out
+        published = self._rows.published
+        if rows.min() < 0 or rows.max() >= published + self._open_rows:
+            raise ValueError("read_logits: row out of range")
+        names = list(self.layout.fields(self.meta.num_classes))
+        starts = np.array([0] + [s.num_samples for s in self._shards], dtype=np.int64).cumsum()
+        shard_of = np.searchsorted(starts, rows, side="right") - 1
+        for shard in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == shard)
+            local = rows[where] - starts[shard]
+            if shard < len(self._shards):
+                out[where] = self._published_targets(int(shard), local, names)
+            else:
+                out[where] = self._open_targets(local, names)
+        return out
+
+    def append(self, ids: Any, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray | None = None) -> int:
+        """Append a batch of the teacher's float32 ``logits``, encoded by the cache's layout. Ids
+        already in the cache are skipped. Returns the rows written."""
+        inputs = np.asarray(inputs)
+        n = len(inputs)
+        norm_ids = normalize_ids(ids, n)
+        logits = np.asarray(logits)
+        labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels)
+        self._validate_batch(norm_ids, inputs, logits, labels)
+        keep = ~self._rows.contains(norm_ids)
+        if not keep.any():
+            return 0
+        rows: Rows = {"ids": norm_ids, "inputs": inputs, "labels": labels.astype(np.int64), **self.layout.encode(logits)}
+        if not keep.all():
+            rows = {name: values[keep] for name, values in rows.items()}
+        total, written = len(rows["ids"]), 0
+        while written < total:
+            if self._open_rows >= self.capacity:
+                self.flush_shard()  # full, and its publication failed before (a full disk): retry first
+            take = slice(written, written + max(1, self.capacity - self._open_rows))
+            piece = {name: values[take] for name, values in rows.items()}
+            self._stage(piece)
+            written += len(piece["ids"])
+            if self._open_rows >= self.capacity:
+                self.flush_shard()
+        return written
+
+    def flush(self) -> None:
+        """Write the staged rows into the open shard, which is in memory (not a durability point)."""
+        if self._h5 is not None:
+            self._drain()
+            self._h5.flush()
+
+    def flush_shard(self) -> ShardInfo | None:
+        """Publish the open shard, however full: write its image, fsync, rename, manifest.
+
+        On an OSError (a full disk) nothing is published and the shard stays open with all its
+        rows, so a later call (or the next ``append``) tries again."""
+        if self._h5 is None:
+            return None
+        name = self._open_name
+        assert name is not None
+        self._drain()
+        if 0 < self._open_rows < self._chunk_rows:
+            self._compact()
+            self._drain()
+        self._h5.flush()
+        image = self._h5.id.get_file_image()
+        self.storage.put(name, image, crash_points=(faults.SHARD_CLOSED, faults.SHARD_RENAMED))
+        info = ShardInfo(self.storage, name, self._open_rows, hashlib.sha256(image).hexdigest(), len(image))
+        del image
+        self._h5.close()
+        self._h5, self._open_name, self._open_rows, self._written_rows = None, None, 0, 0
+        self._shards.append(info)
+        self._rows.publish(info.num_samples)
+        self._write_manifest()
+        return info
+
+    def close(self) -> None:
+        """Publish the open shard and release the cache."""
+        try:
+            self.flush_shard()
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        """Drop the open shard's unpublished rows and release the cache."""
+        if self._h5 is not None:
+            with contextlib.suppress(Exception):
+                self._h5.close()
+            self._h5 = None
+        self._staged = []
+        self._release()
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # -- internals --------------------------------------------------------------------------
+    def _release(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+        self._lease.release()
+
+    def _published_targets(self, shard: int, local: np.ndarray, names: list[str]) -> np.ndarray:
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = ShardHandle(self._shards[shard].path)
+        lo, hi = int(local.min()), int(local.max()) + 1
+        block = handle.read(lo, hi, names)
+        return self.layout.decode({name: values[local - lo] for name, values in block.items()})
+
+    def _open_targets(self, local: np.ndarray, names: list[str]) -> np.ndarray:
+        assert self._h5 is not None
+        out = np.empty((len(local), self.meta.num_classes), dtype=np.float32)
+        written = local < self._written_rows
+        if written.any():
+            part = local[written]
+            lo, hi = int(part.min()), int(part.max()) + 1
+            out[written] = self.layout.decode({name: self._h5[name][lo:hi][part - lo] for name in names})
+        if not written.all():
+            staged = {name: np.concatenate([rows[name] for rows in self._staged]) for name in names}
+            index = local[~written] - self._written_rows
+            out[~written] = self.layout.decode({name: values[index] for name, values in staged.items()})
+        return out
+
+    def _validate_batch(self, ids: np.ndarray, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
+        n, meta = len(ids), self.meta
+        if tuple(inputs.shape[1:]) != meta.input_shape:
+            raise ValueError(f"inputs have sample shape {list(inputs.shape[1:])}, cache expects {list(meta.input_shape)}")
+        if inputs.dtype != np.dtype(meta.input_dtype):
+            raise ValueError(f"inputs are {inputs.dtype}, cache expects {meta.input_dtype}")
+        if logits.shape != (n, meta.num_classes):
+            raise ValueError(f"logits have shape {list(logits.shape)}, expected {[n, meta.num_classes]}")
+        if not np.isfinite(logits).all():
+            raise ValueError("logits contain NaN or Inf")
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
+            raise ValueError(f"labels must be {n} integers, got shape {list(labels.shape)} of {labels.dtype}")
+        if ((labels < -1) | (labels >= meta.num_classes)).any():
+            raise ValueError(f"labels must lie in [-1, {meta.num_classes - 1}]")
+        if len(set(ids.tolist())) != n:
+            raise ValueError("ids must be unique within a batch")
+
+    def _next_index(self) -> int:
+        indices = [int(m.group(1)) for name in self.storage.list() if (m := SHARD_PATTERN.match(name))]
+        return max(indices, default=-1) + 1
+
+    def _open_shard(self, name: str | None = None, rows: int | None = None) -> None:
+        meta = self.meta
+        self._open_name = name or shard_name(self._next_index())
+        # The open shard lives in memory (HDF5's core driver) and reaches the storage as one
+        # plain write when it is published. HDF5 itself never writes to the disk, so a full disk
+        # is a clean OSError in flush_shard, never a failed write inside HDF5, which left h5py's
+        # file unusable and crashed the process at close (docs/reliability.md). Unpublished rows
+        # are lost in a crash either way; the service's journal holds them.
+        h5 = h5py.File(
+            self.storage.where(f".{self._open_name}.tmp"), "w", libver="latest", driver="core", backing_store=False,
+            block_size=IMAGE_BLOCK_BYTES,
+        )  # fmt: skip
+        rows = rows or self._chunk_rows
+        for key, value in encode_attrs({**meta.to_dict(), "format": FORMAT_NAME, "chunk_rows": rows, "created_at": now()}).items():
+            h5.attrs[key] = value
+        for column, (row_shape, dtype) in meta.columns().items():
+            h5.create_dataset(
+                column, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=STRING_DTYPE if column == "ids" else dtype,
+                chunks=(rows, *row_shape), compression=self.compression,
+            )  # fmt: skip
+        self._h5, self._open_rows, self._written_rows, self._staged = h5, 0, 0, []
+
+    def _compact(self) -> None:
+        """Rewrite a shard smaller than one chunk with chunks of its own size: HDF5 allocates
+        whole chunks, so a 100-row shard in 16384-row chunks would be mostly empty space."""
+        assert self._h5 is not None
+        rows = self._open_rows
+        columns = {name: self._h5[name][:rows] for name in self.meta.columns()}
+        columns["ids"] = decode_ids(columns["ids"])
+        self._h5.close()
+        self._open_shard(self._open_name, rows)
+        self._rows.drop_open()
+        self._stage(columns)
+
+    def _stage(self, rows: Rows) -> None:
+        """Assign the rows to the open shard; they reach HDF5 in ``_drain``."""
+        if self._h5 is None:
+            self._open_shard()
+        self._staged.append(rows)
+        self._rows.add(rows["ids"].tolist())
+        self._open_rows += len(rows["ids"])
+        if self._open_rows - self._written_rows >= self._stage_rows:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Write the staged rows to the open shard: one resize and one write per dataset."""
+        if not self._staged:
+            return
+        assert self._h5 is not None
+        staged, self._staged = self._staged, []
+        start, stop = self._written_rows, self._open_rows
+        for name in self.meta.columns():
+            values = np.concatenate([rows[name] for rows in staged]) if len(staged) > 1 else staged[0][name]
+            dataset = self._h5[name]
+            dataset.resize(stop, axis=0)
+            dataset[start:stop] = values
+            if name == "inputs":
+                faults.crash_point(faults.SHARD_PARTLY_WRITTEN)
+        self._written_rows = stop
+
+    def _write_manifest(self) -> None:
+        self.storage.put(
+            MANIFEST_NAME, manifest_bytes(self.meta, self._shards), crash_points=(faults.MANIFEST_TMP_WRITTEN, faults.MANIFEST_REPLACED)
+        )

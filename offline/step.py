@@ -1,0 +1,93 @@
+"""The training step: one optimiser step of a student on a batch of cached teacher outputs, and
+the running totals of an epoch. ``offline-distill``'s loop and the benchmarks both call
+``train_step``, so that the benchmarks time exactly what the trainer runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cache import CacheMeta
+from .losses import Objective
+
+
+@dataclass
+class EpochStats:
+    """Running totals of one epoch (loss·n, samples, correct, labelled), kept on the device so
+    that a step costs no host sync; read once at the end of the epoch."""
+
+    device: torch.device
+    totals: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor) -> None:
+        labelled = labels >= 0
+        n = torch.tensor(len(labels), dtype=torch.float64, device=self.totals.device)
+        correct = ((student_logits.argmax(-1) == labels) & labelled).sum().double()
+        self.totals += torch.stack([loss.detach().double() * n, n, correct, labelled.sum().double()])
+
+    def all_reduce(self) -> None:
+        torch.distributed.all_reduce(self.totals)
+
+    def values(self) -> tuple[float, float, float, float]:
+        loss_sum, samples, correct, labelled = self.totals.tolist()
+        return loss_sum, samples, correct, labelled
+
+    @property
+    def samples(self) -> int:
+        return int(self.values()[1])
+
+    @property
+    def loss(self) -> float:
+        loss_sum, samples, _, _ = self.values()
+        return loss_sum / max(samples, 1)
+
+    @property
+    def accuracy(self) -> float | None:
+        """On the labelled samples; None when the epoch had none."""
+        _, _, correct, labelled = self.values()
+        return correct / labelled if labelled else None
+
+
+def step_on_inputs(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    inputs: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    objective: Objective,
+    stats: EpochStats | None = None,
+) -> torch.Tensor:
+    """One optimiser step on preprocessed ``inputs`` already on the model's device."""
+    student_logits = model(inputs)
+    loss = objective(student_logits, teacher_logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if stats is not None:
+        stats.update(loss, student_logits, labels)
+    return loss
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    *,
+    meta: CacheMeta,
+    objective: Objective,
+    device: torch.device,
+    stats: EpochStats | None = None,
+) -> torch.Tensor:
+    """One step on a batch as ``ShardStream`` yields it: raw stored inputs, the layout's target
+    fields and labels; the inputs are preprocessed on ``device`` as the teacher's were."""
+    inputs = meta.preprocessing.apply(batch["inputs"].to(device, non_blocking=True))
+    teacher_logits = meta.layout.target(batch).to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    return step_on_inputs(model, optimizer, inputs, teacher_logits, labels, objective=objective, stats=stats)
