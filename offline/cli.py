@@ -181,9 +181,13 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             print(f"samples          {summary['samples']:,}")
             print(f"classes          {summary['num_classes']}")
             print(f"teacher          {summary['teacher_name']}  {summary['teacher_fingerprint']}")
-            print(f"inputs           {summary['input_shape']} {summary['input_dtype']}, logits {summary['logits_dtype']}")
+            print(
+                f"inputs           {summary['input_shape']} {summary['input_dtype']}, "
+                f"targets {summary['logits_layout']} logits {summary['logits_dtype']}"
+            )
             print(f"preprocessing    {summary['preprocessing']}")
-            print(f"serving T        {summary['serving_temperature']}")
+            rule = "soft targets valid at any T" if summary["temperature_rule"] == "any" else "soft targets exact only at this T"
+            print(f"serving T        {summary['serving_temperature']} ({rule})")
             print(f"size             {summary['bytes']:,} bytes" + (f", {bps:,.1f} bytes/sample" if bps else ""))
             print(f"label coverage   {summary['label_coverage']:.1%}")
             if summary["unlisted_files"]:

@@ -58,15 +58,23 @@ def test_the_trainer_never_imports_the_service_or_a_web_framework():
 
 
 def test_the_cache_contract_needs_no_h5py():
-    """The input contract, ids and layouts are numpy only: a client (teacher-push) can use them without HDF5."""
-    for name in ("contract", "ids", "keys"):
+    """The contract, ids, layouts and storage need no HDF5: a client (teacher-push) can use them
+    without it, and importing the package does not load h5py until a reader or writer is used."""
+    for name in ("contract", "ids", "keys", "layout", "storage", "manifest", "faults", "transfer_set"):
         path = ROOT / "offline" / "cache" / f"{name}.py"
-        if path.exists():
-            used = imported_modules(path)
-            assert "h5py" not in used, f"{path.relative_to(ROOT)} imports h5py"
+        used = imported_modules(path)
+        assert "h5py" not in used, f"{path.relative_to(ROOT)} imports h5py"
 
 
 def test_the_resolver_sees_relative_imports():
     """A guard on the guard: the service's relative imports resolve to kdcache.offline names."""
     used = imported_modules(ROOT / "service" / "cli.py")
     assert any(name.startswith("kdcache.offline.") for name in used), sorted(used)
+
+
+def test_importing_the_cache_package_loads_no_hdf5():
+    import subprocess
+    import sys
+
+    code = "import sys, kdcache.offline.cache as c; c.normalize_ids([1]); print('h5py' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -48,16 +48,36 @@ The package, one module per job (docs/architecture.md):
 It imports neither FastAPI nor any teacher code: the service and the trainer both import it.
 """
 
+from typing import Any
+
 from .contract import FORMAT_NAME, SCHEMA_VERSION, TEMPERATURE_RULES, CacheError, CacheMeta, Preprocessing
 from .faults import CRASH_POINTS, crash_point
 from .ids import content_ids, normalize_ids
 from .layout import LAYOUTS, LOGITS_DTYPES, FullLogits, TargetLayout, make_layout
 from .manifest import MANIFEST_NAME, ShardInfo
-from .reader import CacheReader
-from .shard import SHARD_ATTRS, ShardHandle, read_shard_meta
 from .storage import LOCK_NAME, LocalStorage, Storage
 from .transfer_set import read_transfer_set
-from .writer import CacheWriter
+
+# The modules that need h5py load on first use, so that a client that only needs the contract
+# and the ids (teacher-push, the protocol codec) does not import HDF5.
+_LAZY = {
+    "CacheReader": ".reader",
+    "CacheWriter": ".writer",
+    "SHARD_ATTRS": ".shard",
+    "ShardHandle": ".shard",
+    "read_shard_meta": ".shard",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CRASH_POINTS", "FORMAT_NAME", "LAYOUTS", "LOCK_NAME", "LOGITS_DTYPES", "MANIFEST_NAME", "SCHEMA_VERSION", "SHARD_ATTRS",
