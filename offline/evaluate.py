@@ -1,9 +1,10 @@
 """Held-out evaluation: the eval set a run reports accuracy on, checked against the cache's
-input contract, and the accuracy of a student on it."""
+input contract, the accuracy of a student on it, and the curves of a run."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,3 +46,24 @@ def evaluate(
         correct += int((model(x).argmax(-1).cpu() == labels[start : start + batch_size]).sum())
     model.train(was_training)
     return correct / len(inputs)
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train (labelled samples)")
+    if any(h.get("eval_accuracy") is not None for h in history):
+        ax_acc.plot(epochs, [h.get("eval_accuracy") for h in history], marker="o", label="eval")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax_acc.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import models
 from .cache import CacheError, CacheMeta, CacheReader
 from .dataset import ShardStream, open_caches
-from .evaluate import EvalSetError, evaluate, load_eval_set
+from .evaluate import EvalSetError, evaluate, load_eval_set, plot_curves
 from .losses import LOSS_KINDS, Objective
 from .step import EpochStats, step_on_inputs, train_step
 
@@ -187,27 +187,6 @@ def student_record(cfg: TrainConfig, model: nn.Module, meta: CacheMeta) -> dict[
 def export_program(model: nn.Module, meta: CacheMeta, path: Path) -> None:
     """``student.pt2``: the student exported with its input contract (``models.export_program``)."""
     models.export_program(model, meta, path)
-
-
-def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], marker="o", label="train (labelled samples)")
-    if any(h.get("eval_accuracy") is not None for h in history):
-        ax_acc.plot(epochs, [h.get("eval_accuracy") for h in history], marker="o", label="eval")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    ax_acc.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
