@@ -43,7 +43,7 @@ LR = 1e-2
 SEEDS = 3
 TEACHER_ARCH = "cnn-large"
 TEACHER_EPOCHS = 10
-SPLIT_SEED = 0  # the same stratified 70/30 split as tests/digits.py
+SPLIT_SEED = 0  # a stratified 70/30 split; tests/digits.py uses this one too
 INPUT_SCALE = 1 / 16  # digits pixels are 0..16: sent as uint8, scaled on the teacher's device
 
 PROG = "distill-demo"

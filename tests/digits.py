@@ -7,20 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kdcache.demo.digits import load_split  # noqa: F401 - the demo's split, the tests' too
 from kdcache.offline import models
 from kdcache.offline.cache import CacheMeta, CacheWriter, Preprocessing
 
 PREPROCESSING = Preprocessing(scale=1 / 16)
-
-
-def load_split(seed: int = 0) -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = digits.images.astype(np.uint8)  # values 0..16: uint8 on disk, scaled by 1/16 before the model
-    x_train, x_test, y_train, y_test = train_test_split(images, digits.target, test_size=0.3, random_state=seed, stratify=digits.target)
-    return {"x_train": x_train, "y_train": y_train.astype(np.int64), "x_test": x_test, "y_test": y_test.astype(np.int64)}
 
 
 def train_teacher(x: np.ndarray, y: np.ndarray, arch: str = "cnn-large", epochs: int = 30, seed: int = 0) -> torch.nn.Module:
