@@ -10,6 +10,8 @@ queued up meanwhile. The event loop is never blocked by the model.
 
 After the forward pass the worker thread hands the batch's samples that are to be stored to
 the cache writer (``CacheStore.write``) and gives each job its logits plus the write's future.
+The logits are answered as the cache's target layout will serve them (``TargetLayout.served``:
+float16 logits rounded, say), so that a sample's answer does not change once it is a cache hit.
 
 The queue is bounded by input bytes: a request that would take it past ``max_queue_bytes``
 is refused at once with ``QueueFull`` (the route answers 503 with ``Retry-After``). Before
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..offline.cache import TargetLayout
 from .metrics import Metrics
 from .store import CacheStore
 
@@ -69,7 +72,7 @@ class Job:
 
 @dataclass
 class JobResult:
-    logits: np.ndarray  # float32 [n, C], rounded to the cache's logits dtype
+    logits: np.ndarray  # float32 [n, C], as a reader of the cache will see them
     write: Future | None  # the cache write holding this job's samples, if it stores
 
 
@@ -82,7 +85,7 @@ class Batcher:
         max_batch: int = 256,
         max_delay_s: float = 0.005,
         max_queue_bytes: int = 256 << 20,
-        logits_dtype: str = "float32",
+        layout: TargetLayout | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.forward = forward
@@ -90,7 +93,7 @@ class Batcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.max_queue_bytes = max_queue_bytes
-        self.logits_dtype = np.dtype(logits_dtype)
+        self.layout = layout  # the cache's target layout; None: the logits are answered as computed
         self.metrics = metrics or Metrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
         self._queue: asyncio.Queue[Job] | None = None
@@ -205,8 +208,8 @@ class Batcher:
         logits = self.forward(inputs)
         self.metrics.teacher_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(inputs))
-        if self.logits_dtype != np.float32:
-            logits = logits.astype(self.logits_dtype).astype(np.float32)  # answer what the cache will hold
+        if self.layout is not None:
+            logits = self.layout.served(logits)  # answer what a cache hit will answer later
         write = None
         storing = [job.store for job in batch]
         if self.store is not None and any(storing):

@@ -133,9 +133,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     # Heavy imports only once the arguments are known to be good.
     import uvicorn
 
-    from .app import TeacherService, create_app
+    from .app import create_app
     from .loading import TeacherError, parse_normalize
-    from .store import CacheStore
+    from .runtime import TeacherService
     from .teacher import load_teacher
 
     try:
@@ -151,14 +151,12 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     except TeacherError as exc:
         return fail(PROG, str(exc))
     try:
-        store = CacheStore(
-            settings.cache, teacher.cache_meta(settings.logits_dtype), durable=settings.ack == "durable",
-            max_shard_samples=settings.shard_samples, max_shard_bytes=int(settings.shard_mb * (1 << 20)),
-        )  # fmt: skip
+        service = TeacherService.open(settings, teacher, api_key)
     except CacheError as exc:
         return fail(PROG, f"refusing to start on {settings.cache}: {exc}")
     except OSError as exc:
         return fail(PROG, f"cannot open the cache {settings.cache}: {exc}")
+    store = service.store
     recovery = store.recovery
     if recovery.journal_samples:
         log.info(
@@ -170,7 +168,6 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         teacher.name, f"ensemble of {len(teacher.members)}" if len(teacher.members) > 1 else "single", teacher.fingerprint[:12],
         teacher.device, str(teacher.compute_dtype).replace("torch.", ""), settings.cache, store.num_samples, settings.ack,
     )  # fmt: skip
-    service = TeacherService(settings, teacher, store, api_key)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-sends the signal to the handler
     # that was there before it; make that one a no-op, so a clean shutdown exits with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

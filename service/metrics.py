@@ -31,5 +31,11 @@ class Metrics:
         self.queue_bytes = Gauge("kd_queue_bytes", "Input bytes waiting for the teacher", registry=r)
         self.cache_samples = Gauge("kd_cache_samples", "Samples in the cache", registry=r)
 
+    def observe_write(self, stored: int, seconds: float, cache_samples: int) -> None:
+        """``CacheStore``'s ``on_write``: one group commit done, from the writer thread."""
+        self.write_seconds.observe(seconds)
+        self.stored.inc(stored)
+        self.cache_samples.set(cache_samples)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..offline.cache import CacheMeta, CacheWriter, crash_point, normalize_ids
+from ..offline.cache import CacheMeta, CacheWriter, faults, normalize_ids
 from ..offline.journal import JOURNAL_NAME, Journal, encode_record, read_journal
 
 
@@ -64,9 +64,9 @@ class _Task:
 
 def _replay(writer: CacheWriter, directory: Path, meta: CacheMeta) -> Recovery:
     records, _, torn = read_journal(directory / JOURNAL_NAME, meta)
-    recovery = Recovery(journal_samples=sum(len(r[0]) for r in records), torn_bytes=torn)
-    for ids, inputs, logits, labels in records:
-        recovery.restored_samples += writer.append(np.array(ids, dtype=object), inputs, logits, labels)
+    recovery = Recovery(journal_samples=sum(len(record.ids) for record in records), torn_bytes=torn)
+    for record in records:
+        recovery.restored_samples += writer.append(np.array(record.ids, dtype=object), record.inputs, record.teacher_logits, record.labels)
     writer.flush_shard()
     return recovery
 
@@ -81,11 +81,12 @@ class CacheStore:
         max_shard_samples: int = 65536,
         max_shard_bytes: int = 512 << 20,
         max_pending: int = 64,
-        on_write: Callable[[int, int, float], None] | None = None,
+        on_write: Callable[[int, float, int], None] | None = None,
     ) -> None:
         """Opens the cache (taking its lock; raises ``CacheError`` for a cache of another
-        teacher) and folds in what a crash left in the journal. ``on_write(samples, stored,
-        seconds)`` is called from the writer thread after each group, for metrics."""
+        teacher) and folds in what a crash left in the journal. ``on_write(stored, seconds,
+        cache_samples)`` is called from the writer thread after each group, for metrics: the
+        samples newly stored, the group's time, the samples the cache now holds."""
         self.directory = Path(directory)
         self.meta = meta
         self.durable = durable
@@ -208,7 +209,7 @@ class CacheStore:
                 batches.append((ids, inputs, logits, labels) if new.any() else None)
             if self.durable:
                 self.journal.sync()
-                crash_point("journal-synced")
+                faults.crash_point(faults.JOURNAL_SYNCED)
         except OSError as exc:
             self._fail(writes, exc, journal_start)
             return
@@ -235,7 +236,7 @@ class CacheStore:
         for task, batch in zip(writes, batches, strict=True):
             task.future.set_result(0 if batch is None else len(batch[0]))
         if self._on_write is not None:
-            self._on_write(sum(len(t.args[0]) for t in writes), stored, time.perf_counter() - started)
+            self._on_write(stored, time.perf_counter() - started, self.num_samples)
 
     def _check_space(self, samples: int) -> None:
         """Refuse a group before writing anything when the disk cannot take it: its rows go to

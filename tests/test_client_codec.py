@@ -18,14 +18,13 @@ from kdcache.offline.cache import content_ids
 from kdcache.service.client import ClientError, TeacherClient, push_main, retry_after_seconds
 from kdcache.service.protocol import (
     HEADER_LENGTH,
-    ModelSpec,
     ProtocolError,
     RequestedOutput,
     decode_request,
     encode_response,
     error_body,
-    validate,
 )
+from kdcache.service.signature import ModelSpec, validate
 
 SPEC = ModelSpec(input_shape=(8, 8), input_dtype="uint8", num_classes=10, temperature=1.0, max_samples=64)
 RNG = np.random.default_rng(1)

@@ -45,22 +45,21 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from kdcache.offline.cache import CacheReader
 from kdcache.offline.journal import JOURNAL_NAME
-from kdcache.service.app import TeacherService, create_app
+from kdcache.service.app import create_app
 from kdcache.service.protocol import (
     BINARY_CONTENT_TYPE,
     DATATYPES,
     HEADER_LENGTH,
     JSON_CONTENT_TYPE,
-    ModelSpec,
     ProtocolError,
     RequestedOutput,
     decode_request,
     decode_response,
     encode_request,
-    validate,
 )
+from kdcache.service.runtime import TeacherService
 from kdcache.service.settings import ServeSettings
-from kdcache.service.store import CacheStore
+from kdcache.service.signature import ModelSpec, validate
 
 CI_EXAMPLES = 30
 SOAK_EXAMPLES = int(os.environ.get("KD_FUZZ_EXAMPLES", "2000"))
@@ -453,8 +452,7 @@ def build_service(tmp_path: Path, teacher_pt: Path, api_key: str | None = None, 
 
     settings = ServeSettings(teacher=[str(teacher_pt)], cache=tmp_path / "cache", device="cpu", temperature=4.0, **options)
     teacher = load_teacher(settings.teacher, temperature=settings.temperature, device="cpu")
-    store = CacheStore(settings.cache, teacher.cache_meta(settings.logits_dtype), durable=True)
-    return TeacherService(settings, teacher, store, api_key)
+    return TeacherService.open(settings, teacher, api_key)
 
 
 class InProcess:

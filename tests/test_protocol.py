@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kdcache.service.protocol import (
+    DATATYPES,
     HEADER_LENGTH,
     DecodedRequest,
-    ModelSpec,
     ProtocolError,
     RequestedOutput,
     datatype_of,
@@ -26,8 +26,9 @@ from kdcache.service.protocol import (
     encode_request,
     encode_response,
     error_body,
-    validate,
+    parse_header_length,
 )
+from kdcache.service.signature import INPUTS, OUTPUTS, ModelSpec, model_metadata, request_schema, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ModelSpec(input_shape=(8, 8), input_dtype="uint8", num_classes=10, temperature=1.0, max_samples=16)
@@ -228,10 +229,51 @@ def test_huge_declared_shape_is_413_without_allocating():
     assert info.value.status == 413
 
 
-def test_module_imports_no_framework_model_or_hdf5():
-    code = "import sys, kdcache.service.protocol; print(sorted(m for m in ('fastapi', 'torch', 'h5py', 'httpx') if m in sys.modules))"
+@pytest.mark.parametrize("module", ["kdcache.service.protocol", "kdcache.service.signature"])
+def test_module_imports_no_framework_model_or_hdf5(module):
+    code = f"import sys, {module}; print(sorted(m for m in ('fastapi', 'torch', 'h5py', 'httpx') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_header_length_is_read_as_the_service_always_read_it():
+    """One parser for the header, the route's: int() of the raw value (a sign and white space allowed)."""
+    assert parse_header_length(None, 10) is None
+    assert parse_header_length(" 7 ", 10) == parse_header_length("+7", 10) == parse_header_length(7, 10) == 7
+    for raw, message in (
+        ("12x", "'12x' is not an integer"),
+        ("-1", "must be a non-negative integer"),
+        (True, "non-negative"),
+        ("11", "only 10"),
+    ):
+        with pytest.raises(ProtocolError, match=message) as info:
+            parse_header_length(raw, 10)
+        assert (info.value.status, info.value.field) == (400, HEADER_LENGTH)
+
+
+def test_model_metadata_and_openapi_come_from_one_declaration():
+    meta = model_metadata("teacher", SPEC, {"temperature": 1.0})
+    assert meta == {
+        "name": "teacher",
+        "versions": ["1"],
+        "platform": "pytorch",
+        "inputs": [
+            {"name": "input", "datatype": "UINT8", "shape": [-1, 8, 8]},
+            {"name": "id", "datatype": "BYTES", "shape": [-1], "optional": True},
+            {"name": "label", "datatype": "INT64", "shape": [-1], "optional": True},
+        ],
+        "outputs": [
+            {"name": "soft_targets", "datatype": "FP32", "shape": [-1, 10]},
+            {"name": "logits", "datatype": "FP32", "shape": [-1, 10]},
+        ],
+        "parameters": {"temperature": 1.0},
+    }
+    schema = request_schema()
+    tensor = schema["properties"]["inputs"]["items"]["properties"]
+    assert tensor["datatype"]["enum"] == [*DATATYPES, "BYTES"]
+    assert tensor["name"]["examples"] == [t.name for t in INPUTS] and tensor["name"]["description"] == "input (required), id or label"
+    assert schema["properties"]["outputs"]["items"]["properties"]["name"]["enum"] == [t.name for t in OUTPUTS]
+    assert list(schema["properties"]["parameters"]["properties"]) == ["temperature", "store", "binary_data_output"]
 
 
 def test_datatype_of_and_error_body():
@@ -239,7 +281,7 @@ def test_datatype_of_and_error_body():
     with pytest.raises(ValueError):
         datatype_of(np.complex64)
     assert json.loads(error_body("input: bad")) == {"error": "input: bad"}
-    exc = ProtocolError(422, "label: out of range", "label")
+    exc = ProtocolError(422, "label", "out of range")
     assert (str(exc), exc.status, exc.field) == ("label: out of range", 422, "label")
 
 

@@ -15,9 +15,10 @@ import torch
 from kdcache.offline.cache import CacheError, CacheReader
 from kdcache.offline.journal import JOURNAL_NAME
 from kdcache.offline.losses import distillation_loss
-from kdcache.service.app import TeacherService, create_app
+from kdcache.service.app import create_app
 from kdcache.service.batcher import Batcher, QueueFull
 from kdcache.service.protocol import RequestedOutput, decode_response, encode_request
+from kdcache.service.runtime import TeacherService
 from kdcache.service.settings import ServeSettings
 from kdcache.service.store import CacheStore
 from kdcache.service.teacher import load_teacher
@@ -33,10 +34,7 @@ def run(coro):
 async def serving(tmp_path: Path, teachers: list[Path], *, api_key: str | None = None, teacher=None, **options):
     settings = ServeSettings(teacher=[str(p) for p in teachers], cache=tmp_path / "cache", device="cpu", temperature=T, **options)
     teacher = teacher or load_teacher(settings.teacher, ensemble=settings.ensemble, temperature=T, device="cpu")
-    store = CacheStore(
-        settings.cache, teacher.cache_meta(settings.logits_dtype), durable=settings.ack == "durable", max_shard_samples=settings.shard_samples
-    )
-    service = TeacherService(settings, teacher, store, api_key)
+    service = TeacherService.open(settings, teacher, api_key)
     app = create_app(service)
     await service.start()
     for _ in range(500):
@@ -319,7 +317,7 @@ def test_ensemble_soft_targets_and_the_trainer_reproduces_them(tmp_path, digits_
         async with serving(tmp_path, [digits_teacher_pt, second_teacher_pt], ensemble=ensemble) as (service, client):
             response, header, out = await infer(client, x, ids=np.arange(30))
             assert response.status_code == 200, response.text
-            assert service.teacher.members == 2
+            assert len(service.teacher.members) == 2
             if ensemble == "arithmetic":
                 refused, _, _ = await infer(client, x, temperature=2.0)
                 assert refused.status_code == 422 and "arithmetic" in refused.json()["error"]
