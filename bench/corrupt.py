@@ -52,14 +52,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+if not __package__:  # run as a file (python bench/corrupt.py): import bench from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import numpy as np
+from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheReader
 
-try:
-    import kdcache.offline  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheMeta, CacheReader, CacheWriter, Preprocessing
+from bench import harness
 
 NUM_SAMPLES = 300
 SHARD_SAMPLES = 64  # five shards: 4 x 64 + 44
@@ -90,18 +89,9 @@ OUTCOMES = ("open", "read", "verify", *KNOWN, *FAILURES)
 
 
 def write_pristine(directory: Path, *, compression: str | None = None, seed: int = 0) -> Path:
-    meta = CacheMeta(
-        teacher_fingerprint="0" * 64, teacher_name="corrupt-bench", num_classes=NUM_CLASSES, input_shape=INPUT_SHAPE,
-        input_dtype="uint8", preprocessing=Preprocessing(scale=1 / 16),
-    )  # fmt: skip
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 17, size=(NUM_SAMPLES, *INPUT_SHAPE), dtype=np.uint8)
-    logits = rng.normal(size=(NUM_SAMPLES, NUM_CLASSES)).astype(np.float32)
-    labels = rng.integers(-1, NUM_CLASSES, size=NUM_SAMPLES).astype(np.int64)
-    with CacheWriter(directory, meta, max_samples=SHARD_SAMPLES, compression=compression) as writer:
-        for start in range(0, NUM_SAMPLES, 100):
-            stop = min(start + 100, NUM_SAMPLES)
-            writer.append(np.arange(start, stop), x[start:stop], logits[start:stop], labels[start:stop])
+    meta = harness.synthetic_meta(INPUT_SHAPE, NUM_CLASSES, levels=17, teacher_fingerprint="0" * 64, teacher_name="corrupt-bench")
+    harness.synthetic_cache(directory, meta, NUM_SAMPLES, seed=seed, unlabelled=True, append_rows=100, max_samples=SHARD_SAMPLES,
+                            compression=compression)  # fmt: skip
     (directory / ".writer.lock").unlink(missing_ok=True)
     return directory
 
@@ -320,17 +310,6 @@ def examine(directory: Path, damage: Damage, on_safe_done: Callable[[], None] | 
         return Result("other", f"{stage}: {_describe(exc)}", stages)
 
 
-def run_case(
-    pristines: dict[str, Path], scratch: Path, seed: int, kinds: tuple[str, ...] = KINDS, on_safe_done: Callable[[], None] | None = None
-) -> tuple[Damage, Result]:
-    directory = scratch / f"case-{seed}"
-    try:
-        damage = make_case(pristines, directory, seed, kinds)
-        return damage, examine(directory, damage, on_safe_done)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Driving child processes, so that a crash or hang costs one case, not the run
 
@@ -410,13 +389,12 @@ def table(records: list[dict]) -> dict[str, Counter]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--seeds", type=int, default=500, help="number of random cases")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated damage kinds to draw from")
     p.add_argument("--jobs", type=int, default=1, help="child processes")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds a case may take before it counts as a hang")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
@@ -431,27 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     counts = table(records)
     failures = [r for r in records if r["result"]["outcome"] in FAILURES]
-    if args.json:
-        summary = {
-            "seeds": args.seeds, "first_seed": args.first_seed, "seconds": round(seconds, 1),
-            "table": {kind: {o: c[o] for o in OUTCOMES} | {"cases": sum(c.values())} for kind, c in counts.items()},
-            "failures": failures,
-        }  # fmt: skip
-        print(json.dumps(summary, indent=1))
-    else:
-        labels = {"wrong-file": "wrong"}
-        columns = [("cases", 6)] + [(labels.get(o, o), max(6, len(o) + 1)) for o in OUTCOMES]
-        header = f"{'damage':<14}" + "".join(f"{name:>{width + 1}}" for name, width in columns)
-        rows = [(kind, c) for kind, c in counts.items()]
-        rows.append(("all", sum(counts.values(), Counter())))
+    summary = {
+        "seeds": args.seeds, "first_seed": args.first_seed, "seconds": round(seconds, 1),
+        "table": {kind: {o: c[o] for o in OUTCOMES} | {"cases": sum(c.values())} for kind, c in counts.items()},
+        "failures": failures,
+    }  # fmt: skip
+
+    def report(_: dict) -> None:
         print(f"bench/corrupt.py --seeds {args.seeds}: {len(records)} cases in {seconds:.0f} s ({len(records) / seconds:.1f} cases/s)")
-        print(header)
-        print("-" * len(header))
-        for kind, c in rows:
-            if kind == "all":
-                print("-" * len(header))
-            values = [sum(c.values())] + [c[o] for o in OUTCOMES]
-            print(f"{kind:<14}" + "".join(f"{v:>{width + 1}}" for v, (_, width) in zip(values, columns, strict=True)))
+        labels = {"wrong-file": "wrong"}
+        rows = [[kind, sum(c.values()), *(c[o] for o in OUTCOMES)] for kind, c in [*counts.items(), ("all", sum(counts.values(), Counter()))]]
+        harness.table([("damage", ""), ("cases", "")] + [(labels.get(o, o), "") for o in OUTCOMES], rows)
         print(
             "\nopen: CacheReader's cheap checks raised a CacheError naming the file; read: opened, reading rows named it;\n"
             "verify: only the checksum saw it (same size, intact structure). Every case was first caught, naming the file,\n"
@@ -461,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         for record in failures[:20]:
             d, r = record["damage"], record["result"]
             print(f"\nFAIL seed {d['seed']} {d['variant']} {d['kind']}: {d['detail']}\n  {r['outcome']}: {r['message']}")
+
+    harness.emit(summary, args.json, report)
     return 1 if failures else 0
 
 

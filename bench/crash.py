@@ -26,7 +26,6 @@ any acknowledged sample is lost or wrong, or any shard fails verification.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -36,47 +35,25 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+if not __package__:  # run as a file (python bench/crash.py): import bench from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import numpy as np
-import torch
+from kdcache.offline.cache import CRASH_POINTS, CacheError, CacheReader
+from kdcache.service.client import TeacherClient
+from kdcache.service.launch import LaunchError, ServeProcess
 
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(_ROOT))
+from bench import harness
+from bench.harness import Teacher
 
-from kdcache.offline import models  # noqa: E402
-from kdcache.offline.cache import CRASH_POINTS, CacheError, CacheReader, Preprocessing  # noqa: E402
-from kdcache.service.client import TeacherClient  # noqa: E402
-from kdcache.service.launch import LaunchError, ServeProcess  # noqa: E402
-
-BIN = Path(sys.executable).parent
 INPUT_SHAPE = (8, 8)
 NUM_CLASSES = 10
-PREPROCESSING = Preprocessing(scale=1 / 16)
 CLIENTS = 4
 
 
-@dataclass
-class Teacher:
-    path: Path
-    model: torch.nn.Module
-
-    @torch.no_grad()
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.model(PREPROCESSING.apply(torch.from_numpy(x))).numpy()
-
-
 def make_teacher(directory: Path, seed: int = 0) -> Teacher:
-    """A randomly initialised ``mlp-teacher`` on 8×8 uint8 inputs, saved as ``teacher-serve`` loads it."""
-    torch.manual_seed(seed)
-    model = models.build("mlp-teacher", INPUT_SHAPE, NUM_CLASSES).eval()
-    record = {
-        "format": "kd-student", "version": 1, "arch": "mlp-teacher",
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "num_classes": NUM_CLASSES, "input_shape": list(INPUT_SHAPE), "input_dtype": "uint8",
-        "preprocessing": PREPROCESSING.to_dict(),
-    }  # fmt: skip
-    path = directory / "crash-teacher.pt"
-    torch.save(record, path)
-    return Teacher(path, model)
+    """A randomly initialised ``mlp-teacher`` on 8×8 uint8 inputs (0-16), saved as ``teacher-serve`` loads it."""
+    return harness.write_teacher(directory / "crash-teacher.pt", "mlp-teacher", INPUT_SHAPE, NUM_CLASSES, seed=seed, levels=17)
 
 
 @dataclass
@@ -239,9 +216,9 @@ def run_trial(
 
 def final_checks(cache: Path, out: Path) -> dict[str, object]:
     """``cache-inspect --verify`` and one epoch of ``offline-distill`` on what the trials left."""
-    verify = subprocess.run([str(BIN / "cache-inspect"), str(cache), "--verify"], capture_output=True, text=True, timeout=600)
+    verify = subprocess.run([str(harness.BIN / "cache-inspect"), str(cache), "--verify"], capture_output=True, text=True, timeout=600)
     distill = subprocess.run(
-        [str(BIN / "offline-distill"), "--cache", str(cache), "--student", "mlp-small", "--epochs", "1", "--out", str(out),
+        [str(harness.BIN / "offline-distill"), "--cache", str(cache), "--student", "mlp-small", "--epochs", "1", "--out", str(out),
          "--no-progress", "--no-export"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -304,31 +281,31 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=20, help="random kill -9 trials (default 20)")
+    p = harness.parser(__doc__)
+    p.add_argument("--trials", type=int, default=20, help="random kill -9 trials")
     p.add_argument("--points", action="store_true", help="also one trial per crash point and repeat")
     p.add_argument("--repeat", type=int, default=3, help="with --points: crash at the 1st..n-th arrival at each point")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--shard-samples", type=int, default=256, help="rows per shard: small, so rollovers are frequent")
     p.add_argument("--workdir", help="keep the cache and logs here (default: a new temporary directory)")
-    p.add_argument("--ack", choices=("durable", "buffered"), default="durable", help="the servers' ack mode (default durable)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--ack", choices=("durable", "buffered"), default="durable", help="the servers' ack mode")
     return p.parse_args(argv)
+
+
+def print_summary(summary: dict[str, object]) -> None:
+    print()
+    print(f"trials {summary['trials']} ({summary['random_kills']} random kill -9, {summary['crash_point_kills']} at crash points)")
+    print(f"acknowledged {summary['acknowledged']}  lost {summary['lost']}  wrong logits {summary['wrong_logits']}")
+    print(f"unreadable shards exposed {summary['unreadable_shards']}  failed trials {summary['failed_trials']}")
+    print(f"cache-inspect --verify exit {summary['verify_exit']}  offline-distill exit {summary['distill_exit']}")
+    print(f"workdir {summary['workdir']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     summary = run(args)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print()
-        print(f"trials {summary['trials']} ({summary['random_kills']} random kill -9, {summary['crash_point_kills']} at crash points)")
-        print(f"acknowledged {summary['acknowledged']}  lost {summary['lost']}  wrong logits {summary['wrong_logits']}")
-        print(f"unreadable shards exposed {summary['unreadable_shards']}  failed trials {summary['failed_trials']}")
-        print(f"cache-inspect --verify exit {summary['verify_exit']}  offline-distill exit {summary['distill_exit']}")
-        print(f"workdir {summary['workdir']}")
+    harness.emit(summary, args.json, print_summary)
     return 0 if summary["ok"] else 1
 
 

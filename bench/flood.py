@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -28,18 +27,19 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+if not __package__:  # run as a file (python bench/flood.py): import bench from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import httpx
 import numpy as np
+from kdcache.offline.cache import CacheReader
+from kdcache.service.launch import ServeProcess
+from kdcache.service.protocol import HEADER_LENGTH, RequestedOutput, encode_request
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE.parent))
-sys.path.insert(0, str(_HERE))
-
-from crash import INPUT_SHAPE, make_teacher  # noqa: E402
-from kdcache.offline.cache import CacheReader  # noqa: E402
-from kdcache.service.launch import ServeProcess  # noqa: E402
-from kdcache.service.protocol import HEADER_LENGTH, RequestedOutput, encode_request  # noqa: E402
+from bench import harness
+from bench.crash import INPUT_SHAPE, make_teacher
 
 
 @dataclass
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> FloodResult:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.parser(__doc__)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--batch", type=int, default=2048, help="samples per request (8x8 uint8: 64 bytes each)")
@@ -198,25 +198,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-growth-mb", type=float, default=256.0, help="peak RSS growth allowed during the flood")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the cache and log here (default: a new temporary directory)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
+
+
+def print_report(result: dict[str, Any]) -> None:
+    print(f"clients {result['clients']}  seconds {result['seconds']:g}  batch {result['batch']}  queue {result['queue_mb']:g} MB  "
+          f"in flight {result['inflight_mb']:g} MB")  # fmt: skip
+    print(f"requests {result['requests']}  statuses {result['statuses']}  rejection rate {result['rejection_rate']:.1%}")
+    print(f"samples offered {result['offered_samples']}  acknowledged {result['acknowledged_samples']}  lost {result['lost']}")
+    print(f"RSS before {result['rss_before_mb']:.0f} MB  peak {result['rss_peak_mb']:.0f} MB")
+    print(f"health probes {result['health_probes']}  failed {result['health_failures']}  slowest {result['health_max_ms']:.0f} ms")
+    print("ok" if result["ok"] else "FAIL: " + "; ".join(result["problems"]))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = run(args)
-    if args.json:
-        print(json.dumps({**asdict(result), "rejection_rate": result.rejection_rate, "ok": not result.problems}, indent=2))
-    else:
-        print(
-            f"clients {result.clients}  seconds {result.seconds:g}  batch {result.batch}  queue {result.queue_mb:g} MB  in flight {result.inflight_mb:g} MB"
-        )
-        print(f"requests {result.requests}  statuses {result.statuses}  rejection rate {result.rejection_rate:.1%}")
-        print(f"samples offered {result.offered_samples}  acknowledged {result.acknowledged_samples}  lost {result.lost}")
-        print(f"RSS before {result.rss_before_mb:.0f} MB  peak {result.rss_peak_mb:.0f} MB")
-        print(f"health probes {result.health_probes}  failed {result.health_failures}  slowest {result.health_max_ms:.0f} ms")
-        print("ok" if not result.problems else "FAIL: " + "; ".join(result.problems))
+    harness.emit({**asdict(result), "rejection_rate": result.rejection_rate, "ok": not result.problems}, args.json, print_report)
     return 0 if not result.problems else 1
 
 

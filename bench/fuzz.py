@@ -24,34 +24,26 @@ and exits 1 when any of that fails.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import re
 import socket
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-_ROOT = _HERE.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_ROOT))
-sys.path.insert(1, str(_ROOT / "tests"))  # test_fuzz imports nothing from tests/, but keep it importable the same way
+if not __package__:  # run as a file (python bench/fuzz.py): import bench from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import httpx  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
-from kdcache.offline import models  # noqa: E402
-from kdcache.offline.cache import CacheReader, Preprocessing  # noqa: E402
-from kdcache.offline.journal import JOURNAL_NAME  # noqa: E402
-from kdcache.service.launch import ServeProcess  # noqa: E402
-from kdcache.service.protocol import ModelSpec  # noqa: E402
+import httpx
+from hypothesis import HealthCheck, assume, given, settings
+from kdcache.offline.cache import CacheReader
+from kdcache.offline.journal import JOURNAL_NAME
+from kdcache.service.launch import ServeProcess
+from kdcache.service.signature import ModelSpec
 
-BIN = Path(sys.executable).parent
+from bench import harness
+
 TOKEN_ENV = "KD_FUZZ_TOKEN"
 TOKEN = "bench-fuzz-token"
 SPEC = ModelSpec(input_shape=(8, 8), input_dtype="uint8", num_classes=10, temperature=4.0, max_samples=1 << 20)
@@ -59,41 +51,12 @@ MAX_BODY_MB = 64.0
 TIMEOUT_S = 30.0
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def load_test_fuzz() -> Any:
-    spec = importlib.util.spec_from_file_location("test_fuzz", _ROOT / "tests" / "test_fuzz.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def write_teacher(directory: Path) -> Path:
-    torch.manual_seed(0)
-    model = models.build("mlp-small", (8, 8), 10)
-    record = {
-        "format": "kd-student",
-        "version": 1,
-        "arch": "mlp-small",
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "num_classes": 10,
-        "input_shape": [8, 8],
-        "input_dtype": "uint8",
-        "preprocessing": Preprocessing(scale=1 / 16).to_dict(),
-    }
-    path = directory / "teacher.pt"
-    torch.save(record, path)
-    return path
-
-
-def start_server(workdir: Path, teacher: Path) -> ServeProcess:
-    args = ["--teacher", str(teacher), "--cache", str(workdir / "cache"), "--device", "cpu"]
+def start_server(workdir: Path) -> ServeProcess:
+    """``teacher-serve`` with a tiny random-weight digits-shaped teacher, a bearer token and a body limit."""
+    teacher = harness.write_teacher(workdir / "teacher.pt", "mlp-small", (8, 8), 10, levels=17)
+    args = ["--teacher", str(teacher.path), "--cache", str(workdir / "cache"), "--device", "cpu"]
     args += ["--api-key-env", TOKEN_ENV, "--max-body-mb", str(MAX_BODY_MB)]
-    return ServeProcess(args, workdir / "serve.log", command=[str(BIN / "teacher-serve")], env={TOKEN_ENV: TOKEN})
+    return ServeProcess(args, workdir / "serve.log", env={TOKEN_ENV: TOKEN})
 
 
 class Tally:
@@ -250,40 +213,39 @@ def run_schemathesis(tf: Any, url: str, examples: int, seed_fixed: bool, with_to
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=200, help="examples per fuzzer (default 200)")
+    parser = harness.parser(__doc__)
+    parser.add_argument("--examples", type=int, default=200, help="examples per fuzzer")
     parser.add_argument("--derandomize", action="store_true", help="the same examples every run")
     parser.add_argument(
         "--only", nargs="+", metavar="FUZZER", help="run only these fuzzers (mutation families, raw_content_length, schemathesis)"
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
 
-    tf = load_test_fuzz()
+    from tests import test_fuzz as tf  # the fuzzers themselves; they need the test extras
+
     families = [name for name in sorted(tf.MUTATIONS) if name != "content_length"]  # in process only; raw_content_length here
     wanted = set(args.only or [*families, "raw_content_length", "schemathesis"])
-    with tempfile.TemporaryDirectory(prefix="kd-fuzz-") as tmp:
-        workdir = Path(tmp)
-        server = start_server(workdir, write_teacher(workdir))
+    with harness.workdir("kd-fuzz-") as workdir:
+        server = start_server(workdir)
         started = time.perf_counter()
         try:
             server.wait_ready()
-            say(f"teacher-serve ready on {server.url}; {args.examples} examples per fuzzer")
+            harness.say(f"teacher-serve ready on {server.url}; {args.examples} examples per fuzzer")
             tallies: list[Tally] = []
             for family in families:
                 if family in wanted:
                     tallies.append(run_mutations(tf, family, server.url, args.examples, args.derandomize))
-                    say(f"  {family}: {tallies[-1].cases} cases, {tallies[-1].seconds:.1f} s")
+                    harness.say(f"  {family}: {tallies[-1].cases} cases, {tallies[-1].seconds:.1f} s")
             if "raw_content_length" in wanted:
                 tallies.append(run_raw_content_length(tf, server.port, args.examples, args.derandomize))
-                say(f"  raw_content_length: {tallies[-1].cases} cases")
+                harness.say(f"  raw_content_length: {tallies[-1].cases} cases")
             schemathesis_infer_ok = 0
             if "schemathesis" in wanted:
                 for with_token in (True, False):
                     tally, ok = run_schemathesis(tf, server.url, args.examples, args.derandomize, with_token)
                     tallies.append(tally)
                     schemathesis_infer_ok += ok
-                    say(f"  {tally.name}: {tally.cases} cases, {tally.seconds:.1f} s")
+                    harness.say(f"  {tally.name}: {tally.cases} cases, {tally.seconds:.1f} s")
         finally:
             exit_code = server.stop()
         seconds = time.perf_counter() - started
@@ -317,10 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         or exit_code != 0
     )
     summary["ok"] = not failed
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print_table(summary)
+    harness.emit(summary, args.json, print_table)
     return 1 if failed else 0
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--quick] [--device cpu|cuda] [--json]
 
-Runs each benchmark as a subprocess with ``--json`` (``--quick`` and ``--device`` passed on to
+Runs each benchmark as a subprocess (``python bench/run.py`` and ``python -m bench.run`` alike) with ``--json`` (``--quick`` and ``--device`` passed on to
 those that take them), one at a time so that they never compete for the machine, and reads
 the one JSON object each prints:
 
@@ -16,7 +16,7 @@ the one JSON object each prints:
 ====  =====================================================  ==================  =====================================
 
 P2 and P4 are read for the worker count ``offline-distill`` picks by itself for the reader's
-cache (``offline.train.AUTO_WORKERS_BYTES``), which is what a user gets. Under
+cache (``kdcache.offline.train.default_workers``), which is what a user gets. Under
 ``--device cuda`` the reader's student trains on the GPU (pick a student that keeps it busy with
 ``bench/reader.py --student``); P4 is then the host memory of ``offline-distill --device cuda``.
 
@@ -44,25 +44,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # offline/, when run from a checkout without `pip install -e .`
+if not __package__:  # run as a file (python bench/run.py): import bench from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-# name -> (script, takes --device)
-BENCHMARKS: dict[str, tuple[str, bool]] = {
-    "service": ("service.py", True),
-    "reader": ("reader.py", True),
-    "online": ("online.py", True),
-}
+import torch
+from kdcache.offline.train import default_workers
+
+from bench import harness
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ("service", "reader", "online")  # bench/NAME.py, each takes --json, --quick and --device
 # Under --quick, extra arguments that keep the whole run under 3 minutes on 2 cores: the
-# reader's quick cache is far below offline.train.AUTO_WORKERS_BYTES, so offline-distill reads
+# reader's quick cache is far below the trainer's worker threshold, so offline-distill reads
 # it with 0 workers, and its throughput row with 2 workers (about 25 s) is not needed for P2.
 QUICK_EXTRA = {"reader": ["--workers", "0"]}
-TARGETS = {
-    "p1_service_vs_forward": (">=", 0.9),
-    "p2_reader_vs_memory": (">=", 0.95),
-    "p3_offline_speedup_vs_ideal": (">=", 0.9),
-    "p4_rss_growth_10x": ("<", 1.2),
-}
 DESCRIPTIONS = {
     "p1_service_vs_forward": "P1 teacher-serve durable ÷ raw forward",
     "p2_reader_vs_memory": "P2 steps/s shards ÷ memory (default workers)",
@@ -71,18 +66,8 @@ DESCRIPTIONS = {
 }
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def reader_default_workers(reader: dict[str, Any]) -> int:
-    from kdcache.offline.train import AUTO_WORKERS_BYTES
-
-    return 0 if reader["config"]["cache_bytes"] < AUTO_WORKERS_BYTES else 2
-
-
 def p2(reader: dict[str, Any]) -> float:
-    workers = reader_default_workers(reader)
+    workers = default_workers(reader["config"]["cache_bytes"])
     rows = [r for r in reader["throughput"] if r["workers"] == workers and r["malloc"] == "trainer"]
     if not rows:
         raise KeyError(f"no throughput row for {workers} workers with the trainer's malloc settings")
@@ -100,12 +85,9 @@ FIGURES: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
 
 def run_benchmark(name: str, args: argparse.Namespace) -> tuple[dict[str, Any] | None, str | None, float]:
     """(its JSON, None) or (None, a one-line error), and the seconds it took."""
-    script, takes_device = BENCHMARKS[name]
-    cmd = [sys.executable, str(HERE / script), "--json"]
+    cmd = [sys.executable, str(HERE / f"{name}.py"), "--json", "--device", args.device]
     if args.quick:
         cmd += ["--quick", *QUICK_EXTRA.get(name, [])]
-    if takes_device:
-        cmd += ["--device", args.device]
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -122,11 +104,16 @@ def run_benchmark(name: str, args: argparse.Namespace) -> tuple[dict[str, Any] |
         return None, f"{shlex.join(cmd)}: its stdout is not one JSON object ({exc})", seconds
 
 
-def met(key: str, value: float | None) -> bool | None:
-    if value is None:
-        return None
-    op, target = TARGETS[key]
-    return value >= target if op == ">=" else value < target
+def print_table(result: dict[str, Any]) -> None:
+    print(f"bench/run.py{' --quick' if result['quick'] else ''}, device {result['device']}, torch {result['torch']}, {result['date']}")
+    harness.table(
+        [("figure", ""), ("measured", ""), ("target", ""), ("met", "")],
+        [[DESCRIPTIONS[key], "error" if value is None else format(value, ".3f"), harness.target(key),
+          {True: "yes", False: "NO", None: "-"}[result["met"][key]]] for key, value in result.items() if key in DESCRIPTIONS],
+    )  # fmt: skip
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
+    for key, error in result["errors"].items():
+        print(f"error ({key}): {error}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,34 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for i, name in enumerate(BENCHMARKS, 1):
-        say(f"[{i}/{len(BENCHMARKS)}] bench/{BENCHMARKS[name][0]} ...")
+        harness.say(f"[{i}/{len(BENCHMARKS)}] bench/{name}.py ...")
         result, error, seconds[name] = run_benchmark(name, args)
         if error:
             errors[name] = error
-            say(f"[{i}/{len(BENCHMARKS)}] bench/{BENCHMARKS[name][0]} FAILED after {seconds[name]:.1f} s: {error}")
+            harness.say(f"[{i}/{len(BENCHMARKS)}] bench/{name}.py FAILED after {seconds[name]:.1f} s: {error}")
         else:
             details[name] = result
-            say(f"[{i}/{len(BENCHMARKS)}] bench/{BENCHMARKS[name][0]} done in {seconds[name]:.1f} s")
+            harness.say(f"[{i}/{len(BENCHMARKS)}] bench/{name}.py done in {seconds[name]:.1f} s")
 
-    figures: dict[str, float | None] = {}
+    figures: dict[str, float | None] = dict.fromkeys(FIGURES)
     for key, (name, read) in FIGURES.items():
-        figures[key] = None
         if name in details:
             try:
                 figures[key] = float(read(details[name]))
             except (KeyError, TypeError, ValueError, IndexError) as exc:
-                errors[key] = f"bench/{BENCHMARKS[name][0]}'s JSON has no {key} ({type(exc).__name__}: {exc})"
-    import torch  # late: the benchmarks, not this process, do the work
-
-    device = args.device
-    for name in ("online", "service"):
-        if name in details and details[name].get("device"):
-            device = details[name]["device"]
-            break
+                errors[key] = f"bench/{name}.py's JSON has no {key} ({type(exc).__name__}: {exc})"
+    device = next((details[name]["device"] for name in ("online", "service") if details.get(name, {}).get("device")), args.device)
     result = {
         **figures,
-        "targets": {key: f"{op} {target}" for key, (op, target) in TARGETS.items()},
-        "met": {key: met(key, value) for key, value in figures.items()},
+        "targets": {key: harness.target(key) for key in harness.TARGETS},
+        "met": {key: harness.met(key, value) for key, value in figures.items()},
         "errors": errors,
         "device": device,
         "torch": torch.__version__,
@@ -180,19 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {**{k: round(v, 1) for k, v in seconds.items()}, "total": round(time.perf_counter() - started, 1)},
         "details": details,
     }
-    if args.json:
-        print(json.dumps(result, indent=1, default=str))
-    else:
-        print(f"bench/run.py{' --quick' if args.quick else ''}, device {device}, torch {torch.__version__}, {result['date']}")
-        print(f"{'figure':<48}  {'measured':>8}  {'target':>7}  met")
-        for key, value in figures.items():
-            op, target = TARGETS[key]
-            shown = "error" if value is None else f"{value:.3f}"
-            ok = {True: "yes", False: "NO", None: "-"}[met(key, value)]
-            print(f"{DESCRIPTIONS[key]:<48}  {shown:>8}  {op + ' ' + str(target):>7}  {ok}")
-        print("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
-        for key, error in errors.items():
-            print(f"error ({key}): {error}")
+    harness.emit(result, args.json, print_table)
     return 1 if errors else 0
 
 

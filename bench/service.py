@@ -32,14 +32,22 @@ One run measures, side by side on the same device, at the same batch size and co
   written): its size and bytes/sample are reported.
 
 The timed count of requests is sized from the raw throughput to last ``--seconds`` (at least
-``--min-requests``). With ``--repeats R`` the three sides run R rounds in the order raw, durable,
-buffered, and each figure is the median over rounds. Ratios: ``durable / raw``, ``buffered / raw``
-(target >= 0.9 for a compute-bound teacher) and ``durable / buffered``.
+8 requests). ``--repeats R`` runs the three sides R times, in the order raw, durable, buffered
+and reversed every second round, so that a drift of the machine does not favour one side; each
+figure is the median over rounds. Ratios: ``durable / raw``, ``buffered / raw`` (target >= 0.9
+for a compute-bound teacher) and ``durable / buffered``.
+
+**A quick run is a smaller sample of the full one.** Both take the same code path with the same
+warm-up (the server's warm-up passes and 3 untimed requests; as many untimed forwards on the raw
+side) and the same order of rounds. ``--quick`` only times shorter windows (6 s instead of 20 s)
+and 2 rounds instead of 3: the full run's first two, one in each order. (Until this was so, the
+quick run warmed up on 2 requests and timed a single round, raw first: it read P1 at 0.88 in two
+runs while the full run read 1.01 on the same machine within the hour.)
 
 **On a 2-core machine the load generator shares the CPU with the server.** So each service
 window also reports the CPU seconds of this process (the clients: ``time.process_time``) and of
 the server (``/proc/PID/stat``), per thread (``/proc/PID/task/*/stat``), and the share of the
-machine other processes took ("other CPU", as in bench/reader.py). It also scrapes the server's
+machine other processes took ("other CPU": ``harness.CpuMeter``). It also scrapes the server's
 ``/metrics`` at both ends of the window: forward seconds per batch *inside* the server (compared
 with raw's, this says whether the model itself ran slower, e.g. because threads competed for the
 cores) and the teacher's busy share of the window (bubbles between batches). Python 3.11 does not
@@ -50,8 +58,9 @@ Python thread's name and then runs ``service.cli.serve_main`` exactly as the con
 The teacher: ``--teacher-arch`` (default ``resnet``, the CIFAR ResNet-20 of offline.models, 0.27 M
 parameters; ``cnn-large`` is similar in cost) with random weights, built by
 ``offline.models.build`` for uint8 ``--input-shape`` (default 3 32 32) with preprocessing scale
-1/255, and saved as a ``student.pt`` record (format "kd-student", as ``offline/train.py`` writes
-it) in a temporary directory, which is what ``teacher-serve --teacher`` and ``load_teacher`` load.
+1/255, and saved as a ``student.pt`` record (``harness.write_teacher``: the record
+``offline-distill`` writes) in a temporary directory, which ``teacher-serve --teacher`` and
+``load_teacher`` load.
 
 ``--sweep`` adds raw vs durable vs buffered at batch sizes 16, 64 and 256 (``--max-batch`` and
 request size = batch size), one round each; ``--plot PATH`` draws them (samples/s against batch
@@ -106,19 +115,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime as dt
-import importlib.util
 import json
 import math
 import os
-import platform
 import resource
 import shlex
-import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -126,76 +129,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Run as a script, this file's directory comes first on sys.path, and this file is called
-# service.py: it would shadow the `service` package. Drop the directory, put the repo root there.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+if not __package__:  # run as a file (python bench/service.py): import bench from the repository root, as -m does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from kdcache.offline import models  # noqa: E402
-from kdcache.offline.cache import CacheReader, Preprocessing, normalize_ids  # noqa: E402
-from kdcache.offline.journal import JOURNAL_NAME  # noqa: E402
-from kdcache.service.launch import LaunchError, ServeProcess  # noqa: E402
-from kdcache.service.protocol import HEADER_LENGTH, RequestedOutput, encode_request, serialize_bytes  # noqa: E402
-from kdcache.service.teacher import WARMUP_PASSES  # noqa: E402
+import httpx
+import numpy as np
+import torch
+from kdcache.offline.cache import CacheReader, normalize_ids
+from kdcache.offline.journal import JOURNAL_NAME
+from kdcache.service.launch import LaunchError, ServeProcess
+from kdcache.service.protocol import HEADER_LENGTH, RequestedOutput, encode_request, serialize_bytes
+from kdcache.service.teacher import WARMUP_PASSES
 
+from bench import harness
 
-def _load_reader_helpers() -> Any:
-    """bench/reader.py's CpuMeter and cpu_model (one home for them), imported by path."""
-    spec = importlib.util.spec_from_file_location("bench_reader", _HERE / "reader.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-_reader = _load_reader_helpers()
-CpuMeter, cpu_model, GLIBC_DEFAULTS = _reader.CpuMeter, _reader.cpu_model, _reader.GLIBC_DEFAULTS
-
-RATIO_TARGET = 0.9
-NOISE_LIMIT = 0.05
+P1 = "p1_service_vs_forward"
 SWEEP_BATCHES = (16, 64, 256)
 POOL = 4  # distinct input batches; requests differ from each other by their ids
 ID_WIDTH = 8  # request number digits; ids are f"{run}-{request:08d}-{row:06d}"
-BIN = Path(sys.executable).parent
-QUICK = {"seconds": 6.0, "min_requests": 4, "warmup_requests": 2, "repeats": 1}
+# One measurement at two sizes: the same warm-up and order of rounds (see the module doc).
 FULL = {"seconds": 20.0, "min_requests": 8, "warmup_requests": 3, "repeats": 3}
+QUICK = {**FULL, "seconds": 6.0, "repeats": 2}
 SWEEP = {"seconds": 6.0, "min_requests": 6, "warmup_requests": 3}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def say(message: str) -> None:  # progress on stderr, so that --json output stays one object
-    print(message, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# The teacher
-
-
-def write_teacher(directory: Path, arch: str, shape: tuple[int, ...], classes: int, seed: int) -> tuple[Path, int]:
-    """A random-weight ``arch`` saved as offline/train.py's student.pt record (format kd-student)."""
-    torch.manual_seed(seed)
-    model = models.build(arch, shape, classes)
-    record = {
-        "format": "kd-student",
-        "version": 1,
-        "arch": arch,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "num_classes": classes,
-        "input_shape": list(shape),
-        "input_dtype": "uint8",
-        "preprocessing": Preprocessing(scale=1 / 255).to_dict(),
-        "teacher_fingerprint": "bench-service-random-weights",
-        "temperature": 4.0,
-        "alpha": 0.9,
-    }
-    path = directory / "student.pt"
-    torch.save(record, path)
-    return path, models.count_parameters(model)
+INFER = "/v2/models/teacher/infer"
+STOP_TIMEOUT = 120.0
+OK = {True: "yes", False: "NO"}
 
 
 def input_pool(shape: tuple[int, ...], batch: int, seed: int) -> list[np.ndarray]:
@@ -219,7 +178,7 @@ def raw_forward(
 
     teacher = load_teacher([str(teacher_path)], device=args.device, dtype=args.dtype)
     pool = input_pool(tuple(args.input_shape), batch_size, args.seed)
-    sync = torch.cuda.synchronize if teacher.device.type == "cuda" else (lambda: None)
+    sync = harness.synchronizer(teacher.device)
 
     def run() -> dict[str, Any]:
         started = time.perf_counter()
@@ -227,7 +186,7 @@ def raw_forward(
             teacher.forward(pool[i % POOL])  # forward returns numpy: it has synchronised already
         per_batch = (time.perf_counter() - started) / max(1, warmup)
         batches = max(min_batches, math.ceil(seconds / max(per_batch, 1e-6)))
-        meter = CpuMeter()
+        meter = harness.CpuMeter()
         cpu0 = time.process_time()
         faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         sync()
@@ -257,35 +216,20 @@ def raw_forward(
 # The server subprocess, and what /proc says about it
 
 
-def thread_ticks(pid: int) -> dict[int, tuple[str, int, int]]:
-    """tid -> (name, utime + stime ticks, minor page faults) for every thread of ``pid``."""
-    out: dict[int, tuple[str, int, int]] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", encoding="ascii", errors="replace") as fh:
-                text = fh.read()
-        except OSError:
-            continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        out[int(tid)] = (name, int(fields[11]) + int(fields[12]), int(fields[7]))
-    return out
-
-
 def metric_sums(text: str) -> dict[str, float]:
     """The few /metrics series this benchmark reads, from the Prometheus text format."""
     wanted = ("kd_teacher_seconds_sum", "kd_teacher_seconds_count", "kd_batch_size_sum", "kd_batch_size_count",
-              "kd_write_seconds_sum", "kd_write_seconds_count", "kd_stored_samples_total")  # fmt: skip
+              "kd_write_seconds_sum", "kd_write_seconds_count")  # fmt: skip
     out = dict.fromkeys(wanted, 0.0)
     for line in text.splitlines():
         name, _, value = line.partition(" ")
         if name in out:
             out[name] = float(value)
     return out
+
+
+def child_env(args: argparse.Namespace) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {}
 
 
 class Server(ServeProcess):
@@ -296,36 +240,22 @@ class Server(ServeProcess):
             "--teacher", str(teacher), "--cache", str(cache), "--device", args.device, "--dtype", args.dtype,
             "--max-batch", str(batch_size), "--max-delay-ms", str(args.max_delay_ms), "--ack", ack, "--log-level", "warning",
         ]  # fmt: skip
-        if args.switch_interval is not None:
-            command = [sys.executable, str(Path(__file__).resolve()), "--serve-named", "--switch-interval", str(args.switch_interval), "--"]
-        elif args.name_threads:
-            command = [sys.executable, str(Path(__file__).resolve()), "--serve-named", "--"]
-        else:
-            command = [str(BIN / "teacher-serve")]
+        command = None  # teacher-serve
+        if args.name_threads or args.switch_interval is not None:
+            interval = [] if args.switch_interval is None else ["--switch-interval", str(args.switch_interval)]
+            command = [sys.executable, str(Path(__file__).resolve()), "--serve-named", *interval, "--"]
         super().__init__(serve_args, log_path, command=command, env=child_env(args))
-
-    def output(self, tail: int | None = 3000) -> str:
-        return super().output(tail)
-
-    def wait_ready(self, timeout: float = 300.0) -> Server:
-        try:
-            super().wait_ready(timeout)
-        except LaunchError as exc:
-            raise SystemExit(f"{exc}\n{self.output()}") from None
-        return self
 
     def metrics(self) -> dict[str, float]:
         return metric_sums(httpx.get(f"{self.url}/metrics", timeout=30).text)
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
-        return super().stop(sig, timeout)
 
-
-def child_env(args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ)
-    if args.torch_threads:
-        env["OMP_NUM_THREADS"] = str(args.torch_threads)
-    return env
+def ready(server: ServeProcess, timeout: float) -> None:
+    """Wait for /v2/health/ready; a server that does not get there ends the run, with its log."""
+    try:
+        server.wait_ready(timeout)
+    except LaunchError as exc:
+        raise SystemExit(f"{exc}\n{server.output(3000)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +270,10 @@ class RequestPlan:
     headers: list[dict[str, str]]
     ids: list[np.ndarray]
     samples: int
+
+    def send(self, path: str) -> Any:
+        """A ``ClientPool`` sender: request n posts body n (modulo the plan's length) to ``path``."""
+        return lambda http, n: http.post(path, content=self.bodies[n % len(self.bodies)], headers=self.headers[n % len(self.bodies)])
 
 
 def plan_requests(
@@ -387,7 +321,7 @@ def plan_requests(
 
 @dataclass
 class Window:
-    """Snapshots taken at ack #w (start) and at the last ack (end)."""
+    """A snapshot at one end of a timed window: wall clock, the clients' CPU, the server's threads."""
 
     wall: float = 0.0
     client_cpu: float = 0.0
@@ -397,96 +331,79 @@ class Window:
 
 
 def snapshot(pid: int) -> Window:
-    threads = thread_ticks(pid)
+    threads = harness.thread_ticks(pid)
     ticks, faults = sum(t for _, t, _ in threads.values()), sum(f for _, _, f in threads.values())
     return Window(time.perf_counter(), time.process_time(), threads, ticks, faults)
 
 
-def drive(server: Server, plan: RequestPlan, clients: int, warmup_requests: int) -> dict[str, Any]:
-    """``clients`` threads send the planned requests in order, one in flight each; see the module doc."""
-    total = len(plan.bodies)
-    lock = threading.Lock()
-    next_request = 0
-    acks: list[tuple[float, int, int]] = []  # (time, request, samples)
-    errors: list[str] = []
-    hits = 0
-    start_window: dict[str, Any] = {}
-    end_window: dict[str, Any] = {}
-    metrics_at: dict[str, dict[str, float]] = {}
-    window_started = threading.Event()
-    path = "/v2/models/teacher/infer"
+def cpu_shares(start: Window, end: Window, wall: float) -> dict[str, float]:
+    """CPU of the server and of the clients (this process) over the window, as shares of the machine."""
+    server_cpu, client_cpu = (end.server_ticks - start.server_ticks) / CLK_TCK, end.client_cpu - start.client_cpu
+    capacity = wall * (os.cpu_count() or 1)
+    return {"client_cpu_s": client_cpu, "server_cpu_s": server_cpu, "client_cpu_share": client_cpu / capacity,
+            "server_cpu_share": server_cpu / capacity, "client_share_of_used": client_cpu / max(1e-9, client_cpu + server_cpu)}  # fmt: skip
 
-    def client() -> None:
-        nonlocal next_request, hits
-        with httpx.Client(base_url=server.url, timeout=600) as http:
-            while True:
-                with lock:
-                    if errors or next_request >= total:
-                        return
-                    request = next_request
-                    next_request += 1
-                try:
-                    response = http.post(path, content=plan.bodies[request], headers=plan.headers[request])
-                except httpx.HTTPError as exc:
-                    with lock:
-                        errors.append(f"request {request}: {type(exc).__name__}: {exc}")
-                    return
-                now = time.perf_counter()
-                if response.status_code != 200:
-                    with lock:
-                        errors.append(f"request {request}: HTTP {response.status_code}: {response.text[:300]}")
-                    return
-                length = int(response.headers.get(HEADER_LENGTH, len(response.content)))
-                parameters = json.loads(response.content[:length]).get("parameters", {})
-                with lock:
-                    acks.append((now, request, plan.samples))
-                    hits += int(parameters.get("cache_hits", 0))
-                    if len(acks) == warmup_requests:
-                        start_window["window"] = snapshot(server.proc.pid)
-                        start_window["meter"] = CpuMeter()
-                        window_started.set()
-                    if len(acks) == total:
-                        end_window["window"] = snapshot(server.proc.pid)
-                        end_window["noise"] = start_window["meter"].stop()
+
+def drive(
+    server: ServeProcess, path: str, plan: RequestPlan, clients: int, warmup_requests: int, seconds: float | None = None, scrape: bool = True
+) -> dict[str, Any]:
+    """``clients`` threads post the plan's requests to ``path``, one in flight each: every request
+    once, in order, or with ``seconds``, round-robin until ``seconds`` after ack #``warmup_requests``.
+    The window runs from that ack to the last; with ``scrape``, the server's /metrics are read at
+    both ends of it. See the module doc."""
+    acks: list[tuple[float, int]] = []  # (completion time, body bytes), in completion order
+    hits = 0
+    marks: dict[str, Any] = {}
+    window_started = threading.Event()
+    total = None if seconds else len(plan.bodies)
+
+    def on_ack(number: int, response: httpx.Response, now: float) -> None:
+        nonlocal hits
+        if HEADER_LENGTH in response.headers:
+            hits += int(json.loads(response.content[: int(response.headers[HEADER_LENGTH])]).get("parameters", {}).get("cache_hits", 0))
+        acks.append((now, sum(map(len, plan.bodies[number % len(plan.bodies)]))))
+        if len(acks) == warmup_requests:
+            marks["start"], marks["meter"], marks["stop_at"] = snapshot(server.pid), harness.CpuMeter(), now + (seconds or math.inf)
+            window_started.set()
+        if len(acks) == total:
+            marks["end"], marks["noise"] = snapshot(server.pid), marks["meter"].stop()
 
     def scrape_start() -> None:  # off the clients' path; lands well before the next batch ends
         window_started.wait()
         with contextlib.suppress(httpx.HTTPError):
-            metrics_at["start"] = server.metrics()
+            marks["metrics"] = server.metrics()
 
-    scraper = threading.Thread(target=scrape_start, daemon=True)
-    scraper.start()
-    threads = [threading.Thread(target=client, name=f"client-{i}") for i in range(clients)]
+    if scrape:
+        threading.Thread(target=scrape_start, daemon=True).start()
     first_sent = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise SystemExit(f"the service failed a request: {errors[0]}\n{server.output()}")
+    error = harness.ClientPool(server.url, clients, timeout=120 if seconds else 600).run(
+        plan.send(path), on_ack, total=total, until=lambda: time.perf_counter() >= marks.get("stop_at", math.inf)
+    )
+    if error:
+        raise SystemExit(f"{server.url}{path} failed a request: {error}\n{server.output(3000)}")
     window_started.set()
-    scraper.join(30)
-    metrics_at["end"] = server.metrics()
-
+    if "end" not in marks:
+        marks["end"], marks["noise"] = snapshot(server.pid), marks["meter"].stop()
     acks.sort()
     t0, t1 = acks[warmup_requests - 1][0], acks[-1][0]
-    timed = sum(n for _, _, n in acks[warmup_requests:])
-    wall = t1 - t0
-    w0, w1 = start_window["window"], end_window["window"]
-    cpus = os.cpu_count() or 1
-    server_cpu = (w1.server_ticks - w0.server_ticks) / CLK_TCK
-    client_cpu = w1.client_cpu - w0.client_cpu
+    wall, timed = t1 - t0, len(acks) - warmup_requests
+    body_bytes = sum(n for _, n in acks[warmup_requests:])
+    w0, w1 = marks["start"], marks["end"]
+    figures = {
+        "requests": len(acks), "warmup_requests": warmup_requests, "timed_requests": timed, "request_size": plan.samples,
+        "acknowledged_samples": len(acks) * plan.samples, "timed_samples": timed * plan.samples, "seconds": wall,
+        "samples_per_s": timed * plan.samples / wall, "requests_per_s": timed / wall, "body_bytes": body_bytes, "mb_per_s": body_bytes / wall / 1e6,
+        "first_send_to_last_ack_s": t1 - first_sent, "cache_hits_answered": hits, **cpu_shares(w0, w1, wall), **marks["noise"],
+    }  # fmt: skip
+    if not scrape:
+        return figures
     per_thread = []
     for tid, (name, ticks, faults) in w1.server_threads.items():
         _, ticks0, faults0 = w0.server_threads.get(tid, (name, 0, 0))
-        seconds = (ticks - ticks0) / CLK_TCK
-        label = "event-loop (main)" if tid == server.proc.pid and name in ("teacher-serve", "python", "python3") else name
-        per_thread.append(
-            {"tid": tid, "name": label, "cpu_s": seconds, "share_of_window": seconds / wall, "minor_faults": faults - faults0}
-        )
-    per_thread.sort(key=lambda row: -row["cpu_s"])
-    m0, m1 = metrics_at.get("start"), metrics_at["end"]
-    server_side: dict[str, Any] = {}
+        cpu_s = (ticks - ticks0) / CLK_TCK
+        label = "event-loop (main)" if tid == server.pid and name in ("teacher-serve", "python", "python3") else name
+        per_thread.append({"tid": tid, "name": label, "cpu_s": cpu_s, "share_of_window": cpu_s / wall, "minor_faults": faults - faults0})
+    m0, m1, server_side = marks.get("metrics"), server.metrics(), {}
     if m0 is not None:
         batches = m1["kd_teacher_seconds_count"] - m0["kd_teacher_seconds_count"]
         forward = m1["kd_teacher_seconds_sum"] - m0["kd_teacher_seconds_sum"]
@@ -500,41 +417,21 @@ def drive(server: Server, plan: RequestPlan, clients: int, warmup_requests: int)
             "write_groups": writes,
             "write_s_per_group": (m1["kd_write_seconds_sum"] - m0["kd_write_seconds_sum"]) / max(1, writes),
         }
-    return {
-        "requests": total,
-        "warmup_requests": warmup_requests,
-        "timed_requests": len(acks) - warmup_requests,
-        "request_size": plan.samples,
-        "acknowledged_samples": sum(n for _, _, n in acks),
-        "timed_samples": timed,
-        "seconds": wall,
-        "samples_per_s": timed / wall,
-        "first_send_to_last_ack_s": t1 - first_sent,
-        "cache_hits_answered": hits,
-        "client_cpu_s": client_cpu,
-        "server_cpu_s": server_cpu,
-        "client_cpu_share": client_cpu / (wall * cpus),  # of the machine
-        "server_cpu_share": server_cpu / (wall * cpus),
-        "client_share_of_used": client_cpu / max(1e-9, client_cpu + server_cpu),
-        "server_threads": per_thread,
-        "server_side": server_side,
-        **end_window["noise"],
-    }
+    return {**figures, "server_threads": sorted(per_thread, key=lambda row: -row["cpu_s"]), "server_side": server_side}
 
 
 def check_cache(cache: Path, plan: RequestPlan, acknowledged: int, stored_expected: bool = True) -> dict[str, Any]:
     """After SIGTERM: the cache must hold exactly the acknowledged ids (none with --no-store), and no journal."""
     reader = CacheReader(cache)
-    stored = reader.read(("ids",))["ids"]
+    stored = {str(i) for i in reader.read(("ids",))["ids"]}
     expected = {str(i) for ids in plan.ids for i in ids} if stored_expected else set()
     acknowledged = acknowledged if stored_expected else 0
-    stored_set = {str(i) for i in stored}
     return {
         "cache_samples": reader.num_samples,
         "cache_bytes": reader.total_bytes,
         "bytes_per_sample": reader.total_bytes / max(1, reader.num_samples),
         "shards": len(reader.shards),
-        "cache_matches_acks": reader.num_samples == acknowledged == len(stored_set) and stored_set == expected,
+        "cache_matches_acks": reader.num_samples == acknowledged == len(stored) and stored == expected,
         "journal_left": (cache / JOURNAL_NAME).exists() and (cache / JOURNAL_NAME).stat().st_size > 0,
     }
 
@@ -544,22 +441,21 @@ def service_run(
 ) -> dict[str, Any]:
     request_size = args.request_size or batch_size
     timed = max(preset["min_requests"], math.ceil(preset["seconds"] * raw_rate / request_size))
-    count = preset["warmup_requests"] + timed
     pool = input_pool(tuple(args.input_shape), max(request_size, 1), args.seed)
-    plan = plan_requests(tag, pool, request_size, count, args.classes, args.seed, store=not args.no_store)
+    plan = plan_requests(tag, pool, request_size, preset["warmup_requests"] + timed, args.classes, args.seed, store=not args.no_store)
     cache = root / f"cache-{tag}"
     server = Server(teacher, cache, root / f"serve-{tag}.log", args, batch_size, ack)
     try:
         ready_from = time.perf_counter()
-        server.wait_ready(args.ready_timeout)
+        ready(server, args.ready_timeout)
         ready_s = time.perf_counter() - ready_from
-        figures = drive(server, plan, args.clients, preset["warmup_requests"])
+        figures = drive(server, INFER, plan, args.clients, preset["warmup_requests"])
     except BaseException:
-        server.stop()
+        server.stop(timeout=STOP_TIMEOUT)
         raise
-    code = server.stop()
+    code = server.stop(timeout=STOP_TIMEOUT)
     if code != 0:
-        raise SystemExit(f"teacher-serve exited with {code} after SIGTERM:\n{server.output()}")
+        raise SystemExit(f"teacher-serve exited with {code} after SIGTERM:\n{server.output(3000)}")
     return {"ack": ack, "batch_size": batch_size, "start_to_ready_s": ready_s, **figures,
             **check_cache(cache, plan, figures["acknowledged_samples"], not args.no_store), "command": shlex.join(server.command)}  # fmt: skip
 
@@ -571,44 +467,42 @@ def service_run(
 def compare(
     teacher: Path, root: Path, args: argparse.Namespace, batch_size: int, preset: dict[str, Any], repeats: int, label: str = "main"
 ) -> dict[str, Any]:
-    rounds: dict[str, list[dict[str, Any]]] = {"raw": [], "durable": [], "buffered": []}
     raw_rate = 0.0
-    for r in range(repeats):
-        # Odd rounds run in reverse order, so that a drift of the machine over the run does not
-        # favour one side.
-        for side in ("raw", "durable", "buffered") if r % 2 == 0 else ("buffered", "durable", "raw"):
-            if side == "raw":
-                say(f"batch {batch_size}, round {r + 1}/{repeats}: raw forward ...")
-                # As many untimed forwards as the server runs before its window: its warm-up passes
-                # plus the warm-up requests (glibc's malloc thresholds adapt to that history).
-                warmup = WARMUP_PASSES + preset["warmup_requests"]
-                raw = raw_forward(teacher, args, batch_size, warmup, preset["seconds"], preset["min_requests"])
-                rounds["raw"].append(raw)
-                raw_rate = raw["samples_per_s"]
-                say(f"  raw {raw_rate:.1f} samples/s ({raw['batches']} batches, {raw['seconds']:.1f} s)")
-                continue
-            say(f"batch {batch_size}, round {r + 1}/{repeats}: teacher-serve --ack {side} ...")
-            run = service_run(teacher, root, args, batch_size, side, raw_rate, preset, f"{label}-b{batch_size}-r{r}-{side}")
-            rounds[side].append(run)
-            say(f"  {side} {run['samples_per_s']:.1f} samples/s ({run['timed_requests']} timed requests, {run['seconds']:.1f} s; "
-                f"client CPU {run['client_cpu_share']:.1%}, server CPU {run['server_cpu_share']:.1%} of the machine)")  # fmt: skip
+    done = dict.fromkeys(("raw", "durable", "buffered"), 0)
+
+    def run(side: str) -> dict[str, Any]:
+        nonlocal raw_rate
+        r, done[side] = done[side], done[side] + 1
+        harness.say(f"batch {batch_size}, round {r + 1}/{repeats}: {'raw forward' if side == 'raw' else f'teacher-serve --ack {side}'} ...")
+        if side == "raw":
+            # As many untimed forwards as the server runs before its window: its warm-up passes
+            # plus the warm-up requests (glibc's malloc thresholds adapt to that history).
+            raw = raw_forward(teacher, args, batch_size, WARMUP_PASSES + preset["warmup_requests"], preset["seconds"], preset["min_requests"])
+            raw_rate = raw["samples_per_s"]
+            harness.say(f"  raw {raw_rate:.1f} samples/s ({raw['batches']} batches, {raw['seconds']:.1f} s)")
+            return raw
+        # A reversed round times the service before raw: its window is sized from the last raw rate.
+        served = service_run(teacher, root, args, batch_size, side, raw_rate, preset, f"{label}-b{batch_size}-r{r}-{side}")
+        harness.say(f"  {side} {served['samples_per_s']:.1f} samples/s ({served['timed_requests']} timed requests, {served['seconds']:.1f} s; "
+                    f"client CPU {served['client_cpu_share']:.1%}, server CPU {served['server_cpu_share']:.1%} of the machine)")  # fmt: skip
+        return served
+
+    rounds = harness.alternate(("raw", "durable", "buffered"), repeats, run)
     median = {side: statistics.median(r["samples_per_s"] for r in runs) for side, runs in rounds.items()}
+
+    def per_round(side: str) -> list[float]:
+        return [s["samples_per_s"] / w["samples_per_s"] for s, w in zip(rounds[side], rounds["raw"], strict=True)]
+
     return {
         "batch_size": batch_size,
-        "raw_samples_per_s": median["raw"],
-        "durable_samples_per_s": median["durable"],
-        "buffered_samples_per_s": median["buffered"],
+        **{f"{side}_samples_per_s": median[side] for side in rounds},
         "ratio_durable_vs_raw": median["durable"] / median["raw"],
         "ratio_buffered_vs_raw": median["buffered"] / median["raw"],
         "ratio_durable_vs_buffered": median["durable"] / median["buffered"],
         "max_foreign_cpu": max(r["foreign_cpu"] for runs in rounds.values() for r in runs),
         "max_steal": max(r["steal"] for runs in rounds.values() for r in runs),
-        "ratio_durable_vs_raw_per_round": [
-            d["samples_per_s"] / w["samples_per_s"] for d, w in zip(rounds["durable"], rounds["raw"], strict=True)
-        ],
-        "ratio_buffered_vs_raw_per_round": [
-            b["samples_per_s"] / w["samples_per_s"] for b, w in zip(rounds["buffered"], rounds["raw"], strict=True)
-        ],
+        "ratio_durable_vs_raw_per_round": per_round("durable"),
+        "ratio_buffered_vs_raw_per_round": per_round("buffered"),
         "rounds": rounds,
     }
 
@@ -617,62 +511,42 @@ def compare(
 # Report
 
 
-def environment(args: argparse.Namespace) -> dict[str, Any]:
-    device = args.device
-    if device == "cuda" and torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name(0)})"
-    return {
-        "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cpus": os.cpu_count(),
-        "device": device,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "httpx": httpx.__version__,
-    }
+def both_met(row: dict[str, Any]) -> bool:
+    return bool(harness.met(P1, row["ratio_durable_vs_raw"]) and harness.met(P1, row["ratio_buffered_vs_raw"]))
 
 
 def print_tables(result: dict[str, Any]) -> None:
-    env, cfg = result["env"], result["config"]
-    ok = {True: "yes", False: "NO"}
-    print("bench/service.py: teacher-serve end to end vs raw teacher.forward, same batch size, dtype and device")
-    print(f"command    {env['command']}")
-    print(f"date       {env['date']}")
-    print(f"hardware   {env['cpu']}, {env['cpus']} CPUs; device {env['device']}; torch {env['torch']} ({env['torch_threads']} threads), "
-          f"python {env['python']}, numpy {env['numpy']}, httpx {env['httpx']}")  # fmt: skip
-    print(f"teacher    {cfg['teacher_arch']} ({cfg['teacher_params']:,} parameters, random weights), uint8 {cfg['input_shape']}, "
-          f"{cfg['classes']} classes, dtype {cfg['dtype']}")  # fmt: skip
-    print(f"load       {cfg['clients']} clients x 1 request in flight, {cfg['request_size'] or 'batch-size'} samples per request, "
-          f"pre-encoded; median of {cfg['repeats']} round(s); malloc {cfg['malloc']}; server via "
-          f"{'the thread-naming shim' if cfg['name_threads'] else 'teacher-serve'}")  # fmt: skip
-    rows = [result["main"], *result.get("sweep", [])]
+    cfg, rows, main = result["config"], [result["main"], *result.get("sweep", [])], result["main"]
+    harness.print_header(
+        "bench/service.py: teacher-serve end to end vs raw teacher.forward, same batch size, dtype and device", result["env"],
+        f"teacher    {cfg['teacher_arch']} ({cfg['teacher_params']:,} parameters, random weights), uint8 {cfg['input_shape']}, "
+        f"{cfg['classes']} classes, dtype {cfg['dtype']}",
+        f"load       {cfg['clients']} clients x 1 request in flight, {cfg['request_size'] or 'batch-size'} samples per request, "
+        f"pre-encoded; median of {cfg['repeats']} round(s); malloc {cfg['malloc']}; server via "
+        f"{'the thread-naming shim' if cfg['name_threads'] else 'teacher-serve'}",
+    )  # fmt: skip
     print()
-    print(f"{'batch':>5}  {'raw samples/s':>13}  {'durable':>9}  {'buffered':>9}  {'durable/raw':>11}  {'buffered/raw':>12}  "
-          f"{'durable/buffered':>16}  {'target':>6}  {'met':>3}  {'other CPU':>9}")  # fmt: skip
-    for i, row in enumerate(rows):
-        if i == 1:
-            print("sweep:")
-        met = row["ratio_durable_vs_raw"] >= RATIO_TARGET and row["ratio_buffered_vs_raw"] >= RATIO_TARGET
-        print(f"{row['batch_size']:>5}  {row['raw_samples_per_s']:>13.1f}  {row['durable_samples_per_s']:>9.1f}  {row['buffered_samples_per_s']:>9.1f}  "
-              f"{row['ratio_durable_vs_raw']:>11.3f}  {row['ratio_buffered_vs_raw']:>12.3f}  {row['ratio_durable_vs_buffered']:>16.3f}  "
-              f"{'>= ' + str(RATIO_TARGET):>6}  {ok[met]:>3}  {row['max_foreign_cpu']:>9.1%}")  # fmt: skip
-    print()
-    print("Per service run (timed window): CPU as a share of the machine, forward time per batch inside the server vs raw,")
+    harness.table(
+        [("batch", ""), ("raw samples/s", ".1f"), ("durable", ".1f"), ("buffered", ".1f"), ("durable/raw", ".3f"), ("buffered/raw", ".3f"),
+         ("durable/buffered", ".3f"), ("target", ""), ("met", ""), ("other CPU", ".1%")],
+        [[f"{row['batch_size']}{' (sweep)' if i else ''}", row["raw_samples_per_s"], row["durable_samples_per_s"], row["buffered_samples_per_s"],
+          row["ratio_durable_vs_raw"], row["ratio_buffered_vs_raw"], row["ratio_durable_vs_buffered"], harness.target(P1), OK[both_met(row)],
+          row["max_foreign_cpu"]] for i, row in enumerate(rows)],
+    )  # fmt: skip
+    print("\nPer service run (timed window): CPU as a share of the machine, forward time per batch inside the server vs raw,")
     print("and the cache the run left after SIGTERM")
-    print(f"{'batch':>5}  {'ack':>8}  {'samples/s':>9}  {'client CPU':>10}  {'server CPU':>10}  {'client/used':>11}  {'mean batch':>10}  "
-          f"{'fwd s/batch':>11}  {'raw s/batch':>11}  {'faults/batch srv|raw':>20}  {'teacher busy':>12}  {'write s/group':>13}  {'cache samples':>13}  {'B/sample':>8}  {'exact':>5}")  # fmt: skip
-    for row in rows:
-        for raw, durable, buffered in zip(row["rounds"]["raw"], row["rounds"]["durable"], row["rounds"]["buffered"], strict=True):
-            for run in (durable, buffered):
-                s = run["server_side"]
-                print(f"{row['batch_size']:>5}  {run['ack']:>8}  {run['samples_per_s']:>9.1f}  {run['client_cpu_share']:>10.1%}  {run['server_cpu_share']:>10.1%}  "
-                      f"{run['client_share_of_used']:>11.1%}  {s.get('mean_batch', float('nan')):>10.1f}  {s.get('forward_s_per_batch', float('nan')):>11.4f}  "
-                      f"{raw['forward_s_per_batch']:>11.4f}  {s.get('faults_per_batch', float('nan')):>9,.0f} | {raw['faults_per_batch']:>8,.0f}  {s.get('teacher_busy_share', float('nan')):>12.1%}  {s.get('write_s_per_group', float('nan')):>13.4f}  "
-                      f"{run['cache_samples']:>13,}  {run['bytes_per_sample']:>8.0f}  {ok[run['cache_matches_acks']]:>5}")  # fmt: skip
-    main = result["main"]
+    runs = [(row, raw, run) for row in rows for raw, *served in zip(*(row["rounds"][s] for s in ("raw", "durable", "buffered")), strict=True)
+            for run in served]  # fmt: skip
+    harness.table(
+        [("batch", ""), ("ack", ""), ("samples/s", ".1f"), ("client CPU", ".1%"), ("server CPU", ".1%"), ("client/used", ".1%"),
+         ("mean batch", ".1f"), ("fwd s/batch", ".4f"), ("raw s/batch", ".4f"), ("faults/batch srv|raw", ""), ("teacher busy", ".1%"),
+         ("write s/group", ".4f"), ("cache samples", ","), ("B/sample", ".0f"), ("exact", "")],
+        [[row["batch_size"], run["ack"], run["samples_per_s"], run["client_cpu_share"], run["server_cpu_share"], run["client_share_of_used"],
+          run["server_side"].get("mean_batch"), run["server_side"].get("forward_s_per_batch"), raw["forward_s_per_batch"],
+          f"{run['server_side'].get('faults_per_batch', float('nan')):,.0f} | {raw['faults_per_batch']:,.0f}",
+          run["server_side"].get("teacher_busy_share"), run["server_side"].get("write_s_per_group"), run["cache_samples"],
+          run["bytes_per_sample"], OK[run["cache_matches_acks"]]] for row, raw, run in runs],
+    )  # fmt: skip
     print()
     print("per-round ratios, durable/raw: " + " ".join(f"{v:.3f}" for v in main["ratio_durable_vs_raw_per_round"])
           + "; buffered/raw: " + " ".join(f"{v:.3f}" for v in main["ratio_buffered_vs_raw_per_round"]))  # fmt: skip
@@ -681,13 +555,10 @@ def print_tables(result: dict[str, Any]) -> None:
         run = main["rounds"][ack][0]
         top = ", ".join(f"{t['name']}:{t['cpu_s']:.2f}s/{t['minor_faults']:,}flt" for t in run["server_threads"][:8] if t["cpu_s"] > 0)
         print(f"  {ack:>8} ({run['seconds']:.1f} s): {top}")
-    hits = sum(run["cache_hits_answered"] for row in rows for ack in ("durable", "buffered") for run in row["rounds"][ack])
+    hits = sum(run["cache_hits_answered"] for _, _, run in runs)
     if hits:
         print(f"\nWARNING: {hits} samples were answered from the cache; the service figures did not all go through the teacher")
-    if result["max_foreign_cpu"] > NOISE_LIMIT:
-        print()
-        print(f"WARNING: other processes took up to {result['max_foreign_cpu']:.0%} of the machine while figures were timed; "
-              f"figures with 'other CPU' above {NOISE_LIMIT:.0%} are not trustworthy: rerun on a quiet machine")  # fmt: skip
+    harness.noise_warning(result["max_foreign_cpu"])
     print()
     keys = ("raw_samples_per_s", "durable_samples_per_s", "buffered_samples_per_s", "ratio_durable_vs_raw", "ratio_buffered_vs_raw",
             "ratio_durable_vs_buffered")  # fmt: skip
@@ -764,121 +635,48 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[sys.argv.index("--port") + 
 INGEST = {"arch": "mlp-small", "request_size": 256, "seconds": 2.0, "warmup_requests": 4}
 
 
-class DiscardServer(Server):
-    def __init__(self, log_path: Path, args: argparse.Namespace) -> None:  # noqa: D107 - Server's stop/wait_ready/output
-        ServeProcess.__init__(self, [], log_path, command=[sys.executable, "-c", DISCARD_APP], env=child_env(args), cwd=_HERE.parent)
-
-
-def drive_for(server: Server, path: str, plan: RequestPlan, clients: int, warmup_requests: int, seconds: float) -> dict[str, Any]:
-    """``clients`` threads post the plan's bodies round-robin, one in flight each, until
-    ``seconds`` after ack #``warmup_requests``; MB/s of request body acknowledged in that window."""
-    lock = threading.Lock()
-    sizes = [sum(map(len, chunks)) for chunks in plan.bodies]
-    acks: list[tuple[float, int]] = []
-    errors: list[str] = []
-    marks: dict[str, Any] = {}
-    counter = 0
-
-    def client() -> None:
-        nonlocal counter
-        with httpx.Client(base_url=server.url, timeout=120) as http:
-            while True:
-                with lock:
-                    if errors or ("stop_at" in marks and time.perf_counter() >= marks["stop_at"]):
-                        return
-                    request = counter % len(plan.bodies)
-                    counter += 1
-                try:
-                    response = http.post(path, content=plan.bodies[request], headers=plan.headers[request])
-                except httpx.HTTPError as exc:
-                    with lock:
-                        errors.append(f"{type(exc).__name__}: {exc}")
-                    return
-                now = time.perf_counter()
-                with lock:
-                    if response.status_code != 200:
-                        errors.append(f"HTTP {response.status_code}: {response.text[:300]}")
-                        return
-                    acks.append((now, sizes[request]))
-                    if len(acks) == warmup_requests:
-                        marks["start"] = snapshot(server.proc.pid)
-                        marks["meter"] = CpuMeter()
-                        marks["stop_at"] = now + seconds
-
-    threads = [threading.Thread(target=client, name=f"client-{i}") for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise SystemExit(f"{server.url}{path} failed a request: {errors[0]}\n{server.output()}")
-    end = snapshot(server.proc.pid)
-    noise = marks["meter"].stop()
-    acks.sort()
-    t0 = acks[warmup_requests - 1][0]
-    wall = acks[-1][0] - t0
-    body_bytes = sum(n for _, n in acks[warmup_requests:])
-    start: Window = marks["start"]
-    cpus = os.cpu_count() or 1
-    return {
-        "requests": len(acks) - warmup_requests,
-        "seconds": wall,
-        "body_bytes": body_bytes,
-        "mb_per_s": body_bytes / wall / 1e6,
-        "requests_per_s": (len(acks) - warmup_requests) / wall,
-        "server_cpu_share": (end.server_ticks - start.server_ticks) / CLK_TCK / (wall * cpus),
-        "client_cpu_share": (end.client_cpu - start.client_cpu) / (wall * cpus),
-        **noise,  # foreign_cpu: the share of the machine other processes took
-    }
-
-
 def ingest(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The service's infer route against a bare discard route on the same stack, with the same
-    pre-encoded binary bodies from the same client threads. The service runs two ways that
-    keep the teacher out of the way: ``miss``, a tiny teacher (mlp-small) and ``store: false``
-    (no write); ``hit``, every id already in the cache (primed once, untimed), so the teacher
-    does not run and the logits come from the writer thread's lookup. Both send ids (no
-    hashing) and ask for ``soft_targets`` in binary, as teacher-push does. Rounds: discard,
-    miss, miss, discard, then (after priming) hit, hit."""
+    """``--ingest`` (see the module doc). Rounds: discard, miss, miss, discard, then (after
+    priming the cache, untimed) hit, hit."""
     shape = tuple(args.input_shape)
     size = INGEST["request_size"]
-    teacher, params = write_teacher(root, INGEST["arch"], shape, args.classes, args.seed)
+    teacher = harness.write_teacher(root / "student.pt", INGEST["arch"], shape, args.classes, seed=args.seed)
     pool = input_pool(shape, size, args.seed)
     plan = plan_requests("ingest", pool, size, POOL, args.classes, args.seed, store=False)
     prime = plan_requests("ingest", pool, size, POOL, args.classes, args.seed, store=True)  # the same ids, stored
-    service = Server(teacher, root / "cache-ingest", root / "serve-ingest.log", args, size, "durable")
-    discard = DiscardServer(root / "discard.log", args)
+    service = Server(teacher.path, root / "cache-ingest", root / "serve-ingest.log", args, size, "durable")
+    discard = ServeProcess([], root / "discard.log", command=[sys.executable, "-c", DISCARD_APP], env=child_env(args))
     rounds: dict[str, list[dict[str, Any]]] = {"discard": [], "miss": [], "hit": []}
     try:
-        discard.wait_ready(args.ready_timeout)
-        service.wait_ready(args.ready_timeout)
+        ready(discard, args.ready_timeout)
+        ready(service, args.ready_timeout)
         for side in ("discard", "miss", "miss", "discard", "hit", "hit"):
-            say(f"ingest: {side} ...")
+            harness.say(f"ingest: {side} ...")
             if side == "hit" and not rounds["hit"]:
                 with httpx.Client(base_url=service.url, timeout=120) as http:
                     for chunks, headers in zip(prime.bodies, prime.headers, strict=True):
-                        http.post("/v2/models/teacher/infer", content=chunks, headers=headers).raise_for_status()
+                        http.post(INFER, content=chunks, headers=headers).raise_for_status()
             if side == "discard":
-                run = drive_for(discard, "/discard", plan, args.clients, INGEST["warmup_requests"], INGEST["seconds"])
+                run = drive(discard, "/discard", plan, args.clients, INGEST["warmup_requests"], INGEST["seconds"], scrape=False)
             else:  # miss or hit
                 before = service.metrics()
-                run = drive_for(service, "/v2/models/teacher/infer", plan, args.clients, INGEST["warmup_requests"], INGEST["seconds"])
+                run = drive(service, INFER, plan, args.clients, INGEST["warmup_requests"], INGEST["seconds"], scrape=False)
                 after = service.metrics()
                 batches = after["kd_teacher_seconds_count"] - before["kd_teacher_seconds_count"]
                 run["forward_s_per_batch"] = (after["kd_teacher_seconds_sum"] - before["kd_teacher_seconds_sum"]) / max(1, batches)
                 run["teacher_batches"] = batches
             rounds[side].append(run)
-            say(f"  {run['mb_per_s']:.1f} MB/s, {run['requests_per_s']:.1f} requests/s; server CPU {run['server_cpu_share']:.1%}, "
-                f"client CPU {run['client_cpu_share']:.1%} of the machine")  # fmt: skip
+            harness.say(f"  {run['mb_per_s']:.1f} MB/s, {run['requests_per_s']:.1f} requests/s; server CPU {run['server_cpu_share']:.1%}, "
+                        f"client CPU {run['client_cpu_share']:.1%} of the machine")  # fmt: skip
     finally:
         for server in (service, discard):
-            server.stop()
+            server.stop(timeout=STOP_TIMEOUT)
     rate = {side: statistics.mean(run["mb_per_s"] for run in runs) for side, runs in rounds.items()}
     if any(run["teacher_batches"] for run in rounds["hit"]):
         raise SystemExit("ingest: the teacher ran during the all-hit rounds; the cache did not answer them")
     return {
         "teacher": INGEST["arch"],
-        "teacher_params": params,
+        "teacher_params": teacher.params,
         "request_size": size,
         "body_bytes_per_request": sum(map(len, plan.bodies[0])),
         "clients": args.clients,
@@ -896,26 +694,25 @@ def ingest(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_ingest(result: dict[str, Any]) -> None:
-    env, ing = result["env"], result["ingest"]
-    print("bench/service.py --ingest: MB/s of request body, teacher-serve's infer route vs a bare route that discards the body")
-    print(f"command    {env['command']}")
-    print(f"date       {env['date']}")
-    print(f"hardware   {env['cpu']}, {env['cpus']} CPUs; torch {env['torch']}, python {env['python']}, httpx {env['httpx']}")
-    print(f"load       {ing['clients']} clients x 1 request in flight; {ing['request_size']} uint8 samples per request, "
-          f"{ing['body_bytes_per_request']:,} bytes per body (binary, pre-encoded, with ids and labels)")  # fmt: skip
-    print(f"service    teacher {ing['teacher']} ({ing['teacher_params']:,} parameters), store=false, soft_targets in binary; miss: "
-          f"forward {ing['miss_forward_s_per_request'] * 1e3:.2f} ms per request, teacher busy {ing['miss_teacher_busy_share']:.0%} "
-          f"of the window; hit: every id in the cache, no forward")  # fmt: skip
+    ing = result["ingest"]
+    harness.print_header(
+        "bench/service.py --ingest: MB/s of request body, teacher-serve's infer route vs a bare route that discards the body", result["env"],
+        f"load       {ing['clients']} clients x 1 request in flight; {ing['request_size']} uint8 samples per request, "
+        f"{ing['body_bytes_per_request']:,} bytes per body (binary, pre-encoded, with ids and labels)",
+        f"service    teacher {ing['teacher']} ({ing['teacher_params']:,} parameters), store=false, soft_targets in binary; miss: "
+        f"forward {ing['miss_forward_s_per_request'] * 1e3:.2f} ms per request, teacher busy {ing['miss_teacher_busy_share']:.0%} "
+        f"of the window; hit: every id in the cache, no forward",
+    )  # fmt: skip
     print()
-    print(f"{'side':>8}  {'MB/s (per round)':>24}  {'requests/s':>10}  {'server CPU':>10}  {'client CPU':>10}  {'other CPU':>9}")
-    for side in ("discard", "miss", "hit"):
-        runs = result["ingest"]["rounds"][side]
-        per_round = ", ".join(f"{run['mb_per_s']:.0f}" for run in runs)
-        print(f"{side:>8}  {statistics.mean(r['mb_per_s'] for r in runs):>8.1f} ({per_round:>12})  "
-              f"{statistics.mean(r['requests_per_s'] for r in runs):>10.1f}  {statistics.mean(r['server_cpu_share'] for r in runs):>10.1%}  "
-              f"{statistics.mean(r['client_cpu_share'] for r in runs):>10.1%}  {max(r['foreign_cpu'] for r in runs):>9.1%}")  # fmt: skip
-    print()
-    print(f"service (miss) / discard = {ing['ratio_miss_vs_discard']:.3f}; service (hit) / discard = {ing['ratio_hit_vs_discard']:.3f}")
+    rounds = ing["rounds"]
+    harness.table(
+        [("side", ""), ("MB/s", ".1f"), ("per round", ""), ("requests/s", ".1f"), ("server CPU", ".1%"), ("client CPU", ".1%"),
+         ("other CPU", ".1%")],
+        [[side, statistics.mean(r["mb_per_s"] for r in runs), ", ".join(f"{r['mb_per_s']:.0f}" for r in runs),
+          statistics.mean(r["requests_per_s"] for r in runs), statistics.mean(r["server_cpu_share"] for r in runs),
+          statistics.mean(r["client_cpu_share"] for r in runs), max(r["foreign_cpu"] for r in runs)] for side, runs in rounds.items()],
+    )  # fmt: skip
+    print(f"\nservice (miss) / discard = {ing['ratio_miss_vs_discard']:.3f}; service (hit) / discard = {ing['ratio_hit_vs_discard']:.3f}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -952,13 +749,11 @@ def serve_named(argv: list[str]) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = harness.parser(__doc__, workdir_of="the teacher, caches and server logs")
     p.add_argument("--quick", action="store_true", help=f"small run, < 90 s on 2 cores ({QUICK})")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     p.add_argument("--sweep", action="store_true", help=f"also compare at batch sizes {', '.join(map(str, SWEEP_BATCHES))} ({SWEEP})")
-    p.add_argument(
-        "--teacher-arch", default="resnet", help="an offline.models registry name, or package.module:factory(input_shape, num_classes)"
-    )
+    p.add_argument("--teacher-arch", default="resnet",
+                   help="an offline.models registry name, or package.module:factory(input_shape, num_classes)")  # fmt: skip
     p.add_argument("--input-shape", type=int, nargs="+", default=[3, 32, 32], metavar="D", help="uint8 sample shape")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256, help="raw forward batch = the server's --max-batch (its default)")
@@ -968,14 +763,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="compute dtype, both sides")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="the server's --max-delay-ms")
     p.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS for both sides (default: torch's default)")
-    p.add_argument(
-        "--seconds", type=float, default=None, help=f"timed seconds per side (default {FULL['seconds']}; --quick {QUICK['seconds']})"
-    )
-    p.add_argument("--repeats", type=int, default=None, help=f"rounds of raw, durable, buffered (default {FULL['repeats']})")
+    p.add_argument("--seconds", type=float, default=None,
+                   help=f"timed seconds per side (default {FULL['seconds']}; --quick {QUICK['seconds']})")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"rounds of raw, durable, buffered (default {FULL['repeats']}; --quick {QUICK['repeats']})")  # fmt: skip
     p.add_argument(
         "--malloc", choices=("service", "glibc"), default="service",
         help="service: the raw side applies the same mallopt settings that teacher-serve applies at start "
-        "(offline.malloc.tune_malloc); glibc: rerun with glibc's own defaults on both sides (bench/reader.py's GLIBC_DEFAULTS)",
+        "(offline.malloc.tune_malloc); glibc: rerun with glibc's own defaults on both sides (harness.GLIBC_DEFAULTS)",
     )  # fmt: skip
     p.add_argument("--name-threads", action="store_true", help="start the server through the thread-naming shim (per-thread CPU by name)")
     p.add_argument(
@@ -993,8 +788,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /v2/health/ready")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tmpdir", default=None, help="where the teacher and caches go (default: the system's temporary directory)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (caches, server logs)")
     args = p.parse_args(argv)
     preset = dict(QUICK if args.quick else FULL)
     if args.seconds is not None:
@@ -1014,48 +807,32 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--serve-named"]:
         return serve_named(argv[1:])
     args = parse_args(argv)
-    if args.malloc == "glibc" and any(os.environ.get(k) != v for k, v in GLIBC_DEFAULTS.items()):
+    if args.malloc == "glibc" and any(os.environ.get(k) != v for k, v in harness.GLIBC_DEFAULTS.items()):
         # glibc reads these once, at start-up: start again with them (the server inherits them).
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], {**os.environ, **GLIBC_DEFAULTS})
+        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], {**os.environ, **harness.GLIBC_DEFAULTS})
     if args.malloc == "service":
         from kdcache.offline.malloc import tune_malloc
 
         tune_malloc()  # the raw side gets the allocator settings the server gives itself
-    shape = tuple(args.input_shape)
-    root = Path(tempfile.mkdtemp(prefix="bench-service-", dir=args.tmpdir))
-    try:
+    with harness.workdir("bench-service-", args.tmpdir, args.keep) as root:
         if args.ingest:
-            result = {"env": environment(args), "ingest": ingest(root, args)}
-            if args.json:
-                print(json.dumps(result, indent=1, default=str))
-            else:
-                print_ingest(result)
+            harness.emit({"env": harness.environment(args.device), "ingest": ingest(root, args)}, args.json, print_ingest)
             return 0
-        teacher, params = write_teacher(root, args.teacher_arch, shape, args.classes, args.seed)
-        say(f"teacher {args.teacher_arch} ({params:,} parameters) in {teacher}; torch {torch.get_num_threads()} threads")
-        main_row = compare(teacher, root, args, args.batch_size, args.preset, args.repeats)
-        sweep = []
-        if args.sweep:
-            for batch_size in SWEEP_BATCHES:
-                sweep.append(
-                    compare(
-                        teacher, root, args, batch_size, {**SWEEP, "seconds": min(SWEEP["seconds"], args.preset["seconds"])}, 1, "sweep"
-                    )
-                )
-        env = environment(args)
+        teacher = harness.write_teacher(root / "student.pt", args.teacher_arch, args.input_shape, args.classes, seed=args.seed)
+        harness.say(f"teacher {args.teacher_arch} ({teacher.params:,} parameters) in {teacher.path}; torch {torch.get_num_threads()} threads")
+        main_row = compare(teacher.path, root, args, args.batch_size, args.preset, args.repeats)
+        sweep_preset = {**SWEEP, "seconds": min(SWEEP["seconds"], args.preset["seconds"])}
+        sweep = [compare(teacher.path, root, args, size, sweep_preset, 1, "sweep") for size in SWEEP_BATCHES] if args.sweep else []
+        env = harness.environment(args.device)
         result = {
-            "raw_samples_per_s": round(main_row["raw_samples_per_s"], 2),
-            "durable_samples_per_s": round(main_row["durable_samples_per_s"], 2),
-            "buffered_samples_per_s": round(main_row["buffered_samples_per_s"], 2),
-            "ratio_durable_vs_raw": round(main_row["ratio_durable_vs_raw"], 4),
-            "ratio_buffered_vs_raw": round(main_row["ratio_buffered_vs_raw"], 4),
-            "ratio_durable_vs_buffered": round(main_row["ratio_durable_vs_buffered"], 4),
-            "target": f">= {RATIO_TARGET} (service / raw)",
-            "target_met": main_row["ratio_durable_vs_raw"] >= RATIO_TARGET and main_row["ratio_buffered_vs_raw"] >= RATIO_TARGET,
+            **{key: round(main_row[key], 2) for key in ("raw_samples_per_s", "durable_samples_per_s", "buffered_samples_per_s")},
+            **{key: round(main_row[key], 4) for key in ("ratio_durable_vs_raw", "ratio_buffered_vs_raw", "ratio_durable_vs_buffered")},
+            "target": f"{harness.target(P1)} (service / raw)",
+            "target_met": both_met(main_row),
             "device": env["device"],
             "torch": env["torch"],
             "teacher": args.teacher_arch,
-            "teacher_params": params,
+            "teacher_params": teacher.params,
             "batch_size": args.batch_size,
             "clients": args.clients,
             "max_foreign_cpu": max([main_row["max_foreign_cpu"], *(row["max_foreign_cpu"] for row in sweep)]),
@@ -1063,24 +840,16 @@ def main(argv: list[str] | None = None) -> int:
             "config": {
                 **{k: v for k, v in vars(args).items() if k not in ("json", "tmpdir", "keep", "preset")},
                 **{f"preset_{k}": v for k, v in args.preset.items()},
-                "teacher_params": params,
+                "teacher_params": teacher.params,
             },
             "main": main_row,
             "sweep": sweep,
         }
         if args.plot:
             plot_sweep(result, Path(args.plot))
-            say(f"wrote {args.plot}")
-        if args.json:
-            print(json.dumps(result, indent=1, default=str))
-        else:
-            print_tables(result)
-        return 0
-    finally:
-        if args.keep:
-            say(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+            harness.say(f"wrote {args.plot}")
+        harness.emit(result, args.json, print_tables)
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ trains on what is left."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -20,6 +19,8 @@ import pytest
 from digits import write_cache
 from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheReader
 
+from bench import corrupt as corrupt_bench  # the randomised damages and their checks, run at scale there
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
@@ -29,10 +30,6 @@ NUM_SAMPLES = 300
 MAX_SAMPLES = 64  # five shards: 4 x 64 + 44
 VICTIM = "shard-000002.h5"
 FOREIGN_FINGERPRINT = "f" * 64
-# The randomised damages and their checks live in bench/corrupt.py, which runs them at scale.
-_spec = importlib.util.spec_from_file_location("corrupt_bench", Path(__file__).resolve().parents[1] / "bench" / "corrupt.py")
-corrupt_bench = sys.modules["corrupt_bench"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(corrupt_bench)
 
 
 def random_cache(directory: Path, seed: int, fingerprint: str = "0" * 64) -> Path:

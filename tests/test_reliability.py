@@ -7,20 +7,16 @@ test_security)."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from kdcache.offline.cache import CacheReader
+from kdcache.service.store import CacheStore
+from kdcache.service.teacher import load_teacher
+from test_service import GatedTeacher, infer, run, serving
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import crash  # noqa: E402
-import flood  # noqa: E402
-from kdcache.offline.cache import CacheReader  # noqa: E402
-from kdcache.service.store import CacheStore  # noqa: E402
-from kdcache.service.teacher import load_teacher  # noqa: E402
-from test_service import GatedTeacher, infer, run, serving  # noqa: E402
+from bench import crash, flood
 
 pytestmark = pytest.mark.slow
 
