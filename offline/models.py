@@ -281,7 +281,10 @@ def read_student_record(where: str, record: Any) -> Mapping[str, Any]:
     """``record`` (what ``torch.load`` gave for ``where``) checked to be a student record with
     every field a reader needs; the fields themselves are parsed by the reader."""
     if not isinstance(record, Mapping) or record.get("format") != STUDENT_FORMAT:
-        raise ModelSpecError(f"{where}: not a student.pt written by offline-distill (no format {STUDENT_FORMAT!r})")
+        raise ModelSpecError(
+            f"{where}: not a student.pt written by offline-distill (no format {STUDENT_FORMAT!r}); "
+            "to serve a plain state_dict give ARCH or module:factory as the teacher and this file as its weights"
+        )
     for key in STUDENT_REQUIRED:
         if key not in record:
             raise ModelSpecError(f"{where}: a {STUDENT_FORMAT} record without {key!r}")

@@ -88,7 +88,7 @@ class Overrides:
         return _make_contract(where, shape, self.input_dtype or declared.get("input_dtype") or "float32", preprocessing)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Member:
     """One loaded model of a teacher."""
 
@@ -288,8 +288,7 @@ def _from_student_record(where: str, payload: Any, options: Overrides, model_spe
     try:
         record = models.read_student_record(where, payload)
     except models.ModelSpecError as exc:
-        hint = "to serve a plain state_dict give ARCH or module:factory as the teacher and this file as its weights"
-        raise TeacherError(f"{exc}; {hint}" if "not a student.pt" in str(exc) else str(exc)) from None
+        raise TeacherError(str(exc)) from None
     arch = str(record["arch"])
     if model_spec is not None and arch != model_spec:
         raise TeacherError(f"{where}: holds a {arch!r} model, but the teacher spec says {model_spec!r}")

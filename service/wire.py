@@ -49,9 +49,6 @@ class ProtocolError(Exception):
         self.message = f"{field}: {detail}" if field else detail
         super().__init__(self.message)
 
-    def __str__(self) -> str:
-        return self.message
-
 
 def datatype_of(dtype: Any) -> str:
     """The protocol's name for a numpy dtype (``object`` and ``bytes_`` are BYTES)."""

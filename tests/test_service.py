@@ -188,6 +188,46 @@ def test_bad_requests_are_rejected_and_write_nothing(tmp_path, digits_teacher_pt
     assert CacheReader(service.store.directory).num_samples == 0
 
 
+def test_answers_are_counted_by_status_and_refusals_by_kind(tmp_path, digits_teacher_pt):
+    """kd_requests counts every answer of the infer routes, whoever wrote it (the route or an
+    exception handler); kd_errors counts each refusal under its kind."""
+
+    async def body():
+        async with serving(tmp_path, [digits_teacher_pt], max_body_mb=0.01) as (service, client):
+            sent = {
+                200: encode_request([("input", np.zeros((2, 8, 8), np.uint8))]),
+                400: (b"{nope", {}),
+                413: (b"x" * 20000, {}),
+                415: (b"{}", {"Content-Encoding": "gzip"}),
+                422: encode_request([("input", np.zeros((2, 8, 9), np.uint8))]),
+            }
+            for status, (payload, headers) in sent.items():
+                assert (await client.post("/v2/models/teacher/infer", content=payload, headers=headers)).status_code == status
+            assert (await client.post("/v2/models/other/infer", content=b"{}")).status_code == 404
+            assert (await client.get("/v2/models/other")).status_code == 404  # not an inference request
+            requests, errors = service.metrics.requests, service.metrics.errors
+            assert {s: requests.labels(status=str(s))._value.get() for s in (200, 400, 404, 413, 415, 422)} == dict.fromkeys(
+                (200, 400, 404, 413, 415, 422), 1.0
+            )
+            assert {k: errors.labels(kind=k)._value.get() for k in ("bad_request", "too_large", "invalid")} == {
+                "bad_request": 2.0,
+                "too_large": 1.0,
+                "invalid": 1.0,
+            }
+
+            async def broken(body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
+                raise RuntimeError("boom")
+
+            service.handle = broken  # an unexpected failure: a JSON 500, counted like any other answer
+            transport = httpx.ASGITransport(app=create_app(service), raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as raw_client:
+                response = await raw_client.post("/v2/models/teacher/infer", content=b"{}")
+            assert response.status_code == 500 and response.json() == {"error": "internal error: RuntimeError: boom"}
+            assert requests.labels(status="500")._value.get() == 1 and errors.labels(kind="internal")._value.get() == 1
+
+    run(body())
+
+
 def test_nan_inputs_are_rejected(tmp_path, digits_teacher, second_teacher_pt):
     """A float model: NaN and Inf inputs are refused, naming the sample."""
     import digits
