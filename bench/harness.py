@@ -458,13 +458,14 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def time_epochs(
-    batches: Batches, step: Callable[[dict[str, torch.Tensor]], None], sync: Callable[[], None], first: int, *,
-    epochs: int = 1, min_seconds: float = 0.0,
+    batches: Callable[[int], Iterator[Any]], step: Callable[[Any], Any], sync: Callable[[], None], first: int, *,
+    epochs: int = 1, min_seconds: float = 0.0, count: Callable[[Any], int] = lambda batch: len(batch["labels"]),
 ) -> dict[str, float]:  # fmt: skip
     """Whole epochs from epoch ``first`` on, at least ``epochs`` of them and until ``min_seconds``
-    have passed. The clock runs from the request for the first batch (the reader's start-up is
-    a real cost) to ``sync`` after the last step. "fetch" is the time spent waiting for the
-    next batch (reading, gathering); page faults and CPU are this process's own."""
+    have passed; ``count(batch)`` is its samples. The clock runs from the request for the first
+    batch (the reader's start-up is a real cost) to ``sync`` after the last step. "fetch" is the
+    time spent waiting for the next batch (reading, gathering); page faults and CPU are this
+    process's own, all threads."""
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
     done = steps = samples = 0
@@ -479,7 +480,7 @@ def time_epochs(
                 break
             step(batch)
             steps += 1
-            samples += len(batch["labels"])
+            samples += count(batch)
         sync()
         done += 1
     seconds = time.perf_counter() - started

@@ -41,6 +41,7 @@ if not __package__:  # run as a file (python bench/logits_dtype.py): import benc
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
+import torch
 from kdcache.offline.cache import CacheReader
 
 from bench import harness
@@ -115,13 +116,6 @@ def cache_logits(out: Path) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], fields["logits"][order].astype(np.float32)
 
 
-def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
-    z = logits / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def accuracy_comparison(root: Path, seeds: int) -> dict[str, Any]:
     summaries = {dtype: run_demo(root / f"demo-{dtype}", dtype, seeds) for dtype in DTYPES}
     ids32, logits32 = cache_logits(root / "demo-float32")
@@ -137,7 +131,8 @@ def accuracy_comparison(root: Path, seeds: int) -> dict[str, Any]:
     if same_ids:
         out["max_abs_logit_difference"] = float(np.abs(logits32 - logits16).max())
         out["argmax_agreement"] = float((logits32.argmax(1) == logits16.argmax(1)).mean())
-        out["max_abs_soft_target_difference"] = float(np.abs(softmax(logits32, temperature) - softmax(logits16, temperature)).max())
+        soft32, soft16 = (torch.softmax(torch.from_numpy(logits) / temperature, dim=1) for logits in (logits32, logits16))
+        out["max_abs_soft_target_difference"] = float((soft32 - soft16).abs().max())
     for dtype, s in summaries.items():
         for arm in ("distilled", "labels_only"):
             out[f"{arm}_{dtype}"] = {"mean": s["arms"][arm]["mean"], "std": s["arms"][arm]["std"], "per_seed": s["arms"][arm]["accuracies"]}

@@ -279,10 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             # Each round's four timings are taken within seconds of each other, so a round's ratio
             # cancels the machine's drift (±10% over a minute on a shared 2-core VM); the figure is
             # the median of those paired ratios. The ratio of the four medians is kept beside it.
-            "p3_offline_speedup_vs_ideal": round(p3, 4),
-            "ratio_of_medians": round(ratios["ratio"], 4),
-            "speedup_measured": round(ratios["measured"], 3),
-            "speedup_ideal": round(ratios["ideal"], 3),
+            "p3_offline_speedup_vs_ideal": round(p3, 4), "ratio_of_medians": round(ratios["ratio"], 4),
+            "speedup_measured": round(ratios["measured"], 3), "speedup_ideal": round(ratios["ideal"], 3),
             **{f"t_{kind}_s": round(t[kind], 4) for kind in KINDS},
             **{key: round(fill[key], 4) for key in ("fill_s", "fill_forward_s", "fill_write_s")},
             "break_even_epochs": round(fill["fill_s"] / saved, 3) if saved > 0 else None,
@@ -290,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "student_vs_offline": round(t["student"] / t["offline"], 4),  # < 1: the reader costs extra
             "target": f"{harness.target('p3_offline_speedup_vs_ideal')} (measured / ideal speed-up)",
             "target_met": harness.met("p3_offline_speedup_vs_ideal", p3),
-            "max_foreign_cpu": detail["max_foreign_cpu"],
-            "device": env["device"],
-            "torch": env["torch"],
-            "env": env,
+            "max_foreign_cpu": detail["max_foreign_cpu"], "device": env["device"], "torch": env["torch"], "env": env,
             "config": {
                 **{k: v for k, v in vars(args).items() if k not in ("json", "tmpdir", "keep", "side", "side_cache")},
                 "cache_bytes": fill["cache_bytes"],
@@ -301,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 "student_params": models.count_parameters(models.build(args.student, shape, args.classes)),
             },
             "detail": detail,
-        }
+        }  # fmt: skip
         harness.emit(result, args.json, print_tables)
     return 0
 

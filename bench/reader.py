@@ -107,23 +107,18 @@ def compare(reader: CacheReader, args: argparse.Namespace, workers: int, malloc:
 
         run("memory"), run("shards")  # warm-up: worker start-up, allocator, first touch of pages
         repeats = harness.alternate(("memory", "shards"), args.repeats, run)
-    memory = statistics.median(r["samples_per_s"] for r in repeats["memory"])
-    shards = statistics.median(r["samples_per_s"] for r in repeats["shards"])
+    median = {kind: statistics.median(r["samples_per_s"] for r in runs) for kind, runs in repeats.items()}
     return {
-        "workers": workers,
-        "malloc": malloc,
-        "memory_steps_per_s": memory / args.batch_size,
-        "shards_steps_per_s": shards / args.batch_size,
-        "memory_samples_per_s": memory,
-        "shards_samples_per_s": shards,
-        "ratio": shards / memory,
+        "workers": workers, "malloc": malloc,
+        **{f"{kind}_steps_per_s": median[kind] / args.batch_size for kind in repeats},
+        **{f"{kind}_samples_per_s": median[kind] for kind in repeats},
+        "ratio": median["shards"] / median["memory"],
         "ratio_per_repeat": [s["samples_per_s"] / m["samples_per_s"] for s, m in zip(repeats["shards"], repeats["memory"], strict=True)],
-        "memory_faults_per_step": statistics.median(r["faults_per_step"] for r in repeats["memory"]),
-        "shards_faults_per_step": statistics.median(r["faults_per_step"] for r in repeats["shards"]),
+        **{f"{kind}_faults_per_step": statistics.median(r["faults_per_step"] for r in runs) for kind, runs in repeats.items()},
         "max_foreign_cpu": max(r["foreign_cpu"] for side in repeats.values() for r in side),
         "max_steal": max(r["steal"] for side in repeats.values() for r in side),
         "repeats": repeats,
-    }
+    }  # fmt: skip
 
 
 def reader_alone(reader: CacheReader, args: argparse.Namespace, repeats: int = 7) -> dict[str, Any]:
@@ -162,21 +157,13 @@ def distill_peak(cache: CacheReader, out: Path, args: argparse.Namespace, worker
     meter = harness.CpuMeter()
     run = harness.offline_distill(cache.directory, out, args.student, extra=extra, memory=memory)
     return {
-        "samples": cache.num_samples,
-        "workers_arg": "default" if workers is None else workers,
-        "workers_used": default_workers(cache.total_bytes) if workers is None else workers,
-        "cache_mib": cache.total_bytes / 2**20,
-        "peak_pss_mib": memory.peak_pss_kib / 1024,
-        "sum_hwm_mib": sum(memory.hwm_kib.values()) / 1024,
-        "peak_sum_rss_mib": memory.peak_rss_kib / 1024,
-        "main_hwm_mib": memory.hwm_kib.get(run["pid"], 0) / 1024,
-        "processes": memory.max_processes,
-        "polls": memory.samples,
-        "wall_s": run["seconds"],
-        **meter.stop(),
-        "train_samples_per_s": run["metrics"].get("train_samples_per_s"),
-        "command": run["command"],
-    }
+        "samples": cache.num_samples, "workers_arg": "default" if workers is None else workers,
+        "workers_used": default_workers(cache.total_bytes) if workers is None else workers, "cache_mib": cache.total_bytes / 2**20,
+        "peak_pss_mib": memory.peak_pss_kib / 1024, "sum_hwm_mib": sum(memory.hwm_kib.values()) / 1024,
+        "peak_sum_rss_mib": memory.peak_rss_kib / 1024, "main_hwm_mib": memory.hwm_kib.get(run["pid"], 0) / 1024,
+        "processes": memory.max_processes, "polls": memory.samples, "wall_s": run["seconds"], **meter.stop(),
+        "train_samples_per_s": run["metrics"].get("train_samples_per_s"), "command": run["command"],
+    }  # fmt: skip
 
 
 def print_tables(result: dict[str, Any]) -> None:

@@ -118,7 +118,6 @@ import ctypes
 import json
 import math
 import os
-import resource
 import shlex
 import statistics
 import sys
@@ -187,26 +186,14 @@ def raw_forward(
         per_batch = (time.perf_counter() - started) / max(1, warmup)
         batches = max(min_batches, math.ceil(seconds / max(per_batch, 1e-6)))
         meter = harness.CpuMeter()
-        cpu0 = time.process_time()
-        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        sync()
-        started = time.perf_counter()
-        for i in range(batches):
-            teacher.forward(pool[i % POOL])
-        wall = time.perf_counter() - started
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
-        cpu = time.process_time() - cpu0
+        timed = harness.time_epochs(lambda _: (pool[i % POOL] for i in range(batches)), teacher.forward, sync, 0, count=len)
+        wall = timed["seconds"]
         return {
-            "batches": batches,
-            "samples": batches * batch_size,
-            "seconds": wall,
-            "samples_per_s": batches * batch_size / wall,
+            "batches": batches, "samples": timed["samples"], "seconds": wall, "samples_per_s": timed["samples"] / wall,
             "forward_s_per_batch": wall / batches,
-            "faults_per_batch": faults / batches,  # minor page faults of this process (nothing else runs in it)
-            "cpu_s": cpu,
-            "cpu_share": cpu / (wall * (os.cpu_count() or 1)),
-            **meter.stop(),
-        }
+            "faults_per_batch": timed["faults_per_step"],  # minor page faults of this process (nothing else runs in it)
+            "cpu_s": timed["cpu_s_per_epoch"], "cpu_share": timed["cpu_s_per_epoch"] / (wall * (os.cpu_count() or 1)), **meter.stop(),
+        }  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher") as executor:
         return executor.submit(run).result()
