@@ -3,7 +3,7 @@
 * **Targets:** ``TARGETS``, the figures the project promises; ``target`` and ``met`` read it.
 * **Output:** ``say`` (progress on stderr, so that ``--json`` prints one object and nothing
   else), ``environment``, ``print_header``, ``table``, ``emit`` (JSON or the tables),
-  ``workdir`` (a temporary directory, kept with ``--keep``) and ``parser``.
+  ``workdir`` (a temporary directory, kept with ``--keep``), ``parser`` and ``parse`` (presets).
 * **Meters** (Linux /proc): ``CpuMeter`` (the share of the machine that other processes took
   while we timed), ``process_tree``, ``thread_ticks`` and ``TreeMemory`` (peak PSS of a process
   tree). ``ServeProcess.memory()`` (kdcache.service.launch) reads a server's RSS.
@@ -172,9 +172,13 @@ def parser(doc: str, *, workdir_of: str | None = None) -> argparse.ArgumentParse
     return p
 
 
-def apply_preset(args: argparse.Namespace, preset: dict[str, Any]) -> argparse.Namespace:
-    """Options left at None take the preset's value (``--quick`` or the full run's)."""
-    for key, value in preset.items():
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict[str, Any], full: dict[str, Any]) -> argparse.Namespace:
+    """``argv`` parsed; options left at None take the preset of ``--quick`` or of the full run.
+    A CUDA device asked for with ``--device cuda`` must be there."""
+    args = p.parse_args(argv)
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
+    for key, value in (quick if args.quick else full).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args

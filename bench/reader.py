@@ -242,14 +242,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     harness.add_side_options(p, ("memory", "shards"))
-    args = p.parse_args(argv)
-    return harness.apply_preset(args, QUICK if args.quick else FULL)
+    return harness.parse(p, argv, QUICK, FULL)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
     if args.side:
         return side_main(args)
     shape = tuple(args.input_shape)
