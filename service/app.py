@@ -51,6 +51,10 @@ class ServerBusy(Exception):
     """The request bodies held at once are at their limit (503)."""
 
 
+class InternalError(Exception):
+    """An inference that failed for a reason no refusal describes (500), already logged."""
+
+
 @dataclass(frozen=True)
 class Refusal:
     status: int
@@ -69,6 +73,7 @@ REFUSALS: dict[type[Exception], Callable[[Any], Refusal]] = {
     StoreError: lambda exc: Refusal(
         exc.status, "disk_full" if exc.status == 507 else "store", str(exc), STORE_RETRY_AFTER_S if exc.status in (503, 507) else None
     ),
+    InternalError: lambda exc: Refusal(500, "internal", str(exc)),
 }
 
 
@@ -150,7 +155,8 @@ def create_app(service: TeacherService) -> FastAPI:
     for refused in REFUSALS:
         app.add_exception_handler(refused, refuse)
 
-    @app.exception_handler(Exception)  # Starlette's outermost handler: it answers, then re-raises for the server's log
+    # Other routes: Starlette's outermost handler, which answers and then re-raises for the server's log.
+    @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         if _is_infer(request.scope):
             metrics.errors.labels(kind="internal").inc()
@@ -249,6 +255,11 @@ def create_app(service: TeacherService) -> FastAPI:
         try:
             check_model(name, version)
             payload, headers = await service.handle(await read_body(request), request.headers.get(HEADER_LENGTH))
+        except tuple(REFUSALS):
+            raise
+        except Exception as exc:  # a 500 with a message, logged here with its traceback; the server keeps serving
+            log.exception("inference failed")
+            raise InternalError(f"internal error: {type(exc).__name__}: {exc}") from None
         finally:
             bodies.give(held)
         return Response(payload, headers=headers)

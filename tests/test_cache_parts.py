@@ -159,3 +159,10 @@ def test_the_writer_dies_at_an_armed_crash_point_and_the_cache_recovers(tmp_path
     with CacheWriter(tmp_path, meta) as writer:
         assert len(writer) == 4
     assert CacheReader(tmp_path).num_samples == 4
+
+
+def test_ids_that_are_not_utf8_are_named():
+    from kdcache.offline.cache import normalize_ids
+
+    with pytest.raises(ValueError, match=r"id #1 is not valid UTF-8"):
+        normalize_ids(np.array([b"ok", b"\xff\xfe"], dtype=object))

@@ -219,7 +219,8 @@ def test_answers_are_counted_by_status_and_refusals_by_kind(tmp_path, digits_tea
                 raise RuntimeError("boom")
 
             service.handle = broken  # an unexpected failure: a JSON 500, counted like any other answer
-            transport = httpx.ASGITransport(app=create_app(service), raise_app_exceptions=False)
+            # The route answers it: nothing is re-raised into the server (the transport would raise it).
+            transport = httpx.ASGITransport(app=create_app(service))
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as raw_client:
                 response = await raw_client.post("/v2/models/teacher/infer", content=b"{}")
             assert response.status_code == 500 and response.json() == {"error": "internal error: RuntimeError: boom"}

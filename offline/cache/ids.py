@@ -23,7 +23,10 @@ def normalize_ids(ids: Any, count: int | None = None) -> np.ndarray:
         out = np.empty(len(arr), dtype=object)
         for i, value in enumerate(arr):
             if isinstance(value, bytes):
-                value = value.decode("utf-8")
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"id #{i} is not valid UTF-8") from None
             elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
                 value = str(int(value))
             elif not isinstance(value, str):
