@@ -1,35 +1,14 @@
 """Randomised damage to a small cache: does every reader path either name the damaged file in a
 ``CacheError`` or, for damage that only a checksum can see, have ``verify()`` report it?
 
-Each case takes a copy of a pristine five-shard cache (300 samples; uncompressed or gzip shards,
-drawn per case), applies one random damage drawn from the seed, and examines it in process:
+Each case damages a copy of a pristine five-shard cache at random (from its seed) and runs every
+reader path on it in process: the checksum-first open, ``--skip-corrupt``'s epoch, then the
+cheap ``CacheReader``, ``verify()``, ``inspect_summary`` and a full epoch. The outcomes ``open``,
+``read`` and ``verify`` pass; ``missed``, ``wrong-file``, ``other``, ``crash`` and ``hang`` are
+failures (exit 1). Cases run in child processes (``--jobs``) under a watchdog, so that a crash or
+hang inside HDF5 costs one case. The stages and outcomes: docs/reliability.md, "5. Corrupt caches".
 
-1. ``CacheReader(dir)`` (the cheap checks that ``cache-inspect`` and ``offline-distill`` make);
-2. ``verify()`` (``cache-inspect --verify``, ``offline-distill --verify-checksums``);
-3. ``inspect_summary`` (the rest of ``cache-inspect``: it reads every shard's labels);
-4. one full epoch through ``open_caches`` → ``ShardStream`` → ``DataLoader(num_workers=0)``, the
-   path ``offline-distill`` trains from, checking that every batch is one the training step can
-   take (labels in [-1, C), finite logits, the cache's shapes and dtypes);
-5. the same with ``skip_corrupt=True, verify_checksums=True``: it must train on exactly the
-   undamaged shards, or, when the manifest is the damage, stop with a ``CacheError`` naming it.
-
-Outcomes (the first that applies):
-
-* ``open``: ``CacheReader`` raised a ``CacheError`` naming the damaged file (or the manifest);
-* ``read``: opening passed; reading rows raised a ``CacheError`` naming the file, and verify
-  reported it;
-* ``verify``: opening and reading passed (the damage kept the file's size and HDF5 structure);
-  only ``verify()`` reported the file. Allowed only for damage that keeps every size;
-* failures, which must stay 0: ``missed`` (nothing noticed a damage that changed a size, or
-  verify did not report a same-size damage), ``wrong-file`` (a ``CacheError`` that does not
-  name the damaged file), ``other`` (any other exception type, or a batch the training step
-  cannot take, or ``--skip-corrupt`` not training on the rest), ``crash`` (the process died)
-  and ``hang`` (a case ran past ``--timeout``).
-
-The cases run in child processes (``--jobs`` of them), each case under a faulthandler watchdog,
-so that a crash or a hang inside HDF5 is counted against its seed instead of ending the run.
-
-    .venv/bin/python bench/corrupt.py --seeds 2000 [--jobs 2] [--json]
+    .venv/bin/python -m bench.corrupt --seeds 2000 [--jobs 2] [--json]
 
 ``tests/test_corrupt.py`` imports this module for its randomised property test.
 """
@@ -51,9 +30,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-if not __package__:  # run as a file (python bench/corrupt.py): import bench from the repository root, as -m does
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheReader
@@ -228,7 +204,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def examine(directory: Path, damage: Damage, on_safe_done: Callable[[], None] | None = None) -> Result:
-    """Classify what the reader paths make of a damaged cache (see the module docstring).
+    """Classify what the reader paths make of a damaged cache (docs/reliability.md, "5. Corrupt caches").
 
     The checksum-first paths run first; ``on_safe_done`` is called once they have passed, before
     the cheap path lets HDF5 parse bytes that may be damaged (which can hang: see CacheReader)."""
@@ -345,10 +321,10 @@ def run_seeds(seeds: list[int], kinds: tuple[str, ...] = KINDS, jobs: int = 1, t
     that case had passed and only the cheap path was running."""
     queues = [seeds[i::jobs] for i in range(jobs)]
     records: list[dict] = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = harness.child_env({"OMP_NUM_THREADS": "1"})
 
     def start(queue: list[int]) -> subprocess.Popen:
-        command = [sys.executable, __file__, "--worker", ",".join(map(str, queue)), "--kinds", ",".join(kinds), "--timeout", str(timeout)]
+        command = harness.module("corrupt", "--worker", ",".join(map(str, queue)), "--kinds", ",".join(kinds), "--timeout", str(timeout))
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     running = [(start(q), q) for q in queues if q]
@@ -416,9 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
 
     def report(_: dict) -> None:
-        print(f"bench/corrupt.py --seeds {args.seeds}: {len(records)} cases in {seconds:.0f} s ({len(records) / seconds:.1f} cases/s)")
+        print(f"bench.corrupt --seeds {args.seeds}: {len(records)} cases in {seconds:.0f} s ({len(records) / seconds:.1f} cases/s)")
         labels = {"wrong-file": "wrong"}
-        rows = [[kind, sum(c.values()), *(c[o] for o in OUTCOMES)] for kind, c in [*counts.items(), ("all", sum(counts.values(), Counter()))]]
+        rows = [
+            [kind, sum(c.values()), *(c[o] for o in OUTCOMES)] for kind, c in [*counts.items(), ("all", sum(counts.values(), Counter()))]
+        ]
         harness.table([("damage", ""), ("cases", "")] + [(labels.get(o, o), "") for o in OUTCOMES], rows)
         print(
             "\nopen: CacheReader's cheap checks raised a CacheError naming the file; read: opened, reading rows named it;\n"

@@ -1,26 +1,14 @@
 """Crash trials: concurrent clients store unique samples while ``teacher-serve`` dies by SIGKILL.
 
-Each trial starts the server on one cache directory that all trials share, lets 4 clients send
-batches of 1–32 new samples (``--ack durable``, shards of ``--shard-samples`` rows, so that
-rollovers are frequent), and kills the server:
+Random ``kill -9`` trials and, with ``--points``, a SIGKILL at each of the writer's crash points
+(``KDCACHE_CRASH_AT``); after each, a restart replays the journal and every acknowledged id must
+be in the cache with the teacher's logits, every shard must verify; at the end
+``cache-inspect --verify`` and one epoch of ``offline-distill`` must pass. Exit 1 on any loss.
+The method and results: docs/reliability.md, "1. Crash trials".
 
-* **random** trials: ``kill -9`` from outside, at a moment drawn from the trial's seed;
-* **point** trials: the server kills itself (SIGKILL) the n-th time it reaches one of the
-  writer's critical steps (``offline.cache.CRASH_POINTS``: mid-shard, rollover, manifest update,
-  journal), through ``KDCACHE_CRASH_AT=<point>:<n>``.
-
-Then it restarts the server, which replays the journal, and checks, while the restarted server
-runs: every acknowledged id is in the published cache with logits equal to the teacher's (atol
-1e-5), and every published shard verifies (size, HDF5 structure, sha256). After the last trial the
-cache is closed with SIGTERM, ``cache-inspect --verify`` must exit 0, and ``offline-distill``
-trains one epoch on it.
-
-    python bench/crash.py --trials 20            # random kills, seeds 0..19
-    python bench/crash.py --points --repeat 3    # every crash point at n = 1, 2, 3
-    python bench/crash.py --trials 3 --points --repeat 1 --json   # what CI runs (tests/test_reliability.py)
-
-Prints one line per trial and a summary table; ``--json`` prints one JSON object. Exit 1 when
-any acknowledged sample is lost or wrong, or any shard fails verification.
+    python -m bench.crash --trials 20            # random kills, seeds 0..19
+    python -m bench.crash --points --repeat 3    # every crash point at n = 1, 2, 3
+    python -m bench.crash --trials 3 --points --repeat 1 --json   # what CI runs (tests/test_reliability.py)
 """
 
 from __future__ import annotations
@@ -34,9 +22,6 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-if not __package__:  # run as a file (python bench/crash.py): import bench from the repository root, as -m does
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 from kdcache.offline.cache import CRASH_POINTS, CacheError, CacheReader

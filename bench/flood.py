@@ -1,19 +1,13 @@
 """Flood: many clients offer ``teacher-serve`` far more than its queue holds, without retrying.
 
-The server runs with a small queue (``--queue-mb``). ``--clients`` concurrent connections each
-send binary requests of ``--batch`` new samples as fast as they are answered, for ``--seconds``.
-Meanwhile a prober asks ``/v2/health/live`` and ``/v2/health/ready`` every 100 ms and a sampler
-reads the server's resident set every 50 ms. Afterwards the server is stopped with SIGTERM and the
-cache is read back.
+Checks: every refusal is 429 or 503 with ``Retry-After``, no other status; the health routes
+answer 200 throughout (probed every 100 ms); the server's peak RSS (sampled every 50 ms) stays
+within ``--max-growth-mb`` of its size before the flood; every request answered 200 has all its
+samples in the cache after SIGTERM. Exit 1 when a check fails. Results: docs/reliability.md,
+"3. Flood".
 
-Checks: every refusal is 429 or 503 and carries ``Retry-After``; no other status appears; the
-health routes answer 200 throughout; the server's peak RSS stays within ``--max-growth-mb`` of
-its size before the flood; every request answered 200 has all its samples in the cache.
-
-    python bench/flood.py                                  # 64 clients, 30 s
-    python bench/flood.py --clients 16 --seconds 8 --json  # about what CI runs (tests/test_reliability.py)
-
-Exit 1 when a check fails.
+    python -m bench.flood                                  # 64 clients, 30 s
+    python -m bench.flood --clients 16 --seconds 8 --json  # about what CI runs (tests/test_reliability.py)
 """
 
 from __future__ import annotations
@@ -28,9 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file (python bench/flood.py): import bench from the repository root, as -m does
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import httpx
 import numpy as np

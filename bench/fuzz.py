@@ -1,25 +1,14 @@
 """Fuzz a real ``teacher-serve`` over HTTP: the fuzzers of tests/test_fuzz.py, out of process.
 
-It starts ``teacher-serve`` as a subprocess on a loopback port (as tests/test_serve_e2e.py does),
-with a bearer token, a fresh cache directory, and a tiny random-weight teacher for the digits
-shape (uint8 [8, 8], 10 classes, saved as a kd-student record). Then, ``--examples N`` each:
+A ``teacher-serve`` subprocess with a bearer token and a tiny digits-shaped teacher gets
+``--examples N`` cases from each fuzzer: every mutation family of tests/test_fuzz.py (each
+request sent must get exactly the codec's 4xx), ``raw_content_length`` (garbage Content-Length
+headers on a raw socket: 4xx or a closed connection), and schemathesis over ``/openapi.json``
+with the token and without it (no 5xx, responses as documented). Afterwards the cache must hold
+no samples, the journal must be empty and the server log must hold no traceback; exit 1
+otherwise. Results: docs/reliability.md, "4. Fuzzing".
 
-* every mutation family of tests/test_fuzz.py (a valid request broken one way: wrong
-  Inference-Header-Content-Length, binary_data_size, truncated, huge shapes, datatypes, flipped
-  bytes, random JSON fields, duplicates, empty bodies, Content-Encoding, ...), sent with httpx.
-  A mutation that left the request valid is discarded unsent (the codec is the oracle); every
-  request sent must get exactly the oracle's 4xx;
-* ``raw_content_length``: garbage Content-Length headers written on a raw socket (httpx will not
-  send them); uvicorn's HTTP parser or the app must answer 4xx, or close the connection;
-* schemathesis over ``/openapi.json`` (positive and negative data, every route), with the token
-  and without it: no 5xx, responses as documented.
-
-Then it stops the server (SIGTERM) and reads the cache: it must hold no samples (schemathesis
-may, in principle, generate a valid request; its 200s on the infer routes are counted) and the
-journal must be empty; the server log must hold no traceback. It prints one table (or ``--json``)
-and exits 1 when any of that fails.
-
-    .venv/bin/python bench/fuzz.py --examples 1000
+    .venv/bin/python -m bench.fuzz --examples 1000
 """
 
 from __future__ import annotations
@@ -31,9 +20,6 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file (python bench/fuzz.py): import bench from the repository root, as -m does
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import httpx
 from hypothesis import HealthCheck, assume, given, settings

@@ -49,12 +49,14 @@ from kdcache.offline.train import EpochStats, TrainConfig, step_on_inputs, train
 from torch import nn
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]  # bench/ is not installed: children find it on PYTHONPATH
 TARGETS: dict[str, tuple[str, float]] = {
-    "p1_service_vs_forward": (">=", 0.9),  # bench/service.py: teacher-serve durable ÷ raw forward
-    "p2_reader_vs_memory": (">=", 0.95),  # bench/reader.py: steps/s from the shards ÷ from memory
-    "p3_offline_speedup_vs_ideal": (">=", 0.9),  # bench/online.py: measured ÷ ideal speed-up
-    "p4_rss_growth_10x": ("<", 1.2),  # bench/reader.py: offline-distill's peak memory, 10x cache ÷ 1x
+    "p1_service_vs_forward": (">=", 0.9),  # bench.service: teacher-serve durable ÷ raw forward
+    "p2_reader_vs_memory": (">=", 0.95),  # bench.reader: steps/s from the shards ÷ from memory
+    "p3_offline_speedup_vs_ideal": (">=", 0.9),  # bench.online: measured ÷ ideal speed-up
+    "p4_rss_growth_10x": ("<", 1.2),  # bench.reader: offline-distill's peak memory, 10x cache ÷ 1x
 }
+YES = {True: "yes", False: "NO", None: "-"}  # a target met, missed, or not measured
 NOISE_LIMIT = 0.05  # share of the machine taken by other processes above which a figure is flagged
 # Any MALLOC_* variable turns kdcache.offline.malloc.tune_malloc off (the environment wins), and an
 # arena limit of 0 is glibc's own default: a process started with this runs on glibc's defaults.
@@ -164,7 +166,9 @@ def workdir(prefix: str, tmpdir: str | None = None, keep: bool = False) -> Itera
 def parser(doc: str, *, workdir_of: str | None = None) -> argparse.ArgumentParser:
     """The module docstring's first paragraph as the description, ``--json``, and with
     ``workdir_of`` (what the directory holds) ``--tmpdir`` and ``--keep``."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    spec = getattr(sys.modules["__main__"], "__spec__", None)  # usage: python -m bench.NAME, not NAME.py
+    prog = f"python -m {spec.name}" if spec is not None and spec.name.startswith("bench.") else None
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     if workdir_of:
         p.add_argument("--tmpdir", default=None, help=f"where {workdir_of} go (default: the system's temporary directory)")
@@ -342,7 +346,9 @@ def synthetic_meta(shape: Sequence[int], classes: int, *, levels: int = 256, **f
     """A uint8 cache's metadata: inputs in [0, ``levels``), preprocessing scales them to [0, 1]."""
     fields.setdefault("teacher_fingerprint", f"synthetic-{classes}-{'x'.join(map(str, shape))}")
     fields.setdefault("teacher_name", "synthetic")
-    return CacheMeta(num_classes=classes, input_shape=tuple(shape), input_dtype="uint8", preprocessing=Preprocessing(scale=1 / (levels - 1)), **fields)
+    return CacheMeta(
+        num_classes=classes, input_shape=tuple(shape), input_dtype="uint8", preprocessing=Preprocessing(scale=1 / (levels - 1)), **fields
+    )
 
 
 def synthetic_cache(
@@ -502,15 +508,27 @@ def time_epochs(
 # Side processes: each measured side in a child of its own, timing epochs on request
 
 
+def module(name: str, *args: str) -> list[str]:
+    """``python -m bench.NAME ARGS``; run it with ``child_env()``."""
+    return [sys.executable, "-m", f"bench.{name}", *args]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment, ``extra``, and the repository root first on PYTHONPATH, so that a
+    ``module`` command finds bench/ from any working directory."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **(extra or {}), "PYTHONPATH": path}
+
+
 def add_side_options(p: argparse.ArgumentParser, kinds: Sequence[str]) -> None:
     p.add_argument("--side", choices=kinds, help=argparse.SUPPRESS)  # internal: run as one side's child
     p.add_argument("--side-cache", help=argparse.SUPPRESS)
 
 
-def side_command(script: str, kind: str, cache: Path, args: argparse.Namespace, options: Sequence[str]) -> list[str]:
-    """``script --side KIND --side-cache CACHE`` with the parent's values of ``options``
-    (argparse destinations), so that the child runs as the parent was configured."""
-    cmd = [sys.executable, str(Path(script).resolve()), "--side", kind, "--side-cache", str(cache)]
+def side_command(name: str, kind: str, cache: Path, args: argparse.Namespace, options: Sequence[str]) -> list[str]:
+    """``python -m bench.NAME --side KIND --side-cache CACHE`` with the parent's values of
+    ``options`` (argparse destinations), so that the child runs as the parent was configured."""
+    cmd = module(name, "--side", kind, "--side-cache", str(cache))
     for name in options:
         value = getattr(args, name)
         cmd += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list | tuple) else [value])]
@@ -542,9 +560,7 @@ class SideProcess:
 
     def __init__(self, kind: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         self.kind = kind
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env={**os.environ, **(env or {})}
-        )
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=child_env(env))
 
     def _answer(self) -> dict[str, Any]:
         assert self.proc.stdout is not None

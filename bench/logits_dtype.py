@@ -1,29 +1,12 @@
 """Logits dtype benchmark: what does ``teacher-serve --logits-dtype float16`` save, and what does it cost?
 
-Two questions, answered side by side in one run:
+Bytes per sample of the same rows written with float32 and with float16 logits (three cases),
+and the digits demo's test accuracy (``distill-demo --json --seeds N``) with each, with a
+row-by-row comparison of the two caches' logits. No target: the figures are reported. The
+method: docs/benchmarks.md, "Logits dtype".
 
-* **Bytes per sample.** The same rows (ids, inputs, labels, logits) are written twice with
-  ``offline.cache.CacheWriter`` (the one writer the service uses too), once with float32 logits
-  and once with float16, and the published cache's bytes (shards as listed in the manifest) are
-  divided by its samples. Three cases: the digits demo's transfer set (1,257 uint8 8x8 samples,
-  10 classes), a CIFAR-sized synthetic case with 1000 classes (uint8 [3,32,32], 4,096 samples),
-  and a 1000-class case with digits-sized inputs (uint8 [8,8]), where the logits are nearly the
-  whole row. Shards are written uncompressed (the service's default), so the byte counts do not
-  depend on the values (``harness.synthetic_cache``: logits from a normal distribution, sd 5;
-  labels in [-1, C), -1 for none), and rows are appended 256 at a time, as the service does.
-* **Accuracy.** ``distill-demo --json --seeds 3`` runs twice, with ``TEACHER_SERVE_LOGITS_DTYPE``
-  set to float32 and then float16 (every ``teacher-serve`` option is also an environment
-  variable, and the demo's server inherits the environment, so the demo needs no flag). The
-  demo's teacher is trained with fixed seeds, so both runs should serve the same teacher: the
-  benchmark checks that the two teachers' test accuracies agree and compares the two caches'
-  logits row by row (max abs difference, and whether the argmax and the soft targets at the
-  serving temperature agree). Reported: the distilled student's and the labels-only student's
-  test accuracy, mean and sample std over the 3 seeds, both ways. The labels-only arm
-  (``--alpha 0``) never reads the logits, so it must come out identical: a control.
-
-    .venv/bin/python bench/logits_dtype.py                # about 3 minutes on 2 cores
-    .venv/bin/python bench/logits_dtype.py --json
-    .venv/bin/python bench/logits_dtype.py --bytes-only   # a few seconds
+    .venv/bin/python -m bench.logits_dtype                # about 3 minutes on 2 cores
+    .venv/bin/python -m bench.logits_dtype --bytes-only   # a few seconds
 """
 
 from __future__ import annotations
@@ -36,9 +19,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file (python bench/logits_dtype.py): import bench from the repository root, as -m does
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import torch
@@ -147,7 +127,7 @@ def accuracy_comparison(root: Path, seeds: int) -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    harness.print_header("bench/logits_dtype.py: float32 vs float16 cached logits", result["env"])
+    harness.print_header("bench.logits_dtype: float32 vs float16 cached logits", result["env"])
     print("\nBytes per sample of the published cache (CacheWriter, uncompressed shards, manifest bytes / samples)")
     harness.table(
         [("case", ""), ("input", ""), ("classes", ""), ("samples", ""), ("float32", ".1f"), ("float16", ".1f"), ("float16/float32", ".3f")],
@@ -157,7 +137,9 @@ def print_report(result: dict[str, Any]) -> None:
     acc = result.get("accuracy")
     if not acc:
         return
-    print(f"\ndistill-demo --json --seeds {acc['seeds']}, once per TEACHER_SERVE_LOGITS_DTYPE (test accuracy, mean ± sample std over seeds)")
+    print(
+        f"\ndistill-demo --json --seeds {acc['seeds']}, once per TEACHER_SERVE_LOGITS_DTYPE (test accuracy, mean ± sample std over seeds)"
+    )
     harness.table(
         [("logits", ""), ("distilled", ""), ("labels only (control)", ""), ("demo cache B/sample", ".1f"), ("teacher acc", ".4f"),
          ("distilled per seed; control per seed", "")],
@@ -169,7 +151,14 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"same teacher: {acc['same_teacher_accuracy']}; cached logits float16 vs float32: max abs difference "
               f"{acc['max_abs_logit_difference']:.2e}, argmax agreement {acc['argmax_agreement']:.4f}, "
               f"max abs soft-target difference at T={acc['settings']['temperature']:g} {acc['max_abs_soft_target_difference']:.2e}")  # fmt: skip
-    keys = ("bytes_per_sample_float32", "bytes_per_sample_float16", "acc_float32_mean", "acc_float32_std", "acc_float16_mean", "acc_float16_std")
+    keys = (
+        "bytes_per_sample_float32",
+        "bytes_per_sample_float16",
+        "acc_float32_mean",
+        "acc_float32_std",
+        "acc_float16_mean",
+        "acc_float16_std",
+    )
     print("\n" + "  ".join(f"{k}={result[k]}" for k in keys if k in result))
 
 

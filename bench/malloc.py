@@ -1,25 +1,18 @@
 """Does ``offline-distill``'s malloc setting pay? The same training run, with and without it.
 
-``offline-distill`` calls ``offline.malloc.tune_malloc`` at start (glibc keeps freed memory for
-the next step). This runs real ``offline-distill`` subprocesses on one synthetic cache (the
-reader benchmark's: ``harness.synthetic_cache``), alternating the trainer's setting with glibc's
-own defaults (``MALLOC_ARENA_MAX=0`` in the environment, which turns ``tune_malloc`` off),
-``--rounds`` pairs per student in ABAB order, and prints the ``train_samples_per_s`` that each
-run writes to its ``metrics.json`` and the ratio tuned ÷ glibc of each pair.
+Real ``offline-distill`` runs on one synthetic cache, ``--rounds`` pairs per student alternating
+the trainer's setting with glibc's defaults: samples/s and peak RSS, tuned ÷ glibc. The method:
+docs/benchmarks.md, "The allocator setting".
 
-    .venv/bin/python bench/malloc.py                 # about 2 minutes on 2 cores
-    .venv/bin/python bench/malloc.py --json --students cnn-small --rounds 5
+    .venv/bin/python -m bench.malloc                 # about 2 minutes on 2 cores
+    .venv/bin/python -m bench.malloc --json --students cnn-small --rounds 5
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file (python bench/malloc.py): import bench from the repository root, as -m does
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench import harness
 
@@ -41,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="pairs (trainer, glibc) per student, order alternating")
     args = p.parse_args(argv)
-    result: dict[str, Any] = {"command": " ".join(["bench/malloc.py", *(argv if argv is not None else sys.argv[1:])]), "students": {}}
+    result: dict[str, Any] = {
+        "command": " ".join(["python -m bench.malloc", *(argv if argv is not None else sys.argv[1:])]),
+        "students": {},
+    }
     with harness.workdir("bench-malloc-") as root:
         meta = harness.synthetic_meta(args.input_shape, 10)
         cache = harness.synthetic_cache(root / "cache", meta, args.samples, label_margin=3.0, append_rows=8192).directory
@@ -51,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.rounds):
                 for kind in ("trainer", "glibc") if i % 2 == 0 else ("glibc", "trainer"):
                     # The trainer process's own peak RSS (0 workers here).
-                    run = harness.offline_distill(cache, root / f"run-{student}-{kind}-{i}", student, epochs=args.epochs, env=SETTINGS[kind])
+                    run = harness.offline_distill(
+                        cache, root / f"run-{student}-{kind}-{i}", student, epochs=args.epochs, env=SETTINGS[kind]
+                    )
                     runs[kind].append(float(run["metrics"]["train_samples_per_s"]))
                     rss[kind].append(run["max_rss_mib"])
-                    harness.say(f"{student:>10}  round {i}  {kind:>7}  {runs[kind][-1]:>9,.0f} samples/s  peak RSS {rss[kind][-1]:,.0f} MiB")
+                    harness.say(
+                        f"{student:>10}  round {i}  {kind:>7}  {runs[kind][-1]:>9,.0f} samples/s  peak RSS {rss[kind][-1]:,.0f} MiB"
+                    )
             ratios = [t / g for t, g in zip(runs["trainer"], runs["glibc"], strict=True)]
             result["students"][student] = {
                 **runs, "ratio_per_round": ratios, "ratio_median": statistics.median(ratios),

@@ -1,65 +1,15 @@
 """Offline against online distillation: how much of the ideal speed-up does the cache deliver?
 
-**Online KD** (as in labml's ``distill`` experiment): each step runs the teacher forward under
-``torch.no_grad()`` on the batch, then the student step. **Offline KD** (kdcache): the same
-student step, with the teacher's logits read from a cache through ``ShardStream`` (shuffled,
-``DataLoader(batch_size=None)`` with the trainer's default worker count, which is 0 for a cache
-under 256 MiB), as ``offline-distill`` reads them. Nothing else differs.
+Four timings per round, each a kind in its own child process, epochs over the same samples:
+``t_online`` (teacher forward + ``offline-distill``'s student step), ``t_offline`` (the step on
+logits read from the cache through ``ShardStream``), ``t_teacher`` and ``t_student`` (each alone,
+in memory). P3 = (t_online / t_offline) ÷ ((t_teacher + t_student) / t_student), the median of
+the rounds' paired ratios; target >= 0.9. The cache is filled once beforehand by the same
+teacher (``fill_s``, ``break_even_epochs``). The method: docs/benchmarks.md, "P3".
 
-The student step is ``offline-distill``'s own (``kdcache.offline.train``): ``train_step``
-(``preprocessing.apply(inputs.to(device))`` → student → the trainer's objective, KL at T=4,
-alpha=0.9 → ``zero_grad`` / ``backward`` / AdamW ``step``) offline and on cached logits, and
-``step_on_inputs``, the same step after the preprocessing, online: there the teacher sees the
-same preprocessed batch, and its logits stay on the device.
-
-Four timings, each an epoch over the same N samples at the same batch size on the same device:
-
-* ``t_online``: teacher forward + student step per batch, batches from in-memory tensors
-  (a random permutation per epoch);
-* ``t_offline``: student step per batch, batches (inputs, logits, labels) from the shards;
-* ``t_teacher``: the teacher forward alone (preprocessing included, < 1% of it), in-memory;
-* ``t_student``: the student step alone, in-memory inputs and in-memory cached logits.
-
-``speedup_ideal = (t_teacher + t_student) / t_student`` is what dropping the teacher could give
-at best; ``speedup_measured = t_online / t_offline`` is what the cache gave;
-``p3_offline_speedup_vs_ideal = measured / ideal`` (target >= 0.9). Note that
-``measured / ideal = [t_online / (t_teacher + t_student)] x [t_student / t_offline]``: the
-second factor is the reader's cost against in-memory data, the first how much running the
-teacher and student in one loop costs beyond the sum of their parts.
-
-The cache is filled once, before the timings, by the same teacher in this process
-(``CacheWriter``: forward at the batch size, append, publish): ``fill_s`` is that one-time cost,
-and ``break_even_epochs = fill_s / (t_online - t_offline)`` the epochs after which it has paid
-for itself (it is about 1 on the same device, since filling is one teacher epoch plus writes).
-
-Method. Each of the four kinds runs in its own child process (``--side``, driven over a pipe,
-as in bench/reader.py: ``harness.serve_epochs``), so that each has its own malloc heap and the idle ones cost nothing;
-a child warms up on ``--warmup-batches`` batches before it reports ready, and one untimed round
-of all four follows. A timing runs whole epochs until at least ``--min-seconds`` have passed and
-reports seconds per epoch (so the cheap kinds, a fraction of a second an epoch, are not timed
-on one short epoch). ``--repeats`` rounds alternate the order (online, offline, teacher,
-student, then reversed: ABBA). Each round gives its own measured ÷ ideal from its four timings,
-taken within seconds of each other, and ``p3_offline_speedup_vs_ideal`` is the median of those
-paired ratios: the machine drifts by ±10% over a minute, which a ratio of per-kind medians
-(``ratio_of_medians``, reported beside it) does not cancel. The times shown are the per-kind
-medians. Each timing records the
-child's minor page faults per epoch and the share of the machine other processes took ("other
-CPU"): on a 2-core machine a busy neighbour decides the result. It also records the time spent
-waiting for the next batch ("fetch": reading and gathering; on the CPU the rest of the epoch is
-the steps, on CUDA the split is blurred by asynchronous kernels), which splits the offline
-side's extra cost into the reader's own and a slower step. On CUDA every epoch ends with a
-synchronize; in-memory tensors stay on the host, as the trainer's do, and every batch is
-copied to the device (pinned for the shards, as the trainer's DataLoader does).
-
-Data: synthetic uint8 [3,32,32] (CIFAR-sized) images with random labels, 10 classes, scale
-1/255, float32 logits. Teacher: ``--teacher`` (default ``resnet``, the CIFAR ResNet-20 of
-offline.models, random weights, eval mode), student ``--student`` (default ``mlp``, one hidden
-layer of 128: a student far cheaper than its teacher, which is where distillation pays, and
-where the reader's overhead shows most).
-
-    .venv/bin/python bench/online.py --quick          # < 60 s on 2 cores
-    .venv/bin/python bench/online.py --json           # a few minutes on 2 cores
-    .venv/bin/python bench/online.py --device cuda
+    .venv/bin/python -m bench.online --quick          # < 60 s on 2 cores
+    .venv/bin/python -m bench.online --json           # a few minutes on 2 cores
+    .venv/bin/python -m bench.online --device cuda
 """
 
 from __future__ import annotations
@@ -70,9 +20,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file (python bench/online.py): import bench from the repository root, as -m does
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import torch
@@ -122,7 +69,12 @@ def fill_cache(directory: Path, args: argparse.Namespace, device: torch.device) 
             forward_s += time.perf_counter() - forward_started
             writer.append(np.arange(args.samples)[rows], inputs[rows], logits, labels[rows])
     seconds = time.perf_counter() - started  # includes publishing the shard (fsync, checksum, manifest)
-    return {"fill_s": seconds, "fill_forward_s": forward_s, "fill_write_s": seconds - forward_s, "cache_bytes": CacheReader(directory).total_bytes}
+    return {
+        "fill_s": seconds,
+        "fill_forward_s": forward_s,
+        "fill_write_s": seconds - forward_s,
+        "cache_bytes": CacheReader(directory).total_bytes,
+    }
 
 
 def side_main(args: argparse.Namespace) -> int:
@@ -149,7 +101,9 @@ def side_main(args: argparse.Namespace) -> int:
             student.step_on_inputs(inputs, teacher_logits, batch["labels"].to(device, non_blocking=True))
 
     step = teacher_step if teacher is not None else student.step
-    return harness.serve_epochs(batches, step, harness.synchronizer(device), min_seconds=args.min_seconds, warmup_batches=args.warmup_batches)
+    return harness.serve_epochs(
+        batches, step, harness.synchronizer(device), min_seconds=args.min_seconds, warmup_batches=args.warmup_batches
+    )
 
 
 def speedups(t: dict[str, float]) -> dict[str, float]:
@@ -160,7 +114,7 @@ def speedups(t: dict[str, float]) -> dict[str, float]:
 
 def measure(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    commands = {kind: harness.side_command(__file__, kind, cache, args, SIDE_OPTIONS) for kind in KINDS}
+    commands = {kind: harness.side_command("online", kind, cache, args, SIDE_OPTIONS) for kind in KINDS}
     with harness.side_processes(commands, harness.GLIBC_DEFAULTS if args.malloc == "glibc" else None) as sides:
         harness.say(f"  sides started and warmed up in {time.perf_counter() - started:.1f} s")
         epoch = 0
@@ -198,7 +152,7 @@ def measure(cache: Path, args: argparse.Namespace) -> dict[str, Any]:
 def print_tables(result: dict[str, Any]) -> None:
     cfg, detail, trainer = result["config"], result["detail"], harness.TRAINER
     harness.print_header(
-        "bench/online.py: offline KD (teacher logits from the cache) vs online KD (teacher in the loop)", result["env"],
+        "bench.online: offline KD (teacher logits from the cache) vs online KD (teacher in the loop)", result["env"],
         f"data       {cfg['samples']:,} synthetic uint8 {cfg['input_shape']} samples, {cfg['classes']} classes; "
         f"cache {cfg['cache_bytes'] / 2**20:.1f} MiB, read with {cfg['workers']} DataLoader worker(s)",
         f"models     teacher {cfg['teacher']} ({cfg['teacher_params']:,} parameters, eval, no_grad), student {cfg['student']} "
@@ -217,7 +171,7 @@ def print_tables(result: dict[str, Any]) -> None:
         [("figure", ""), ("value", ".3f"), ("target", ""), ("met", ""), ("per round", "")],
         [["speed-up ideal (t_teacher+t_student)/t_student", result["speedup_ideal"], None, None, None],
          ["speed-up measured t_online/t_offline", result["speedup_measured"], None, None, None],
-         ["measured / ideal, median of rounds", result[p3], harness.target(p3), {True: "yes", False: "NO"}[result["target_met"]],
+         ["measured / ideal, median of rounds", result[p3], harness.target(p3), harness.YES[result["target_met"]],
           " ".join(f"{r:.3f}" for r in detail["ratio_per_round"])],
          ["measured / ideal, from the medians", result["ratio_of_medians"], None, None, None],
          ["break-even, epochs (fill / saved per epoch)", result["break_even_epochs"], None, None, None]],
@@ -240,7 +194,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the offline side (default: offline-distill's choice)")
     p.add_argument("--shuffle-buffer", type=int, default=DEFAULT_SHUFFLE_BUFFER)
     p.add_argument("--repeats", type=int, default=None, help=f"alternating rounds (default {FULL['repeats']})")
-    p.add_argument("--min-seconds", type=float, default=None, help=f"whole epochs per timing until this long (default {FULL['min_seconds']})")
+    p.add_argument(
+        "--min-seconds", type=float, default=None, help=f"whole epochs per timing until this long (default {FULL['min_seconds']})"
+    )
     p.add_argument("--warmup-batches", type=int, default=None,
                    help=f"untimed batches per side before the rounds (default {FULL['warmup_batches']})")  # fmt: skip
     p.add_argument(

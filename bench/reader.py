@@ -1,52 +1,14 @@
 """Reader benchmark: does training from the shards cost anything, and does memory stay flat?
 
-Two measurements on a synthetic cache written with ``CacheWriter`` in a temporary directory:
+P2: training steps/s of ``offline-distill``'s own ``train_step`` fed from the shards
+(``ShardStream`` behind the trainer's DataLoader) ÷ fed from the same rows in memory, each side
+in its own child process, epochs alternating; target >= 0.95. P4: peak memory (Σ PSS of the
+process tree, ``harness.TreeMemory``) of a real ``offline-distill --epochs 1`` on a cache of
+10·S samples ÷ on S samples; target < 1.2. Both on synthetic caches in a temporary directory.
+The method, and why each side has a process of its own: docs/benchmarks.md, "P2 and P4".
 
-1. **Throughput ratio.** The same student, batch size and training step (``offline-distill``'s
-   own ``train_step``: preprocessing → model → objective → AdamW step) fed two ways:
-
-   * *shards*: ``ShardStream`` (shuffling, default shuffle buffer) behind a
-     ``DataLoader(batch_size=None, persistent_workers=True)`` built as ``offline/train.py``
-     builds it, ``set_epoch`` before each epoch;
-   * *memory*: the same rows held as torch tensors, a fresh random permutation per epoch and
-     batches gathered by slicing it.
-
-   With ``--device cuda`` the student trains on the GPU and each batch is copied there in the
-   step (``non_blocking``): pinned on the shard side, as ``offline-distill``'s DataLoader pins
-   it, and from pageable host memory on the memory side, as bench/online.py does. Each epoch
-   ends with a synchronize. A student far cheaper than a GPU step (the default ``cnn-small``)
-   measures launch overhead rather than the reader: pass a larger one (``--student resnet``).
-
-   Each side runs in its own child process (``--side``, driven over a pipe), and the parent
-   alternates whole epochs between them, so the two never compete for the CPU and each
-   process has its own malloc heap, as a real trainer does. (Running both sides in one
-   process couples them through glibc's heap: the ratio then swung between 0.67 and 1.13
-   depending on which side ran first, see docs/benchmarks.md.) After a warm-up epoch of each,
-   ``--repeats`` rounds are timed in ABBA order; the median of each side is taken and
-   ``ratio = shards / memory`` (target >= 0.95). Throughput is counted in samples/s and shown
-   as full-batch steps/s (samples/s ÷ batch size), so that the partial last batch of each
-   worker does not flatter the shard side. One row uses ``--workers`` (default 2), a second
-   row 0 workers, which is what the trainer picks for caches under 256 MiB.
-
-   Both sides set glibc malloc up as ``offline-distill`` does (``offline.malloc.tune_malloc``:
-   freed memory is kept for the next step). ``--malloc glibc`` (and ``both``, the default of a
-   full run) repeats the rows with glibc's own defaults (``GLIBC_DEFAULTS``), under which a
-   training step page-faults tens of MB of zero-filled memory back in per step, an allocator
-   effect that varies from run to run and dwarfs the reader's own cost. Every row reports the
-   trainer process's minor page faults per step, and the share of the machine that other
-   processes took while it was timed ("other CPU"): on a 2-core machine a busy neighbour
-   decides the result, and the report says so.
-
-2. **Peak memory growth.** A real ``offline-distill --epochs 1`` subprocess on a cache of S
-   samples and on one of 10·S, with ``--workers 2`` and with the default worker count;
-   ``growth = peak(10·S) / peak(S)`` (target < 1.2). How the peak is measured, and why, is
-   explained at ``harness.TreeMemory``.
-
-``--quick`` runs a smaller configuration (< 90 s on 2 cores); ``--json`` prints one JSON
-object instead of the tables. Only the project and its dependencies are imported.
-
-    .venv/bin/python bench/reader.py --quick
-    .venv/bin/python bench/reader.py            # a few minutes on 2 cores
+    .venv/bin/python -m bench.reader --quick      # < 90 s on 2 cores
+    .venv/bin/python -m bench.reader              # a few minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -57,9 +19,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file (python bench/reader.py): import bench from the repository root, as -m does
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 from kdcache.offline import models
@@ -73,7 +32,6 @@ from bench import harness
 QUICK = {"samples": 4096, "rss_samples": 2048, "repeats": 5, "epochs_per_repeat": 2, "malloc": "trainer"}
 FULL = {"samples": 12000, "rss_samples": 10000, "repeats": 6, "epochs_per_repeat": 1, "malloc": "both"}
 SIDE_OPTIONS = ("workers", "student", "batch_size", "seed", "shuffle_buffer", "device", "epochs_per_repeat")
-OK = {True: "yes", False: "NO"}
 
 
 def side_main(args: argparse.Namespace) -> int:
@@ -92,7 +50,7 @@ def side_main(args: argparse.Namespace) -> int:
 def compare(reader: CacheReader, args: argparse.Namespace, workers: int, malloc: str) -> dict[str, Any]:
     """Alternate whole epochs of the two sides, each in its own process (see the module doc)."""
     side_args = argparse.Namespace(**{**vars(args), "workers": workers})
-    commands = {kind: harness.side_command(__file__, kind, reader.directory, side_args, SIDE_OPTIONS) for kind in ("memory", "shards")}
+    commands = {kind: harness.side_command("reader", kind, reader.directory, side_args, SIDE_OPTIONS) for kind in ("memory", "shards")}
     with harness.side_processes(commands, harness.GLIBC_DEFAULTS if malloc == "glibc" else None) as sides:
         epoch = 1
 
@@ -169,7 +127,7 @@ def distill_peak(cache: CacheReader, out: Path, args: argparse.Namespace, worker
 def print_tables(result: dict[str, Any]) -> None:
     env, cfg, trainer = result["env"], result["config"], harness.TRAINER
     harness.print_header(
-        "bench/reader.py: ShardStream vs in-memory tensors; offline-distill peak memory vs cache size", env,
+        "bench.reader: ShardStream vs in-memory tensors; offline-distill peak memory vs cache size", env,
         f"data       {cfg['samples']:,} samples, uint8 {cfg['input_shape']}, {cfg['classes']} classes, float32 logits, "
         f"{cfg['shards']} shard(s), {cfg['cache_bytes'] / 2**20:.1f} MiB",
         f"student    {cfg['student']} ({cfg['student_params']:,} parameters), batch {cfg['batch_size']}, shuffle buffer "
@@ -183,7 +141,7 @@ def print_tables(result: dict[str, Any]) -> None:
             [("malloc", ""), ("workers", ""), ("memory steps/s", ".2f"), ("shards steps/s", ".2f"), ("ratio", ".3f"), ("target", ""),
              ("met", ""), ("faults/step mem|shards", ""), ("other CPU", ".1%"), ("per-repeat ratios", "")],
             [[r["malloc"], r["workers"], r["memory_steps_per_s"], r["shards_steps_per_s"], r["ratio"], harness.target("p2_reader_vs_memory"),
-              OK[harness.met("p2_reader_vs_memory", r["ratio"])], f"{r['memory_faults_per_step']:,.0f} | {r['shards_faults_per_step']:,.0f}",
+              harness.YES[harness.met("p2_reader_vs_memory", r["ratio"])], f"{r['memory_faults_per_step']:,.0f} | {r['shards_faults_per_step']:,.0f}",
               r["max_foreign_cpu"], " ".join(f"{v:.3f}" for v in r["ratio_per_repeat"])] for r in rows],
         )  # fmt: skip
     alone = result["reader_alone"]
@@ -205,7 +163,7 @@ def print_tables(result: dict[str, Any]) -> None:
         harness.table(
             [("--workers", ""), ("growth 10x (Σ PSS)", ".3f"), ("growth 10x (Σ VmHWM)", ".3f"), ("target", ""), ("met", "")],
             [[g["workers_arg"], g["growth_pss"], g["growth_hwm"], harness.target("p4_rss_growth_10x"),
-              OK[harness.met("p4_rss_growth_10x", g["growth_pss"])]] for g in rss],
+              harness.YES[harness.met("p4_rss_growth_10x", g["growth_pss"])]] for g in rss],
         )  # fmt: skip
     harness.noise_warning(result["max_foreign_cpu"] or 0.0)
     print()
@@ -215,7 +173,9 @@ def print_tables(result: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = harness.parser(__doc__, workdir_of="the caches")
     p.add_argument("--quick", action="store_true", help=f"small run, < 90 s on 2 cores (defaults become {QUICK})")
-    p.add_argument("--samples", type=int, default=None, help=f"cache size for the throughput runs and S for memory (default {FULL['samples']})")
+    p.add_argument(
+        "--samples", type=int, default=None, help=f"cache size for the throughput runs and S for memory (default {FULL['samples']})"
+    )
     p.add_argument("--rss-samples", type=int, default=None,
                    help=f"S for the memory runs (default {FULL['rss_samples']}; --quick: {QUICK['rss_samples']}); the second run uses 10·S")  # fmt: skip
     p.add_argument("--input-shape", type=int, nargs="+", default=[3, 16, 16], metavar="D", help="uint8 sample shape")
@@ -293,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             "rss_growth_10x": pick(rss, "growth_pss", workers_arg=2),
             "rss_growth_10x_default": pick(rss, "growth_pss", workers_arg="default"),
             "targets": {"reader_vs_memory": harness.target("p2_reader_vs_memory"), "rss_growth_10x": harness.target("p4_rss_growth_10x")},
-            "max_foreign_cpu": max([r["max_foreign_cpu"] for r in throughput] + [g[k]["foreign_cpu"] for g in rss for k in ("1x", "10x")],
-                                   default=None),  # fmt: skip
+            "max_foreign_cpu": max(
+                [r["max_foreign_cpu"] for r in throughput] + [g[k]["foreign_cpu"] for g in rss for k in ("1x", "10x")], default=None
+            ),  # fmt: skip
             "env": harness.environment(args.device),
             "config": {
                 **{k: v for k, v in vars(args).items() if k not in ("json", "tmpdir", "keep")},

@@ -2,31 +2,16 @@
 
     .venv/bin/python bench/run.py [--quick] [--device cpu|cuda] [--json]
 
-Runs each benchmark as a subprocess (``python bench/run.py`` and ``python -m bench.run`` alike) with ``--json`` (``--quick`` and ``--device`` passed on to
-those that take them), one at a time so that they never compete for the machine, and reads
-the one JSON object each prints:
-
-====  =====================================================  ==================  =====================================
- id   figure                                                 from                target
-====  =====================================================  ==================  =====================================
- P1   teacher-serve (``--ack durable``) ÷ raw forward         bench/service.py    >= 0.9  (``ratio_durable_vs_raw``)
- P2   training steps/s from the shards ÷ from memory          bench/reader.py     >= 0.95 (trainer's default workers)
- P3   offline speed-up over online KD ÷ the ideal speed-up    bench/online.py     >= 0.9
- P4   peak RSS of offline-distill, 10x cache ÷ 1x             bench/reader.py     < 1.2   (default workers)
-====  =====================================================  ==================  =====================================
-
-P2 and P4 are read for the worker count ``offline-distill`` picks by itself for the reader's
-cache (``kdcache.offline.train.default_workers``), which is what a user gets. Under
-``--device cuda`` the reader's student trains on the GPU (pick a student that keeps it busy with
-``bench/reader.py --student``); P4 is then the host memory of ``offline-distill --device cuda``.
-
-Progress goes to stderr, one line per benchmark with its elapsed time (the benchmarks' own
-progress is kept and shown only when one fails). A benchmark that fails, or whose JSON lacks
-a figure, does not stop the others: its error is recorded in one line, the table says so, and
-the exit status is 1 at the end. With ``--json`` one object is printed: the four figures
+Runs ``python -m bench.service``, ``bench.reader`` and ``bench.online`` one at a time, so that
+they never compete for the machine, with ``--json`` (``--quick`` and ``--device`` passed on), and
+reads from their JSON P1 (service ÷ raw forward), P2 and P4 (for the worker count that
+``offline-distill`` picks by itself, ``default_workers``) and P3; the targets are
+``harness.TARGETS``, the methods in docs/benchmarks.md. Progress, one line per benchmark, goes
+to stderr. A benchmark that fails, or whose JSON lacks a figure, does not stop the others: the
+table says so and the exit status is 1. ``--json`` prints the four figures
 (``p1_service_vs_forward``, ``p2_reader_vs_memory``, ``p3_offline_speedup_vs_ideal``,
-``p4_rss_growth_10x``), ``targets``, ``met``, ``errors``, ``device``, ``torch``, the elapsed
-seconds per benchmark, and each benchmark's full JSON under ``details``.
+``p4_rss_growth_10x``), ``targets``, ``met``, ``errors``, ``device``, ``torch``, the seconds per
+benchmark and each benchmark's JSON under ``details``.
 """
 
 from __future__ import annotations
@@ -52,8 +37,7 @@ from kdcache.offline.train import default_workers
 
 from bench import harness
 
-HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("service", "reader", "online")  # bench/NAME.py, each takes --json, --quick and --device
+BENCHMARKS = ("service", "reader", "online")  # python -m bench.NAME, each takes --json, --quick and --device
 # Under --quick, extra arguments that keep the whole run under 3 minutes on 2 cores: the
 # reader's quick cache is far below the trainer's worker threshold, so offline-distill reads
 # it with 0 workers, and its throughput row with 2 workers (about 25 s) is not needed for P2.
@@ -85,12 +69,12 @@ FIGURES: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
 
 def run_benchmark(name: str, args: argparse.Namespace) -> tuple[dict[str, Any] | None, str | None, float]:
     """(its JSON, None) or (None, a one-line error), and the seconds it took."""
-    cmd = [sys.executable, str(HERE / f"{name}.py"), "--json", "--device", args.device]
+    cmd = harness.module(name, "--json", "--device", args.device)
     if args.quick:
         cmd += ["--quick", *QUICK_EXTRA.get(name, [])]
     started = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=harness.child_env())
     except subprocess.TimeoutExpired:
         return None, f"{shlex.join(cmd)}: no result after {args.timeout:.0f} s", time.perf_counter() - started
     seconds = time.perf_counter() - started
@@ -109,7 +93,7 @@ def print_table(result: dict[str, Any]) -> None:
     harness.table(
         [("figure", ""), ("measured", ""), ("target", ""), ("met", "")],
         [[DESCRIPTIONS[key], "error" if value is None else format(value, ".3f"), harness.target(key),
-          {True: "yes", False: "NO", None: "-"}[result["met"][key]]] for key, value in result.items() if key in DESCRIPTIONS],
+          harness.YES[result["met"][key]]] for key, value in result.items() if key in DESCRIPTIONS],
     )  # fmt: skip
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
     for key, error in result["errors"].items():
@@ -129,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for i, name in enumerate(BENCHMARKS, 1):
-        harness.say(f"[{i}/{len(BENCHMARKS)}] bench/{name}.py ...")
+        harness.say(f"[{i}/{len(BENCHMARKS)}] bench.{name} ...")
         result, error, seconds[name] = run_benchmark(name, args)
         if error:
             errors[name] = error
-            harness.say(f"[{i}/{len(BENCHMARKS)}] bench/{name}.py FAILED after {seconds[name]:.1f} s: {error}")
+            harness.say(f"[{i}/{len(BENCHMARKS)}] bench.{name} FAILED after {seconds[name]:.1f} s: {error}")
         else:
             details[name] = result
-            harness.say(f"[{i}/{len(BENCHMARKS)}] bench/{name}.py done in {seconds[name]:.1f} s")
+            harness.say(f"[{i}/{len(BENCHMARKS)}] bench.{name} done in {seconds[name]:.1f} s")
 
     figures: dict[str, float | None] = dict.fromkeys(FIGURES)
     for key, (name, read) in FIGURES.items():
@@ -144,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 figures[key] = float(read(details[name]))
             except (KeyError, TypeError, ValueError, IndexError) as exc:
-                errors[key] = f"bench/{name}.py's JSON has no {key} ({type(exc).__name__}: {exc})"
+                errors[key] = f"bench.{name}'s JSON has no {key} ({type(exc).__name__}: {exc})"
     device = next((details[name]["device"] for name in ("online", "service") if details.get(name, {}).get("device")), args.device)
     result = {
         **figures,

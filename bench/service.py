@@ -1,113 +1,16 @@
 """Service benchmark: how close does ``teacher-serve`` come to the teacher's raw forward pass?
 
-One run measures, side by side on the same device, at the same batch size and compute dtype:
+P1: samples/s of a real ``teacher-serve`` (``--ack durable``, and ``--ack buffered`` beside it)
+driven by pre-encoded binary requests from ``--clients`` threads, ÷ samples/s of
+``teacher.forward`` in this process at the same batch size, dtype and device; target >= 0.9.
+``--sweep`` repeats it at batch sizes 16, 64 and 256 (``--plot PATH`` draws them); ``--ingest``
+measures only the MB/s of request body the service takes in against a bare route. How the
+windows, rounds, CPU shares, the thread-naming shim and the GPU runs work: docs/benchmarks.md,
+"P1: teacher service against raw forward".
 
-* **raw**: ``service.teacher.load_teacher`` in this process and ``teacher.forward(batch)`` on a
-  uint8 batch of ``--batch-size`` samples, called in a loop for N batches; samples/s =
-  N x batch / seconds. It runs on a one-thread executor, as the server's batcher does, after as
-  many untimed forwards as the server runs before its window (3 warm-up passes + the warm-up
-  requests). No server runs meanwhile, so nothing competes for the CPU. Torch runs with this process's default thread count, which is also what
-  the server gets (same environment; ``--torch-threads N`` sets ``OMP_NUM_THREADS`` for both).
-* **durable** and **buffered**: a real ``teacher-serve`` subprocess (``--ack durable``, then
-  ``--ack buffered``; ``--max-batch`` = the batch size; a fresh cache directory each), awaited on
-  ``/v2/health/ready`` (its own warm-up of three forwards at ``--max-batch`` happens before
-  that), driven by ``--clients`` threads with one ``httpx.Client`` each, every client keeping one
-  request in flight. A request carries ``--request-size`` samples (default: the batch size, as
-  ``teacher-push`` sends by default with ``--batch-size 256 --concurrency 4``): then one request
-  is one forward pass, acknowledgements arrive one per batch, and 4 clients keep 4 batches
-  queued, twice what the batcher needs to have the next batch formed while one runs. With a
-  smaller request size the batcher joins requests (it waits ``--max-delay-ms``, default 5 ms).
-  Requests are **pre-encoded**: ``service.protocol.encode_request`` runs once per distinct input
-  batch (a pool of 4), with fixed-width ids, and each request sends that body as three chunks
-  (header and inputs, its own ids, labels) with an explicit Content-Length, so the timed part
-  costs the client no encoding and no copy. Ids are unique across the run, so every sample is a
-  cache miss, goes through the teacher and is stored. The client asks for ``soft_targets`` in
-  binary, as ``teacher-push`` does, and counts samples acknowledged with HTTP 200.
-  The window: acknowledgements are recorded in completion order; the first ``--warmup-requests``
-  are untimed (pipeline fill), and samples/s = samples acknowledged after ack #w up to the last
-  one / (time of the last ack - time of ack #w). No request is sent after the last timed one, so
-  the queue drains at the end and the window ends on a batch boundary, as raw's does; the last
-  write's latency is inside it (a real cost, paid once). Then the server gets SIGTERM, and the
-  cache is opened and must hold exactly the acknowledged ids (the durable shards really were
-  written): its size and bytes/sample are reported.
-
-The timed count of requests is sized from the raw throughput to last ``--seconds`` (at least
-8 requests). ``--repeats R`` runs the three sides R times, in the order raw, durable, buffered
-and reversed every second round, so that a drift of the machine does not favour one side; each
-figure is the median over rounds. Ratios: ``durable / raw``, ``buffered / raw`` (target >= 0.9
-for a compute-bound teacher) and ``durable / buffered``.
-
-**A quick run is a smaller sample of the full one.** Both take the same code path with the same
-warm-up (the server's warm-up passes and 3 untimed requests; as many untimed forwards on the raw
-side) and the same order of rounds. ``--quick`` only times shorter windows (6 s instead of 20 s)
-and 2 rounds instead of 3: the full run's first two, one in each order. (Until this was so, the
-quick run warmed up on 2 requests and timed a single round, raw first: it read P1 at 0.88 in two
-runs while the full run read 1.01 on the same machine within the hour.)
-
-**On a 2-core machine the load generator shares the CPU with the server.** So each service
-window also reports the CPU seconds of this process (the clients: ``time.process_time``) and of
-the server (``/proc/PID/stat``), per thread (``/proc/PID/task/*/stat``), and the share of the
-machine other processes took ("other CPU": ``harness.CpuMeter``). It also scrapes the server's
-``/metrics`` at both ends of the window: forward seconds per batch *inside* the server (compared
-with raw's, this says whether the model itself ran slower, e.g. because threads competed for the
-cores) and the teacher's busy share of the window (bubbles between batches). Python 3.11 does not
-name OS threads, so the per-thread table says "tid N" unless ``--name-threads`` starts the server
-through a shim (this file with ``--serve-named``) that calls ``prctl(PR_SET_NAME)`` with each
-Python thread's name and then runs ``service.cli.serve_main`` exactly as the console script does.
-
-The teacher: ``--teacher-arch`` (default ``resnet``, the CIFAR ResNet-20 of offline.models, 0.27 M
-parameters; ``cnn-large`` is similar in cost) with random weights, built by
-``offline.models.build`` for uint8 ``--input-shape`` (default 3 32 32) with preprocessing scale
-1/255, and saved as a ``student.pt`` record (``harness.write_teacher``: the record
-``offline-distill`` writes) in a temporary directory, which ``teacher-serve --teacher`` and
-``load_teacher`` load.
-
-``--sweep`` adds raw vs durable vs buffered at batch sizes 16, 64 and 256 (``--max-batch`` and
-request size = batch size), one round each; ``--plot PATH`` draws them (samples/s against batch
-size, raw, durable and buffered, with durable / raw written at each point) with matplotlib's Agg
-backend, e.g. ``--sweep --plot docs/bench.png``. ``--switch-interval S`` starts the server through
-the shim with ``sys.setswitchinterval(S)`` (Python's default is 0.005 s); it, ``--torch-threads 1`` and
-``--no-store`` (requests say ``store: false``, so the cache writer never runs) are the tests of
-the small-batch gap in docs/benchmarks.md.
-
-``--ingest`` measures something else, on its own (< 20 s): how many MB/s of request body the
-service's protocol layer takes in, against a bare route on the same server stack that only reads
-the body and throws it away (``DISCARD_APP``: FastAPI on ``uvicorn.run`` with the same settings as
-teacher-serve, so uvloop and httptools, and the same malloc tuning). The same client threads
-post the same pre-encoded binary bodies (256 uint8 [3,32,32] samples with ids and labels, about
-0.8 MB) to both, round-robin, one request in flight per client, for 2 s after 4 warm-up
-acknowledgements. The service side keeps the teacher out of the figure two ways: ``miss``, a tiny
-teacher (``mlp-small``) with ``store: false``, whose forward time and busy share are reported;
-and ``hit``, every id already in the cache (primed once, untimed), so no forward runs and the
-writer thread's lookup answers. Ratios: service / discard.
-
-Runs (``--quick``: < 90 s on 2 cores; ``--json``: one JSON object instead of the tables):
-
-    .venv/bin/python bench/service.py --quick
-    .venv/bin/python bench/service.py                  # a few minutes on 2 cores
-    .venv/bin/python bench/service.py --sweep --json
-
-On a GPU: ``--device cuda`` (the compute dtype is then bfloat16 on both sides, or pass
-``--dtype``) and a larger teacher, so that the forward pass, not HTTP, is what the service must
-keep up with, e.g. a ResNet-50-class teacher on 224x224 images. ``--teacher-arch`` takes an
-offline.models registry name or ``package.module:factory``, called as
-``factory(input_shape, num_classes)`` and returning an ``nn.Module``; the bench saves the model
-as a student.pt with that ``arch`` string, which ``teacher-serve`` resolves the same way (so the
-module must be importable by the server too: run from the directory that holds it, or set
-PYTHONPATH). torchvision's constructors take keyword-only arguments, so wrap one:
-
-    # mybench.py
-    import torchvision
-    def resnet50(input_shape, num_classes):
-        return torchvision.models.resnet50(num_classes=num_classes)
-
-    PYTHONPATH=. .venv/bin/python bench/service.py --device cuda --teacher-arch mybench:resnet50 \
-        --input-shape 3 224 224 --classes 1000 --batch-size 256 --clients 4
-
-Without torchvision, any factory of yours works the same way (for instance a deeper
-``offline.models.CifarResNet``: ``CifarResNet(input_shape, num_classes, 9, "resnet-56")``).
-Requests are pre-encoded from 4 input batches, so client memory stays at 4 batches whatever the
-window length.
+    .venv/bin/python -m bench.service --quick            # < 90 s on 2 cores
+    .venv/bin/python -m bench.service                    # a few minutes on 2 cores
+    .venv/bin/python -m bench.service --sweep --json
 """
 
 from __future__ import annotations
@@ -127,9 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-if not __package__:  # run as a file (python bench/service.py): import bench from the repository root, as -m does
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import httpx
 import numpy as np
@@ -153,7 +53,6 @@ SWEEP = {"seconds": 6.0, "min_requests": 6, "warmup_requests": 3}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 INFER = "/v2/models/teacher/infer"
 STOP_TIMEOUT = 120.0
-OK = {True: "yes", False: "NO"}
 
 
 def input_pool(shape: tuple[int, ...], batch: int, seed: int) -> list[np.ndarray]:
@@ -216,7 +115,8 @@ def metric_sums(text: str) -> dict[str, float]:
 
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
-    return {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else {}
+    """The servers' environment: ``--torch-threads`` as OMP_NUM_THREADS, bench/ on PYTHONPATH (the shim)."""
+    return harness.child_env({"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else None)
 
 
 class Server(ServeProcess):
@@ -230,7 +130,7 @@ class Server(ServeProcess):
         command = None  # teacher-serve
         if args.name_threads or args.switch_interval is not None:
             interval = [] if args.switch_interval is None else ["--switch-interval", str(args.switch_interval)]
-            command = [sys.executable, str(Path(__file__).resolve()), "--serve-named", *interval, "--"]
+            command = harness.module("service", "--serve-named", *interval, "--")
         super().__init__(serve_args, log_path, command=command, env=child_env(args))
 
     def metrics(self) -> dict[str, float]:
@@ -332,7 +232,13 @@ def cpu_shares(start: Window, end: Window, wall: float) -> dict[str, float]:
 
 
 def drive(
-    server: ServeProcess, path: str, plan: RequestPlan, clients: int, warmup_requests: int, seconds: float | None = None, scrape: bool = True
+    server: ServeProcess,
+    path: str,
+    plan: RequestPlan,
+    clients: int,
+    warmup_requests: int,
+    seconds: float | None = None,
+    scrape: bool = True,
 ) -> dict[str, Any]:
     """``clients`` threads post the plan's requests to ``path``, one in flight each: every request
     once, in order, or with ``seconds``, round-robin until ``seconds`` after ack #``warmup_requests``.
@@ -464,7 +370,9 @@ def compare(
         if side == "raw":
             # As many untimed forwards as the server runs before its window: its warm-up passes
             # plus the warm-up requests (glibc's malloc thresholds adapt to that history).
-            raw = raw_forward(teacher, args, batch_size, WARMUP_PASSES + preset["warmup_requests"], preset["seconds"], preset["min_requests"])
+            raw = raw_forward(
+                teacher, args, batch_size, WARMUP_PASSES + preset["warmup_requests"], preset["seconds"], preset["min_requests"]
+            )
             raw_rate = raw["samples_per_s"]
             harness.say(f"  raw {raw_rate:.1f} samples/s ({raw['batches']} batches, {raw['seconds']:.1f} s)")
             return raw
@@ -505,7 +413,7 @@ def both_met(row: dict[str, Any]) -> bool:
 def print_tables(result: dict[str, Any]) -> None:
     cfg, rows, main = result["config"], [result["main"], *result.get("sweep", [])], result["main"]
     harness.print_header(
-        "bench/service.py: teacher-serve end to end vs raw teacher.forward, same batch size, dtype and device", result["env"],
+        "bench.service: teacher-serve end to end vs raw teacher.forward, same batch size, dtype and device", result["env"],
         f"teacher    {cfg['teacher_arch']} ({cfg['teacher_params']:,} parameters, random weights), uint8 {cfg['input_shape']}, "
         f"{cfg['classes']} classes, dtype {cfg['dtype']}",
         f"load       {cfg['clients']} clients x 1 request in flight, {cfg['request_size'] or 'batch-size'} samples per request, "
@@ -517,7 +425,7 @@ def print_tables(result: dict[str, Any]) -> None:
         [("batch", ""), ("raw samples/s", ".1f"), ("durable", ".1f"), ("buffered", ".1f"), ("durable/raw", ".3f"), ("buffered/raw", ".3f"),
          ("durable/buffered", ".3f"), ("target", ""), ("met", ""), ("other CPU", ".1%")],
         [[f"{row['batch_size']}{' (sweep)' if i else ''}", row["raw_samples_per_s"], row["durable_samples_per_s"], row["buffered_samples_per_s"],
-          row["ratio_durable_vs_raw"], row["ratio_buffered_vs_raw"], row["ratio_durable_vs_buffered"], harness.target(P1), OK[both_met(row)],
+          row["ratio_durable_vs_raw"], row["ratio_buffered_vs_raw"], row["ratio_durable_vs_buffered"], harness.target(P1), harness.YES[both_met(row)],
           row["max_foreign_cpu"]] for i, row in enumerate(rows)],
     )  # fmt: skip
     print("\nPer service run (timed window): CPU as a share of the machine, forward time per batch inside the server vs raw,")
@@ -532,7 +440,7 @@ def print_tables(result: dict[str, Any]) -> None:
           run["server_side"].get("mean_batch"), run["server_side"].get("forward_s_per_batch"), raw["forward_s_per_batch"],
           f"{run['server_side'].get('faults_per_batch', float('nan')):,.0f} | {raw['faults_per_batch']:,.0f}",
           run["server_side"].get("teacher_busy_share"), run["server_side"].get("write_s_per_group"), run["cache_samples"],
-          run["bytes_per_sample"], OK[run["cache_matches_acks"]]] for row, raw, run in runs],
+          run["bytes_per_sample"], harness.YES[run["cache_matches_acks"]]] for row, raw, run in runs],
     )  # fmt: skip
     print()
     print("per-round ratios, durable/raw: " + " ".join(f"{v:.3f}" for v in main["ratio_durable_vs_raw_per_round"])
@@ -585,7 +493,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.text(0.01, 0.005, f"{env['date'][:10]}, {env['cpu']}, {env['cpus']} CPUs, torch {env['torch']}; "
-             f"{cfg['clients']} clients, 1 round per point; bench/service.py --sweep", fontsize=6, color="grey")  # fmt: skip
+             f"{cfg['clients']} clients, 1 round per point; bench.service --sweep", fontsize=6, color="grey")  # fmt: skip
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -683,7 +591,7 @@ def ingest(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 def print_ingest(result: dict[str, Any]) -> None:
     ing = result["ingest"]
     harness.print_header(
-        "bench/service.py --ingest: MB/s of request body, teacher-serve's infer route vs a bare route that discards the body", result["env"],
+        "bench.service --ingest: MB/s of request body, teacher-serve's infer route vs a bare route that discards the body", result["env"],
         f"load       {ing['clients']} clients x 1 request in flight; {ing['request_size']} uint8 samples per request, "
         f"{ing['body_bytes_per_request']:,} bytes per body (binary, pre-encoded, with ids and labels)",
         f"service    teacher {ing['teacher']} ({ing['teacher_params']:,} parameters), store=false, soft_targets in binary; miss: "
@@ -796,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.malloc == "glibc" and any(os.environ.get(k) != v for k, v in harness.GLIBC_DEFAULTS.items()):
         # glibc reads these once, at start-up: start again with them (the server inherits them).
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], {**os.environ, **harness.GLIBC_DEFAULTS})
+        os.execve(sys.executable, harness.module("service", *argv), harness.child_env(harness.GLIBC_DEFAULTS))
     if args.malloc == "service":
         from kdcache.offline.malloc import tune_malloc
 
@@ -806,7 +714,9 @@ def main(argv: list[str] | None = None) -> int:
             harness.emit({"env": harness.environment(args.device), "ingest": ingest(root, args)}, args.json, print_ingest)
             return 0
         teacher = harness.write_teacher(root / "student.pt", args.teacher_arch, args.input_shape, args.classes, seed=args.seed)
-        harness.say(f"teacher {args.teacher_arch} ({teacher.params:,} parameters) in {teacher.path}; torch {torch.get_num_threads()} threads")
+        harness.say(
+            f"teacher {args.teacher_arch} ({teacher.params:,} parameters) in {teacher.path}; torch {torch.get_num_threads()} threads"
+        )
         main_row = compare(teacher.path, root, args, args.batch_size, args.preset, args.repeats)
         sweep_preset = {**SWEEP, "seconds": min(SWEEP["seconds"], args.preset["seconds"])}
         sweep = [compare(teacher.path, root, args, size, sweep_preset, 1, "sweep") for size in SWEEP_BATCHES] if args.sweep else []

@@ -12,18 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_bench(script: str, *args: str, timeout: float = 240) -> dict:
-    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--json"], capture_output=True, text=True, timeout=timeout)
+def run_bench(name: str, *args: str, timeout: float = 240) -> dict:
+    """``python -m bench.NAME ARGS --json`` from the repository root, as the docs run it."""
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", *args, "--json"], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
 
 def tiny_reader(device: str) -> dict:
     return run_bench(
-        "reader.py", "--samples", "768", "--repeats", "1", "--epochs-per-repeat", "1", "--workers", "0", "--skip-rss",
+        "reader", "--samples", "768", "--repeats", "1", "--epochs-per-repeat", "1", "--workers", "0", "--skip-rss",
         "--malloc", "trainer", "--batch-size", "128", "--device", device,
     )  # fmt: skip
 
@@ -49,7 +52,7 @@ def test_reader_bench_trains_on_the_gpu():
 
 
 def test_malloc_bench_compares_the_trainer_setting_with_glibc_defaults():
-    result = run_bench("malloc.py", "--students", "mlp-small", "--rounds", "1", "--epochs", "1", "--samples", "512")
+    result = run_bench("malloc", "--students", "mlp-small", "--rounds", "1", "--epochs", "1", "--samples", "512")
     row = result["students"]["mlp-small"]
     assert len(row["trainer"]) == len(row["glibc"]) == 1
     assert row["ratio_median"] == pytest.approx(row["trainer"][0] / row["glibc"][0])

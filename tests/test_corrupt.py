@@ -184,12 +184,12 @@ DISTILL_RUNS = {
     # documented, tested as such.
     "flip-no-verify": ("flip", ["--no-verify-checksums"]),
     "stray-tmp": ("stray-tmp", []),
-    # A randomised damage (bench/corrupt.py) that keeps the shard's size: only the checksum,
+    # A randomised damage (bench.corrupt) that keeps the shard's size: only the checksum,
     # verified by default before HDF5 reads the shard, can see it.
     "random-15": ("random-15", []),
     "random-15-skip": ("random-15", ["--skip-corrupt"]),
 }
-# Seeds of bench/corrupt.py's damages checked through the command lines: 15 flips bytes of one
+# Seeds of bench.corrupt's damages checked through the command lines: 15 flips bytes of one
 # shard (same size), 1 swaps two shards, 19 truncates one, 5 cuts the manifest.
 RANDOM_CLI_SEEDS = (15, 1, 19, 5)
 
@@ -211,7 +211,7 @@ def caches(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 @pytest.fixture(scope="module")
 def random_cases(tmp_path_factory) -> dict[str, tuple[Path, object]]:
-    """{"random-SEED": (cache directory, bench/corrupt.py Damage)} for RANDOM_CLI_SEEDS."""
+    """{"random-SEED": (cache directory, bench.corrupt Damage)} for RANDOM_CLI_SEEDS."""
     root = tmp_path_factory.mktemp("random")
     pristines = corrupt_bench.write_pristines(root / "pristine")
     out = {}
@@ -426,7 +426,7 @@ def test_stream_names_rows_the_training_step_cannot_take(caches, damage, why):
 
 
 # ---------------------------------------------------------------------------------------------
-# Randomised damage (bench/corrupt.py)
+# Randomised damage (bench.corrupt)
 
 
 @pytest.mark.parametrize("seed", RANDOM_CLI_SEEDS)
@@ -466,7 +466,7 @@ def test_random_damage_distill_skip_corrupt(random_cases, distill_results):
 
 
 def check_random_damages(seeds: list[int], jobs: int = 2) -> list[dict]:
-    """bench/corrupt.py's property for ``seeds``, in child processes (each case in process
+    """bench.corrupt's property for ``seeds``, in child processes (each case in process
     there, under a watchdog): every damage is named by the checksum-first open, and by the
     cheap path's CacheError or verify(); --skip-corrupt trains on exactly the other shards; no
     other exception type, no crash, no hang outside the known libhdf5 loop (hdf5-hang)."""

@@ -18,7 +18,7 @@ Two kinds of fuzzer, each against the real app with the real digits teacher and 
 
 Each test has a CI size (``CI_EXAMPLES``, derandomized) and a soak twin marked ``soak``
 (``pytest -m soak``) whose size is ``KD_FUZZ_EXAMPLES`` (default 2000), randomized.
-``bench/fuzz.py`` runs the same mutation families and schemathesis against a real
+``python -m bench.fuzz`` runs the same mutation families and schemathesis against a real
 ``teacher-serve`` over HTTP; it imports this module for them.
 """
 
@@ -427,7 +427,7 @@ def content_encoding(draw: st.DrawFn, wire: Wire) -> tuple[bytes, dict[str, str]
 @mutation("content_length")
 def odd_content_length(draw: st.DrawFn, wire: Wire) -> tuple[bytes, dict[str, str]]:
     """A garbage Content-Length on an otherwise broken body. In process only: over a socket the
-    HTTP parser answers these itself (bench/fuzz.py sends them raw)."""
+    HTTP parser answers these itself (bench.fuzz sends them raw)."""
     body, headers = wire.frame()
     headers["Content-Length"] = draw(st.sampled_from(["\xb2", "\xb9", "-1", "abc", "1e3", "0x10", " ", "9" * 30]) | HEADER_TEXT)
     headers[HEADER_LENGTH] = "not-a-number"  # keeps the request refused whatever the Content-Length says
