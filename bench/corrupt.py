@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheReader
 
 from bench import harness
+from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheReader
 
 NUM_SAMPLES = 300
 SHARD_SAMPLES = 64  # five shards: 4 x 64 + 44
@@ -178,6 +178,7 @@ def _epoch(directory: Path, *, skip_corrupt: bool = False, verify_checksums: boo
     """Stream one epoch the way offline-distill does; returns (rows seen, shard paths skipped).
     Raises AssertionError on a batch that the training step could not take."""
     import torch
+
     from kdcache.offline.dataset import ShardStream, open_caches
 
     readers, meta = open_caches([str(directory)], skip_corrupt=skip_corrupt, verify_checksums=verify_checksums)
@@ -295,9 +296,10 @@ def worker(seeds: list[int], kinds: tuple[str, ...], timeout: float) -> int:
     checksum-first stages have passed, and when it is done."""
     # Imported before the first case's watchdog starts: on a loaded machine importing torch
     # alone took over 10 s, which the watchdog then counted as a hang of that case.
+    import torch  # noqa: F401
+
     import kdcache.offline.cli  # noqa: F401
     import kdcache.offline.dataset  # noqa: F401
-    import torch  # noqa: F401
 
     with tempfile.TemporaryDirectory(prefix="corrupt-bench-") as tmp:
         scratch = Path(tmp)

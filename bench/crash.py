@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from kdcache.offline.cache import CRASH_POINTS, CacheError, CacheReader
-from kdcache.service.client import TeacherClient
-from kdcache.service.launch import LaunchError, ServeProcess
 
 from bench import harness
 from bench.harness import Teacher
+from kdcache.offline.cache import CRASH_POINTS, CacheError, CacheReader
+from kdcache.service.client import TeacherClient
+from kdcache.service.launch import LaunchError, ServeProcess
 
 INPUT_SHAPE = (8, 8)
 NUM_CLASSES = 10

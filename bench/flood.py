@@ -25,12 +25,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-from kdcache.offline.cache import CacheReader
-from kdcache.service.launch import ServeProcess
-from kdcache.service.protocol import HEADER_LENGTH, RequestedOutput, encode_request
 
 from bench import harness
 from bench.crash import INPUT_SHAPE, make_teacher
+from kdcache.offline.cache import CacheReader
+from kdcache.service.launch import ServeProcess
+from kdcache.service.protocol import HEADER_LENGTH, RequestedOutput, encode_request
 
 
 @dataclass

@@ -23,12 +23,12 @@ from typing import Any
 
 import httpx
 from hypothesis import HealthCheck, assume, given, settings
+
+from bench import harness
 from kdcache.offline.cache import CacheReader
 from kdcache.offline.journal import JOURNAL_NAME
 from kdcache.service.launch import ServeProcess
 from kdcache.service.signature import ModelSpec
-
-from bench import harness
 
 TOKEN_ENV = "KD_FUZZ_TOKEN"
 TOKEN = "bench-fuzz-token"

@@ -42,11 +42,12 @@ import h5py
 import httpx
 import numpy as np
 import torch
+from torch import nn
+
 from kdcache.offline import models
 from kdcache.offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing
 from kdcache.offline.dataset import ShardStream
 from kdcache.offline.train import EpochStats, TrainConfig, step_on_inputs, train_step
-from torch import nn
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]  # bench/ is not installed: children find it on PYTHONPATH

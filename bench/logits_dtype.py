@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from kdcache.offline.cache import CacheReader
 
 from bench import harness
+from kdcache.offline.cache import CacheReader
 
 DTYPES = ("float32", "float16")
 # (name, input shape, classes, samples)

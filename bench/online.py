@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bench import harness
 from kdcache.offline import models
 from kdcache.offline.cache import CacheReader, CacheWriter
 from kdcache.offline.dataset import DEFAULT_SHUFFLE_BUFFER
 from kdcache.offline.malloc import tune_malloc
 from kdcache.offline.train import default_workers
-
-from bench import harness
 
 KINDS = ("online", "offline", "teacher", "student")
 QUICK = {"samples": 2048, "repeats": 5, "min_seconds": 0.8, "warmup_batches": 2}

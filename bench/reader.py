@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from bench import harness
 from kdcache.offline import models
 from kdcache.offline.cache import CacheReader
 from kdcache.offline.dataset import DEFAULT_SHUFFLE_BUFFER
 from kdcache.offline.malloc import tune_malloc
 from kdcache.offline.train import default_workers
-
-from bench import harness
 
 QUICK = {"samples": 4096, "rss_samples": 2048, "repeats": 5, "epochs_per_repeat": 2, "malloc": "trainer"}
 FULL = {"samples": 12000, "rss_samples": 10000, "repeats": 6, "epochs_per_repeat": 1, "malloc": "both"}

@@ -33,9 +33,9 @@ if not __package__:  # run as a file (python bench/run.py): import bench from th
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
-from kdcache.offline.train import default_workers
 
 from bench import harness
+from kdcache.offline.train import default_workers
 
 BENCHMARKS = ("service", "reader", "online")  # python -m bench.NAME, each takes --json, --quick and --device
 # Under --quick, extra arguments that keep the whole run under 3 minutes on 2 cores: the

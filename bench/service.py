@@ -34,13 +34,13 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+
+from bench import harness
 from kdcache.offline.cache import CacheReader, normalize_ids
 from kdcache.offline.journal import JOURNAL_NAME
 from kdcache.service.launch import LaunchError, ServeProcess
 from kdcache.service.protocol import HEADER_LENGTH, RequestedOutput, encode_request, serialize_bytes
 from kdcache.service.teacher import WARMUP_PASSES
-
-from bench import harness
 
 P1 = "p1_service_vs_forward"
 SWEEP_BATCHES = (16, 64, 256)

@@ -7,37 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from kdcache.demo.digits import load_split  # noqa: F401 - the demo's split, the tests' too
+
+# The demo's split, teacher training and teacher forward are the tests' too.
+from kdcache.demo.digits import load_split, teacher_logits, train_teacher  # noqa: F401
 from kdcache.offline import models
 from kdcache.offline.cache import CacheMeta, CacheWriter, Preprocessing
 
 PREPROCESSING = Preprocessing(scale=1 / 16)
 
 
-def train_teacher(x: np.ndarray, y: np.ndarray, arch: str = "cnn-large", epochs: int = 30, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = models.build(arch, x.shape[1:], 10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    inputs = PREPROCESSING.apply(torch.from_numpy(x))
-    labels = torch.from_numpy(y)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for index in torch.randperm(len(x), generator=generator).split(64):
-            loss = torch.nn.functional.cross_entropy(model(inputs[index]), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
 def fingerprint(model: torch.nn.Module) -> str:
     return models.weights_fingerprint(model.state_dict())
-
-
-@torch.no_grad()
-def teacher_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    return model(PREPROCESSING.apply(torch.from_numpy(x))).numpy().astype(np.float32)
 
 
 def write_cache(

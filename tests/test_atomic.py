@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from kdcache.offline.cache import MANIFEST_NAME, CacheMeta, CacheReader, CacheWriter
 
 pytestmark = pytest.mark.slow

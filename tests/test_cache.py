@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from kdcache.offline.cache import (
     MANIFEST_NAME,
     SCHEMA_VERSION,

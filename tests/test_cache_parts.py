@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from kdcache.offline.cache import CacheError, CacheMeta, CacheReader, CacheWriter, FullLogits, LocalStorage, faults, make_layout
 from kdcache.offline.cache.keys import RowIndex
 from kdcache.offline.cache.storage import PreconditionFailed

@@ -11,9 +11,10 @@ import threading
 import time
 
 import httpx
-import kdcache.service.client as client_module
 import numpy as np
 import pytest
+
+import kdcache.service.client as client_module
 from kdcache.offline.cache import content_ids
 from kdcache.service.client import ClientError, TeacherClient, push_main, retry_after_seconds
 from kdcache.service.protocol import (

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import BIN, save_teacher_record
+from test_serve_e2e import Server, softmax
+
 from kdcache.offline import models
 from kdcache.offline.cache import CacheReader
 from kdcache.service.client import TeacherClient
 from kdcache.service.launch import free_port
-from test_serve_e2e import Server, softmax
 
 
 def small_teacher(directory: Path) -> tuple[torch.nn.Module, Path]:

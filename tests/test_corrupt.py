@@ -17,9 +17,9 @@ import h5py
 import numpy as np
 import pytest
 from digits import write_cache
-from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheReader
 
 from bench import corrupt as corrupt_bench  # the randomised damages and their checks, run at scale there
+from kdcache.offline.cache import MANIFEST_NAME, CacheError, CacheReader
 
 pytestmark = pytest.mark.slow
 

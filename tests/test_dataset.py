@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from digits import PREPROCESSING
+
 from kdcache.offline.cache import CacheError, CacheMeta, CacheWriter
 from kdcache.offline.dataset import ShardStream, open_caches, plan_epoch
 

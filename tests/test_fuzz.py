@@ -43,6 +43,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
 from kdcache.offline.cache import CacheReader
 from kdcache.offline.journal import JOURNAL_NAME
 from kdcache.service.app import create_app

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from kdcache.offline.losses import distillation_loss
 
 N = 10

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+
 from kdcache.offline import models
 
 

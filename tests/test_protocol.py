@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from kdcache.service.protocol import (
     DATATYPES,
     HEADER_LENGTH,

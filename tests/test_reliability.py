@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kdcache.offline.cache import CacheReader
-from kdcache.service.store import CacheStore
-from kdcache.service.teacher import load_teacher
 from test_service import GatedTeacher, infer, run, serving
 
 from bench import crash, flood
+from kdcache.offline.cache import CacheReader
+from kdcache.service.store import CacheStore
+from kdcache.service.teacher import load_teacher
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,11 @@ import httpx
 import numpy as np
 import pytest
 from conftest import BIN
+from test_service import infer, run, serving
+
 from kdcache.offline.cache import CacheReader
 from kdcache.service.launch import ServeProcess
 from kdcache.service.protocol import RequestedOutput, encode_request
-from test_service import infer, run, serving
 
 # Names that would reach files if the model name were ever joined to a path, raw and URL-encoded.
 # (httpx resolves a literal ``..`` before sending, so those go through ``raw_get``.)

@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import BIN
+
 from kdcache.offline.cache import CacheReader, content_ids
 from kdcache.offline.journal import JOURNAL_NAME
 from kdcache.service.client import TeacherClient

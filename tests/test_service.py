@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+
 from kdcache.offline.cache import CacheError, CacheReader
 from kdcache.offline.journal import JOURNAL_NAME
 from kdcache.offline.losses import distillation_loss

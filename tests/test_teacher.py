@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from kdcache.offline import models, train
 from kdcache.offline.cache import CacheMeta, Preprocessing
 from kdcache.service.ensemble import ArithmeticMean, GeometricMean, SingleMember

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import BIN
 from digits import PREPROCESSING
+
 from kdcache.offline import models
 
 DISTILL = str(BIN / "offline-distill")
