@@ -39,9 +39,11 @@ RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
         echo "the base has no torch: pass --build-arg TORCH=torch==VERSION" >&2; exit 1; fi
 
 # The dependencies, in a layer that only pyproject.toml invalidates: the project's metadata with
-# no packages (and an empty readme) installs exactly them.
+# empty package folders (pyproject.toml maps kdcache.* to them) and an empty readme installs
+# exactly them.
 COPY pyproject.toml /src/
 RUN touch /src/README.md \
+    && mkdir -p /src/offline/cache /src/service /src/demo \
     && pip install --constraint "$VIRTUAL_ENV/torch-constraint.txt" /src \
     && rm -rf /src
 
