@@ -132,6 +132,8 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
         "preprocessing": meta.preprocessing.to_dict(),
         "serving_temperature": meta.serving_temperature,
         "temperature_rule": meta.temperature_rule,
+        "views_per_id": meta.views_per_id,
+        "augment": meta.augment,
         "logits_layout": meta.logits_layout,
         "bytes": reader.total_bytes,
         "bytes_per_sample": reader.total_bytes / samples if samples else None,
@@ -186,6 +188,13 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
                 f"targets {summary['logits_layout']} logits {summary['logits_dtype']}"
             )
             print(f"preprocessing    {summary['preprocessing']}")
+            if summary["augment"] is not None or summary["views_per_id"] > 1:
+                policy = summary["augment"] or {"name": "none", "params": {}, "version": 1}
+                params = ", ".join(f"{k}={v}" for k, v in policy["params"].items())
+                print(
+                    f"views            {summary['views_per_id']} per sample, replayed from their seeds; "
+                    f"policy {policy['name']}{f' ({params})' if params else ''}, version {policy['version']}"
+                )
             rule = "soft targets valid at any T" if summary["temperature_rule"] == "any" else "soft targets exact only at this T"
             print(f"serving T        {summary['serving_temperature']} ({rule})")
             print(f"size             {summary['bytes']:,} bytes" + (f", {bps:,.1f} bytes/sample" if bps else ""))

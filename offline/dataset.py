@@ -155,7 +155,13 @@ class ShardStream(IterableDataset):
         self.block_rows = block_rows or chunk * max(1, DEFAULT_BLOCK_BYTES // max(1, chunk * meta.row_bytes()))
         self.drop_last = drop_last
         # The columns a training step takes: inputs, labels and the layout's target fields.
-        self.fields = ("inputs", "labels", *meta.layout.fields(meta.num_classes)) + (("ids",) if with_ids else ())
+        seeds = ("view_seeds",) if meta.has_views else ()
+        self.fields = ("inputs", "labels", *seeds, *meta.layout.fields(meta.num_classes)) + (("ids",) if with_ids else ())
+        self.policy = None
+        if meta.has_views:
+            from .cache.views import parse_policy
+
+            self.policy = parse_policy(meta.augment)
         self.skip_corrupt = skip_corrupt
         self._rank, self._world = rank, world_size
         # Shared memory, so that persistent DataLoader workers see set_epoch() from the parent.
@@ -292,8 +298,29 @@ class ShardStream(IterableDataset):
 
     def _batch(self, buffer: dict[str, np.ndarray], index: np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
         index = np.sort(index) if not self.shuffle else index
-        batch: dict[str, torch.Tensor | np.ndarray] = {}
-        for name in self.fields:
-            values = buffer[name][index]
-            batch[name] = values if name == "ids" else torch.from_numpy(np.ascontiguousarray(values))
-        return batch
+        columns = {name: buffer[name][index] for name in self.fields}
+        if self.policy is not None:
+            columns = self._replay_views(columns)
+        return {name: values if name == "ids" else torch.from_numpy(np.ascontiguousarray(values)) for name, values in columns.items()}
+
+    def _replay_views(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One view per sample, as the teacher saw it: in epoch e, sample i takes view
+        (e + o_i) mod V, where o_i is drawn from (this run's seed, the sample's first view seed:
+        a function of its id); its input is the policy replayed from that view's seed, and its
+        targets are that view's. Adds ``view`` (the index) and ``view_seed``."""
+        from .cache.views import below, philox
+
+        assert self.policy is not None
+        seeds = columns.pop("view_seeds")
+        views = self.meta.views_per_id
+        offsets = below(philox(seeds[:, 0], self.seed & 0xFFFFFFFF)[0], views)
+        chosen = (self.epoch + offsets) % views
+        rows = np.arange(len(seeds))
+        if views > 1:
+            for name in self.meta.layout.fields(self.meta.num_classes):
+                columns[name] = columns[name][rows, chosen]
+        columns["view_seed"] = seeds[rows, chosen]
+        columns["view"] = chosen
+        with torch.no_grad():
+            columns["inputs"] = self.policy(torch.from_numpy(columns["inputs"]), torch.from_numpy(columns["view_seed"])).numpy()
+        return columns

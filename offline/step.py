@@ -85,9 +85,10 @@ def train_step(
     device: torch.device,
     stats: EpochStats | None = None,
 ) -> torch.Tensor:
-    """One step on a batch as ``ShardStream`` yields it: raw stored inputs, the layout's target
-    fields and labels; the inputs are preprocessed on ``device`` as the teacher's were."""
+    """One step on a batch as ``ShardStream`` yields it: raw stored inputs (for a cache with
+    views, the chosen view, replayed), the layout's target fields and labels; the inputs are
+    preprocessed on ``device`` as the teacher's were."""
     inputs = meta.preprocessing.apply(batch["inputs"].to(device, non_blocking=True))
-    teacher_logits = meta.layout.target(batch).to(device, non_blocking=True)
+    teacher_logits = meta.target_layout.target(batch).to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     return step_on_inputs(model, optimizer, inputs, teacher_logits, labels, objective=objective, stats=stats)

@@ -495,10 +495,12 @@ def test_unknown_logits_layout_is_refused(tmp_path):
         CacheWriter(tmp_path, make_meta())
 
 
-def test_unknown_views_per_id_is_refused(tmp_path):
+def test_a_manifest_whose_views_per_id_disagrees_with_its_shards_is_refused(tmp_path):
+    """Caches with views are supported (tests/test_cache_views.py); a manifest that claims views
+    its shards do not hold is refused, naming the shard."""
     write(tmp_path, 10)
     edit_manifest(tmp_path, lambda m: m["meta"].update(views_per_id=2))
-    with pytest.raises(CacheError, match="2 views per id"):
+    with pytest.raises(CacheError, match=r"shard-000000\.h5: views_per_id is 1, expected 2"):
         CacheReader(tmp_path)
 
 

@@ -89,6 +89,11 @@ class CacheMeta:
     logits_dtype: str = "float32"
     logits_layout: str = "full"
     views_per_id: int = 1
+    # The augmentation policy the views were made with, as ``views.AugmentPolicy.describe()``
+    # records it ({"name", "params", "version"}), and the salt of the view seeds; None and 0 for
+    # a cache of plain samples.
+    augment: dict[str, Any] | None = field(default=None, hash=False)
+    view_salt: int = 0
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -96,7 +101,16 @@ class CacheMeta:
         object.__setattr__(self, "input_dtype", np.dtype(self.input_dtype).name)
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        object.__setattr__(self, "layout", make_layout(self.logits_layout, dtype=self.logits_dtype))
+        if self.views_per_id < 1:
+            raise ValueError(f"views_per_id must be >= 1, got {self.views_per_id}")
+        if self.augment is not None:
+            augment = dict(self.augment)
+            if set(augment) != {"name", "params", "version"} or not isinstance(augment["params"], dict):
+                raise ValueError(f"augment must be a policy record {{name, params, version}}, got {self.augment!r}")
+            object.__setattr__(self, "augment", augment)
+        if not 0 <= int(self.view_salt) < 1 << 64:
+            raise ValueError(f"view_salt must be in [0, 2**64), got {self.view_salt}")
+        object.__setattr__(self, "layout", make_layout(self.logits_layout, views=self.views_per_id, dtype=self.logits_dtype))
         if not self.serving_temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.serving_temperature}")
         if self.temperature_rule not in TEMPERATURE_RULES:
@@ -105,9 +119,21 @@ class CacheMeta:
     # Set in __post_init__ from logits_layout and logits_dtype; not a field of its own.
     layout: TargetLayout = field(init=False, repr=False, compare=False)
 
+    @property
+    def has_views(self) -> bool:
+        """Whether rows hold augmented views (with their seeds) rather than plain samples."""
+        return self.views_per_id > 1 or self.augment is not None
+
+    @property
+    def target_layout(self) -> TargetLayout:
+        """The layout of one view's targets: what a training batch holds once a view is chosen."""
+        return getattr(self.layout, "inner", self.layout)
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         del out["layout"]
+        if not self.has_views:  # a cache of plain samples records what it always did
+            del out["augment"], out["view_salt"]
         out["temperature"] = out.pop("serving_temperature")
         out["input_shape"] = list(self.input_shape)
         out["preprocessing"] = self.preprocessing.to_dict()
@@ -124,8 +150,6 @@ class CacheMeta:
             layout = raw.get("logits_layout", "full")
             if layout not in LAYOUTS:
                 raise CacheError(f"{where}: logits layout {layout!r} is not supported by this reader")
-            if int(raw.get("views_per_id", 1)) != 1:
-                raise CacheError(f"{where}: {raw['views_per_id']} views per id is not supported by this reader")
             teacher_name = str(raw["teacher_name"])
             # Caches written before the rule was recorded: only the arithmetic ensemble has the
             # "serving" rule, and its name says so.
@@ -141,7 +165,9 @@ class CacheMeta:
                 temperature_rule=str(raw.get("temperature_rule", legacy_rule)),
                 logits_dtype=str(raw.get("logits_dtype", "float32")),
                 logits_layout=layout,
-                views_per_id=1,
+                views_per_id=int(raw.get("views_per_id", 1)),
+                augment=raw.get("augment"),
+                view_salt=int(raw.get("view_salt", 0)),
                 schema_version=version,
             )
         except CacheError:
@@ -162,24 +188,36 @@ class CacheMeta:
 
     def row_bytes(self) -> int:
         """Bytes of one stored sample, without its id."""
-        return self.input_row_bytes() + 8 + self.layout.row_bytes(self.num_classes)
+        seeds = 8 * self.views_per_id if self.has_views else 0
+        return self.input_row_bytes() + 8 + seeds + self.layout.row_bytes(self.num_classes)
+
+    def teacher_output_shape(self) -> tuple[int, ...]:
+        """One sample's teacher logits as the writer takes them: [V, C] with views, else [C]."""
+        return (self.views_per_id, self.num_classes) if self.views_per_id > 1 else (self.num_classes,)
 
     def chunk_rows(self) -> int:
         return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, TARGET_CHUNK_BYTES // max(1, self.input_row_bytes()))))
 
     def columns(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Every dataset of a shard, in the one column order used everywhere: ids, inputs, labels,
-        then the layout's fields. Row shape and dtype of each (ids: variable-length strings)."""
+        the view seeds of a cache with views, then the layout's fields. Row shape and dtype of
+        each (ids: variable-length strings)."""
+        views = {"view_seeds": ((self.views_per_id,), np.dtype(np.int64))} if self.has_views else {}
         return {
             "ids": ((), np.dtype(object)),
             "inputs": (self.input_shape, np.dtype(self.input_dtype)),
             "labels": ((), np.dtype(np.int64)),
+            **views,
             **self.layout.fields(self.num_classes),
         }
 
 
 # The fields that must agree between a cache's manifest and each of its shards, and between a
 # writer and the cache it appends to; one definition for the reader, the writer and open_caches.
-SHARD_FIELDS = ("teacher_fingerprint", "num_classes", "input_shape", "input_dtype", "logits_dtype", "logits_layout")
+SHARD_FIELDS = (
+    "teacher_fingerprint", "num_classes", "input_shape", "input_dtype", "logits_dtype", "logits_layout",
+    "views_per_id", "augment", "view_salt",
+)  # fmt: skip
 WRITER_FIELDS = SHARD_FIELDS + ("preprocessing",)
-MIXABLE_FIELDS = ("num_classes", "input_shape", "input_dtype")
+# Samples of caches that differ in these cannot share a batch (a view is chosen and replayed per batch).
+MIXABLE_FIELDS = ("num_classes", "input_shape", "input_dtype", "views_per_id", "augment")

@@ -91,12 +91,55 @@ class FullLogits(TargetLayout):
         return f"FullLogits({self.dtype.name!r})"
 
 
+class PerView(TargetLayout):
+    """V views per row: each of the inner layout's fields gets a view axis after the row axis
+    (``logits`` [N, V, C] for full logits). The teacher's logits come as [B, V, C]; a training
+    batch has had one view per sample selected (``ShardStream``), so its target is the inner
+    layout's."""
+
+    def __init__(self, inner: TargetLayout, views: int) -> None:
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.inner, self.views = inner, int(views)
+        self.name = inner.name  # type: ignore[misc]
+
+    def fields(self, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {name: ((self.views, *shape), dtype) for name, (shape, dtype) in self.inner.fields(num_classes).items()}
+
+    def encode(self, logits: np.ndarray) -> dict[str, np.ndarray]:
+        batch, views, classes = np.shape(logits)
+        flat = self.inner.encode(np.reshape(logits, (batch * views, classes)))
+        return {name: values.reshape(batch, views, *values.shape[1:]) for name, values in flat.items()}
+
+    def decode(self, fields: Mapping[str, np.ndarray]) -> np.ndarray:
+        batch = len(next(iter(fields.values())))
+        flat = {name: np.reshape(values, (batch * self.views, *np.shape(values)[2:])) for name, values in fields.items()}
+        decoded = self.inner.decode(flat)
+        return decoded.reshape(batch, self.views, *decoded.shape[1:])
+
+    def target(self, batch: Mapping[str, Any]) -> Any:
+        return self.inner.target(batch)
+
+    def problem(self, fields: Mapping[str, np.ndarray]) -> str | None:
+        return self.inner.problem(fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PerView) and (other.inner, other.views) == (self.inner, self.views)
+
+    def __hash__(self) -> int:
+        return hash((self.inner, self.views))
+
+    def __repr__(self) -> str:
+        return f"PerView({self.inner!r}, {self.views})"
+
+
 LAYOUTS: dict[str, type[TargetLayout]] = {FullLogits.name: FullLogits}
 
 
-def make_layout(name: str, **params: Any) -> TargetLayout:
+def make_layout(name: str, views: int = 1, **params: Any) -> TargetLayout:
     """The layout a cache's metadata names (``logits_layout``), with its parameters
-    (``dtype`` for ``full``)."""
+    (``dtype`` for ``full``), per view when a row holds ``views`` > 1 views."""
     if name not in LAYOUTS:
         raise ValueError(f"logits layout {name!r} is not supported by this reader (known: {', '.join(LAYOUTS)})")
-    return LAYOUTS[name](**params)
+    layout = LAYOUTS[name](**params)
+    return PerView(layout, views) if views > 1 else layout

@@ -28,11 +28,13 @@ SHARD_ATTRS = (
     "logits_dtype",
     "logits_layout",
     "views_per_id",
+    "augment",
+    "view_salt",
     "chunk_rows",
     "created_at",
 )
 STRING_DTYPE = h5py.string_dtype("utf-8")
-_JSON_ATTRS = ("input_shape", "preprocessing")  # stored as JSON text; other strings are verbatim
+_JSON_ATTRS = ("input_shape", "preprocessing", "augment")  # stored as JSON text; other strings are verbatim
 # What h5py raises for a damaged file besides OSError: RuntimeError for some damaged metadata
 # (attribute iteration over a header with a bad checksum: bench/corrupt.py), and, when an object
 # of the wrong kind stands where a dataset belongs, TypeError/AttributeError/IndexError (a group

@@ -144,7 +144,7 @@ class CacheWriter:
         float32 logits [len(rows), C]. Rows still in the open shard are read from it, so a
         sample answers as a cache hit as soon as it is appended, before its shard is published."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.meta.num_classes), dtype=np.float32)
+        out = np.empty((len(rows), *self.meta.teacher_output_shape()), dtype=np.float32)
         if len(rows) == 0:
             return out
         published = self._rows.published
@@ -163,7 +163,9 @@ class CacheWriter:
         return out
 
     def append(self, ids: Any, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray | None = None) -> int:
-        """Append a batch of the teacher's float32 ``logits``, encoded by the cache's layout. Ids
+        """Append a batch of the teacher's float32 ``logits`` ([B, C], or [B, V, C] for the V
+        views of a cache with views), encoded by the cache's layout. ``inputs`` are the raw
+        samples (a cache with views stores them once, with the seeds of their views). Ids
         already in the cache are skipped. Returns the rows written."""
         inputs = np.asarray(inputs)
         n = len(inputs)
@@ -174,7 +176,12 @@ class CacheWriter:
         keep = ~self._rows.contains(norm_ids)
         if not keep.any():
             return 0
-        rows: Rows = {"ids": norm_ids, "inputs": inputs, "labels": labels.astype(np.int64), **self.layout.encode(logits)}
+        rows: Rows = {"ids": norm_ids, "inputs": inputs, "labels": labels.astype(np.int64)}
+        if self.meta.has_views:
+            from .views import view_seeds  # torch: only caches with views need it
+
+            rows["view_seeds"] = view_seeds(self.meta.view_salt, norm_ids, self.meta.views_per_id)
+        rows.update(self.layout.encode(logits))
         if not keep.all():
             rows = {name: values[keep] for name, values in rows.items()}
         total, written = len(rows["ids"]), 0
@@ -262,7 +269,7 @@ class CacheWriter:
 
     def _open_targets(self, local: np.ndarray, names: list[str]) -> np.ndarray:
         assert self._h5 is not None
-        out = np.empty((len(local), self.meta.num_classes), dtype=np.float32)
+        out = np.empty((len(local), *self.meta.teacher_output_shape()), dtype=np.float32)
         written = local < self._written_rows
         if written.any():
             part = local[written]
@@ -280,8 +287,8 @@ class CacheWriter:
             raise ValueError(f"inputs have sample shape {list(inputs.shape[1:])}, cache expects {list(meta.input_shape)}")
         if inputs.dtype != np.dtype(meta.input_dtype):
             raise ValueError(f"inputs are {inputs.dtype}, cache expects {meta.input_dtype}")
-        if logits.shape != (n, meta.num_classes):
-            raise ValueError(f"logits have shape {list(logits.shape)}, expected {[n, meta.num_classes]}")
+        if logits.shape != (n, *meta.teacher_output_shape()):
+            raise ValueError(f"logits have shape {list(logits.shape)}, expected {[n, *meta.teacher_output_shape()]}")
         if not np.isfinite(logits).all():
             raise ValueError("logits contain NaN or Inf")
         if labels.shape != (n,) or labels.dtype.kind not in "iu":
