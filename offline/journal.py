@@ -17,7 +17,7 @@ Record layout, little-endian::
     length  uint64    payload bytes
     payload           uint32 header length, a JSON header {"n", "ids"}, then the raw bytes of
                       inputs [n, *input_shape] (cache input dtype), the teacher's logits [n, C]
-                      (float32) and labels [n] (int64)
+                      ([n, V, C] for a cache of V views; float32) and labels [n] (int64)
 
 The journal holds what the teacher produced, before the cache's target layout encodes it:
 replay appends it through ``CacheWriter.append``, which encodes it as any new batch.
@@ -81,7 +81,8 @@ def _decode_payload(meta: CacheMeta, payload: memoryview) -> JournalRecord:
     input_count = n * int(np.prod(meta.input_shape, dtype=np.int64))
     inputs = np.frombuffer(payload, dtype=meta.input_dtype, count=input_count, offset=offset).reshape(n, *meta.input_shape)
     offset += inputs.nbytes
-    logits = np.frombuffer(payload, dtype=np.float32, count=n * meta.num_classes, offset=offset).reshape(n, meta.num_classes)
+    per_sample = meta.teacher_output_shape()
+    logits = np.frombuffer(payload, dtype=np.float32, count=n * int(np.prod(per_sample)), offset=offset).reshape(n, *per_sample)
     offset += logits.nbytes
     labels = np.frombuffer(payload, dtype=np.int64, count=n, offset=offset)
     if offset + labels.nbytes != len(payload) or len(ids) != n:

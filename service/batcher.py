@@ -79,16 +79,19 @@ class JobResult:
 class Batcher:
     def __init__(
         self,
-        forward: Callable[[np.ndarray], np.ndarray],
+        forward: Callable[..., np.ndarray],
         *,
         store: CacheStore | None,
         max_batch: int = 256,
         max_delay_s: float = 0.005,
         max_queue_bytes: int = 256 << 20,
         layout: TargetLayout | None = None,
+        view_seeds: Callable[[np.ndarray], np.ndarray] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.forward = forward
+        # ids → the [B, V] seeds of their views, passed to forward, when the teacher serves views.
+        self.view_seeds = view_seeds
         self.store = store
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -204,8 +207,9 @@ class Batcher:
     # -- the worker thread ------------------------------------------------------------------
     def _run_batch(self, batch: list[Job]) -> list[JobResult]:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([job.inputs for job in batch])
+        ids = np.concatenate([job.ids for job in batch])
         started = time.perf_counter()
-        logits = self.forward(inputs)
+        logits = self.forward(inputs) if self.view_seeds is None else self.forward(inputs, self.view_seeds(ids))
         self.metrics.teacher_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(inputs))
         if self.layout is not None:
@@ -215,7 +219,6 @@ class Batcher:
         if self.store is not None and any(storing):
             offsets = np.cumsum([0] + [job.size for job in batch])
             keep = np.concatenate([np.full(job.size, job.store) for job in batch])
-            ids = np.concatenate([job.ids for job in batch])
             labels = np.concatenate([job.labels for job in batch])
             if keep.all():
                 write = self.store.write(ids, inputs, logits, labels)

@@ -73,6 +73,14 @@ def serve_parser() -> argparse.ArgumentParser:
     a("--input-scale", type=float, metavar="S", help="multiply inputs by S first, e.g. 0.00392156862745098 (1/255) for uint8 images")
     a("--num-classes", type=int, metavar="C", help="classes, when the weights do not say")
     a("--logits-dtype", choices=("float32", "float16"), help="dtype of the cached logits (default float32)")
+    a("--views", type=int, metavar="V", help="cache the teacher's outputs on V augmented views of each sample (default 1)")
+    a(
+        "--augment",
+        metavar="POLICY",
+        help="how the views are made, on the device, from one seed per view: random-crop:P, random-crop-flip:P, "
+        "random-resized-crop, or module:factory (default: none, the sample itself)",
+    )
+    a("--view-salt", type=int, metavar="N", help="salt of the view seeds, recorded in the cache (default 0)")
     a("--max-body-mb", type=float, metavar="MB", help="largest request body (default 64)")
     a("--max-queue-mb", type=float, metavar="MB", help="input bytes that may wait for the teacher (default 256)")
     a("--max-inflight-mb", type=float, metavar="MB", help="request bodies held at once, from receipt to answer (default 512)")
@@ -150,6 +158,17 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
     except TeacherError as exc:
         return fail(PROG, str(exc))
+    if settings.views > 1 or settings.augment:
+        from ..offline.cache.views import PolicyError, check_policy, parse_policy
+
+        if settings.views > 1 and not settings.augment:
+            return fail(PROG, f"--views {settings.views} needs --augment POLICY: without one every view is the sample itself")
+        try:
+            augment = parse_policy(settings.augment)
+            check_policy(augment, teacher.contract.input_shape, teacher.contract.input_dtype, device=teacher.device)
+        except PolicyError as exc:
+            return fail(PROG, f"--augment: {exc}")
+        teacher.serve_views(settings.views, augment, settings.view_salt)
     try:
         service = TeacherService.open(settings, teacher, api_key)
     except CacheError as exc:
@@ -164,9 +183,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             recovery.journal_samples, recovery.restored_samples, recovery.torn_bytes,
         )  # fmt: skip
     log.info(
-        "teacher %s (%s, fingerprint %s) on %s/%s; cache %s holds %d samples; ack %s",
+        "teacher %s (%s, fingerprint %s) on %s/%s; cache %s holds %d samples; ack %s%s",
         teacher.name, f"ensemble of {len(teacher.members)}" if len(teacher.members) > 1 else "single", teacher.fingerprint[:12],
         teacher.device, str(teacher.compute_dtype).replace("torch.", ""), settings.cache, store.num_samples, settings.ack,
+        f"; {teacher.views} view(s) per sample by {settings.augment}" if teacher.augment is not None else "",
     )  # fmt: skip
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-sends the signal to the handler
     # that was there before it; make that one a no-op, so a clean shutdown exits with status 0.

@@ -19,6 +19,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..offline.cache import content_ids
+from ..offline.cache.views import view_seeds
 from .batcher import Batcher
 from .metrics import Metrics
 from .protocol import DecodedRequest, decode_request, encode_response
@@ -37,15 +38,15 @@ class ServiceUnavailable(Exception):
 
 
 def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) per row, in float32."""
+    """softmax(logits / T) over the last axis (classes), in float32."""
     # Shift, then scale: softmax is shift-invariant, and a tiny temperature then sends the other
     # logits to -inf (exp 0) where logits / T overflowed and inf - inf made NaN soft targets, sent
     # as NaN literals, which are not JSON (found by tests/test_fuzz.py).
-    z = logits - logits.max(axis=1, keepdims=True)
+    z = logits - logits.max(axis=-1, keepdims=True)
     with np.errstate(over="ignore"):
         z /= np.float32(temperature)
     np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
+    z /= z.sum(axis=-1, keepdims=True)
     return z
 
 
@@ -67,6 +68,7 @@ class TeacherService:
             max_delay_s=settings.max_delay_ms / 1000,
             max_queue_bytes=settings.max_queue_bytes,
             layout=store.meta.layout,
+            view_seeds=self._view_seeds if store.meta.has_views else None,
             metrics=metrics,
         )
         contract = teacher.contract
@@ -79,6 +81,7 @@ class TeacherService:
                 1, settings.max_queue_bytes // max(1, int(np.prod(contract.input_shape)) * np.dtype(contract.input_dtype).itemsize)
             ),
             fixed_temperature=store.meta.temperature_rule == "serving",
+            views=store.meta.views_per_id,
         )
         self.ready = False
         self._warmup: asyncio.Task | None = None
@@ -155,8 +158,13 @@ class TeacherService:
         parameters = {"cache_hits": hits, "cache_misses": n - hits, "temperature": batch.temperature, "stored": batch.store}
         return encode_response(self.settings.model_name, decoded.id, parameters, outputs)
 
+    def _view_seeds(self, ids: np.ndarray) -> np.ndarray:
+        meta = self.store.meta
+        return view_seeds(meta.view_salt, ids, meta.views_per_id)
+
     async def _logits(self, batch: InferBatch) -> tuple[np.ndarray, int]:
-        """The stored logits of every sample, [n, C], and how many came from the cache."""
+        """The stored logits of every sample, [n, C] ([n, V, C] with views), and how many came
+        from the cache."""
         n = len(batch.inputs)
         ids = batch.ids
         if ids is None:
@@ -171,7 +179,7 @@ class TeacherService:
             rows, hit_logits = np.full(n, -1, dtype=np.int64), None
         miss = rows < 0
         misses = int(miss.sum())
-        logits = np.empty((n, self.spec.num_classes), dtype=np.float32)
+        logits = np.empty((n, *self.store.meta.teacher_output_shape()), dtype=np.float32)
         if misses < n:
             logits[~miss] = hit_logits
         if misses:

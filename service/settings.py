@@ -44,6 +44,11 @@ class ServeSettings(BaseSettings):
     input_scale: float | None = Field(None, gt=0)
     num_classes: int | None = Field(None, ge=1)
     logits_dtype: Literal["float32", "float16"] = "float32"
+    views: int = Field(1, ge=1, le=4096, description="augmented views of each sample, made on the device")
+    augment: str | None = Field(
+        None, description="the views' policy: random-crop:P, random-crop-flip:P, random-resized-crop, module:factory"
+    )
+    view_salt: int = Field(0, ge=0, lt=1 << 64, description="salt of the view seeds, recorded in the cache")
     max_body_mb: float = Field(64.0, gt=0, description="largest request body accepted")
     max_queue_mb: float = Field(256.0, gt=0, description="input bytes that may wait for the teacher")
     max_inflight_mb: float = Field(512.0, gt=0, description="request bodies held at once, from receipt to answer")

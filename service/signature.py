@@ -32,6 +32,10 @@ class ModelSpec:
     temperature: float  # the serving temperature, used when a request sends none
     max_samples: int  # per request
     fixed_temperature: bool = False  # the temperature rule "serving": soft targets exist only at the serving temperature
+    views: int = 1  # augmented views per sample; more than one adds a view axis to the outputs
+
+    def output_shape(self) -> list[int]:
+        return [-1, self.views, self.num_classes] if self.views > 1 else [-1, self.num_classes]
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,8 @@ INPUTS = (
     TensorSpec("label", ("INT64",), lambda model: [-1], optional=True),  # -1: unknown
 )
 OUTPUTS = (
-    TensorSpec("soft_targets", ("FP32",), lambda model: [-1, model.num_classes]),  # softmax(logits / temperature)
-    TensorSpec("logits", ("FP32",), lambda model: [-1, model.num_classes]),  # as the cache holds them
+    TensorSpec("soft_targets", ("FP32",), lambda model: model.output_shape()),  # softmax(logits / temperature)
+    TensorSpec("logits", ("FP32",), lambda model: model.output_shape()),  # as the cache holds them
 )
 PARAMETERS = {  # JSON schemas of the request parameters; others are ignored
     "temperature": {"type": "number", "exclusiveMinimum": 0, "description": "softmax temperature of soft_targets"},

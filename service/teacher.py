@@ -82,6 +82,20 @@ class Teacher:
         self.name = combiner.name([m.name for m in self.members])
         self.fingerprint = combiner.fingerprint([m.fingerprint for m in self.members])
         self.num_classes = self._probe()
+        # Augmented views (teacher-serve --views V --augment POLICY): each sample is seen as V
+        # views, made on the device from one seed per view (kdcache.offline.cache.views).
+        self.views = 1
+        self.augment: Any = None
+        self.view_salt = 0
+
+    def serve_views(self, views: int, augment: Any, view_salt: int = 0) -> None:
+        """Answer and store V views per sample, made by ``augment`` (an ``AugmentPolicy``) from the
+        seeds ``forward`` is given; ``augment`` None and ``views`` 1 serve the samples as they are."""
+        if views < 1:
+            raise TeacherError(f"views must be at least 1, got {views}")
+        if views > 1 and augment is None:
+            raise TeacherError(f"{views} views need an augmentation policy; without one every view is the sample itself")
+        self.views, self.augment, self.view_salt = int(views), augment, int(view_salt)
 
     # -- the forward pass -------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -102,26 +116,38 @@ class Teacher:
             inputs = np.array(inputs, order="C")
         return torch.from_numpy(inputs)
 
-    def forward(self, inputs: np.ndarray) -> np.ndarray:
-        """``[B, *input_shape]`` in the contract's dtype → float32 ``[B, C]``, the logits to store."""
+    def forward(self, inputs: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
+        """``[B, *input_shape]`` in the contract's dtype → float32 ``[B, C]``, the logits to store;
+        when serving views, ``seeds`` [B, V] gives each sample's view seeds and the logits are
+        ``[B, V, C]`` (``[B, C]`` for one view): the V·B views go through the teacher together."""
         shape, dtype = self.contract.input_shape, self.contract.input_dtype
         if not isinstance(inputs, np.ndarray) or inputs.shape[1:] != shape or inputs.ndim != len(shape) + 1:
             got = list(inputs.shape) if isinstance(inputs, np.ndarray) else type(inputs).__name__
             raise ValueError(f"inputs are {got}, the teacher expects [B, {', '.join(map(str, shape))}]")
         if inputs.dtype != np.dtype(dtype):
             raise ValueError(f"inputs are {inputs.dtype}, the teacher expects {dtype}")
+        out_shape = (self.views, self.num_classes) if self.views > 1 else (self.num_classes,)
         if len(inputs) == 0:
-            return np.zeros((0, self.num_classes), dtype=np.float32)
+            return np.zeros((0, *out_shape), dtype=np.float32)
+        if self.augment is not None and (seeds is None or np.shape(seeds) != (len(inputs), self.views)):
+            raise ValueError(f"this teacher serves {self.views} view(s) per sample: give seeds [{len(inputs)}, {self.views}]")
         with torch.inference_mode():
-            x = self.contract.preprocessing.apply(self._inputs_on_device(inputs))
+            x = self._inputs_on_device(inputs)
+            if self.augment is not None:
+                view_seeds = torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.int64)).to(self.device)
+                x = torch.cat([self.augment(x, view_seeds[:, v]) for v in range(self.views)])  # view-major, [V·B, ...]
+            x = self.contract.preprocessing.apply(x)
             with self._autocast():
                 logits = [member.module(x) for member in self.members]
             for member, z in zip(self.members, logits, strict=True):
-                if z.shape != (len(inputs), self.num_classes):
+                if z.shape != (len(x), self.num_classes):
                     raise TeacherError(
-                        f"{member.spec}: returned {list(z.shape)} for a batch of {len(inputs)}, expected [{len(inputs)}, {self.num_classes}]"
+                        f"{member.spec}: returned {list(z.shape)} for a batch of {len(x)}, expected [{len(x)}, {self.num_classes}]"
                     )
-            stored = self.combiner.combine(logits).cpu()
+            stored = self.combiner.combine(logits)
+            if self.augment is not None:
+                stored = stored.reshape(self.views, len(inputs), self.num_classes).transpose(0, 1).reshape(len(inputs), *out_shape)
+            stored = stored.cpu()
         return np.ascontiguousarray(stored.numpy(), dtype=np.float32)
 
     def _probe(self) -> int:
@@ -157,8 +183,9 @@ class Teacher:
         """A few forwards of zeros at the serving batch size, so that the first request does not pay
         for CUDA context set-up, kernel selection and the caching allocator's first growth."""
         zeros = np.zeros((max(1, batch_size), *self.contract.input_shape), dtype=self.contract.input_dtype)
+        seeds = np.arange(len(zeros) * self.views, dtype=np.int64).reshape(len(zeros), self.views) if self.augment is not None else None
         for _ in range(WARMUP_PASSES):
-            self.forward(zeros)
+            self.forward(zeros, seeds)
 
     # -- metadata ---------------------------------------------------------------------------
     def cache_meta(self, logits_dtype: str = "float32") -> CacheMeta:
@@ -166,6 +193,7 @@ class Teacher:
             teacher_fingerprint=self.fingerprint, teacher_name=self.name, num_classes=self.num_classes,
             input_shape=self.contract.input_shape, input_dtype=self.contract.input_dtype, preprocessing=self.contract.preprocessing,
             serving_temperature=self.serving_temperature, temperature_rule=self.combiner.temperature_rule, logits_dtype=logits_dtype,
+            views_per_id=self.views, augment=self.augment.describe() if self.augment is not None else None, view_salt=self.view_salt,
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
