@@ -56,6 +56,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "p2_reader_vs_memory": (">=", 0.95),  # bench.reader: steps/s from the shards ÷ from memory
     "p3_offline_speedup_vs_ideal": (">=", 0.9),  # bench.online: measured ÷ ideal speed-up
     "p4_rss_growth_10x": ("<", 1.2),  # bench.reader: offline-distill's peak memory, 10x cache ÷ 1x
+    "views_offline_minus_online": (">=", -0.003),  # bench.views: accuracy from E cached views - online KD (3-seed means)
+    "views_serving_vs_raw": (">=", 0.9),  # bench.views: views made on the device ÷ raw forward, inputs/s
+    "views_training_vs_memory": (">=", 0.9),  # bench.views: train_step on replayed views ÷ in-memory augmentation
 }
 YES = {True: "yes", False: "NO", None: "-"}  # a target met, missed, or not measured
 NOISE_LIMIT = 0.05  # share of the machine taken by other processes above which a figure is flagged

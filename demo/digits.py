@@ -217,6 +217,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=ALPHA, help="weight of the soft term in the distilled arm")
     p.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument(
+        "--augment",
+        metavar="POLICY",
+        help="serve V augmented views of each sample made by POLICY (e.g. random-crop:1); both arms train on them",
+    )
+    p.add_argument("--views", type=int, default=1, metavar="V", help="views per sample with --augment (teacher-serve --views)")
     args = p.parse_args(argv)
     problems = []
     if args.seeds < 1:
@@ -229,6 +235,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < args.alpha <= 1:
         problems.append(f"--alpha must lie in (0, 1] (the other arm is alpha 0), got {args.alpha}")
+    if args.views < 1:
+        problems.append(f"--views must be >= 1, got {args.views}")
+    elif args.views > 1 and not args.augment:
+        problems.append(f"--views {args.views} needs --augment POLICY (without one every view is the sample itself)")
     if args.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device must be auto, cpu or cuda, got {args.device!r}")
     if problems:
@@ -350,6 +360,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         device,
         "--temperature",
         str(args.temperature),
+        *(["--views", str(args.views), "--augment", args.augment] if args.augment else []),
     ]
     server = TeacherServer(serve_args, paths["logs"] / "teacher-serve.log")
     try:
@@ -421,6 +432,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "student": args.student, "epochs": args.epochs, "lr": args.lr, "seeds": args.seeds, "temperature": args.temperature, "alpha": args.alpha,
             "transfer_fraction": args.transfer_fraction, "device": device, "split_seed": SPLIT_SEED,
+            "augment": args.augment, "views": args.views if args.augment else 1,
         },
         "data": {"train_samples": len(state["y_train"]), "labelled_train_samples": state["labelled"], "test_samples": len(state["y_test"])},
         "teacher": state["teacher"],
@@ -453,6 +465,9 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{summary['data']['labelled_train_samples']} of {summary['data']['train_samples']} ({s['transfer_fraction']:.0%})",
         ),
         ("cache", f"{cache['samples']:,} samples, {cache['bytes']:,} bytes, {cache['bytes_per_sample']:,.1f} bytes/sample"),
+        *(
+            [("views", f"{s['views']} per sample by {s['augment']}, replayed from their seeds in both arms")] if s.get("augment") else []
+        ),  # fmt: skip
         (
             "settings",
             f"T={s['temperature']:g} alpha={s['alpha']:g} epochs={s['epochs']} lr={s['lr']:g} seeds={s['seeds']} device={s['device']}",

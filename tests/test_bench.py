@@ -56,3 +56,12 @@ def test_malloc_bench_compares_the_trainer_setting_with_glibc_defaults():
     row = result["students"]["mlp-small"]
     assert len(row["trainer"]) == len(row["glibc"]) == 1
     assert row["ratio_median"] == pytest.approx(row["trainer"][0] / row["glibc"][0])
+
+
+def test_views_bench_runs_every_arm():
+    result = run_bench("views", "--quick", "--epochs", "2", "--views", "2", "--rounds", "1", "--train-samples", "256", timeout=300)
+    arms = result["accuracy"]["arms"]
+    assert "distilled, 2 views" in arms and "online KD, same policy" in arms and "labels + augmentation" in arms
+    assert all(len(arm["accuracies"]) == 1 and 0 <= arm["mean"] <= 1 for arm in arms.values())
+    assert arms["distilled, 2 views"]["bytes_per_sample"] > arms["labels only"]["bytes_per_sample"]
+    assert result["serving"]["ratio"] > 0 and result["training"]["ratio"] > 0

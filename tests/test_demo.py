@@ -14,7 +14,20 @@ pytestmark = pytest.mark.slow
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo-out"
-    command = [sys.executable, "-m", "kdcache.demo.digits", "--out", str(out), "--json", "--seeds", "1", "--epochs", "2", "--teacher-epochs", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "kdcache.demo.digits",
+        "--out",
+        str(out),
+        "--json",
+        "--seeds",
+        "1",
+        "--epochs",
+        "2",
+        "--teacher-epochs",
+        "1",
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -41,3 +54,19 @@ def test_demo_bad_input_is_one_line(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and "--transfer-fraction" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_with_augmented_views(tmp_path):
+    """distill-demo --augment POLICY --views V: the service caches the views, both arms train on them."""
+    out = tmp_path / "demo-out"
+    command = [sys.executable, "-m", "kdcache.demo.digits", "--out", str(out), "--json", "--seeds", "1", "--epochs", "2",
+               "--teacher-epochs", "1", "--augment", "random-crop:1", "--views", "3"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["settings"]["augment"] == "random-crop:1" and summary["settings"]["views"] == 3
+    from kdcache.offline.cache import CacheReader
+
+    reader = CacheReader(out / "cache")
+    assert reader.meta.views_per_id == 3 and reader.meta.augment["name"] == "random-crop"
+    assert summary["cache"]["bytes_per_sample"] > 162  # 3 rows of logits and their seeds per sample
