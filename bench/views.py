@@ -166,6 +166,17 @@ def rate(run: Any, repeats: int) -> list[float]:
     return out
 
 
+def paired(sides: dict[str, Any], rounds: int, repeats: int) -> tuple[float, float, float, list[float]]:
+    """The two sides' median rates and the median of the per-round ratios (first side ÷ second):
+    each round runs both sides back to back (ABBA), so a drift of the machine, which moves this
+    VM's rates by 10–30% within minutes, cancels within a round rather than between the sides."""
+    first, second = sides
+    timed = harness.alternate(list(sides), rounds, lambda kind: {"rate": statistics.median(rate(sides[kind], repeats))})
+    per_round = [a["rate"] / b["rate"] for a, b in zip(timed[first], timed[second], strict=True)]
+    medians = [statistics.median(r["rate"] for r in timed[kind]) for kind in (first, second)]
+    return medians[0], medians[1], statistics.median(per_round), per_round
+
+
 def serving(args: Any, root: Path) -> dict[str, Any]:
     """teacher.forward on B samples × V views made on the device ÷ on V·B ready inputs."""
     harness.write_teacher(root / "teacher.pt", "resnet", (3, 32, 32), 10)
@@ -178,9 +189,15 @@ def serving(args: Any, root: Path) -> dict[str, Any]:
     ready = rng.integers(0, 256, (batch * args.serve_views, 3, 32, 32), dtype=np.uint8)
     seeds = view_seeds(0, [str(i) for i in range(batch)], args.serve_views)
     sides = {"views": lambda: len(viewed.forward(samples, seeds)) * args.serve_views, "raw": lambda: len(plain.forward(ready))}
-    rounds = harness.alternate(list(sides), args.rounds, lambda kind: {"rate": statistics.median(rate(sides[kind], 3))})
-    views_rate, raw_rate = (statistics.median(r["rate"] for r in rounds[k]) for k in ("views", "raw"))
-    return {"views_per_s": views_rate, "raw_per_s": raw_rate, "ratio": views_rate / raw_rate, "views": args.serve_views, "batch": batch}
+    views_rate, raw_rate, ratio, per_round = paired(sides, args.rounds, 3)
+    return {
+        "views_per_s": views_rate,
+        "raw_per_s": raw_rate,
+        "ratio": ratio,
+        "ratio_per_round": per_round,
+        "views": args.serve_views,
+        "batch": batch,
+    }
 
 
 def training(args: Any, root: Path) -> dict[str, Any]:
@@ -219,10 +236,8 @@ def training(args: Any, root: Path) -> dict[str, Any]:
             steps += 1
         return steps
 
-    sides = {"replayed": replayed, "in-memory": in_memory}
-    rounds = harness.alternate(list(sides), args.rounds, lambda kind: {"rate": statistics.median(rate(sides[kind], 2))})
-    replayed_rate, memory_rate = (statistics.median(r["rate"] for r in rounds[k]) for k in ("replayed", "in-memory"))
-    return {"replayed_steps_per_s": replayed_rate, "in_memory_steps_per_s": memory_rate, "ratio": replayed_rate / memory_rate}
+    replayed_rate, memory_rate, ratio, per_round = paired({"replayed": replayed, "in-memory": in_memory}, args.rounds, 1)
+    return {"replayed_steps_per_s": replayed_rate, "in_memory_steps_per_s": memory_rate, "ratio": ratio, "ratio_per_round": per_round}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-views", type=int, default=8, help="views per sample in the serving measurement (256 inputs per forward)")
     p.add_argument("--train-samples", type=int, default=None)
     args = harness.parse(p, argv, quick={"epochs": 6, "seeds": 1, "rounds": 2, "train_samples": 1024},
-                         full={"epochs": 30, "seeds": 3, "rounds": 4, "train_samples": 4096})  # fmt: skip
+                         full={"epochs": 30, "seeds": 3, "rounds": 10, "train_samples": 4096})  # fmt: skip
     args.views = args.views or sorted({1, 4, 16, args.epochs} if not args.quick else {1, args.epochs})
     tune_malloc()  # as offline-distill and teacher-serve do: measure what ships
     with harness.workdir("bench-views-", args.tmpdir, args.keep) as root:
