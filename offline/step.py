@@ -5,6 +5,7 @@ the running totals of an epoch. ``offline-distill``'s loop and the benchmarks bo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,24 +35,16 @@ class EpochStats:
     def all_reduce(self) -> None:
         torch.distributed.all_reduce(self.totals)
 
-    def values(self) -> tuple[float, float, float, float]:
+    def read(self) -> EpochTotals:
+        """The totals so far, with one device-to-host copy."""
         loss_sum, samples, correct, labelled = self.totals.tolist()
-        return loss_sum, samples, correct, labelled
+        return EpochTotals(loss_sum / max(samples, 1), int(samples), correct / labelled if labelled else None)
 
-    @property
-    def samples(self) -> int:
-        return int(self.values()[1])
 
-    @property
-    def loss(self) -> float:
-        loss_sum, samples, _, _ = self.values()
-        return loss_sum / max(samples, 1)
-
-    @property
-    def accuracy(self) -> float | None:
-        """On the labelled samples; None when the epoch had none."""
-        _, _, correct, labelled = self.values()
-        return correct / labelled if labelled else None
+class EpochTotals(NamedTuple):
+    loss: float  # mean over the samples
+    samples: int
+    accuracy: float | None  # on the labelled samples; None when there were none
 
 
 def step_on_inputs(

@@ -288,19 +288,21 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
                 train_step(model, optimizer, batch, meta=meta, objective=objective, device=dist.device, stats=stats)
                 bar.update(1)
                 if step % 20 == 0:
-                    bar.set_postfix(loss=f"{stats.loss:.4f}", acc=f"{stats.accuracy or 0:.3f}")
+                    so_far = stats.read()
+                    bar.set_postfix(loss=f"{so_far.loss:.4f}", acc=f"{so_far.accuracy or 0:.3f}")
         if dist.world_size > 1:
             stats.all_reduce()
         scheduler.step()
         seconds = time.perf_counter() - started
+        totals = stats.read()
         record: dict[str, Any] = {
             "epoch": epoch + 1,
-            "train_loss": stats.loss,
-            "train_accuracy": stats.accuracy,
+            "train_loss": totals.loss,
+            "train_accuracy": totals.accuracy,
             "eval_accuracy": evaluate(student, *eval_set, meta, dist.device) if eval_set and dist.is_main else None,
-            "samples": stats.samples,
+            "samples": totals.samples,
             "seconds": seconds,
-            "samples_per_s": stats.samples / seconds if seconds else math.nan,
+            "samples_per_s": totals.samples / seconds if seconds else math.nan,
             "lr": optimizer.param_groups[0]["lr"],
         }
         bar.set_postfix(loss=f"{record['train_loss']:.4f}", eval_acc=record["eval_accuracy"])

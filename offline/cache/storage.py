@@ -187,9 +187,6 @@ class LocalStorage(Storage):
     def discard_partial(self, name: str) -> None:
         (self.directory / f".{name}.tmp").unlink(missing_ok=True)
 
-    def partial_name(self, name: str) -> str:
-        return f".{name}.tmp"
-
     def lease(self) -> WriterLease:
         self.directory.mkdir(parents=True, exist_ok=True)
         handle = open(self.directory / LOCK_NAME, "a+")  # noqa: SIM115 - held for the writer's life
