@@ -364,7 +364,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     ]
     server = TeacherServer(serve_args, paths["logs"] / "teacher-serve.log")
     try:
-        steps.run("serve", f"starting teacher-serve on {server.url}", lambda: server.wait_ready() or None)
+        steps.run("serve", f"starting teacher-serve on {server.url}", lambda: server.wait_ready() and "ready")
 
         def push() -> str:
             run_tool(
