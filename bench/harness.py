@@ -65,7 +65,7 @@ NOISE_LIMIT = 0.05  # share of the machine taken by other processes above which 
 # Any MALLOC_* variable turns kdcache.offline.malloc.tune_malloc off (the environment wins), and an
 # arena limit of 0 is glibc's own default: a process started with this runs on glibc's defaults.
 GLIBC_DEFAULTS = {"MALLOC_ARENA_MAX": "0"}
-TRAINER = TrainConfig(caches=[])  # offline-distill's defaults: lr, weight decay, temperature, alpha, loss
+TRAINER = TrainConfig(caches=[]).for_caches(())  # offline-distill's defaults: lr, weight decay, temperature, alpha, loss
 
 
 def target(key: str) -> str:
@@ -415,11 +415,12 @@ class Student:
     ``offline-distill``'s ``train_step`` (or ``step_on_inputs`` for batches already
     preprocessed on the device) with the trainer's objective and running totals."""
 
-    def __init__(self, arch: str, meta: CacheMeta, *, seed: int, device: torch.device) -> None:
+    def __init__(self, arch: str, meta: CacheMeta, *, seed: int, device: torch.device, topk_tail: str = "bucket") -> None:
         torch.manual_seed(seed)
         self.model = models.build(arch, meta.input_shape, meta.num_classes).to(device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=TRAINER.lr, weight_decay=TRAINER.weight_decay)
-        self.objective = TRAINER.objective()
+        # the trainer's temperature for this cache: its default, or a sparse cache's serving one
+        self.objective = TrainConfig(caches=[], topk_tail=topk_tail).for_caches([meta]).objective(meta)
         self.stats = EpochStats(device)
         self.meta, self.device = meta, device
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .cache import CacheError, CacheReader
+from .cache.layout import TopK
 from .journal import pending_samples
 from .malloc import tune_malloc
 
@@ -51,9 +52,22 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine-annealed over the epochs")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature T")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="distillation temperature T (default 4; a cache of topk or sampled targets is defined at its serving "
+        "temperature, which is then the default and the only T it takes)",
+    )
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term; 0 trains on the labels alone")
-    p.add_argument("--loss", choices=("kl", "mse"), default="kl", help="kl: Hinton et al.; mse: logit matching (Caruana)")
+    p.add_argument("--loss", choices=("kl", "mse"), default="kl", help="kl: Hinton et al.; mse: logit matching (Caruana; full logits only)")
+    p.add_argument(
+        "--topk-tail",
+        choices=TopK.tails,
+        default="bucket",
+        help="a topk cache's tail: bucket, one (K+1)-th class holding the rest of the mass (the ghost token); "
+        "uniform, the rest spread evenly over the other classes (TinyViT, FKD)",
+    )
     p.add_argument("--eval", dest="eval_path", metavar="FILE.npz|DIR", help="held-out inputs and labels, .npz or a cache directory")
     p.add_argument("--out", default="runs/distill", metavar="RUN_DIR")
     p.add_argument("--seed", type=int, default=0)
@@ -101,7 +115,7 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
             TrainConfig(
                 caches=args.cache, student=args.student, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 temperature=args.temperature, alpha=args.alpha, eval_path=args.eval_path, out=args.out, seed=args.seed,
-                device=args.device, resume=args.resume, loss=args.loss, weight_decay=args.weight_decay,
+                device=args.device, resume=args.resume, loss=args.loss, topk_tail=args.topk_tail, weight_decay=args.weight_decay,
                 workers=args.workers, shuffle_buffer=args.shuffle_buffer, allow_mixed_teachers=args.allow_mixed_teachers,
                 skip_corrupt=args.skip_corrupt, verify_checksums=args.verify_checksums, progress=not args.no_progress, export=not args.no_export,
             )

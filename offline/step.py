@@ -5,7 +5,7 @@ the running totals of an epoch. ``offline-distill``'s loop and the benchmarks bo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -51,15 +51,16 @@ def step_on_inputs(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     inputs: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_target: Any,
     labels: torch.Tensor,
     *,
     objective: Objective,
     stats: EpochStats | None = None,
 ) -> torch.Tensor:
-    """One optimiser step on preprocessed ``inputs`` already on the model's device."""
+    """One optimiser step on preprocessed ``inputs`` already on the model's device, against the
+    teacher's target as the cache's layout gives it (full logits: a tensor [B, C])."""
     student_logits = model(inputs)
-    loss = objective(student_logits, teacher_logits, labels)
+    loss = objective(student_logits, teacher_target, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -82,6 +83,13 @@ def train_step(
     views, the chosen view, replayed), the layout's target fields and labels; the inputs are
     preprocessed on ``device`` as the teacher's were."""
     inputs = meta.preprocessing.apply(batch["inputs"].to(device, non_blocking=True))
-    teacher_logits = meta.target_layout.target(batch).to(device, non_blocking=True)
+    target = to_device(meta.target_layout.target(batch), device)
     labels = batch["labels"].to(device, non_blocking=True)
-    return step_on_inputs(model, optimizer, inputs, teacher_logits, labels, objective=objective, stats=stats)
+    return step_on_inputs(model, optimizer, inputs, target, labels, objective=objective, stats=stats)
+
+
+def to_device(target: Any, device: torch.device) -> Any:
+    """A layout's training target (a tensor, or a dict of tensors) on ``device``."""
+    if isinstance(target, dict):
+        return {name: value.to(device, non_blocking=True) for name, value in target.items()}
+    return target.to(device, non_blocking=True)

@@ -17,7 +17,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,16 @@ from . import models
 from .cache import CacheError, CacheMeta, CacheReader
 from .dataset import ShardStream, open_caches
 from .evaluate import EvalSetError, evaluate, load_eval_set, plot_curves
-from .losses import LOSS_KINDS, Objective
+from .losses import LOSS_KINDS, TOPK_TAILS, Objective
 from .step import EpochStats, step_on_inputs, train_step
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Below this size the shards sit in the page cache and reading them in the training process is
 # cheaper than shipping batches from worker processes (docs/benchmarks.md).
 AUTO_WORKERS_BYTES = 256 << 20
+
+
+DEFAULT_TEMPERATURE = 4.0
 
 
 class TrainError(Exception):
@@ -49,7 +53,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
-    temperature: float = 4.0
+    temperature: float | None = None  # None: DEFAULT_TEMPERATURE, or a sparse cache's serving temperature
     alpha: float = 0.9
     eval_path: str | None = None
     out: str = "runs/distill"
@@ -57,6 +61,7 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     loss: str = "kl"
+    topk_tail: str = "bucket"
     weight_decay: float = 0.0
     workers: int | None = None  # None: default_workers(the caches' bytes)
     shuffle_buffer: int = 16384
@@ -74,8 +79,10 @@ class TrainConfig:
             raise TrainError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise TrainError(f"--lr must be > 0, got {self.lr}")
-        if not self.temperature > 0:
+        if self.temperature is not None and not self.temperature > 0:
             raise TrainError(f"--temperature must be > 0, got {self.temperature}")
+        if self.topk_tail not in TOPK_TAILS:
+            raise TrainError(f"--topk-tail must be one of {', '.join(TOPK_TAILS)}, got {self.topk_tail!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise TrainError(f"--alpha must lie in [0, 1], got {self.alpha}")
         if self.loss not in LOSS_KINDS:
@@ -83,8 +90,33 @@ class TrainConfig:
         if self.workers is not None and self.workers < 0:
             raise TrainError(f"--workers must be >= 0, got {self.workers}")
 
-    def objective(self) -> Objective:
-        return Objective(self.temperature, self.alpha, self.loss)
+    def for_caches(self, metas: Sequence[CacheMeta]) -> TrainConfig:
+        """This config with its temperature settled for these caches. Full logits take any T
+        (default ``DEFAULT_TEMPERATURE``). Top-k and sampled targets are the teacher's
+        distribution at the serving temperature T_s and cannot be re-tempered: T defaults to
+        T_s, and another T is refused, as is the mse loss, which needs every logit."""
+        fixed = {m.serving_temperature: m for m in metas if m.layout.fixed_temperature}
+        if not fixed:
+            return replace(self, temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature)
+        meta = next(iter(fixed.values()))
+        what = f"this cache holds {meta.logits_layout} targets"
+        if len(fixed) > 1:
+            raise TrainError(
+                f"these caches hold {meta.logits_layout} targets made at different serving temperatures ({', '.join(f'{t:g}' for t in sorted(fixed))}); they cannot be trained on together"
+            )
+        if self.loss != "kl":
+            raise TrainError(f"{what}; --loss {self.loss} needs full logits (use --loss kl)")
+        t_s = meta.serving_temperature
+        if self.temperature is not None and self.temperature != t_s:
+            raise TrainError(
+                f"{what}, made at the serving temperature T={t_s:g}, and sparse targets cannot be re-tempered: "
+                f"--temperature must be {t_s:g} (or omitted), got {self.temperature:g}"
+            )
+        return replace(self, temperature=t_s)
+
+    def objective(self, meta: CacheMeta) -> Objective:
+        assert self.temperature is not None, "for_caches settles the temperature"
+        return Objective(self.temperature, self.alpha, self.loss, targets=meta.layout.name, tail=self.topk_tail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +243,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     readers, meta = open_caches(
         cfg.caches, allow_mixed_teachers=cfg.allow_mixed_teachers, skip_corrupt=cfg.skip_corrupt, verify_checksums=cfg.verify_checksums
     )
+    cfg = cfg.for_caches([reader.meta for reader in readers])
     for reader in readers:
         for name, problem in reader.skipped:
             log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)
@@ -272,7 +305,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         with open(out / "metrics.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(h) + "\n" for h in history)
 
-    objective = cfg.objective()
+    objective = cfg.objective(meta)
     for epoch in range(len(history), cfg.epochs):
         stream.set_epoch(epoch)
         model.train()

@@ -488,10 +488,10 @@ def test_newer_schema_version_is_refused(tmp_path, where):
 
 def test_unknown_logits_layout_is_refused(tmp_path):
     write(tmp_path, 10)
-    edit_manifest(tmp_path, lambda m: m["meta"].update(logits_layout="topk"))
-    with pytest.raises(CacheError, match=r"manifest\.json.*logits layout 'topk' is not supported"):
+    edit_manifest(tmp_path, lambda m: m["meta"].update(logits_layout="ranked:3"))
+    with pytest.raises(CacheError, match=r"manifest\.json.*logits layout 'ranked:3' is not supported"):
         CacheReader(tmp_path)
-    with pytest.raises(CacheError, match="logits layout 'topk'"):
+    with pytest.raises(CacheError, match="logits layout 'ranked:3'"):
         CacheWriter(tmp_path, make_meta())
 
 
@@ -516,9 +516,9 @@ def test_shard_with_newer_schema_or_layout_is_refused(tmp_path):
         CacheReader(tmp_path)
     with h5py.File(path, "r+") as h5:
         h5.attrs["schema_version"] = SCHEMA_VERSION
-        h5.attrs["logits_layout"] = "topk"
+        h5.attrs["logits_layout"] = "ranked:3"
     edit_manifest(tmp_path, lambda m: m["shards"][0].update(bytes=path.stat().st_size, sha256=sha256(path)))
-    with pytest.raises(CacheError, match=r"shard-000000\.h5.*logits layout 'topk'"):
+    with pytest.raises(CacheError, match=r"shard-000000\.h5.*logits layout 'ranked:3'"):
         CacheReader(tmp_path)
 
 

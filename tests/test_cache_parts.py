@@ -88,13 +88,13 @@ def test_full_logits_round_trip_as_the_cache_holds_them(dtype):
 
 
 def test_unknown_layouts_and_dtypes_are_refused():
-    with pytest.raises(ValueError, match="not supported"):
-        make_layout("topk", dtype="float32")
+    with pytest.raises(ValueError, match="unknown target layout"):
+        make_layout("ranked:3", dtype="float32")
     with pytest.raises(ValueError, match="logits_dtype must be one of"):
         FullLogits("int8")
-    with pytest.raises(CacheError, match="logits layout 'topk' is not supported"):
+    with pytest.raises(CacheError, match="logits layout 'ranked:3' is not supported"):
         CacheMeta.from_dict({"teacher_fingerprint": "f", "teacher_name": "t", "num_classes": 2, "input_shape": [1],
-                             "input_dtype": "uint8", "logits_layout": "topk"}, "m")  # fmt: skip
+                             "input_dtype": "uint8", "logits_layout": "ranked:3"}, "m")  # fmt: skip
 
 
 def test_row_bytes_and_columns_come_from_the_layout():

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import LAYOUTS, TargetLayout, make_layout
+from .layout import TargetLayout, make_layout, parse_targets
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "kd-cache"
@@ -94,6 +94,8 @@ class CacheMeta:
     # a cache of plain samples.
     augment: dict[str, Any] | None = field(default=None, hash=False)
     view_salt: int = 0
+    # The salt of a sampled layout's draws (``rng.draw_seeds``); recorded only for such a cache.
+    target_seed: int = 0
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -110,9 +112,20 @@ class CacheMeta:
             object.__setattr__(self, "augment", augment)
         if not 0 <= int(self.view_salt) < 1 << 64:
             raise ValueError(f"view_salt must be in [0, 2**64), got {self.view_salt}")
-        object.__setattr__(self, "layout", make_layout(self.logits_layout, views=self.views_per_id, dtype=self.logits_dtype))
+        if not 0 <= int(self.target_seed) < 1 << 64:
+            raise ValueError(f"target_seed must be in [0, 2**64), got {self.target_seed}")
         if not self.serving_temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.serving_temperature}")
+        layout = make_layout(
+            self.logits_layout,
+            views=self.views_per_id,
+            num_classes=self.num_classes,
+            dtype=self.logits_dtype,
+            temperature=self.serving_temperature,
+            seed=self.target_seed,
+        )
+        object.__setattr__(self, "logits_layout", layout.spec)
+        object.__setattr__(self, "layout", layout)
         if self.temperature_rule not in TEMPERATURE_RULES:
             raise ValueError(f"temperature_rule must be one of {TEMPERATURE_RULES}, got {self.temperature_rule!r}")
 
@@ -134,6 +147,8 @@ class CacheMeta:
         del out["layout"]
         if not self.has_views:  # a cache of plain samples records what it always did
             del out["augment"], out["view_salt"]
+        if not self.layout.randomized:
+            del out["target_seed"]
         out["temperature"] = out.pop("serving_temperature")
         out["input_shape"] = list(self.input_shape)
         out["preprocessing"] = self.preprocessing.to_dict()
@@ -147,9 +162,11 @@ class CacheMeta:
                 raise CacheError(
                     f"{where}: schema version {version} is newer than this reader supports ({SCHEMA_VERSION}); upgrade the package"
                 )
-            layout = raw.get("logits_layout", "full")
-            if layout not in LAYOUTS:
-                raise CacheError(f"{where}: logits layout {layout!r} is not supported by this reader")
+            layout = str(raw.get("logits_layout", "full"))
+            try:
+                parse_targets(layout)
+            except ValueError:
+                raise CacheError(f"{where}: logits layout {layout!r} is not supported by this reader") from None
             teacher_name = str(raw["teacher_name"])
             # Caches written before the rule was recorded: only the arithmetic ensemble has the
             # "serving" rule, and its name says so.
@@ -168,6 +185,7 @@ class CacheMeta:
                 views_per_id=int(raw.get("views_per_id", 1)),
                 augment=raw.get("augment"),
                 view_salt=int(raw.get("view_salt", 0)),
+                target_seed=int(raw.get("target_seed", 0)),
                 schema_version=version,
             )
         except CacheError:
@@ -216,8 +234,9 @@ class CacheMeta:
 # writer and the cache it appends to; one definition for the reader, the writer and open_caches.
 SHARD_FIELDS = (
     "teacher_fingerprint", "num_classes", "input_shape", "input_dtype", "logits_dtype", "logits_layout",
-    "views_per_id", "augment", "view_salt",
+    "views_per_id", "augment", "view_salt", "layout",
 )  # fmt: skip
 WRITER_FIELDS = SHARD_FIELDS + ("preprocessing",)
 # Samples of caches that differ in these cannot share a batch (a view is chosen and replayed per batch).
-MIXABLE_FIELDS = ("num_classes", "input_shape", "input_dtype", "views_per_id", "augment")
+# Full logits of either dtype mix (the batch widens); sparse layouts mix only with their own spec.
+MIXABLE_FIELDS = ("num_classes", "input_shape", "input_dtype", "views_per_id", "augment", "logits_layout")

@@ -5,17 +5,8 @@ to the raw stored input with ``view_seeds(salt, [id], V)[0, v]``; the trainer re
 view from the same seed. Everything below is part of the cache format and must never change
 for a given policy ``version``:
 
-* ``view_seeds``: ``seed = blake2b(salt as 8 bytes LE ‖ id as UTF-8 ‖ view as 4 bytes LE,
-  digest_size=8, person=b"kdcache-views")`` read as a little-endian integer, top bit cleared
-  (so it is a non-negative int64). The fields around the id are fixed-width, so the message
-  is unambiguous.
-* ``philox``: Philox4x32-10 (Salmon et al., SC 2011; Random123's known answers are in the
-  tests), key = the seed's two 32-bit halves (low, high), counter = (n, 0, 0, 0); four 32-bit
-  words per counter. It is written once for numpy and torch int64 arrays with no operation that
-  can overflow (each 32x32 product is split at 16 bits), so the bits are the same on any machine
-  and any device.
-* From words: ``uniform24`` (float32 in [0, 1), exact), ``uniform53`` (float64 in [0, 1) from
-  two words, exact), ``below(word, n) = (word * n) >> 32`` (an integer in [0, n)).
+* ``view_seeds`` and the generator they feed (``philox``, ``uniform24``, ``uniform53``,
+  ``below``) are defined in ``rng``, where the draws of sampled targets come from too.
 * Which counter and word each policy draws from is written in the policy's class.
 
 A policy maps raw stored inputs ``[B, *shape]`` and one int64 seed per sample ``[B]`` to views
@@ -34,7 +25,6 @@ views change: the manifest records it. ``check_policy`` tests the contract on a 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -43,80 +33,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ids import normalize_ids
+from .rng import VIEW_SEED_PERSON, below, keyed_seeds, philox, philox4x32, uniform24, uniform53, view_seeds
 
-VIEW_SEED_PERSON = b"kdcache-views"
-_MASK32 = 0xFFFFFFFF
-_MASK63 = (1 << 63) - 1
+__all__ = [
+    "VIEW_SEED_PERSON",
+    "below",
+    "keyed_seeds",
+    "philox",
+    "philox4x32",
+    "uniform24",
+    "uniform53",
+    "view_seeds",
+    "PolicyError",
+    "AugmentPolicy",
+    "parse_policy",
+    "check_policy",
+]
 
 
 class PolicyError(ValueError):
     """An augmentation policy that cannot be parsed, or breaks the policy contract."""
-
-
-def view_seeds(salt: int, ids: Sequence[str], views: int) -> np.ndarray:
-    """The seeds [N, V] int64 of the V views of each id (see the module docstring)."""
-    if not 0 <= int(salt) < 1 << 64:
-        raise ValueError(f"view salt must be in [0, 2**64), got {salt}")
-    if not 1 <= int(views) < 1 << 31:
-        raise ValueError(f"views must be at least 1, got {views}")
-    names = normalize_ids(ids)
-    seeds = np.empty((len(names), int(views)), dtype=np.int64)
-    prefix = int(salt).to_bytes(8, "little")
-    for row, name in enumerate(names):
-        base = hashlib.blake2b(prefix + name.encode("utf-8"), digest_size=8, person=VIEW_SEED_PERSON)
-        for view in range(int(views)):
-            h = base.copy()
-            h.update(view.to_bytes(4, "little"))
-            seeds[row, view] = int.from_bytes(h.digest(), "little") & _MASK63
-    return seeds
-
-
-# ---- the counter-based generator: Philox4x32-10 on int64 arrays (numpy or torch) ----
-
-
-def _mulhilo(a: Any, m: int) -> tuple[Any, Any]:
-    """(high, low) 32-bit words of a * m, for 32-bit a and m, with every product below 2**49."""
-    low_part = (a & 0xFFFF) * m
-    high_part = (a >> 16) * m
-    carry = (low_part >> 16) + high_part
-    return carry >> 16, ((carry & 0xFFFF) << 16) | (low_part & 0xFFFF)
-
-
-def philox4x32(counter: Sequence[Any], key: Sequence[Any]) -> tuple[Any, Any, Any, Any]:
-    """Philox4x32-10 of four counter words and two key words (int64 values in [0, 2**32))."""
-    c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for round_index in range(10):
-        if round_index:
-            k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
-        hi0, lo0 = _mulhilo(c0, 0xD2511F53)
-        hi1, lo1 = _mulhilo(c2, 0xCD9E8D57)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return c0, c1, c2, c3
-
-
-def philox(seeds: Any, counter: Any) -> tuple[Any, Any, Any, Any]:
-    """The four 32-bit words (int64 arrays) for each seed at ``counter`` (broadcast together)."""
-    zero = seeds & 0
-    return philox4x32((counter + zero, zero, zero, zero), (seeds & _MASK32, (seeds >> 32) & _MASK32))
-
-
-def uniform24(word: Any) -> Any:
-    """float32 in [0, 1) from the top 24 bits of a word, exactly."""
-    top = word >> 8
-    return (top.float() if isinstance(top, torch.Tensor) else top.astype(np.float32)) * 2.0**-24
-
-
-def uniform53(high: Any, low: Any) -> Any:
-    """float64 in [0, 1) from 27 bits of ``high`` and 26 of ``low``, exactly."""
-    bits = ((high >> 5) << 26) | (low >> 6)
-    return (bits.double() if isinstance(bits, torch.Tensor) else bits.astype(np.float64)) * 2.0**-53
-
-
-def below(word: Any, n: Any) -> Any:
-    """An integer in [0, n) from a word (multiply-shift; n < 2**31)."""
-    return (word * n) >> 32
 
 
 # ---- policies ----

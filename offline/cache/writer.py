@@ -24,6 +24,7 @@ from .ids import normalize_ids
 from .keys import RowIndex
 from .manifest import MANIFEST_NAME, SHARD_PATTERN, ShardInfo, load_manifest, manifest_bytes, now, shard_name
 from .reader import open_storage, read_rows
+from .rng import draw_seeds, view_seeds
 from .shard import STRING_DTYPE, ShardHandle, decode_ids, encode_attrs, read_shard_meta
 from .storage import Storage
 
@@ -178,10 +179,13 @@ class CacheWriter:
             return 0
         rows: Rows = {"ids": norm_ids, "inputs": inputs, "labels": labels.astype(np.int64)}
         if self.meta.has_views:
-            from .views import view_seeds  # torch: only caches with views need it
-
             rows["view_seeds"] = view_seeds(self.meta.view_salt, norm_ids, self.meta.views_per_id)
-        rows.update(self.layout.encode(logits))
+        draws = (
+            draw_seeds(self.meta.target_seed, norm_ids, self.meta.views_per_id).reshape(logits.shape[:-1])
+            if self.layout.randomized
+            else None
+        )
+        rows.update(self.layout.encode(logits, draws))
         if not keep.all():
             rows = {name: values[keep] for name, values in rows.items()}
         total, written = len(rows["ids"]), 0
