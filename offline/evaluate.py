@@ -1,5 +1,5 @@
 """Held-out evaluation: the eval set a run reports accuracy on, checked against the cache's
-input contract, the accuracy of a student on it, and the curves of a run."""
+input contract, the accuracy and calibration of a student on it, and the curves of a run."""
 
 from __future__ import annotations
 
@@ -34,18 +34,58 @@ def load_eval_set(path: str, meta: CacheMeta) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, meta: CacheMeta, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """The logits [N, C] (float32, on the CPU) of ``model`` in eval mode on raw ``inputs``,
+    preprocessed as the teacher's were."""
+    was_training = model.training
+    model.eval()
+    logits = [
+        model(meta.preprocessing.apply(inputs[start : start + batch_size].to(device))).float().cpu()
+        for start in range(0, len(inputs), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(logits)
+
+
 def evaluate(
     model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, meta: CacheMeta, device: torch.device, batch_size: int = 1024
 ) -> float:
     """Top-1 accuracy of ``model`` on raw ``inputs``, preprocessed as the teacher's were."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(inputs), batch_size):
-        x = meta.preprocessing.apply(inputs[start : start + batch_size].to(device))
-        correct += int((model(x).argmax(-1).cpu() == labels[start : start + batch_size]).sum())
-    model.train(was_training)
-    return correct / len(inputs)
+    return float((predict(model, inputs, meta, device, batch_size).argmax(-1) == labels).double().mean())
+
+
+def evaluate_ece(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, meta: CacheMeta, device: torch.device, batch_size: int = 1024
+) -> float:
+    """``expected_calibration_error`` of ``model``'s softmax on raw ``inputs``."""
+    return expected_calibration_error(predict(model, inputs, meta, device, batch_size), labels)
+
+
+def expected_calibration_error(probs_or_logits: Any, labels: Any, bins: int = 15) -> float:
+    """ECE (Naeini et al. 2015; Guo et al. 2017, eq. 3): the predictions' top-1 confidences in
+    ``bins`` equal-width bins ((0, 1/M], (1/M, 2/M], ... (1 - 1/M, 1]), and the mean over samples
+    of |accuracy - mean confidence| of each sample's bin, i.e. sum_b |B_b| / n * |acc(B_b) - conf(B_b)|.
+
+    ``probs_or_logits`` [N, C] (numpy or torch) are probabilities when every row is
+    non-negative and sums to 1 (within 1e-4), else logits, which are softmaxed. ``labels`` [N].
+    """
+    scores, labels = _cpu_tensor(probs_or_logits).to(torch.float64), _cpu_tensor(labels).long()
+    if scores.dim() != 2 or len(scores) != len(labels) or len(labels) == 0:
+        raise ValueError(f"ECE needs predictions [N, C] and labels [N] with N >= 1, got {list(scores.shape)} and {list(labels.shape)}")
+    if bins < 1:
+        raise ValueError(f"ECE needs bins >= 1, got {bins}")
+    is_probs = bool((scores >= 0).all() and torch.allclose(scores.sum(-1), torch.ones(len(scores), dtype=torch.float64), atol=1e-4))
+    probs = scores if is_probs else torch.softmax(scores, dim=-1)
+    confidence, predicted = probs.max(dim=-1)
+    correct = (predicted == labels).double()
+    # bin b holds confidences in (b/M, (b+1)/M]; a confidence is at least 1/C > 0
+    which = (torch.ceil(confidence * bins).long() - 1).clamp(0, bins - 1)
+    gap = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct - confidence)
+    return float(gap.abs().sum() / len(labels))
+
+
+def _cpu_tensor(values: Any) -> torch.Tensor:
+    return values.detach().cpu() if torch.is_tensor(values) else torch.as_tensor(np.asarray(values))
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import models
 from .cache import CacheError, CacheMeta, CacheReader
 from .dataset import ShardStream, open_caches
-from .evaluate import EvalSetError, evaluate, load_eval_set, plot_curves
+from .evaluate import EvalSetError, evaluate, evaluate_ece, load_eval_set, plot_curves
 from .losses import LOSS_KINDS, TOPK_TAILS, Objective
 from .step import EpochStats, step_on_inputs, train_step
 
@@ -333,6 +333,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
             "train_loss": totals.loss,
             "train_accuracy": totals.accuracy,
             "eval_accuracy": evaluate(student, *eval_set, meta, dist.device) if eval_set and dist.is_main else None,
+            "eval_ece": evaluate_ece(student, *eval_set, meta, dist.device) if eval_set and dist.is_main else None,
             "samples": totals.samples,
             "seconds": seconds,
             "samples_per_s": totals.samples / seconds if seconds else math.nan,
