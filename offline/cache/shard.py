@@ -30,6 +30,7 @@ SHARD_ATTRS = (
     "views_per_id",
     "augment",
     "view_salt",
+    "target_seed",  # of a sampled layout only (CacheMeta.to_dict leaves it out otherwise)
     "chunk_rows",
     "created_at",
 )
