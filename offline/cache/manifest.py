@@ -2,6 +2,10 @@
 
 A reader only reads the shards the manifest lists, so it never sees a half-written file; the
 writer replaces the manifest after a shard is durable under its final name.
+
+A manifest may carry ``provenance``: a JSON object saying where the cache's contents came from
+when it was not filled by a teacher (``cache-convert`` records its source there). Readers that
+do not know the key ignore it; writers keep it when they append.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class ShardInfo:
 class Manifest:
     meta: CacheMeta
     shards: list[ShardInfo]
-    etag: str | None  # the version read, for put_if_match
+    etag: str | None  # the version read, for put_if_match; the sha256 of the manifest's bytes
+    provenance: dict[str, Any] | None = None
 
 
 def load_manifest(storage: Storage) -> Manifest:
@@ -102,10 +107,13 @@ def load_manifest(storage: Storage) -> Manifest:
         raise CacheError(f"{where}: schema version {version} is newer than this reader supports ({SCHEMA_VERSION}); upgrade the package")
     meta = CacheMeta.from_dict(manifest.get("meta", {}), where)
     shards = [ShardInfo.from_manifest(storage, entry, where) for entry in manifest["shards"]]
-    return Manifest(meta, shards, hashlib.sha256(raw_bytes).hexdigest())
+    provenance = manifest.get("provenance")
+    if provenance is not None and not isinstance(provenance, dict):
+        raise CacheError(f"{where}: provenance must be a JSON object, got {type(provenance).__name__}")
+    return Manifest(meta, shards, hashlib.sha256(raw_bytes).hexdigest(), provenance)
 
 
-def manifest_bytes(meta: CacheMeta, shards: list[ShardInfo]) -> bytes:
+def manifest_bytes(meta: CacheMeta, shards: list[ShardInfo], provenance: dict[str, Any] | None = None) -> bytes:
     payload = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -113,5 +121,6 @@ def manifest_bytes(meta: CacheMeta, shards: list[ShardInfo]) -> bytes:
         "shards": [s.to_manifest() for s in shards],
         "num_samples": sum(s.num_samples for s in shards),
         "updated_at": now(),
+        **({"provenance": provenance} if provenance is not None else {}),
     }
     return (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode("utf-8")

@@ -74,6 +74,8 @@ class CacheReader:
         self.directory = Path(self.storage.location)
         manifest = load_manifest(self.storage)
         self.meta = manifest.meta
+        self.manifest_sha256 = manifest.etag  # of the manifest this reader opened
+        self.provenance = manifest.provenance
         self.skipped: list[tuple[str, str]] = []
         self.shards: list[ShardInfo] = []
         for info in manifest.shards:

@@ -51,6 +51,7 @@ class CacheWriter:
         max_samples: int = DEFAULT_SHARD_SAMPLES,
         max_bytes: int = DEFAULT_SHARD_BYTES,
         compression: str | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be >= 1")
@@ -61,6 +62,9 @@ class CacheWriter:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.compression = compression
+        # Where the rows came from, when not from a teacher (manifest.py); kept from an existing
+        # manifest unless given.
+        self.provenance = provenance
         self._shards: list[ShardInfo] = []
         # Rows are numbered across the published shards in manifest order, then the open shard,
         # so that a cache hit can be read back without scanning.
@@ -91,6 +95,8 @@ class CacheWriter:
             manifest = load_manifest(storage)
             self._check_compatible(manifest.meta, storage.where(MANIFEST_NAME))
             listed = manifest.shards
+            if self.provenance is None:
+                self.provenance = manifest.provenance
         else:
             listed = []
         for name in storage.partial_puts():
@@ -368,5 +374,7 @@ class CacheWriter:
 
     def _write_manifest(self) -> None:
         self.storage.put(
-            MANIFEST_NAME, manifest_bytes(self.meta, self._shards), crash_points=(faults.MANIFEST_TMP_WRITTEN, faults.MANIFEST_REPLACED)
+            MANIFEST_NAME,
+            manifest_bytes(self.meta, self._shards, self.provenance),
+            crash_points=(faults.MANIFEST_TMP_WRITTEN, faults.MANIFEST_REPLACED),
         )
