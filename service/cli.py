@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pydantic import ValidationError
 
 from ..offline.cache import CacheError
+from ..offline.cache.layout import make_layout
 from ..offline.malloc import tune_malloc
 from .settings import ENV_PREFIX, ServeSettings
 
@@ -73,6 +74,13 @@ def serve_parser() -> argparse.ArgumentParser:
     a("--input-scale", type=float, metavar="S", help="multiply inputs by S first, e.g. 0.00392156862745098 (1/255) for uint8 images")
     a("--num-classes", type=int, metavar="C", help="classes, when the weights do not say")
     a("--logits-dtype", choices=("float32", "float16"), help="dtype of the cached logits (default float32)")
+    a(
+        "--targets",
+        metavar="LAYOUT",
+        help="what the cache keeps of each output: full (default), topk:K (the K largest logits and the tail's mass) or "
+        "sampled:N (the counts of N classes drawn from the soft targets); the sparse ones at the serving temperature",
+    )
+    a("--target-seed", type=int, metavar="N", help="salt of sampled:N's draws, recorded in the cache (default: the cache's, else 0)")
     a("--views", type=int, metavar="V", help="cache the teacher's outputs on V augmented views of each sample (default 1)")
     a(
         "--augment",
@@ -169,6 +177,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         except PolicyError as exc:
             return fail(PROG, f"--augment: {exc}")
         teacher.serve_views(settings.views, augment, settings.view_salt)
+    try:
+        make_layout(settings.targets, num_classes=teacher.num_classes)
+    except ValueError as exc:
+        return fail(PROG, f"--targets: {exc}")
     try:
         service = TeacherService.open(settings, teacher, api_key)
     except CacheError as exc:

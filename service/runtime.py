@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from ..offline.cache import content_ids
-from ..offline.cache.views import view_seeds
+from ..offline.cache import CacheError, LocalStorage, content_ids
+from ..offline.cache.manifest import load_manifest
+from ..offline.cache.rng import view_seeds
 from .batcher import Batcher
 from .metrics import Metrics
 from .protocol import DecodedRequest, decode_request, encode_response
@@ -91,8 +92,9 @@ class TeacherService:
         """Open the cache for ``teacher`` as the settings say (raises ``CacheError`` for a cache of
         another teacher, ``OSError`` for one it cannot open) and build the service around it."""
         metrics = Metrics()
+        meta = teacher.cache_meta(settings.logits_dtype, settings.targets, _target_seed(settings))
         store = CacheStore(
-            settings.cache, teacher.cache_meta(settings.logits_dtype), durable=settings.ack == "durable",
+            settings.cache, meta, durable=settings.ack == "durable",
             max_shard_samples=settings.shard_samples, max_shard_bytes=int(settings.shard_mb * (1 << 20)), on_write=metrics.observe_write,
         )  # fmt: skip
         try:
@@ -202,3 +204,14 @@ class TeacherService:
         if write.exception() is not None:
             self.metrics.errors.labels(kind="buffered_write").inc()
             log.error("a buffered write was lost: %s", write.exception())
+
+
+def _target_seed(settings: ServeSettings) -> int:
+    """``--target-seed``, else the one the cache records (a restart keeps drawing from the
+    cache's stream), else 0."""
+    if settings.target_seed is not None:
+        return settings.target_seed
+    try:
+        return load_manifest(LocalStorage(settings.cache)).meta.target_seed
+    except CacheError:  # no cache yet (or one the writer will refuse with its own message)
+        return 0

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ..offline.cache.layout import parse_targets
+
 ENV_PREFIX = "TEACHER_SERVE_"
 
 
@@ -44,6 +46,10 @@ class ServeSettings(BaseSettings):
     input_scale: float | None = Field(None, gt=0)
     num_classes: int | None = Field(None, ge=1)
     logits_dtype: Literal["float32", "float16"] = "float32"
+    targets: str = Field("full", description="the cache's target layout: full, topk:K or sampled:N")
+    target_seed: int | None = Field(
+        None, ge=0, lt=1 << 63, description="salt of sampled:N's draws, recorded in the cache (default: the cache's, else 0)"
+    )
     views: int = Field(1, ge=1, le=4096, description="augmented views of each sample, made on the device")
     augment: str | None = Field(
         None, description="the views' policy: random-crop:P, random-crop-flip:P, random-resized-crop, module:factory"
@@ -58,6 +64,12 @@ class ServeSettings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     _split_lists = field_validator("teacher", "weights", "input_shape", mode="before")(_split)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: str) -> str:
+        name, size = parse_targets(value)  # a ValueError names the forms
+        return name if size is None else f"{name}:{size}"
 
     @property
     def max_body_bytes(self) -> int:

@@ -188,12 +188,14 @@ class Teacher:
             self.forward(zeros, seeds)
 
     # -- metadata ---------------------------------------------------------------------------
-    def cache_meta(self, logits_dtype: str = "float32") -> CacheMeta:
+    def cache_meta(self, logits_dtype: str = "float32", targets: str = "full", target_seed: int = 0) -> CacheMeta:
+        """The metadata of the cache this teacher fills; ValueError for targets it cannot hold."""
         return CacheMeta(
             teacher_fingerprint=self.fingerprint, teacher_name=self.name, num_classes=self.num_classes,
             input_shape=self.contract.input_shape, input_dtype=self.contract.input_dtype, preprocessing=self.contract.preprocessing,
             serving_temperature=self.serving_temperature, temperature_rule=self.combiner.temperature_rule, logits_dtype=logits_dtype,
             views_per_id=self.views, augment=self.augment.describe() if self.augment is not None else None, view_salt=self.view_salt,
+            logits_layout=targets, target_seed=target_seed,
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:

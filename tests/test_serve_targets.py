@@ -1,0 +1,140 @@
+"""teacher-serve --targets topk:K|sampled:N, end to end: a real server writes a compressed cache
+directly, answers dense soft targets computed from the full logits, keeps its draw seed across
+restarts, refuses another layout on the same cache, and offline-distill trains on the cache
+with no further option."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from conftest import BIN
+
+from kdcache.offline import models
+from kdcache.offline.cache import CacheMeta, CacheReader
+from kdcache.offline.cache.rng import draw_seeds
+from kdcache.service.client import TeacherClient
+from kdcache.service.launch import ServeProcess
+
+SHAPE, CLASSES, T = (1, 8, 8), 10, 2.0
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    model = models.build("mlp-small", SHAPE, CLASSES).eval()
+    meta = CacheMeta("0" * 64, "mlp-small", CLASSES, SHAPE, "float32")
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(models.student_record("mlp-small", model, meta, temperature=1.0, alpha=1.0), path)
+    return model, path
+
+
+def transfer_set(path, n: int = 40) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(0)
+    x = rng.random((n, *SHAPE), dtype=np.float32)
+    ids = [f"img-{i}" for i in range(n)]
+    np.savez(path, inputs=x, labels=rng.integers(0, CLASSES, n), ids=np.array(ids))
+    return x, ids
+
+
+def serve_args(teacher_pt, cache, *extra) -> list[str]:
+    return ["--teacher", str(teacher_pt), "--cache", str(cache), "--device", "cpu", "--temperature", str(T), *extra]
+
+
+def push(url: str, data) -> None:
+    result = subprocess.run(
+        [str(BIN / "teacher-push"), "--url", url, "--data", str(data), "--batch-size", "16"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("targets", ["topk:5", "sampled:16"])
+def test_serve_writes_a_compressed_cache_and_answers_dense_soft_targets(tmp_path, teacher, targets):
+    model, teacher_pt = teacher
+    x, ids = transfer_set(tmp_path / "transfer.npz")
+    cache = tmp_path / "cache"
+    with ServeProcess(serve_args(teacher_pt, cache, "--targets", targets, "--target-seed", "9"), tmp_path / "serve.log") as server:
+        server.wait_ready()
+        push(server.url, tmp_path / "transfer.npz")
+        with TeacherClient(server.url) as client:
+            fresh = client.infer(x[:2], ids=["new-0", "new-1"], outputs=("soft_targets",))
+            hit = client.infer(x[:2], ids=ids[:2], outputs=("soft_targets",))
+    with torch.no_grad():
+        teacher_logits = model(torch.from_numpy(x)).numpy()
+    expected = torch.softmax(torch.from_numpy(teacher_logits[:2]) / T, -1).numpy()
+    assert fresh.cache_hits == 0 and hit.cache_hits == 2
+    np.testing.assert_allclose(fresh.soft_targets, expected, atol=1e-6)  # dense, from the full logits
+    np.testing.assert_allclose(hit.soft_targets.sum(-1), 1.0, rtol=1e-5)  # dense, from what the cache keeps
+
+    reader = CacheReader(cache)
+    assert reader.meta.logits_layout == targets and reader.meta.serving_temperature == T
+    assert reader.meta.target_seed == (9 if targets.startswith("sampled") else 0)  # recorded only where draws use it
+    layout = reader.meta.layout
+    stored = reader.read(("ids", *layout.fields(CLASSES)))
+    order = np.argsort(stored["ids"].astype(str))
+    rows = [ids.index(i) for i in stored["ids"][order] if i in ids]
+    direct = layout.encode(teacher_logits[rows], draw_seeds(9, [ids[r] for r in rows], 1)[:, 0])
+    for name, values in direct.items():
+        kept = stored[name][order][np.isin(stored["ids"][order], ids)]
+        np.testing.assert_allclose(kept.astype(np.float64), values.astype(np.float64), rtol=1e-5, atol=1e-5, err_msg=name)
+
+    inspect = json.loads(
+        subprocess.run([str(BIN / "cache-inspect"), str(cache), "--json"], capture_output=True, text=True, check=True).stdout
+    )
+    assert inspect["logits_layout"] == targets
+    run = subprocess.run(
+        [str(BIN / "offline-distill"), "--cache", str(cache), "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress", "--no-export"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["temperature"] == T
+
+
+@pytest.mark.slow
+def test_a_restart_keeps_the_draw_seed_and_another_layout_is_refused(tmp_path, teacher):
+    _, teacher_pt = teacher
+    cache = tmp_path / "cache"
+    with ServeProcess(serve_args(teacher_pt, cache, "--targets", "sampled:4", "--target-seed", "9"), tmp_path / "serve.log") as server:
+        server.wait_ready()
+        assert server.stop() == 0
+    with ServeProcess(serve_args(teacher_pt, cache, "--targets", "sampled:4"), tmp_path / "serve2.log") as server:
+        server.wait_ready()  # no --target-seed: the cache's
+        assert server.stop() == 0
+    assert CacheReader(cache).meta.target_seed == 9
+    for other in (
+        ["--targets", "topk:2"],
+        [],
+        ["--targets", "sampled:4", "--target-seed", "3"],
+        ["--targets", "sampled:4", "--temperature", "1"],
+    ):
+        args = serve_args(teacher_pt, cache, *other)
+        if "--temperature" in other:
+            args = args[:-4] + other  # the last --temperature wins anyway; keep one
+        result = subprocess.run([str(BIN / "teacher-serve"), *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "refusing to start" in result.stderr, (other, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        ("topk:10", "--targets: topk:10 needs K < C, the teacher's 10 classes"),
+        ("topk:0", "--targets: topk:K needs K >= 1"),
+        ("sampled:0", "--targets: sampled:N needs N >= 1"),
+        ("ranked:2", "--targets: Value error, unknown target layout 'ranked:2'"),
+        ("topk:two", "needs an integer K"),
+    ],
+)
+def test_bad_targets_are_refused_in_one_line_and_write_nothing(tmp_path, teacher, targets, message):
+    _, teacher_pt = teacher
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [str(BIN / "teacher-serve"), *serve_args(teacher_pt, cache, "--targets", targets)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert lines and message in lines[-1] and "Traceback" not in result.stderr, result.stderr
+    assert not cache.exists()
