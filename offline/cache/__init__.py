@@ -19,10 +19,10 @@ Each shard holds N samples in four public datasets:
 and records the teacher and the input contract in its attributes (see ``SHARD_ATTRS``).
 
 Room for later versions without rewriting old shards: every shard carries
-``schema_version``, ``logits_layout`` ("full" today; "topk" will store ``topk_values`` and
-``topk_indices`` [N, K] instead of ``logits``) and ``views_per_id`` (1 today; more will add a
-``view`` [N] dataset and make (id, view) the unique key). Readers refuse layouts they do not
-know with a message instead of misreading them.
+``schema_version``, ``logits_layout`` (``full``; ``topk:K`` and ``sampled:N`` store their
+own datasets in place of ``logits``: ``layout.py``) and ``views_per_id`` (a cache of views
+adds ``view_seeds`` [N, V] and a view axis to the layout's datasets). Readers refuse layouts
+they do not know with a message instead of misreading them.
 
 Chunking: every dataset is chunked by whole rows, with the same number of rows per chunk
 (``chunk_rows``, stored as an attribute). The row count is picked so that a chunk of
@@ -35,7 +35,8 @@ The package, one module per job (docs/architecture.md):
 
     contract       CacheMeta, Preprocessing, CacheError: what a cache holds (numpy only)
     ids            normalize_ids, content_ids (numpy only)
-    layout         TargetLayout and FullLogits: the teacher's outputs as stored (numpy only)
+    layout         TargetLayout, FullLogits, TopK, Sampled: the teacher's outputs as stored (numpy only)
+    rng            seeds named by (salt, id, index) and Philox4x32-10 (numpy only)
     keys           RowIndex: id -> global row (numpy only)
     storage        Storage and LocalStorage: list, open, atomic put, put_if_match, lease
     manifest       manifest.json and ShardInfo
@@ -53,7 +54,7 @@ from typing import Any
 from .contract import FORMAT_NAME, SCHEMA_VERSION, TEMPERATURE_RULES, CacheError, CacheMeta, Preprocessing
 from .faults import CRASH_POINTS, crash_point
 from .ids import content_ids, normalize_ids
-from .layout import LAYOUTS, LOGITS_DTYPES, FullLogits, TargetLayout, make_layout
+from .layout import LAYOUTS, LOGITS_DTYPES, FullLogits, Sampled, TargetLayout, TopK, make_layout, parse_targets
 from .manifest import MANIFEST_NAME, ShardInfo
 from .storage import LOCK_NAME, LocalStorage, Storage
 from .transfer_set import read_transfer_set
@@ -82,6 +83,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CRASH_POINTS", "FORMAT_NAME", "LAYOUTS", "LOCK_NAME", "LOGITS_DTYPES", "MANIFEST_NAME", "SCHEMA_VERSION", "SHARD_ATTRS",
     "TEMPERATURE_RULES", "CacheError", "CacheMeta", "CacheReader", "CacheWriter", "FullLogits", "LocalStorage", "Preprocessing",
-    "ShardHandle", "ShardInfo", "Storage", "TargetLayout", "content_ids", "crash_point", "make_layout", "normalize_ids",
+    "Sampled", "ShardHandle", "ShardInfo", "Storage", "TargetLayout", "TopK", "parse_targets", "content_ids", "crash_point", "make_layout", "normalize_ids",
     "read_shard_meta", "read_transfer_set",
 ]  # fmt: skip
