@@ -132,6 +132,8 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
 def inspect_summary(reader: CacheReader) -> dict[str, Any]:
     meta = reader.meta
     samples = reader.num_samples
+    target_bytes = meta.layout.row_bytes(meta.num_classes)
+    full_bytes = 4 * meta.num_classes * meta.views_per_id  # what full float32 logits of every view take
     return {
         "directory": str(reader.directory),
         "schema_version": meta.schema_version,
@@ -149,12 +151,34 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
         "views_per_id": meta.views_per_id,
         "augment": meta.augment,
         "logits_layout": meta.logits_layout,
+        "target_bytes_per_sample": target_bytes,
+        "full_float32_bytes_per_sample": full_bytes,
+        "target_fraction_of_full_float32": target_bytes / full_bytes,
+        "target_seed": meta.target_seed if meta.layout.randomized else None,
+        "provenance": reader.provenance,
         "bytes": reader.total_bytes,
         "bytes_per_sample": reader.total_bytes / samples if samples else None,
         "label_coverage": reader.label_coverage(),
         "unlisted_files": reader.unlisted_files(),
         "journal_samples": pending_samples(reader.directory, meta),
     }
+
+
+def describe_provenance(provenance: dict[str, Any]) -> str:
+    """One line for a cache's provenance (manifest.py): the tool and the source it read."""
+    tool = " ".join(str(provenance[key]) for key in ("tool", "version") if provenance.get(key)) or "an unnamed tool"
+    source = provenance.get("source")
+    if not isinstance(source, dict):
+        return f"written by {tool}"
+    sha = str(source.get("manifest_sha256") or "")
+    samples = source.get("samples")
+    return (
+        f"converted by {tool} from {source.get('directory', '?')} ({source.get('logits_layout', '?')} {source.get('logits_dtype', '?')}"
+        + (f", {samples:,} samples" if isinstance(samples, int) else "")
+        + (f", manifest sha256 {sha[:12]}…" if sha else "")
+        + ")"
+        + (f" at {provenance['converted_at']}" if provenance.get("converted_at") else "")
+    )
 
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:
@@ -209,6 +233,14 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
                     f"views            {summary['views_per_id']} per sample, replayed from their seeds; "
                     f"policy {policy['name']}{f' ({params})' if params else ''}, version {policy['version']}"
                 )
+            print(
+                f"target bytes     {summary['target_bytes_per_sample']:,}/sample, "
+                f"{summary['target_fraction_of_full_float32']:.1%} of full float32 ({summary['full_float32_bytes_per_sample']:,})"
+            )
+            if summary["target_seed"] is not None:
+                print(f"target seed      {summary['target_seed']} (the salt of the sampled draws)")
+            if summary["provenance"]:
+                print(f"provenance       {describe_provenance(summary['provenance'])}")
             rule = "soft targets valid at any T" if summary["temperature_rule"] == "any" else "soft targets exact only at this T"
             print(f"serving T        {summary['serving_temperature']} ({rule})")
             print(f"size             {summary['bytes']:,} bytes" + (f", {bps:,.1f} bytes/sample" if bps else ""))
