@@ -5,9 +5,11 @@
 2. start ``teacher-serve`` on a free loopback port and wait until it is ready;
 3. ``teacher-push`` the transfer set (the train split, with only ``--transfer-fraction`` of its
    labels kept: the paper's section 6 setting) in binary mode, then stop the server (SIGTERM);
-4. ``offline-distill`` the same student twice per seed: distilled, and on the labels alone
-   (``--alpha 0``), each evaluated on the test split;
-5. print a table, write ``summary.json`` and ``curves.png``.
+4. ``cache-convert`` the cache into a copy that keeps only the teacher's top 2 logits per sample
+   and the tail's mass (``--targets topk:2``);
+5. ``offline-distill`` the same student three times per seed: distilled, distilled from the
+   topk:2 copy, and on the labels alone (``--alpha 0``), each evaluated on the test split;
+6. print a table, write ``summary.json`` and ``curves.png``.
 
 Every tool runs as its own process, as a user would run it. The defaults below were chosen on a
 validation split carved out of the train split (``python -m kdcache.demo.sweep``), never on the test split.
@@ -53,8 +55,10 @@ TOOLS = {
     "teacher-serve": "service.cli:serve_main",
     "teacher-push": "service.client:push_main",
     "offline-distill": "offline.cli:distill_main",
+    "cache-convert": "offline.convert:main",
 }
-ARMS = {"labels_only": "labels only (alpha 0)", "distilled": "distilled"}
+ARMS = {"labels_only": "labels only (alpha 0)", "distilled": "distilled", "distilled_topk2": "distilled, topk:2 cache"}
+COMPRESSED_TARGETS = "topk:2"  # what the distilled_topk2 arm's cache keeps (cache-convert --targets)
 
 
 class StepError(Exception):
@@ -214,7 +218,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=LR, help="student learning rate (AdamW, cosine)")
     p.add_argument("--student", default=STUDENT, help="a built-in student of offline-distill, or module:factory")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="distillation (and serving) temperature T")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="weight of the soft term in the distilled arm")
+    p.add_argument("--alpha", type=float, default=ALPHA, help="weight of the soft term in the distilled arms")
     p.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument(
@@ -269,7 +273,7 @@ def prepare_out(out: Path) -> dict[str, Path]:
     """The demo's paths under ``out``; what an earlier run left there is removed first."""
     paths = {
         "teacher": out / "teacher.pt", "transfer": out / "transfer.npz", "test": out / "test.npz", "cache": out / "cache",
-        "runs": out / "runs", "logs": out / "logs", "summary": out / "summary.json", "curves": out / "curves.png",
+        "cache_topk2": out / "cache-top2", "runs": out / "runs", "logs": out / "logs", "summary": out / "summary.json", "curves": out / "curves.png",
     }  # fmt: skip
     for path in paths.values():
         if path.is_dir():
@@ -387,19 +391,38 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.stop()  # a no-op once stopped; after a failed step, the server must not outlive the demo
 
-    reader = CacheReader(paths["cache"])
-    cache = {
-        "samples": reader.num_samples, "shards": len(reader.shards), "bytes": reader.total_bytes,
-        "bytes_per_sample": reader.total_bytes / max(reader.num_samples, 1), "label_coverage": reader.label_coverage(),
-    }  # fmt: skip
+    def describe_cache(directory: Path) -> dict[str, Any]:
+        reader = CacheReader(directory)
+        meta = reader.meta
+        return {
+            "targets": meta.logits_layout, "samples": reader.num_samples, "shards": len(reader.shards), "bytes": reader.total_bytes,
+            "bytes_per_sample": reader.total_bytes / max(reader.num_samples, 1), "label_coverage": reader.label_coverage(),
+            "target_bytes_per_sample": meta.layout.row_bytes(meta.num_classes),
+            "full_float32_target_bytes_per_sample": 4 * meta.num_classes * meta.views_per_id,
+        }  # fmt: skip
+
+    cache = describe_cache(paths["cache"])
     if cache["samples"] != len(state["y_train"]):
         raise StepError(
             "push", f"{paths['cache']} holds {cache['samples']} samples, expected the {len(state['y_train'])} of the train split"
         )
 
+    def compress() -> str:
+        run_tool(
+            "convert",
+            "cache-convert",
+            [str(paths["cache"]), str(paths["cache_topk2"]), "--targets", COMPRESSED_TARGETS, "--no-progress"],
+            paths["logs"] / "cache-convert.log",
+        )
+        return last_line(paths["logs"] / "cache-convert.log").removeprefix("cache-convert: ")
+
+    steps.run("convert", f"cache-convert: the cache's teacher logits to {COMPRESSED_TARGETS} targets", compress)
+    compressed_cache = describe_cache(paths["cache_topk2"])
+
     arms: dict[str, dict[str, Any]] = {
         key: {"alpha": 0.0 if key == "labels_only" else args.alpha, "accuracies": [], "curves": []} for key in ARMS
     }
+    caches = {key: paths["cache_topk2"] if key == "distilled_topk2" else paths["cache"] for key in ARMS}
 
     # The students are tiny: on the CPU one thread beats several (no OpenMP spin-waiting), the more
     # so on a machine shared with other work. OMP_NUM_THREADS set by the user wins.
@@ -408,7 +431,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     def distill(key: str, seed: int) -> str:
         arm, run_dir = arms[key], paths["runs"] / f"{key}-seed{seed}"
         distill_args = [
-            "--cache", str(paths["cache"]), "--student", args.student, "--epochs", str(args.epochs), "--lr", str(args.lr),
+            "--cache", str(caches[key]), "--student", args.student, "--epochs", str(args.epochs), "--lr", str(args.lr),
             "--seed", str(seed), "--temperature", str(args.temperature), "--alpha", str(arm["alpha"]), "--eval", str(paths["test"]),
             "--out", str(run_dir), "--device", device, "--no-export", "--no-progress",
         ]  # fmt: skip
@@ -437,36 +460,47 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "data": {"train_samples": len(state["y_train"]), "labelled_train_samples": state["labelled"], "test_samples": len(state["y_test"])},
         "teacher": state["teacher"],
         "cache": cache,
+        "compressed_cache": compressed_cache,
         "arms": {key: {k: v for k, v in arm.items() if k != "curves"} for key, arm in arms.items()},
         "gain": arms["distilled"]["mean"] - arms["labels_only"]["mean"],
         "seconds": steps.seconds,
-        "files": {"summary": str(paths["summary"]), "curves": str(paths["curves"]), "cache": str(paths["cache"]), "runs": str(paths["runs"])},
+        "files": {"summary": str(paths["summary"]), "curves": str(paths["curves"]), "cache": str(paths["cache"]),
+                  "compressed_cache": str(paths["cache_topk2"]), "runs": str(paths["runs"])},
     }  # fmt: skip
     paths["summary"].write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    s, arms, cache = summary["settings"], summary["arms"], summary["cache"]
+    s, arms, cache, compressed = summary["settings"], summary["arms"], summary["cache"], summary["compressed_cache"]
     seconds = summary["seconds"]
+
+    def student(key: str) -> str:
+        arm = arms[key]
+        accuracy = (
+            f"{s['student']}, test accuracy {arm['mean']:.4f} ± {arm['std']:.4f}  ({', '.join(f'{a:.4f}' for a in arm['accuracies'])})"
+        )
+        if key != "distilled_topk2":
+            return accuracy
+        target, full = compressed["target_bytes_per_sample"], compressed["full_float32_target_bytes_per_sample"]
+        return f"{accuracy}; targets {target:,} bytes/sample, {target / full:.0%} of full float32 ({full:,})"
+
     rows = [
         ("teacher", f"{summary['teacher']['arch']}, test accuracy {summary['teacher']['test_accuracy']:.4f}"),
-        *(
-            (
-                f"student, {ARMS[key]}",
-                f"{s['student']}, test accuracy {arms[key]['mean']:.4f} ± {arms[key]['std']:.4f}  "
-                f"({', '.join(f'{a:.4f}' for a in arms[key]['accuracies'])})",
-            )
-            for key in ("labels_only", "distilled")
-        ),  # fmt: skip
+        *((f"student, {ARMS[key]}", student(key)) for key in ARMS),
         ("gain from the teacher", f"{summary['gain']:+.4f}"),
         (
             "labels kept",
             f"{summary['data']['labelled_train_samples']} of {summary['data']['train_samples']} ({s['transfer_fraction']:.0%})",
         ),
         ("cache", f"{cache['samples']:,} samples, {cache['bytes']:,} bytes, {cache['bytes_per_sample']:,.1f} bytes/sample"),
+        (
+            f"{compressed['targets']} cache",
+            f"{compressed['samples']:,} samples, {compressed['bytes']:,} bytes, {compressed['bytes_per_sample']:,.1f} bytes/sample "
+            "(cache-convert, no teacher)",
+        ),
         *(
-            [("views", f"{s['views']} per sample by {s['augment']}, replayed from their seeds in both arms")] if s.get("augment") else []
+            [("views", f"{s['views']} per sample by {s['augment']}, replayed from their seeds in every arm")] if s.get("augment") else []
         ),  # fmt: skip
         (
             "settings",
