@@ -293,3 +293,15 @@ def test_journal_replay_and_any_batching_give_the_same_sampled_targets(tmp_path)
     replayed, direct = CacheReader(tmp_path / "replayed").read(fields), CacheReader(tmp_path / "direct").read(fields)
     for name in fields:
         np.testing.assert_array_equal(replayed[name], direct[name])
+
+
+def test_numpys_philox_gives_the_bits_of_the_split_products_that_torch_uses():
+    from kdcache.offline.cache.rng import philox, philox4x32
+
+    seeds = np.random.default_rng(0).integers(0, 1 << 63, size=(64, 1), dtype=np.int64)
+    counters = np.arange(9, dtype=np.int64)[None, :]
+    zero = seeds & 0
+    split = philox4x32((counters + zero, zero, zero, zero), (seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF))
+    for fast, reference, on_torch in zip(philox(seeds, counters), split, philox(torch.from_numpy(seeds), torch.from_numpy(counters))):
+        np.testing.assert_array_equal(fast, reference)
+        np.testing.assert_array_equal(on_torch.numpy(), reference)

@@ -205,17 +205,27 @@ class TopK(_Sparse):
         logits = np.asarray(logits, dtype=np.float32)
         rows, classes = logits.shape
         k = self.size
-        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(logits, top, axis=1), axis=1, kind="stable"), axis=1)
+        top = np.argpartition(logits, classes - k, axis=1)[:, classes - k :]
         values = np.take_along_axis(logits, top, axis=1)
-        scaled = logits.astype(np.float64) / self.temperature
-        rest = scaled.copy()
-        np.put_along_axis(rest, top, -np.inf, axis=1)
-        tail = _logsumexp(rest) - _logsumexp(scaled)
+        order = np.argsort(-values, axis=1, kind="stable")
+        top, values = np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
+        # The tail's mass is summed directly (not 1 - the head's), so a tiny tail keeps its digits.
+        weights = np.exp((logits - values[:, :1]) / np.float32(self.temperature))
+        total = weights.sum(axis=1, dtype=np.float64)
+        np.put_along_axis(weights, top, 0.0, axis=1)
+        rest = weights.sum(axis=1, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            tail = np.log(rest) - np.log(total)
+        underflow = ~np.isfinite(tail)
+        if underflow.any():  # a tail below float32's range: the same in float64
+            scaled = logits[underflow].astype(np.float64) / self.temperature
+            masked = scaled.copy()
+            np.put_along_axis(masked, top[underflow], -np.inf, axis=1)
+            tail[underflow] = _logsumexp(masked) - _logsumexp(scaled)
         return {
             "topk_values": values.astype(self.dtype),
             "topk_indices": top.astype(index_dtype(classes)),
-            "tail_logmass": tail.astype(np.float32),
+            "tail_logmass": np.maximum(tail, np.finfo(np.float32).min).astype(np.float32),
         }
 
     def log_probs(self, fields: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -279,19 +289,17 @@ class Sampled(_Sparse):
 
     def draws(self, logits: np.ndarray, seeds: np.ndarray) -> np.ndarray:
         """The N drawn classes [B, N] of each row."""
-        logits = np.asarray(logits, dtype=np.float64)
+        logits = np.asarray(logits, dtype=np.float32)
         rows, classes = logits.shape
-        scaled = logits / self.temperature
-        probs = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-        cdf = np.cumsum(probs, axis=1)
-        cdf /= cdf[:, -1:]
+        weights = np.exp((logits - logits.max(axis=1, keepdims=True)) / np.float32(self.temperature))
+        cdf = np.cumsum(weights, axis=1, dtype=np.float64)  # unnormalised: the draws are scaled instead
         seeds = np.asarray(seeds, dtype=np.int64).reshape(rows, 1)
         words = philox(seeds, np.arange(self.size, dtype=np.int64)[None, :])
-        uniform = uniform53(words[0], words[1])  # [B, N]
-        # One sorted search over all rows: row r's CDF is shifted into [r, r + 1].
-        offsets = np.arange(rows, dtype=np.float64)[:, None]
-        flat = np.searchsorted((cdf + offsets).ravel(), (uniform + offsets).ravel(), side="right")
-        return np.minimum(flat.reshape(rows, self.size) - np.arange(rows)[:, None] * classes, classes - 1)
+        targets = uniform53(words[0], words[1]) * cdf[:, -1:]  # [B, N], in [0, total)
+        drawn = np.empty((rows, self.size), dtype=np.int64)
+        for row in range(rows):
+            drawn[row] = np.searchsorted(cdf[row], targets[row], side="right")
+        return np.minimum(drawn, classes - 1)
 
     def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if seeds is None:
@@ -299,17 +307,19 @@ class Sampled(_Sparse):
         logits = np.asarray(logits)
         rows, classes = logits.shape
         drawn = self.draws(logits, seeds)
-        counts = np.zeros((rows, classes), dtype=np.int64)
-        np.add.at(counts, (np.repeat(np.arange(rows), self.size), drawn.ravel()), 1)
-        width = self.width(classes)
-        order = np.argsort(-counts, axis=1, kind="stable")[:, :width]
-        kept = np.take_along_axis(counts, order, axis=1)
-        order[kept == 0] = 0
+        # Distinct (row, class) pairs and their counts, then each row's most drawn first.
+        keys, counts = np.unique((np.arange(rows, dtype=np.int64)[:, None] * classes + drawn).ravel(), return_counts=True)
+        row_of = keys // classes
+        order = np.lexsort((keys, -counts, row_of))
+        keys, counts, row_of = keys[order], counts[order], row_of[order]
+        slot = np.arange(len(keys)) - np.searchsorted(row_of, row_of)  # position within its row
         fields = self.fields(classes)
-        return {
-            "sample_indices": order.astype(fields["sample_indices"][1]),
-            "sample_counts": kept.astype(fields["sample_counts"][1]),
-        }
+        width = self.width(classes)
+        indices = np.zeros((rows, width), dtype=fields["sample_indices"][1])
+        kept = np.zeros((rows, width), dtype=fields["sample_counts"][1])
+        indices[row_of, slot] = keys - row_of * classes
+        kept[row_of, slot] = counts
+        return {"sample_indices": indices, "sample_counts": kept}
 
     def decode(self, fields: Mapping[str, np.ndarray]) -> np.ndarray:
         """The sample frequencies counts / N; classes never drawn get probability ~1e-38."""

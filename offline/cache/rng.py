@@ -86,10 +86,29 @@ def philox4x32(counter: Sequence[Any], key: Sequence[Any]) -> tuple[Any, Any, An
     return c0, c1, c2, c3
 
 
+def _philox4x32_numpy(counter: Sequence[np.ndarray], key: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """``philox4x32`` with numpy's uint64 products (a 32x32 product fits exactly): the same bits,
+    about three times faster than the split products that torch's int64 needs."""
+    c0, c1, c2, c3 = (np.asarray(c).astype(np.uint64) for c in counter)
+    k0, k1 = (np.asarray(k).astype(np.uint64) for k in key)
+    mask, shift = np.uint64(_MASK32), np.uint64(32)
+    m0, m1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    w0, w1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+    for round_index in range(10):
+        if round_index:
+            k0, k1 = (k0 + w0) & mask, (k1 + w1) & mask
+        p0, p1 = c0 * m0, c2 * m1
+        c0, c1, c2, c3 = (p1 >> shift) ^ c1 ^ k0, p1 & mask, (p0 >> shift) ^ c3 ^ k1, p0 & mask
+    return tuple(c.astype(np.int64) for c in (c0, c1, c2, c3))  # type: ignore[return-value]
+
+
 def philox(seeds: Any, counter: Any) -> tuple[Any, Any, Any, Any]:
     """The four 32-bit words (int64 arrays) for each seed at ``counter`` (broadcast together)."""
     zero = seeds & 0
-    return philox4x32((counter + zero, zero, zero, zero), (seeds & _MASK32, (seeds >> 32) & _MASK32))
+    words = (counter + zero, zero, zero, zero), (seeds & _MASK32, (seeds >> 32) & _MASK32)
+    if isinstance(zero, np.ndarray):
+        return _philox4x32_numpy(*words)  # type: ignore[return-value]
+    return philox4x32(*words)
 
 
 def _to_float(values: Any, numpy_dtype: type, torch_method: str) -> Any:
