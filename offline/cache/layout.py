@@ -292,14 +292,16 @@ class Sampled(_Sparse):
         logits = np.asarray(logits, dtype=np.float32)
         rows, classes = logits.shape
         weights = np.exp((logits - logits.max(axis=1, keepdims=True)) / np.float32(self.temperature))
-        cdf = np.cumsum(weights, axis=1, dtype=np.float64)  # unnormalised: the draws are scaled instead
+        # One CDF through all rows, unnormalised: row r covers [start_r, start_r + total_r), and a
+        # draw u of row r lands where start_r + u * total_r falls: one search for the batch.
+        cdf = np.cumsum(weights.ravel(), dtype=np.float64)
+        ends = cdf[classes - 1 :: classes]
+        starts = np.concatenate(([0.0], ends[:-1]))
         seeds = np.asarray(seeds, dtype=np.int64).reshape(rows, 1)
         words = philox(seeds, np.arange(self.size, dtype=np.int64)[None, :])
-        targets = uniform53(words[0], words[1]) * cdf[:, -1:]  # [B, N], in [0, total)
-        drawn = np.empty((rows, self.size), dtype=np.int64)
-        for row in range(rows):
-            drawn[row] = np.searchsorted(cdf[row], targets[row], side="right")
-        return np.minimum(drawn, classes - 1)
+        targets = starts[:, None] + uniform53(words[0], words[1]) * (ends - starts)[:, None]  # [B, N]
+        first = np.arange(rows, dtype=np.int64)[:, None] * classes
+        return np.clip(np.searchsorted(cdf, targets, side="right") - first, 0, classes - 1)
 
     def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if seeds is None:
