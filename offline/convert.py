@@ -258,7 +258,6 @@ def parser() -> argparse.ArgumentParser:
         description="Re-encode a cache of full logits into topk:K or sampled:N targets (or full logits of another "
         "dtype) without the teacher. Keeps ids, inputs, labels, views, teacher and serving temperature; DST "
         "appears complete or not at all.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("source", metavar="SRC", help="a cache of full logits")
     p.add_argument("destination", metavar="DST", help="a new or an empty directory")
@@ -280,7 +279,7 @@ def parser() -> argparse.ArgumentParser:
         "--verify-checksums",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="check every shard's sha256 before HDF5 reads it (one extra read of SRC)",
+        help="check every shard's sha256 before HDF5 reads it (one extra read of SRC; on by default)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
