@@ -148,6 +148,7 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
         "preprocessing": meta.preprocessing.to_dict(),
         "serving_temperature": meta.serving_temperature,
         "temperature_rule": meta.temperature_rule,
+        "fixed_temperature": meta.layout.fixed_temperature,  # sparse targets: the trainer takes T_s only
         "views_per_id": meta.views_per_id,
         "augment": meta.augment,
         "logits_layout": meta.logits_layout,
@@ -241,7 +242,13 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
                 print(f"target seed      {summary['target_seed']} (the salt of the sampled draws)")
             if summary["provenance"]:
                 print(f"provenance       {describe_provenance(summary['provenance'])}")
-            rule = "soft targets valid at any T" if summary["temperature_rule"] == "any" else "soft targets exact only at this T"
+            rule = (
+                f"{summary['logits_layout']} targets: distilled at this T only"
+                if summary["fixed_temperature"]
+                else "soft targets valid at any T"
+                if summary["temperature_rule"] == "any"
+                else "soft targets exact only at this T"
+            )
             print(f"serving T        {summary['serving_temperature']} ({rule})")
             print(f"size             {summary['bytes']:,} bytes" + (f", {bps:,.1f} bytes/sample" if bps else ""))
             print(f"label coverage   {summary['label_coverage']:.1%}")
