@@ -59,6 +59,11 @@ TARGETS: dict[str, tuple[str, float]] = {
     "views_offline_minus_online": (">=", -0.003),  # bench.views: accuracy from E cached views - online KD (3-seed means)
     "views_serving_vs_raw": (">=", 0.9),  # bench.views: views made on the device ÷ raw forward, inputs/s
     "views_training_vs_memory": (">=", 0.9),  # bench.views: train_step on replayed views ÷ in-memory augmentation
+    "targets_bytes_vs_full": ("<=", 0.1),  # bench.targets: a layout's target bytes per sample ÷ full float32's (100 classes)
+    "targets_accuracy_minus_full": (">=", -0.003),  # bench.targets: its test accuracy - full float32's (3-seed means)
+    "targets_ece_minus_full": ("<=", 0.01),  # bench.targets: its test ECE - full float32's (3-seed means)
+    "targets_training_vs_full": (">=", 0.95),  # bench.targets: train_step steps/s on a sparse cache ÷ on a full one
+    "targets_serving_vs_full": (">=", 0.95),  # bench.targets --service: teacher-serve --targets topk:5 / sampled:16 ÷ full
 }
 YES = {True: "yes", False: "NO", None: "-"}  # a target met, missed, or not measured
 NOISE_LIMIT = 0.05  # share of the machine taken by other processes above which a figure is flagged
@@ -77,7 +82,7 @@ def met(key: str, value: float | None) -> bool | None:
     if value is None:
         return None
     op, bound = TARGETS[key]
-    return value >= bound if op == ">=" else value < bound
+    return {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,16 +416,21 @@ Batches = Callable[[int], Iterator[dict[str, torch.Tensor]]]  # epoch -> that ep
 
 
 class Student:
-    """A student built by the model registry with AdamW at the trainer's defaults, stepped by
-    ``offline-distill``'s ``train_step`` (or ``step_on_inputs`` for batches already
-    preprocessed on the device) with the trainer's objective and running totals."""
+    """A student built by the model registry with AdamW at the trainer's defaults (or the
+    given lr, alpha and temperature, which a sparse cache allows only at its serving
+    temperature), stepped by ``offline-distill``'s ``train_step`` (or ``step_on_inputs`` for
+    batches already preprocessed on the device) with the trainer's objective and running totals."""
 
-    def __init__(self, arch: str, meta: CacheMeta, *, seed: int, device: torch.device, topk_tail: str = "bucket") -> None:
+    def __init__(
+        self, arch: str, meta: CacheMeta, *, seed: int, device: torch.device, topk_tail: str = "bucket",
+        temperature: float | None = None, alpha: float = TRAINER.alpha, lr: float = TRAINER.lr,
+    ) -> None:  # fmt: skip
         torch.manual_seed(seed)
         self.model = models.build(arch, meta.input_shape, meta.num_classes).to(device).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=TRAINER.lr, weight_decay=TRAINER.weight_decay)
-        # the trainer's temperature for this cache: its default, or a sparse cache's serving one
-        self.objective = TrainConfig(caches=[], topk_tail=topk_tail).for_caches([meta]).objective(meta)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=TRAINER.weight_decay)
+        # the trainer's temperature for this cache: ``temperature``, its default, or a sparse cache's serving one
+        config = TrainConfig(caches=[], topk_tail=topk_tail, temperature=temperature, alpha=alpha)
+        self.objective = config.for_caches([meta]).objective(meta)
         self.stats = EpochStats(device)
         self.meta, self.device = meta, device
 

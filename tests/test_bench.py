@@ -65,3 +65,32 @@ def test_views_bench_runs_every_arm():
     assert all(len(arm["accuracies"]) == 1 and 0 <= arm["mean"] <= 1 for arm in arms.values())
     assert arms["distilled, 2 views"]["bytes_per_sample"] > arms["labels only"]["bytes_per_sample"]
     assert result["serving"]["ratio"] > 0 and result["training"]["ratio"] > 0
+
+
+def test_targets_bench_trains_on_every_kind_of_layout():
+    result = run_bench(
+        "targets", "--quick", "--problems", "digits", "--layouts", "full", "topk:2:uniform", "topk:10", "sampled:4",
+        "--epochs", "1", "--temperatures", "2", "--rounds", "1",
+    )  # fmt: skip
+    digits = result["problems"]["digits"]
+    arms = digits["arms"]
+    assert list(arms) == ["full float32", "topk:2 uniform", "sampled:4"]
+    assert "K < C" in digits["skipped"]["topk:10 bucket"]  # 10 classes: no tail would remain
+    # target bytes per sample: 10 float32 logits; 2 values, 2 uint8 indices and the tail; 4 (index, count) uint8 pairs
+    assert [arm["row_bytes"] for arm in arms.values()] == [40, 14, 8]
+    assert digits["serving_temperature"] == 2.0
+    for arm in arms.values():
+        assert len(arm["accuracies"]) == len(arm["eces"]) == 1 and 0 <= arm["accuracy"] <= 1 and 0 <= arm["ece"] <= 1
+    assert 1 <= arms["sampled:4"]["sampled"]["distinct_mean"] <= 4
+    assert result["speed"]["topk:5_vs_full"] > 0 and result["speed"]["sampled:16_vs_full"] > 0
+
+
+def test_targets_bench_serves_every_layout():
+    result = run_bench(
+        "targets", "--service", "--quick", "--teacher-arch", "mlp-small", "--input-shape", "8", "8", "--request-size", "64",
+        "--requests", "2", "--serve-rounds", "1",
+    )  # fmt: skip
+    service = result["service"]
+    assert [len(service["rounds"][spec]) for spec in ("full", "topk:5", "sampled:16")] == [1, 1, 1]
+    assert all(run["cache_matches_acks"] for runs in service["rounds"].values() for run in runs)
+    assert service["topk:5_vs_full"] > 0 and service["sampled:16_vs_full"] > 0
