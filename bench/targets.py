@@ -13,7 +13,7 @@ own process, ABBA rounds). ``--service`` measures instead ``teacher-serve --targ
 and ``--targets sampled:16`` ÷ ``--targets full``, samples/s. The method: docs/benchmarks.md,
 "Compressed targets".
 
-    .venv/bin/python -m bench.targets --json       # about 25 minutes on 2 cores
+    .venv/bin/python -m bench.targets --json       # about 12 minutes on 2 cores
     .venv/bin/python -m bench.targets --quick      # under a minute
     .venv/bin/python -m bench.targets --service    # a few minutes
 """
@@ -63,7 +63,7 @@ QUICK = {
 }  # fmt: skip
 FULL = {
     "seeds": 3, "temperatures": [1.0, 2.0, 4.0, 8.0], "epochs": None, "teacher_epochs": None, "pair_samples": 20000,
-    "pair_eval_samples": 4000, "rounds": 10, "speed_epochs": 1,
+    "pair_eval_samples": 4000, "rounds": 10, "speed_epochs": 3,
     "layouts": ["full", "full:float16", *(f"topk:{k}:{tail}" for k in (1, 2, 5, 10) for tail in TopK.tails),
                 "topk:5:bucket:float16", "topk:10:bucket:float16", "sampled:4", "sampled:16", "sampled:64"],
 }  # fmt: skip
@@ -273,8 +273,8 @@ def choose_temperature(source: CacheReader, problem: Problem, args: argparse.Nam
         for seed in range(args.seeds):
             harness.say(f"{problem.name}: T_s candidate {temperature:g}, seed {seed}")
             runs.append(distil(source, problem, temperature, seed, "bucket", "validation"))
-        validation[temperature] = summarize(runs)
-    chosen = max(args.temperatures, key=lambda t: (validation[t]["accuracy"], -t))
+        validation[f"{temperature:g}"] = summarize(runs)  # keyed as JSON keeps it
+    chosen = max(args.temperatures, key=lambda t: (validation[f"{t:g}"]["accuracy"], -t))
     return {"candidates": args.temperatures, "validation": validation, "chosen": chosen}
 
 
@@ -287,7 +287,10 @@ def accuracy(problem: Problem, arms: list[Arm], root: Path, args: argparse.Names
     with torch.no_grad():
         teacher_scores = scores(teacher(PREPROCESSING.apply(torch.from_numpy(x_test))), y_test)
     source = write_source(root / "source", problem, teacher)
-    temperature = choose_temperature(source, problem, args)
+    if args.skip_accuracy:  # the trainer's speed alone: T_s is the first candidate, no student is trained here
+        temperature, arms = {"candidates": args.temperatures[:1], "validation": {}, "chosen": args.temperatures[0]}, []
+    else:
+        temperature = choose_temperature(source, problem, args)
     t_s = temperature["chosen"]
     full_bytes = source.meta.layout.row_bytes(problem.classes)
     results: dict[str, Any] = {}
@@ -312,12 +315,15 @@ def accuracy(problem: Problem, arms: list[Arm], root: Path, args: argparse.Names
             "spec": arm.spec, "dtype": arm.dtype, "tail": arm.tail if arm.spec.startswith("topk") else None,
             "row_bytes": row_bytes, "bytes_vs_full": row_bytes / full_bytes, **summarize(runs),
             "sampled": sampled_rows(reader) if arm.spec.startswith("sampled") else None,
+            "tail_mass": float(np.exp(reader.read(("tail_logmass",))["tail_logmass"]).mean()) if arm.spec.startswith("topk") else None,
         }  # fmt: skip
     splits = {split: len(y) for split, (_, y) in problem.splits.items()}
+    soft_targets = torch.softmax(torch.from_numpy(source.read(("logits",))["logits"]) / t_s, dim=-1)
     return {
         "classes": problem.classes, "input_shape": list(problem.input_shape), "splits": splits, "epochs": problem.epochs,
         "teacher": {"arch": TEACHER["arch"], "epochs": problem.teacher_epochs, "seconds": teacher_s, **teacher_scores},
         "temperature": temperature, "serving_temperature": t_s, "full_row_bytes": full_bytes, "arms": results, "skipped": skipped,
+        "teacher_top1_mass": float(soft_targets.max(dim=-1).values.mean()),  # on the transfer set, at T_s
     }  # fmt: skip
 
 
@@ -343,7 +349,7 @@ def training_speed(source: CacheReader, t_s: float, root: Path, args: argparse.N
         caches[kind] = (
             source.directory if kind == "full" else write_layout(root / f"speed-{kind.replace(':', '-')}", source, meta).directory
         )
-    side_args = argparse.Namespace(**{**vars(args), "student": RECIPE["student"], "batch_size": RECIPE["batch_size"], "seed": 0,
+    side_args = argparse.Namespace(**{**vars(args), "student": args.speed_student, "batch_size": RECIPE["batch_size"], "seed": 0,
                                       "side_temperature": t_s})  # fmt: skip
     commands = {kind: harness.side_command("targets", kind, caches[kind], side_args, SIDE_OPTIONS) for kind in SIDES}
     env = {"OMP_NUM_THREADS": str(args.speed_threads)} if args.speed_threads else None
@@ -362,7 +368,7 @@ def training_speed(source: CacheReader, t_s: float, root: Path, args: argparse.N
     out: dict[str, Any] = {
         "samples": source.num_samples,
         "batch_size": RECIPE["batch_size"],
-        "student": RECIPE["student"],
+        "student": args.speed_student,
         "threads": args.speed_threads or "torch's default",
         "rounds": rounds,
     }
@@ -483,6 +489,7 @@ def goals(problems: dict[str, Any], speed: dict[str, Any] | None) -> dict[str, A
                 calibration[name] = {
                     "topk": nearest, "bytes": arm["row_bytes"], "topk_bytes": topk[nearest]["row_bytes"], "ece": arm["ece"],
                     "topk_ece": topk[nearest]["ece"], "sampled_better": arm["ece"] < topk[nearest]["ece"],
+                    "ece_std": arm["ece_std"], "topk_ece_std": topk[nearest]["ece_std"],
                 }  # fmt: skip
         out["pairs_sampled_vs_topk_calibration"] = calibration
     if digits and "full float32" in digits["arms"]:
@@ -508,16 +515,20 @@ def report(result: dict[str, Any]) -> None:
     for name, problem in result["problems"].items():
         t = problem["temperature"]
         print(f"\n{name}: C={problem['classes']}, inputs uint8 {problem['input_shape']}, splits {problem['splits']}, "
-              f"{problem['epochs']} epochs; teacher test accuracy {problem['teacher']['accuracy']:.4f}, ECE {problem['teacher']['ece']:.4f}")  # fmt: skip
+              f"{problem['epochs']} epochs; teacher test accuracy {problem['teacher']['accuracy']:.4f}, ECE {problem['teacher']['ece']:.4f}; "
+              f"its mean top-1 probability on the transfer set at T_s {problem['teacher_top1_mass']:.4f}")  # fmt: skip
+        if not problem["arms"]:
+            print(f"--skip-accuracy: T_s={t['chosen']:g}, no layout trained")
+            continue
         print("T_s on the validation split (full float32): "
-              + ", ".join(f"T={c:g} {t['validation'][c]['accuracy']:.4f}" for c in t["candidates"]) + f"; chosen T_s={t['chosen']:g}")  # fmt: skip
+              + ", ".join(f"T={c:g} {t['validation'][f'{c:g}']['accuracy']:.4f}" for c in t["candidates"]) + f"; chosen T_s={t['chosen']:g}")  # fmt: skip
         full = problem["arms"].get("full float32")
         harness.table(
             [("layout", ""), ("B/sample", ",d"), ("÷ full", ".3f"), ("accuracy", ""), ("Δ points", "+.2f"), ("ECE", ""),
-             ("Δ ECE", "+.4f"), ("distinct/row", ".2f"), ("variable B", ".1f"), ("train s", ".1f")],
+             ("Δ ECE", "+.4f"), ("tail mass", ".4f"), ("distinct/row", ".2f"), ("variable B", ".1f"), ("train s", ".1f")],
             [[arm_name, a["row_bytes"], a["bytes_vs_full"], f"{a['accuracy']:.4f} ± {a['accuracy_std']:.4f}",
               (a["accuracy"] - full["accuracy"]) * 100 if full else None, f"{a['ece']:.4f} ± {a['ece_std']:.4f}",
-              a["ece"] - full["ece"] if full else None, a["sampled"]["distinct_mean"] if a["sampled"] else None,
+              a["ece"] - full["ece"] if full else None, a["tail_mass"], a["sampled"]["distinct_mean"] if a["sampled"] else None,
               a["sampled"]["variable_bytes"] if a["sampled"] else None, a["seconds"]] for arm_name, a in problem["arms"].items()],
         )  # fmt: skip
         for arm_name, why in problem["skipped"].items():
@@ -546,8 +557,8 @@ def print_goals(goals: dict[str, Any]) -> None:
             print(f"    {name}: {g['bytes_vs_full']:.3f} of the bytes, {g['accuracy_minus_full'] * 100:+.2f} points ({harness.YES[g['accuracy_met']]}), "
                   f"ECE {g['ece_minus_full']:+.4f} ({harness.YES[g['ece_met']]})")  # fmt: skip
     for name, c in goals.get("pairs_sampled_vs_topk_calibration", {}).items():
-        print(f"  digit pairs, {name} ({c['bytes']} B) ECE {c['ece']:.4f} against {c['topk']} ({c['topk_bytes']} B) {c['topk_ece']:.4f}: "
-              f"sampled better calibrated: {harness.YES[c['sampled_better']]}")  # fmt: skip
+        print(f"  digit pairs, {name} ({c['bytes']} B) ECE {c['ece']:.4f} ± {c['ece_std']:.4f} against {c['topk']} ({c['topk_bytes']} B) "
+              f"{c['topk_ece']:.4f} ± {c['topk_ece_std']:.4f}: sampled better calibrated: {harness.YES[c['sampled_better']]}")  # fmt: skip
     digits = goals.get("digits_smallest_within")
     if digits:
         print(f"  digits, the smallest layout within 0.3 points of full: {digits['arm']} ({digits['row_bytes']} B)"
@@ -576,6 +587,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="ABBA rounds of the trainer's speed")
     p.add_argument("--speed-epochs", type=int, default=None, help="epochs per timed side in a round")
     p.add_argument("--skip-speed", action="store_true", help="no trainer speed measurement")
+    p.add_argument("--skip-accuracy", action="store_true",
+                   help="the trainer's speed alone: the teacher and its cache, T_s = the first of --temperatures, no arm trained")  # fmt: skip
+    p.add_argument("--speed-student", default=RECIPE["student"], help="the student of both speed sides (default: the recipe's)")
     p.add_argument("--speed-threads", type=int, default=None, help="OMP_NUM_THREADS of the speed sides (default: torch's default)")
     p.add_argument("--shuffle-buffer", type=int, default=DEFAULT_SHUFFLE_BUFFER)
     p.add_argument("--threads", type=int, default=1,
