@@ -4,8 +4,10 @@ A reader only reads the shards the manifest lists, so it never sees a half-writt
 writer replaces the manifest after a shard is durable under its final name.
 
 A manifest may carry ``provenance``: a JSON object saying where the cache's contents came from
-when it was not filled by a teacher (``cache-convert`` records its source there). Readers that
-do not know the key ignore it; writers keep it when they append.
+when it was not filled by a teacher (``cache-convert`` records its source there), and
+``label_names``: the name of each label index, ``label_names[i]`` for label ``i``, as the
+transfer set's source named its classes (an image folder's class folders, a Parquet or Hugging
+Face ClassLabel). Readers that do not know a key ignore it; writers keep both when they append.
 """
 
 from __future__ import annotations
@@ -69,6 +71,38 @@ class Manifest:
     shards: list[ShardInfo]
     etag: str | None  # the version read, for put_if_match; the sha256 of the manifest's bytes
     provenance: dict[str, Any] | None = None
+    label_names: list[str] | None = None
+
+
+def check_label_names(names: Any, where: str) -> list[str]:
+    """``names`` as a list of distinct non-empty strings, or a CacheError naming ``where``."""
+    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+        raise CacheError(f"{where}: label_names must be a list of non-empty strings, got {names!r:.200}")
+    if len(set(names)) != len(names):
+        duplicate = next(name for i, name in enumerate(names) if name in names[:i])
+        raise CacheError(f"{where}: label_names names {duplicate!r} more than once")
+    return names
+
+
+def merge_label_names(recorded: list[str] | None, given: list[str], where: str) -> list[str]:
+    """The names that agree with both ``recorded`` and ``given``: they agree when every label
+    index they both name has the same name, so one may extend the other (a source that lacks the
+    last classes). A CacheError names the first index that differs."""
+    if recorded is None:
+        return given
+    for index, (old, new) in enumerate(zip(recorded, given, strict=False)):
+        if old != new:
+            raise CacheError(
+                f"{where}: label {index} is named {new!r}, but the cache's label_names name it {old!r} "
+                f"({describe_label_names(recorded)}): the two sources number their classes differently"
+            )
+    return given if len(given) > len(recorded) else recorded
+
+
+def describe_label_names(names: list[str], limit: int = 10) -> str:
+    """``0=cat, 1=dog, …``: the first ``limit`` names with their indices, and how many more."""
+    shown = ", ".join(f"{index}={name}" for index, name in enumerate(names[:limit]))
+    return shown + (f", … ({len(names) - limit} more, {len(names)} in all)" if len(names) > limit else "")
 
 
 def load_manifest(storage: Storage) -> Manifest:
@@ -110,10 +144,15 @@ def load_manifest(storage: Storage) -> Manifest:
     provenance = manifest.get("provenance")
     if provenance is not None and not isinstance(provenance, dict):
         raise CacheError(f"{where}: provenance must be a JSON object, got {type(provenance).__name__}")
-    return Manifest(meta, shards, hashlib.sha256(raw_bytes).hexdigest(), provenance)
+    label_names = manifest.get("label_names")
+    if label_names is not None:
+        check_label_names(label_names, where)
+    return Manifest(meta, shards, hashlib.sha256(raw_bytes).hexdigest(), provenance, label_names)
 
 
-def manifest_bytes(meta: CacheMeta, shards: list[ShardInfo], provenance: dict[str, Any] | None = None) -> bytes:
+def manifest_bytes(
+    meta: CacheMeta, shards: list[ShardInfo], provenance: dict[str, Any] | None = None, label_names: list[str] | None = None
+) -> bytes:
     payload = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -122,5 +161,6 @@ def manifest_bytes(meta: CacheMeta, shards: list[ShardInfo], provenance: dict[st
         "num_samples": sum(s.num_samples for s in shards),
         "updated_at": now(),
         **({"provenance": provenance} if provenance is not None else {}),
+        **({"label_names": label_names} if label_names is not None else {}),
     }
     return (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode("utf-8")

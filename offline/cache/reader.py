@@ -76,6 +76,7 @@ class CacheReader:
         self.meta = manifest.meta
         self.manifest_sha256 = manifest.etag  # of the manifest this reader opened
         self.provenance = manifest.provenance
+        self.label_names = manifest.label_names  # label i is label_names[i]; None when the manifest names none
         self.skipped: list[tuple[str, str]] = []
         self.shards: list[ShardInfo] = []
         for info in manifest.shards:

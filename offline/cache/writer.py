@@ -22,7 +22,17 @@ from . import faults
 from .contract import FORMAT_NAME, WRITER_FIELDS, CacheError, CacheMeta
 from .ids import normalize_ids
 from .keys import RowIndex
-from .manifest import MANIFEST_NAME, SHARD_PATTERN, ShardInfo, load_manifest, manifest_bytes, now, shard_name
+from .manifest import (
+    MANIFEST_NAME,
+    SHARD_PATTERN,
+    ShardInfo,
+    check_label_names,
+    load_manifest,
+    manifest_bytes,
+    merge_label_names,
+    now,
+    shard_name,
+)
 from .reader import open_storage, read_rows
 from .rng import draw_seeds, view_seeds
 from .shard import STRING_DTYPE, ShardHandle, decode_ids, encode_attrs, read_shard_meta
@@ -52,6 +62,7 @@ class CacheWriter:
         max_bytes: int = DEFAULT_SHARD_BYTES,
         compression: str | None = None,
         provenance: dict[str, Any] | None = None,
+        label_names: list[str] | None = None,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be >= 1")
@@ -65,6 +76,8 @@ class CacheWriter:
         # Where the rows came from, when not from a teacher (manifest.py); kept from an existing
         # manifest unless given.
         self.provenance = provenance
+        # The name of each label index (manifest.py); merged with an existing manifest's.
+        self.label_names = None if label_names is None else self._checked_label_names(label_names)
         self._shards: list[ShardInfo] = []
         # Rows are numbered across the published shards in manifest order, then the open shard,
         # so that a cache hit can be read back without scanning.
@@ -91,12 +104,16 @@ class CacheWriter:
     # -- start-up ---------------------------------------------------------------------------
     def _recover(self) -> None:
         storage = self.storage
+        recorded_names = None
         if storage.exists(MANIFEST_NAME):
             manifest = load_manifest(storage)
             self._check_compatible(manifest.meta, storage.where(MANIFEST_NAME))
             listed = manifest.shards
             if self.provenance is None:
                 self.provenance = manifest.provenance
+            recorded_names = manifest.label_names
+            if recorded_names is not None:
+                self.label_names = merge_label_names(recorded_names, self.label_names or [], storage.where(MANIFEST_NAME))
         else:
             listed = []
         for name in storage.partial_puts():
@@ -113,7 +130,7 @@ class CacheWriter:
         for info in self._shards:
             self._rows.add(read_rows(info, ("ids",))["ids"].tolist())
         self._rows.seal()
-        if adopted or not storage.exists(MANIFEST_NAME):
+        if adopted or not storage.exists(MANIFEST_NAME) or self.label_names != recorded_names:
             self._write_manifest()
 
     def _check_compatible(self, existing: CacheMeta, where: str) -> None:
@@ -145,6 +162,28 @@ class CacheWriter:
     def lookup(self, ids: Any) -> np.ndarray:
         """Global row of each id (published or in the open shard), -1 where the id is absent."""
         return self._rows.lookup(ids)
+
+    def record_label_names(self, names: list[str]) -> bool:
+        """Merge ``names`` (label ``i`` is ``names[i]``) into the manifest's ``label_names``, and
+        replace the manifest when that changed them. A CacheError when they conflict with the
+        recorded ones (``merge_label_names``) or name more labels than the cache has classes;
+        an OSError when the manifest cannot be written. Returns whether the manifest changed."""
+        merged = merge_label_names(self.label_names, self._checked_label_names(names), self.storage.where(MANIFEST_NAME))
+        if merged == self.label_names:
+            return False
+        previous, self.label_names = self.label_names, merged
+        try:
+            self._write_manifest()
+        except BaseException:
+            self.label_names = previous
+            raise
+        return True
+
+    def _checked_label_names(self, names: Any) -> list[str]:
+        names = check_label_names(list(names) if isinstance(names, tuple) else names, "label_names")
+        if len(names) > self.meta.num_classes:
+            raise CacheError(f"label_names: {len(names)} names, but the cache has {self.meta.num_classes} classes")
+        return names
 
     def read_logits(self, rows: np.ndarray) -> np.ndarray:
         """The stored targets of global ``rows`` (from ``lookup``), decoded by the layout into
@@ -375,6 +414,6 @@ class CacheWriter:
     def _write_manifest(self) -> None:
         self.storage.put(
             MANIFEST_NAME,
-            manifest_bytes(self.meta, self._shards, self.provenance),
+            manifest_bytes(self.meta, self._shards, self.provenance, self.label_names),
             crash_points=(faults.MANIFEST_TMP_WRITTEN, faults.MANIFEST_REPLACED),
         )
