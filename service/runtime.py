@@ -19,11 +19,11 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..offline.cache import CacheError, LocalStorage, content_ids
-from ..offline.cache.manifest import load_manifest
+from ..offline.cache.manifest import load_manifest, merge_label_names
 from ..offline.cache.rng import view_seeds
 from .batcher import Batcher
 from .metrics import Metrics
-from .protocol import DecodedRequest, decode_request, encode_response
+from .protocol import DecodedRequest, ProtocolError, decode_request, encode_response
 from .settings import ServeSettings
 from .signature import InferBatch, ModelSpec, model_metadata, validate
 from .store import CacheStore
@@ -131,6 +131,7 @@ class TeacherService:
             "max_batch": self.settings.max_batch,
             "cache_samples": self.store.num_samples,
             "teacher": self.teacher.describe(),
+            "label_names": self.store.label_names,
         }
         return model_metadata(self.settings.model_name, self.spec, parameters)
 
@@ -148,6 +149,8 @@ class TeacherService:
         batch = validate(decoded, self.spec)
         if not self.ready:
             raise ServiceUnavailable("the teacher is still warming up")
+        if batch.label_names is not None:
+            await self._label_names(batch.label_names, batch.store)
         logits, hits = await self._logits(batch)
         n = len(logits)
         self.metrics.samples.inc(n)
@@ -159,6 +162,17 @@ class TeacherService:
             outputs.append((requested.name, values, requested.binary))
         parameters = {"cache_hits": hits, "cache_misses": n - hits, "temperature": batch.temperature, "stored": batch.store}
         return encode_response(self.settings.model_name, decoded.id, parameters, outputs)
+
+    async def _label_names(self, names: list[str], store: bool) -> None:
+        """Check the request's label names against the cache's, and record them (durably, in the
+        manifest) before any of its samples is answered. A conflict is a 422, like any request
+        the cache cannot take."""
+        try:
+            if merge_label_names(self.store.label_names, names, "label_names") == self.store.label_names or not store:
+                return  # known already (every request of a push after its first), or nothing will be stored
+            await asyncio.wrap_future(self.store.record_label_names(names))
+        except CacheError as exc:
+            raise ProtocolError(422, None, str(exc)) from None
 
     def _view_seeds(self, ids: np.ndarray) -> np.ndarray:
         meta = self.store.meta

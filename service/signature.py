@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..offline.cache import normalize_ids
+from ..offline.cache import CacheError, normalize_ids
+from ..offline.cache.manifest import check_label_names
 from .protocol import HEADER_LENGTH, DecodedRequest, ProtocolError, RequestedOutput
 from .wire import BYTES, WIRE_DATATYPES, datatype_of
 
@@ -59,6 +60,13 @@ PARAMETERS = {  # JSON schemas of the request parameters; others are ignored
     "temperature": {"type": "number", "exclusiveMinimum": 0, "description": "softmax temperature of soft_targets"},
     "store": {"type": "boolean", "description": "append the samples to the cache (default true)"},
     "binary_data_output": {"type": "boolean"},  # read by the codec: outputs in binary unless asked otherwise
+    "label_names": {
+        "type": "array",
+        "items": {"type": "string", "minLength": 1},
+        "uniqueItems": True,
+        "description": "the name of each label index (label i is label_names[i]); recorded once in the cache's manifest, "
+        "and a request whose names conflict with the recorded ones is refused (422)",
+    },
 }
 INPUT_NAMES = tuple(t.name for t in INPUTS)
 OUTPUT_NAMES = tuple(t.name for t in OUTPUTS)
@@ -77,6 +85,7 @@ class InferBatch:
     temperature: float
     store: bool
     outputs: list[RequestedOutput]
+    label_names: list[str] | None = None  # the request's label_names parameter, checked; None when absent
 
 
 def _check_vector(name: str, array: np.ndarray, datatype: str, batch: int) -> None:
@@ -165,6 +174,10 @@ def validate(request: DecodedRequest, spec: ModelSpec) -> InferBatch:
     if not isinstance(store, bool):
         raise ProtocolError(422, "store", f"must be true or false, got {store!r}")
 
+    label_names = _label_names(request.parameters.get("label_names"), spec)
+    if label_names is not None and labels is not None and int(labels.max()) >= len(label_names):
+        raise ProtocolError(422, "label", f"value {int(labels.max())} has no name: label_names names {len(label_names)} labels")
+
     if request.outputs is None:
         outputs = [RequestedOutput(name, request.binary_output_default) for name in OUTPUT_NAMES]
     else:
@@ -172,7 +185,19 @@ def validate(request: DecodedRequest, spec: ModelSpec) -> InferBatch:
             if out.name not in OUTPUT_NAMES:
                 raise ProtocolError(422, out.name, f"unknown output (the model has {', '.join(OUTPUT_NAMES)})")
         outputs = list(request.outputs)
-    return InferBatch(inputs, ids, labels, temperature, store, outputs)
+    return InferBatch(inputs, ids, labels, temperature, store, outputs, label_names)
+
+
+def _label_names(raw: Any, spec: ModelSpec) -> list[str] | None:
+    if raw is None:
+        return None
+    try:
+        names = check_label_names(raw, "label_names")
+    except CacheError as exc:
+        raise ProtocolError(422, None, str(exc)) from None
+    if len(names) > spec.num_classes:
+        raise ProtocolError(422, "label_names", f"{len(names)} names, but the model has {spec.num_classes} classes")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ Every cache operation of the service goes through ``CacheStore``'s single thread
   before writing them to the open shard with ``CacheWriter.append``. The returned future
   resolves after that, so a request acknowledged in ``durable`` mode survives ``kill -9``.
 * ``lookup`` finds which ids the cache already has and reads their logits back.
+* ``record_label_names`` merges a request's label names into the manifest's ``label_names``
+  (``CacheWriter.record_label_names``); the future resolves once the manifest holding them is
+  durable, or fails with ``CacheError`` when they conflict with the recorded ones.
 
 Whenever everything in the journal is in published shards, the journal is emptied. On start,
 the journal a crash left behind is replayed into the cache and published first.
@@ -57,7 +60,7 @@ class Recovery:
 
 @dataclass
 class _Task:
-    kind: str  # "write", "lookup" or "stop"
+    kind: str  # "write", "lookup", "label_names" or "stop"
     args: tuple[Any, ...] = ()
     future: Future = field(default_factory=Future)
 
@@ -126,6 +129,21 @@ class CacheStore:
         self._tasks.put(task)
         return task.future
 
+    def record_label_names(self, names: list[str]) -> Future:
+        """Queue ``names`` for the manifest; the future gives whether the manifest changed. The
+        writer thread merges them, so two requests racing with conflicting names cannot both be
+        recorded. Never blocks."""
+        if self._closed or self.broken is not None:
+            raise StoreError(f"the cache writer is {'stopped' if self._closed else 'broken: ' + str(self.broken)}", status=503)
+        task = _Task("label_names", (names,))
+        self._tasks.put(task)
+        return task.future
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """The label names the manifest records now (read on any thread)."""
+        return self.writer.label_names
+
     def known(self, ids: np.ndarray) -> bool:
         """Whether any of ``ids`` may be in the cache, answered on the caller's thread (a dict
         lookup, safe under the GIL), so that requests of new samples skip the writer thread's
@@ -174,6 +192,8 @@ class CacheStore:
             for task in group:
                 if task.kind == "lookup":
                     self._lookup(task)
+                elif task.kind == "label_names":
+                    self._record_label_names(task)
             stop = next((t for t in group if t.kind == "stop"), None)
             if stop is not None:
                 self._shutdown(stop)
@@ -185,6 +205,15 @@ class CacheStore:
             rows = self.writer.lookup(ids)
             task.future.set_result((rows, self.writer.read_logits(rows[rows >= 0])))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+            task.future.set_exception(exc)
+
+    def _record_label_names(self, task: _Task) -> None:
+        try:
+            task.future.set_result(self.writer.record_label_names(*task.args))
+        except OSError as exc:
+            status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+            task.future.set_exception(StoreError(f"cannot record label_names in the cache's manifest ({exc})", status=status))
+        except BaseException as exc:  # noqa: BLE001 - a CacheError (a conflict) or a bug, handed to the waiting request
             task.future.set_exception(exc)
 
     def _write_group(self, writes: list[_Task]) -> None:
