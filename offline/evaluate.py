@@ -3,6 +3,7 @@ input contract, the accuracy and calibration of a student on it, and the curves 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,24 @@ import torch
 from torch import nn
 
 from .cache import CacheMeta, CacheReader, read_transfer_set
+from .cache.sources import SampleSpec, detect_kind, open_source
 
 
 class EvalSetError(Exception):
     """An eval set that does not fit the cache, explained in one line."""
 
 
-def load_eval_set(path: str, meta: CacheMeta) -> tuple[torch.Tensor, torch.Tensor]:
-    """An ``.npz`` with ``inputs`` and ``labels``, or a cache directory, checked against ``meta``."""
-    arrays = CacheReader(path).read(("inputs", "labels")) if Path(path).is_dir() else read_transfer_set(path)
+def load_eval_set(path: str, meta: CacheMeta, label_names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ``.npz`` with ``inputs`` and ``labels``, a cache directory, or any other transfer set
+    ``open_source`` reads (an image folder, Parquet, a saved Hugging Face dataset, ...) made to
+    fit the cache's input contract, checked against ``meta``. ``label_names``: the cache's class
+    names, through which a source that names its classes maps its labels."""
+    if Path(path).is_dir() and detect_kind(path) is None:  # a cache, or a directory CacheReader explains
+        arrays = CacheReader(path).read(("inputs", "labels"))
+    elif Path(path).suffix.lower() == ".npz":
+        arrays = read_transfer_set(path)
+    else:
+        arrays = _read_source(path, meta, label_names)
     inputs = arrays["inputs"]
     if tuple(inputs.shape[1:]) != meta.input_shape:
         raise EvalSetError(f"{path}: inputs have sample shape {list(inputs.shape[1:])}, the cache's are {list(meta.input_shape)}")
@@ -31,6 +41,17 @@ def load_eval_set(path: str, meta: CacheMeta) -> tuple[torch.Tensor, torch.Tenso
     if len(labels) == 0 or (labels < 0).any() or (labels >= meta.num_classes).any():
         raise EvalSetError(f"{path}: labels must be known and lie in [0, {meta.num_classes - 1}]")
     return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(labels)
+
+
+def _read_source(path: str, meta: CacheMeta, label_names: Sequence[str] | None) -> dict[str, np.ndarray]:
+    """The whole of a transfer set in memory (eval sets are small), without labels when it has none."""
+    spec = SampleSpec(meta.input_shape, meta.input_dtype, meta.num_classes)
+    batches = list(open_source(path, spec, label_names=label_names).batches(1024))
+    if not batches:
+        raise EvalSetError(f"{path}: holds no samples")
+    labels = np.concatenate([batch.labels for batch in batches])
+    inputs = np.concatenate([batch.inputs for batch in batches])
+    return {"inputs": inputs, "labels": labels} if (labels >= 0).any() else {"inputs": inputs}
 
 
 @torch.no_grad()
