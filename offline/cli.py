@@ -11,6 +11,7 @@ from typing import Any
 
 from .cache import CacheError, CacheReader
 from .cache.layout import TopK
+from .cache.manifest import describe_label_names
 from .journal import pending_samples
 from .malloc import tune_malloc
 
@@ -160,6 +161,7 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
         "bytes": reader.total_bytes,
         "bytes_per_sample": reader.total_bytes / samples if samples else None,
         "label_coverage": reader.label_coverage(),
+        "label_names": reader.label_names,
         "unlisted_files": reader.unlisted_files(),
         "journal_samples": pending_samples(reader.directory, meta),
     }
@@ -252,6 +254,8 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             print(f"serving T        {summary['serving_temperature']} ({rule})")
             print(f"size             {summary['bytes']:,} bytes" + (f", {bps:,.1f} bytes/sample" if bps else ""))
             print(f"label coverage   {summary['label_coverage']:.1%}")
+            if summary["label_names"] is not None:
+                print(f"label names      {describe_label_names(summary['label_names'])}")
             if summary["unlisted_files"]:
                 print(f"not published    {', '.join(summary['unlisted_files'])} (left by an interrupted writer; ignored)")
             if summary["journal_samples"]:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from . import models
 from .cache import CacheError, CacheMeta, CacheReader
+from .cache.manifest import describe_label_names, merge_label_names
 from .dataset import ShardStream, open_caches
 from .evaluate import EvalSetError, evaluate, evaluate_ece, load_eval_set, plot_curves
 from .losses import LOSS_KINDS, TOPK_TAILS, Objective
@@ -155,6 +156,19 @@ def setup_distributed(device: str) -> Dist:
     )
 
 
+def cache_label_names(readers: list[CacheReader]) -> list[str] | None:
+    """The label names the caches record (their manifests' ``label_names``), merged: caches
+    that number their classes differently cannot be trained on together."""
+    names = None
+    for reader in readers:
+        if reader.label_names is not None:
+            try:
+                names = merge_label_names(names, reader.label_names, str(reader.directory))
+            except CacheError as exc:
+                raise TrainError(f"{exc}; the caches cannot be trained on together") from None
+    return names
+
+
 def default_workers(total_bytes: int) -> int:
     """DataLoader worker processes when ``--workers`` is not given, from the caches' size."""
     return 0 if total_bytes < AUTO_WORKERS_BYTES else 2
@@ -247,6 +261,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     for reader in readers:
         for name, problem in reader.skipped:
             log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)
+    label_names = cache_label_names(readers)
     eval_set = load_eval_set(cfg.eval_path, meta) if cfg.eval_path else None
 
     out = Path(cfg.out)
@@ -295,6 +310,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         f"from {len(stream.shards)} shard(s), teacher {meta.teacher_name} {meta.teacher_fingerprint[:12]}, "
         f"T={cfg.temperature} alpha={cfg.alpha}, device {dist.device}, {dist.world_size} process(es)"
     )
+    if label_names is not None:
+        log(f"labels: {describe_label_names(label_names)}")
     if meta.temperature_rule == "serving" and cfg.temperature != meta.serving_temperature:
         # Such a cache stores T_s*log(mean of the members' probabilities at T_s): exact only at T_s.
         log(
@@ -349,15 +366,16 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         if dist.world_size > 1:
             torch.distributed.barrier()
 
-    summary = run_summary(cfg, student, meta, readers, history, dist)
+    summary = run_summary(cfg, student, meta, readers, history, dist, label_names)
     if dist.is_main:
         write_outputs(cfg, student, meta, out, history, summary, log)
     return summary
 
 
 def run_summary(
-    cfg: TrainConfig, student: nn.Module, meta: CacheMeta, readers: list[CacheReader], history: list[dict[str, Any]], dist: Dist
-) -> dict[str, Any]:
+    cfg: TrainConfig, student: nn.Module, meta: CacheMeta, readers: list[CacheReader], history: list[dict[str, Any]], dist: Dist,
+    label_names: list[str] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """What metrics.json holds."""
     train_seconds = sum(h["seconds"] for h in history)
     train_samples = sum(h["samples"] for h in history)
@@ -381,6 +399,7 @@ def run_summary(
         "serving_temperature": meta.serving_temperature,
         "alpha": cfg.alpha,
         "caches": [str(r.directory) for r in readers],
+        "label_names": label_names,
         "world_size": dist.world_size,
         "device": str(dist.device),
         **cfg.extra,
