@@ -262,7 +262,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         for name, problem in reader.skipped:
             log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)
     label_names = cache_label_names(readers)
-    eval_set = load_eval_set(cfg.eval_path, meta) if cfg.eval_path else None
+    eval_set = load_eval_set(cfg.eval_path, meta, label_names=label_names) if cfg.eval_path else None
 
     out = Path(cfg.out)
     checkpoint_path = out / CHECKPOINT_NAME
