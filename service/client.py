@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import functools
 import os
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -28,7 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..offline.cache import CacheError, normalize_ids, read_transfer_set
-from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request
+from ..offline.cache.manifest import merge_label_names
+from ..offline.cache.sources import ON_ERROR, RESIZE_MODES, SampleSpec, Source, open_source
+from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request, numpy_dtype
 
 RETRY_STATUSES = (429, 503)
 BACKOFF_BASE_S = 0.25
@@ -58,6 +62,7 @@ class PushSummary:
     seconds: float
     requests: int
     retries: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason) the source could not read
 
     @property
     def samples_per_s(self) -> float:
@@ -67,7 +72,26 @@ class PushSummary:
         return (
             f"{self.samples} samples, {self.cache_hits} hits, {self.cache_misses} misses, {self.seconds:.1f} s, "
             f"{self.samples_per_s:.0f} samples/s ({self.requests} requests, {self.retries} retries)"
+            + (f", {len(self.skipped)} skipped: {describe_skipped(self.skipped)}" if self.skipped else "")
         )
+
+
+@dataclass
+class PushBatch:
+    inputs: np.ndarray
+    ids: Any  # None: the server keys the samples by their content
+    labels: Any  # None: unknown
+
+
+def describe_skipped(skipped: Sequence[tuple[str, str]], limit: int = 3) -> str:
+    """The first ``limit`` skipped items with their reasons, and how many more."""
+    named = "; ".join(f"{item} ({_one_line(reason, 120)})" for item, reason in skipped[:limit])
+    return named + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
+
+
+def _check_push_options(batch_size: int, concurrency: int) -> None:
+    if batch_size < 1 or concurrency < 1:
+        raise ClientError(f"batch_size and concurrency must be at least 1, got {batch_size} and {concurrency}")
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -85,6 +109,22 @@ def retry_after_seconds(value: str | None) -> float | None:
     if seconds != seconds:  # NaN
         return None
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+def sample_spec_of(metadata: dict[str, Any], where: str) -> SampleSpec:
+    """What one sample must be, from v2 model metadata: the input tensor's shape (less the batch
+    axis) and datatype, and the class count of the soft_targets output (its last axis)."""
+    try:
+        tensor = next(t for t in metadata["inputs"] if t["name"] == "input")
+        shape = tuple(int(dim) for dim in tensor["shape"][1:])
+        dtype = numpy_dtype("input", tensor["datatype"])
+        output = next(t for t in metadata["outputs"] if t["name"] == "soft_targets")
+        num_classes = int(output["shape"][-1])
+    except (KeyError, TypeError, ValueError, IndexError, StopIteration, ProtocolError) as exc:
+        raise ClientError(f"{where}: model metadata lacks the input tensor or the soft_targets output ({exc!r:.200})") from None
+    if dtype is None or not shape or min(shape) < 1:
+        raise ClientError(f"{where}: model input is {tensor['datatype']} {list(tensor['shape'])}, not fixed-shape numbers")
+    return SampleSpec(input_shape=shape, input_dtype=dtype.name, num_classes=num_classes)
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -189,6 +229,10 @@ class TeacherClient:
             raise ClientError(f"{self.url}{self._model_path}: model metadata is not a JSON object")
         return metadata
 
+    def sample_spec(self) -> SampleSpec:
+        """What one sample must be for this model (``sample_spec_of`` its metadata)."""
+        return sample_spec_of(self.metadata(), f"{self.url}{self._model_path}")
+
     # -- inference ------------------------------------------------------------------------------
 
     def infer(
@@ -216,6 +260,7 @@ class TeacherClient:
         store: bool,
         outputs: Sequence[str] | None,
         binary: bool,
+        label_names: list[str] | None = None,
     ) -> tuple[InferResult, int]:
         inputs = np.asarray(inputs)
         tensors: list[tuple[str, np.ndarray]] = [("input", inputs)]
@@ -230,6 +275,8 @@ class TeacherClient:
             parameters: dict[str, Any] = {"store": store}
             if temperature is not None:
                 parameters["temperature"] = float(temperature)
+            if label_names is not None:
+                parameters["label_names"] = list(label_names)
             requested = None if outputs is None else [RequestedOutput(name, binary) for name in outputs]
             body, headers = encode_request(tensors, parameters=parameters, outputs=requested, binary=binary)
         except ValueError as exc:  # ids, labels or an input dtype the protocol cannot carry
@@ -259,10 +306,10 @@ class TeacherClient:
         temperature: float | None = None,
         progress: bool = True,
     ) -> PushSummary:
-        """Send every sample (store=true) in batches from ``concurrency`` threads; stops at the
-        first request that fails for good. Re-pushing what is cached already costs only hits."""
-        if batch_size < 1 or concurrency < 1:
-            raise ClientError(f"batch_size and concurrency must be at least 1, got {batch_size} and {concurrency}")
+        """Send every sample of in-memory arrays (store=true) in batches from ``concurrency``
+        threads; stops at the first request that fails for good. Re-pushing what is cached
+        already costs only hits."""
+        _check_push_options(batch_size, concurrency)
         inputs = np.asarray(inputs)
         count = len(inputs)
         try:
@@ -270,31 +317,71 @@ class TeacherClient:
         except ValueError as exc:
             raise ClientError(f"ids: {exc}") from None
         labels = None if labels is None else np.asarray(labels)
-        batches = iter(range(0, count, batch_size))
+        batches = (
+            PushBatch(
+                inputs[start : start + batch_size],
+                None if ids is None else ids[start : start + batch_size],
+                None if labels is None else labels[start : start + batch_size],
+            )
+            for start in range(0, count, batch_size)
+        )
+        return self._push(batches, count, concurrency=concurrency, temperature=temperature, progress=progress)
+
+    def push_source(
+        self, source: Source, *, batch_size: int = 256, concurrency: int = 4, temperature: float | None = None, progress: bool = True
+    ) -> PushSummary:
+        """Stream a ``Source`` (kdcache.offline.cache.sources) to the service as ``push`` sends
+        arrays: the source decodes batch by batch, so at most the window of requests in flight
+        is held, never the whole set. Every request carries the source's ``label_names``, which
+        the service records in the cache's manifest (and refuses when they conflict with the
+        recorded ones). The summary lists the items the source skipped."""
+        _check_push_options(batch_size, concurrency)
+        batches = (PushBatch(batch.inputs, batch.ids, batch.labels) for batch in source.batches(batch_size))
+        summary = self._push(
+            batches, len(source), concurrency=concurrency, temperature=temperature, progress=progress,
+            label_names=source.label_names, skipped=source.skipped,
+        )  # fmt: skip
+        summary.skipped = list(source.skipped)
+        return summary
+
+    def _push(
+        self,
+        batches: Iterator[PushBatch],
+        total: int,
+        *,
+        concurrency: int,
+        temperature: float | None,
+        progress: bool,
+        label_names: list[str] | None = None,
+        skipped: Sequence[Any] = (),  # grows while ``batches`` runs; counted on the progress bar
+    ) -> PushSummary:
+        """The one push loop: a bounded window of requests in flight, filled from ``batches``
+        on this thread as requests complete (so a source decodes while the server works)."""
         summary = PushSummary(samples=0, cache_hits=0, cache_misses=0, seconds=0.0, requests=0, retries=0)
         started = time.perf_counter()
 
-        def send(start: int) -> tuple[InferResult, int]:
-            stop = min(start + batch_size, count)
+        def send(batch: PushBatch) -> tuple[InferResult, int]:
             return self._infer(
-                inputs[start:stop],
-                ids=None if ids is None else ids[start:stop],
-                labels=None if labels is None else labels[start:stop],
-                temperature=temperature,
-                store=True,
-                outputs=("soft_targets",),
-                binary=True,
-            )
+                batch.inputs, ids=batch.ids, labels=batch.labels, temperature=temperature, store=True, outputs=("soft_targets",),
+                binary=True, label_names=label_names,
+            )  # fmt: skip
 
-        with tqdm(total=count, unit="sample", desc="push", disable=not progress, file=sys.stderr) as bar:
+        with tqdm(total=total, unit="sample", desc="push", disable=not progress, file=sys.stderr) as bar:
             pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher-push")
             pending: dict[Future[tuple[InferResult, int]], int] = {}
+            counted_skips = 0
+
+            def submit_next() -> bool:
+                batch = next(batches, None)
+                if batch is None:
+                    return False
+                pending[pool.submit(send, batch)] = len(batch.inputs)
+                return True
+
             try:
                 # A bounded window of batches in flight: enough to keep every worker busy.
-                for start in batches:
-                    pending[pool.submit(send, start)] = min(start + batch_size, count) - start
-                    if len(pending) >= 2 * concurrency:
-                        break
+                while len(pending) < 2 * concurrency and submit_next():
+                    pass
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
@@ -305,11 +392,12 @@ class TeacherClient:
                         summary.cache_misses += result.cache_misses
                         summary.requests += 1
                         summary.retries += retries
-                        bar.update(samples)
-                        bar.set_postfix(hits=summary.cache_hits, misses=summary.cache_misses, refresh=False)
-                        start = next(batches, None)
-                        if start is not None:
-                            pending[pool.submit(send, start)] = min(start + batch_size, count) - start
+                        bar.update(samples + len(skipped) - counted_skips)
+                        counted_skips = len(skipped)
+                        postfix = {"hits": summary.cache_hits, "misses": summary.cache_misses}
+                        bar.set_postfix(**postfix, **({"skipped": counted_skips} if counted_skips else {}), refresh=False)
+                        submit_next()
+                bar.update(len(skipped) - counted_skips)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - started
@@ -339,12 +427,15 @@ def _positive_int(text: str) -> int:
 def push_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="teacher-push",
-        description="Send a transfer set (.npz with inputs, optional labels and ids) to a teacher service, which caches "
-        "the teacher's outputs. Safe to re-run: samples cached already come back as hits.",
+        description="Send a transfer set to a teacher service, which caches the teacher's outputs: an .npz (inputs, optional "
+        "labels and ids, sent as they are), an .npy, a folder of images (one sub-folder per class: the labels), Parquet "
+        "files or a saved Hugging Face dataset, decoded and fitted to the model's input as they stream. Safe to re-run: "
+        "samples cached already come back as hits.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--url", required=True, help="the service, e.g. http://gpu-host:8000")
-    p.add_argument("--data", required=True, help="transfer set .npz")
+    p.add_argument("--data", required=True, metavar="SOURCE", help="transfer set: .npz, .npy, image folder, Parquet file or folder, "
+                   "Hugging Face save_to_disk folder")  # fmt: skip
     p.add_argument("--model", default="teacher")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="samples per request")
     p.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight")
@@ -353,7 +444,39 @@ def push_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--max-retries", type=int, default=8, help="per request, on 429/503 and connection failures")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    # Source options: None when not given, so that an .npz (sent as it is) can refuse them.
+    p.add_argument("--resize", choices=RESIZE_MODES, default=None, help="images: scale the short side to fit and center-crop "
+                   "(short-side, the default), or stretch to the model's size")  # fmt: skip
+    p.add_argument("--input-column", metavar="NAME", help="Parquet/Hugging Face: the inputs (default: image, img or pixel_values)")
+    p.add_argument("--label-column", metavar="NAME", help="Parquet/Hugging Face: the labels (default: label or labels)")
+    p.add_argument("--id-column", metavar="NAME", help="Parquet/Hugging Face: the ids (default: id, else FILE:ROW)")
+    p.add_argument("--on-error", choices=ON_ERROR, default=None, help="a bad item (an image that does not decode, a label out "
+                   "of range): stop at it (the default) or skip it and name it in the summary")  # fmt: skip
+    p.add_argument("--workers", type=_positive_int, default=None, help="image-decoding threads (default: the CPU count)")
     return p
+
+
+SOURCE_OPTIONS = ("resize", "input_column", "label_column", "id_column", "on_error", "workers")
+
+
+def open_push_source(client: TeacherClient, args: argparse.Namespace) -> Source:
+    """``--data`` opened as a source fitted to the model's metadata. Labels are numbered by the
+    source (its class folders, its ClassLabel); when those names conflict with the ones the
+    cache records but are all among them, the source is read again numbered as the cache
+    numbers them (a folder of some of the classes), so that only real conflicts are refused."""
+    metadata = client.metadata()
+    spec = sample_spec_of(metadata, f"{client.url}{client._model_path}")
+    recorded = (metadata.get("parameters") or {}).get("label_names")
+    options = {name: getattr(args, name) for name in SOURCE_OPTIONS if getattr(args, name) is not None}
+    warn = functools.partial(tqdm.write, file=sys.stderr)
+    source = open_source(args.data, spec, warn=lambda message: warn(f"teacher-push: warning: {message}"), **options)
+    if source.label_names is not None and isinstance(recorded, list) and recorded:
+        try:
+            merge_label_names(recorded, source.label_names, "")
+        except CacheError:
+            if set(source.label_names) <= set(recorded):
+                source = open_source(args.data, spec, warn=lambda message: None, label_names=recorded, **options)
+    return source
 
 
 def push_main(argv: Sequence[str] | None = None) -> int:
@@ -367,17 +490,24 @@ def push_main(argv: Sequence[str] | None = None) -> int:
             api_key = os.environ.get(args.api_key_env)
             if not api_key:
                 raise ClientError(f"--api-key-env: environment variable {args.api_key_env} is not set")
-        transfer = read_transfer_set(args.data)
+        push = {
+            "batch_size": args.batch_size,
+            "concurrency": args.concurrency,
+            "temperature": args.temperature,
+            "progress": not args.no_progress,
+        }
+        if Path(args.data).suffix.lower() == ".npz":
+            given = [f"--{name.replace('_', '-')}" for name in SOURCE_OPTIONS if getattr(args, name) is not None]
+            if given:
+                raise ClientError(f"{' '.join(given)}: an .npz is sent as it is (inputs, labels, ids); these options are for other sources")
+            transfer = read_transfer_set(args.data)
+        elif not Path(args.data).exists():
+            raise CacheError(f"{args.data}: no such file or directory")
         with TeacherClient(args.url, args.model, api_key=api_key, timeout=args.timeout, max_retries=args.max_retries) as client:
-            summary = client.push(
-                transfer["inputs"],
-                ids=transfer.get("ids"),
-                labels=transfer.get("labels"),
-                batch_size=args.batch_size,
-                concurrency=args.concurrency,
-                temperature=args.temperature,
-                progress=not args.no_progress,
-            )
+            if Path(args.data).suffix.lower() == ".npz":
+                summary = client.push(transfer["inputs"], ids=transfer.get("ids"), labels=transfer.get("labels"), **push)
+            else:
+                summary = client.push_source(open_push_source(client, args), **push)
         print(f"teacher-push: {summary.line()}")
         return 0
 
