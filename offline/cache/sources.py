@@ -415,18 +415,23 @@ class _ImageDecoding:
     """The part of a source that decodes images: the layout, the pool, the per-pass warnings."""
 
     def _init_images(self: Any) -> None:
+        _import_pil()  # missing, it is named when the source opens, not at its first image
         self.layout = ImageLayout.from_spec(self.spec, self.options.resize, self.path)
         self.workers = self.options.workers or os.cpu_count() or 1
 
-    def _image_chunks(self: Any, entries: Iterable[tuple[str, int, str, bytes | Path]], batch_size: int) -> Iterator[SourceBatch]:
+    def _image_chunks(
+        self: Any, entries: Iterable[tuple[str, int, str, bytes | Path | _Decoded]], batch_size: int
+    ) -> Iterator[SourceBatch]:
         """Batches of ``(id, label, where, payload)`` entries decoded in order, one pool for the
-        whole pass: while the caller uses one batch, the next is being decoded, and no more."""
+        whole pass: while the caller uses one batch, the next is being decoded, and no more. A
+        payload that is a ``_Decoded`` already (a failure found before decoding) is taken as it
+        is, in its place, so that bad items stop or are skipped in order."""
         changed = {"gray": 0, "color": 0}
         first: dict[str, str] = {}
 
-        def work(entry: tuple[str, int, str, bytes | Path]) -> tuple[str, int, str, _Decoded]:
+        def work(entry: tuple[str, int, str, bytes | Path | _Decoded]) -> tuple[str, int, str, _Decoded]:
             item, label, where, payload = entry
-            return item, label, where, _decode(self.layout, payload)
+            return item, label, where, payload if isinstance(payload, _Decoded) else _decode(self.layout, payload)
 
         ids: list[str] = []
         samples: list[np.ndarray] = []
@@ -792,7 +797,7 @@ class _ColumnarSource(_ImageDecoding, Source):
                 self._bad(ids[r], f"{file}: row {first_row + r}", f"input column {name!r} is null")
             yield _select(SourceBatch(ids, _fit(inputs, self.spec, where), labels), keep & filled)
 
-    def _image_entries(self, batch_size: int) -> Iterator[tuple[str, int, str, bytes | Path]]:
+    def _image_entries(self, batch_size: int) -> Iterator[tuple[str, int, str, bytes | Path | _Decoded]]:
         pa, name = self.pa, self.columns.input
         for file, first_row, record_batch, ids, labels, keep in self._rows(batch_size):
             column = _storage(pa, record_batch.column(name))
@@ -808,8 +813,7 @@ class _ColumnarSource(_ImageDecoding, Source):
                 if payload is None and paths[r]:  # an HF Image that refers to a file
                     payload = file.parent / paths[r]  # an absolute path stays itself
                 if payload is None:
-                    self._bad(ids[r], where, f"input column {name!r} is null")
-                    continue
+                    payload = _Decoded(None, reason=f"input column {name!r} is null")
                 yield ids[r], int(labels[r]), where, payload
 
 
