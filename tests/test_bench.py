@@ -94,3 +94,15 @@ def test_targets_bench_serves_every_layout():
     assert [len(service["rounds"][spec]) for spec in ("full", "topk:5", "sampled:16")] == [1, 1, 1]
     assert all(run["cache_matches_acks"] for runs in service["rounds"].values() for run in runs)
     assert service["topk:5_vs_full"] > 0 and service["sampled:16_vs_full"] > 0
+
+
+def test_push_bench_decodes_and_pushes_every_source():
+    result = run_bench("push", "--quick", "--images", "48", "--batch-size", "16")
+    measured = result["measured"]
+    assert list(measured["push"]) == ["npy", "png", "jpeg"]
+    # every push sent all 48 samples in 3 requests to a fresh cache (the bench checks they were all misses)
+    assert [(run["samples"], run["requests"]) for runs in measured["push"].values() for run in runs] == [(48, 3)] * 3
+    assert [run["samples"] for fmt in measured["decode"].values() for runs in fmt.values() for run in runs] == [48] * 4
+    summary = measured["summary"]
+    assert summary["ingest_samples_per_s"] > 0 and summary["push_png_vs_ingest"] > 0 and summary["decode_jpeg_default_vs_1"] > 0
+    assert measured["bytes_per_image"]["png"] > measured["bytes_per_image"]["jpeg"] > 0
