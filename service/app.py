@@ -31,7 +31,7 @@ from . import __version__
 from .batcher import BodyBudget, QueueFull
 from .protocol import HEADER_LENGTH, ProtocolError, error_body
 from .runtime import ServiceUnavailable, TeacherService
-from .signature import RESPONSES, request_openapi
+from .signature import AUTH_RESPONSES, HEALTH_READY_RESPONSES, METADATA_RESPONSES, READY_RESPONSES, RESPONSES, request_openapi
 from .store import StoreError
 
 log = logging.getLogger("teacher-serve")
@@ -165,7 +165,8 @@ def create_app(service: TeacherService) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return _error(exc.status_code, str(exc.detail))
+        # 405 carries Allow (the route's methods), which RFC 9110 requires of it.
+        return _error(exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -180,29 +181,39 @@ def create_app(service: TeacherService) -> FastAPI:
             raise ModelNotFound(f"unknown version {version!r} of model {name!r}; it has version '1'")
 
     # -- routes -----------------------------------------------------------------------------
+    # Each versioned route has its own function: one function under both paths would give the
+    # unversioned one a ``version`` query parameter, which the protocol does not have.
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.get("/v2/health/ready")
+    @app.get("/v2/health/ready", responses=HEALTH_READY_RESPONSES)
     async def ready() -> Response:
         if service.ready:
             return Response(b'{"ready":true}', media_type="application/json")
         return Response(b'{"ready":false}', status_code=503, media_type="application/json", headers={"Retry-After": RETRY_AFTER_S})
 
-    @app.get("/v2")
+    @app.get("/v2", responses=AUTH_RESPONSES)
     async def server_metadata() -> dict[str, Any]:
         return {"name": "teacher-serve", "version": __version__, "extensions": ["binary_tensor_data"]}
 
-    @app.get("/v2/models/{name}")
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str | None = None) -> Any:
+    @app.get("/v2/models/{name}", responses=METADATA_RESPONSES)
+    async def model_metadata(name: str) -> Any:
+        check_model(name)
+        return service.model_metadata()
+
+    @app.get("/v2/models/{name}/versions/{version}", responses=METADATA_RESPONSES)
+    async def model_version_metadata(name: str, version: str) -> Any:
         check_model(name, version)
         return service.model_metadata()
 
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str | None = None) -> Response:
+    @app.get("/v2/models/{name}/ready", responses=READY_RESPONSES)
+    async def model_ready(name: str) -> Response:
+        check_model(name)
+        return await ready()
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", responses=READY_RESPONSES)
+    async def model_version_ready(name: str, version: str) -> Response:
         check_model(name, version)
         return await ready()
 
@@ -238,11 +249,7 @@ def create_app(service: TeacherService) -> FastAPI:
             chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    request_body = request_openapi()
-
-    @app.post("/v2/models/{name}/infer", name=INFER_ROUTE, responses=RESPONSES, openapi_extra=request_body)
-    @app.post("/v2/models/{name}/versions/{version}/infer", name=INFER_ROUTE, responses=RESPONSES, openapi_extra=request_body)
-    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+    async def infer(request: Request, name: str, version: str | None) -> Response:
         held = body_bytes(request)
         if not bodies.take(held):
             # The body is read and dropped piece by piece, so that the client reads this answer
@@ -264,7 +271,17 @@ def create_app(service: TeacherService) -> FastAPI:
             bodies.give(held)
         return Response(payload, headers=headers)
 
-    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text/plain, what Prometheus reads
+    request_body = request_openapi()
+
+    @app.post("/v2/models/{name}/infer", name=INFER_ROUTE, responses=RESPONSES, openapi_extra=request_body)
+    async def model_infer(name: str, request: Request) -> Response:
+        return await infer(request, name, None)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer", name=INFER_ROUTE, responses=RESPONSES, openapi_extra=request_body)
+    async def model_version_infer(name: str, version: str, request: Request) -> Response:
+        return await infer(request, name, version)
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=AUTH_RESPONSES)  # documented as text/plain, what Prometheus reads
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 

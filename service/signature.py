@@ -4,8 +4,10 @@ teacher's infer route (``INPUTS``, ``OUTPUTS``, ``PARAMETERS``).
 Generated from the declaration: ``validate`` (a decoded request checked against the model: 422
 for what the model cannot take, 413 over the batch limit), ``model_metadata`` (what
 ``GET /v2/models/{name}`` answers) and ``request_schema`` (the OpenAPI body of the infer routes,
-which read the raw body and so have no body parameter FastAPI could describe). The wire itself
-is ``service.protocol``'s. Numpy only: no HTTP framework, no model, no HDF5.
+which read the raw body and so have no body parameter FastAPI could describe). ``RESPONSES``
+and the other ``*_RESPONSES`` are what each route may answer, every status it sends documented
+(an undocumented one fails an OpenAPI conformance check). The wire itself is
+``service.protocol``'s. Numpy only: no HTTP framework, no model, no HDF5.
 """
 
 from __future__ import annotations
@@ -328,7 +330,35 @@ _RESPONSE_SCHEMA = {
 _ERROR = {
     "content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}
 }
-# What the infer routes answer; service.app's docstring says when.
+_ERRORS = {  # every refusal's status and what it means; service.app's docstring says when
+    400: "malformed request",
+    401: "missing or wrong bearer token",
+    404: "unknown model or version",
+    413: "body or batch too large",
+    415: "a Content-Encoding other than identity",
+    422: "a request the model cannot take",
+    503: "queue full or not ready (Retry-After)",
+    507: "cache disk full (Retry-After)",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"description": _ERRORS[status], **_ERROR} for status in statuses}
+
+
+_TENSOR_METADATA = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "optional": {"type": "boolean"},
+    },
+}
+_READY = {"application/json": {"schema": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}}}}
+
+# What the infer routes answer.
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": f"{' and '.join(OUTPUT_NAMES)}; application/octet-stream when any output is binary",
@@ -337,17 +367,34 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     },
-    **{
-        status: {"description": description, **_ERROR}
-        for status, description in (
-            (400, "malformed request"),
-            (401, "missing or wrong bearer token"),
-            (404, "unknown model or version"),
-            (413, "body or batch too large"),
-            (415, "a Content-Encoding other than identity"),
-            (422, "a request the model cannot take"),
-            (503, "queue full or not ready (Retry-After)"),
-            (507, "cache disk full (Retry-After)"),
-        )
-    },
+    **_errors(*_ERRORS),
 }
+# What the other routes answer beyond their 200: every route but the health routes takes the token.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = _errors(401)
+METADATA_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the model's inputs, outputs and parameters",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "platform", "inputs", "outputs"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "versions": {"type": "array", "items": {"type": "string"}},
+                        "platform": {"type": "string"},
+                        "inputs": {"type": "array", "items": _TENSOR_METADATA},
+                        "outputs": {"type": "array", "items": _TENSOR_METADATA},
+                        "parameters": {"type": "object"},
+                    },
+                }
+            }
+        },
+    },
+    **_errors(401, 404),
+}
+HEALTH_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "ready: the teacher is loaded and warmed up", "content": _READY},
+    503: {"description": "not ready yet (Retry-After)", "content": _READY},
+}
+READY_RESPONSES: dict[int | str, dict[str, Any]] = {**HEALTH_READY_RESPONSES, **_errors(401, 404)}
