@@ -223,9 +223,7 @@ def test_an_input_shape_or_dtype_images_cannot_fit_stops(class_folder):
         open_source(class_folder, SampleSpec((8, 8, 3), "uint8"))
     with pytest.raises(SourceError, match="input dtype int8 cannot hold pixel values 0..255"):
         open_source(class_folder, SampleSpec((3, 8, 8), "int8"))
-    with pytest.raises(
-        SourceError, match=r"input_column='image' applies to Parquet and Hugging Face sources, not to a image-folder source"
-    ):
+    with pytest.raises(SourceError, match=r"input_column='image' applies to Parquet and Hugging Face sources, not to image-folder sources"):
         open_source(class_folder, RGB10, input_column="image")
 
 

@@ -27,7 +27,8 @@ Images (files, or encoded bytes in a column: Hugging Face's Image feature is a s
 ``bytes`` and ``path``) are decoded with Pillow, converted to the teacher's channels (1: "L",
 3: "RGB"; grayscale for a 3-channel teacher and colour for a 1-channel one are converted with one
 warning per pass), resized (``"short-side"``: the image scaled, keeping its aspect ratio, until it
-covers H×W, then center-cropped, as torchvision's Resize + CenterCrop do; ``"stretch"``: straight
+covers H×W, sides truncated to integers, then center-cropped, as torchvision's Resize +
+CenterCrop do; ``"stretch"``: straight
 to H×W; both bilinear with Pillow's antialiasing), laid out channels-first as the input shape says
 ((C, H, W); a 2-dim shape (H, W) is one channel without a channel axis), and given the teacher's
 input dtype holding the pixel values 0..255 as they are: a float dtype gets 0.0..255.0, not
@@ -35,7 +36,8 @@ input dtype holding the pixel values 0..255 as they are: a float dtype gets 0.0.
 exactly as it does for uint8 inputs.
 
 Columns (Parquet and Hugging Face): the input column holds encoded images or arrays of numbers
-(lists, nested lists or fixed-size lists) that are reshaped to the input shape; the label column
+(lists, nested lists, fixed-size lists; a flat list is reshaped to the input shape, nested lists
+keep theirs, which must fit as an array's does: equal up to axes of size 1); the label column
 integers (null: -1); the id column strings or integers. Unnamed, the columns are found by the names
 ``image``/``img``/``pixel_values``, ``label``/``labels`` and ``id``. Without an id column a
 sample's id is ``<file>:<row>``: the file's path relative to the source (its name, for one file)
@@ -44,8 +46,10 @@ and the row's index within that file.
 Bad items (an image that does not decode, a null input, a label outside [0, C)) raise
 ``SourceError`` naming the file (and row) and the reason under ``on_error="stop"``, or are
 recorded in ``Source.skipped`` and left out under ``on_error="skip"``; ``len(source)`` counts
-what was listed, so a pass that skips yields fewer. Inputs whose shape or dtype cannot be made
-to fit the spec, missing columns and unusable options always stop.
+what the listing found (the rows of Parquet's metadata, the image files), so a pass that skips
+yields fewer. Inputs whose shape or dtype cannot be made to fit the spec, missing columns and
+unusable options always stop. Warnings (images converted, files of other types left out) go to
+``warn`` once per source or pass, with a count.
 
 Pillow and pyarrow are imported by the kinds that need them (``pip install 'kdcache[data]'``);
 this module imports neither h5py nor torch.
@@ -199,18 +203,16 @@ class Source(ABC):
         limit = self.spec.num_classes
         bad = (labels < -1) | ((labels >= limit) if limit is not None else False)
         for row in np.flatnonzero(bad):
-            bound = f"[0, {limit})" if limit is not None else "[0, ...)"
-            self._bad(items[row], wheres[row], f"label {int(labels[row])} is outside {bound}")
+            bound = f"outside [0, {limit})" if limit is not None else "negative (-1 means unknown)"
+            self._bad(items[row], wheres[row], f"label {int(labels[row])} is {bound}")
         return ~bad
 
     def _column_options_unused(self) -> None:
-        given = [f"{name}={value!r}" for name, value in self._column_options().items() if value is not None]
-        if given:
-            raise SourceError(f"{self.path}: {', '.join(given)} applies to Parquet and Hugging Face sources, not to a {self.kind} source")
-
-    def _column_options(self) -> dict[str, str | None]:
         o = self.options
-        return {"input_column": o.input_column, "label_column": o.label_column, "id_column": o.id_column}
+        columns = {"input_column": o.input_column, "label_column": o.label_column, "id_column": o.id_column}
+        given = [f"{name}={value!r}" for name, value in columns.items() if value is not None]
+        if given:
+            raise SourceError(f"{self.path}: {', '.join(given)} applies to Parquet and Hugging Face sources, not to {self.kind} sources")
 
 
 def _concat(batches: list[SourceBatch]) -> SourceBatch:
@@ -583,7 +585,6 @@ class ImageFolderSource(_ImageDecoding, Source):
         names = [relative for relative, _ in files]
         keep = self._check_labels(labels, names, [f"{path / name} (class folder {name.split('/')[0]!r})" for name in names])
         self.files = [entry for entry, kept in zip(files, keep, strict=True) if kept]
-        self.listed = len(files)
 
     def _class_labels(self, folders: list[str]) -> dict[str, int]:
         given = self.options.label_names
@@ -598,7 +599,7 @@ class ImageFolderSource(_ImageDecoding, Source):
         return {name: index[name] for name in folders}
 
     def __len__(self) -> int:
-        return self.listed
+        return len(self.files)
 
     def _chunks(self, batch_size: int) -> Iterator[SourceBatch]:
         entries = ((relative, label, str(self.path / relative), self.path / relative) for relative, label in self.files)
@@ -686,7 +687,7 @@ class _ColumnarSource(_ImageDecoding, Source):
                 return given
             found = next((name for name in defaults if name in names), None)
             if found is None and required:
-                raise SourceError(f"{file}: no {what} column named {' or '.join(defaults)} (columns: {available}); name the {what} column")
+                raise SourceError(f"{file}: no {what} column named {' or '.join(defaults)} (columns: {available}); name it ({what}_column)")
             return found
 
         o = self.options
