@@ -69,7 +69,12 @@ def distill_parser() -> argparse.ArgumentParser:
         help="a topk cache's tail: bucket, one (K+1)-th class holding the rest of the mass (the ghost token); "
         "uniform, the rest spread evenly over the other classes (TinyViT, FKD)",
     )
-    p.add_argument("--eval", dest="eval_path", metavar="FILE.npz|DIR", help="held-out inputs and labels, .npz or a cache directory")
+    p.add_argument(
+        "--eval",
+        dest="eval_path",
+        metavar="SOURCE",
+        help="held-out inputs and labels: a transfer set (.npz, .npy, image folder, Parquet, Hugging Face dataset) or a cache directory",
+    )
     p.add_argument("--out", default="runs/distill", metavar="RUN_DIR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -18,6 +18,7 @@ from conftest import BIN
 from PIL import Image
 
 from kdcache.offline.cache import sources
+from kdcache.offline.cache.ids import content_ids
 from kdcache.offline.cache.sources import SampleSpec, SourceError, detect_kind, open_source
 
 RGB10 = SampleSpec((3, 10, 10), "uint8", num_classes=2)
@@ -381,7 +382,7 @@ def test_an_npy_is_memory_mapped_and_read_batch_by_batch(tmp_path):
     first = next(batches)
     assert rss_bytes() - before < 16 << 20  # 64 KiB of rows read, not 64 MiB
     assert source.kind == "npy" and len(source) == rows
-    assert first.ids == [str(i) for i in range(16)] and first.labels.tolist() == [-1] * 16
+    assert first.ids == list(content_ids(first.inputs)) and first.labels.tolist() == [-1] * 16
     assert first.inputs[:, 0, 0, 0].tolist() == list(range(16)) and not isinstance(first.inputs, np.memmap)
     batches.close()
     np.save(tmp_path / "hwc.npy", np.zeros((2, 10, 10, 3), np.uint8))

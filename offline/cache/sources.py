@@ -502,7 +502,8 @@ class NpzSource(Source):
 
 
 class NpySource(Source):
-    """An ``.npy`` array [N, *input_shape], memory-mapped: a batch reads only its own rows."""
+    """An ``.npy`` array [N, *input_shape], memory-mapped: a batch reads only its own rows. Ids
+    are content ids (sha256 of each sample's bytes, once fitted to the teacher's dtype)."""
 
     kind = "npy"
 
@@ -532,7 +533,8 @@ class NpySource(Source):
         for start in range(0, len(self), batch_size):
             rows = np.array(self.array[start : start + batch_size])  # a copy of these rows only
             inputs = _fit(rows, self.spec, f"{self.path}: rows {start}..{start + len(rows) - 1}")
-            yield SourceBatch([str(start + i) for i in range(len(rows))], inputs, np.full(len(rows), -1, dtype=np.int64))
+            # content ids, as the service gives samples sent without ids: two files cannot collide
+            yield SourceBatch(list(content_ids(inputs)), inputs, np.full(len(rows), -1, dtype=np.int64))
 
 
 class ImageFolderSource(_ImageDecoding, Source):
