@@ -40,11 +40,12 @@ RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
 
 # The dependencies, in a layer that only pyproject.toml invalidates: the project's metadata with
 # empty package folders (pyproject.toml maps kdcache.* to them) and an empty readme installs
-# exactly them.
+# exactly them, with the data extra (Pillow, pyarrow), so that teacher-push and offline-distill
+# --eval read image folders, Parquet and Hugging Face datasets in the container too.
 COPY pyproject.toml /src/
 RUN touch /src/README.md \
     && mkdir -p /src/offline/cache /src/service /src/demo \
-    && pip install --constraint "$VIRTUAL_ENV/torch-constraint.txt" /src \
+    && pip install --constraint "$VIRTUAL_ENV/torch-constraint.txt" "/src[data]" \
     && rm -rf /src
 
 # The project itself.
