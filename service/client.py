@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import email.utils
-import functools
 import os
 import random
 import sys
@@ -468,14 +467,25 @@ def open_push_source(client: TeacherClient, args: argparse.Namespace) -> Source:
     spec = sample_spec_of(metadata, f"{client.url}{client._model_path}")
     recorded = (metadata.get("parameters") or {}).get("label_names")
     options = {name: getattr(args, name) for name in SOURCE_OPTIONS if getattr(args, name) is not None}
-    warn = functools.partial(tqdm.write, file=sys.stderr)
-    source = open_source(args.data, spec, warn=lambda message: warn(f"teacher-push: warning: {message}"), **options)
+    held: list[str] | None = []  # the warnings of opening, held while the source may be reopened
+
+    def warn(message: str) -> None:
+        if held is None:
+            tqdm.write(f"teacher-push: warning: {message}", file=sys.stderr)
+        else:
+            held.append(message)
+
+    source = open_source(args.data, spec, warn=warn, **options)
     if source.label_names is not None and isinstance(recorded, list) and recorded:
         try:
             merge_label_names(recorded, source.label_names, "")
         except CacheError:
             if set(source.label_names) <= set(recorded):
-                source = open_source(args.data, spec, warn=lambda message: None, label_names=recorded, **options)
+                held.clear()
+                source = open_source(args.data, spec, warn=warn, label_names=recorded, **options)
+    opening, held = held, None
+    for message in opening:
+        warn(message)
     return source
 
 

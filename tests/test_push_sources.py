@@ -195,7 +195,12 @@ def test_an_image_folder_is_pushed_labelled_by_its_folders_and_the_names_reach_t
 
         # A folder of some of the classes is numbered as the cache numbers them (dog is 1 here too).
         expected |= class_folders(tmp_path / "dogs", {"dog": 2}, seed=1, stem="more-")
-        assert " 2 samples, 0 hits, 2 misses, " in summary(push(server.url, tmp_path / "dogs"))
+        (tmp_path / "dogs" / "dog" / "notes.txt").write_text("not an image")
+        dogs = push(server.url, tmp_path / "dogs")
+        assert " 2 samples, 0 hits, 2 misses, " in summary(dogs)
+        assert dogs.stderr.count("teacher-push: warning: ") == 1 and "left out 1 file(s)" in dogs.stderr, (
+            dogs.stderr
+        )  # once, not per opening
         # A folder that numbers its classes otherwise, with a class the cache does not name, is refused.
         class_folders(tmp_path / "ants", {"ant": 1, "cat": 1}, seed=2, stem="ant-")
         refused = push(server.url, tmp_path / "ants")
