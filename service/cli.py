@@ -68,7 +68,13 @@ def serve_parser() -> argparse.ArgumentParser:
     a("--ack", choices=("durable", "buffered"), help="durable (default): answer once on disk; buffered: answer before the write")
     a("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on every route but health")
     a("--model-name", metavar="NAME", help="model name in the URL (default teacher)")
-    a("--input-shape", type=int, nargs="+", metavar="D", help="sample shape, when the model does not declare it")
+    a(
+        "--input-shape",
+        nargs="+",
+        metavar="D",
+        help="the shape of one sample, 3,32,32 or 3 32 32, where the model does not fix it "
+        "(a .pt2 whose only dynamic dimension is the batch fixes it)",
+    )
     a("--input-dtype", metavar="DTYPE", help="sample dtype clients send, e.g. uint8 (default: the model's, else float32)")
     a("--normalize", metavar="MEAN,STD", help="(x*scale - MEAN) / STD on the device; per channel: m1/m2/m3,s1/s2/s3")
     a("--input-scale", type=float, metavar="S", help="multiply inputs by S first, e.g. 0.00392156862745098 (1/255) for uint8 images")
@@ -105,11 +111,16 @@ def load_settings(argv: Sequence[str] | None) -> ServeSettings:
     return ServeSettings(**given)
 
 
+def option_name(setting: str) -> str:
+    """The command-line spelling of a setting: ``input_shape`` is ``--input-shape``."""
+    return "--" + setting.replace("_", "-")
+
+
 def describe_validation(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
         field = ".".join(str(p) for p in error["loc"]) or "settings"
-        option = "--" + field.split(".")[0].replace("_", "-")
+        option = option_name(field.split(".")[0])
         message = error["msg"]
         if error["type"] == "missing":
             message = f"required (or set {ENV_PREFIX}{field.split('.')[0].upper()})"
@@ -165,7 +176,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             normalize=normalize, input_scale=settings.input_scale, num_classes=settings.num_classes,
         )  # fmt: skip
     except TeacherError as exc:
-        return fail(PROG, str(exc))
+        return fail(PROG, exc.spelled(option_name))
     if settings.views > 1 or settings.augment:
         from ..offline.cache.views import PolicyError, check_policy, parse_policy
 

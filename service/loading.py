@@ -4,9 +4,11 @@ moves the members to the serving device.
 
 A teacher is named by one or more ``--teacher SPEC``, each of four kinds:
 
-    FILE.pt2          a ``torch.export`` program. One written by offline-distill (``student.pt2``)
-                      carries its input contract in the extra file ``kd_input_spec.json``; any other
-                      needs ``input_shape`` (input dtype float32 and identity preprocessing unless given).
+    FILE.pt2          a ``torch.export`` program, exported with a dynamic batch dimension. One
+                      written by offline-distill (``student.pt2``) carries its input contract in the
+                      extra file ``kd_input_spec.json``; any other takes the shape of one sample from
+                      the program when only its batch dimension is dynamic, and needs ``input_shape``
+                      when others are too (input dtype float32 and identity preprocessing unless given).
     FILE.pt           a ``student.pt`` written by offline-distill: architecture, weights and contract.
     ARCH + weights    a built-in architecture of ``offline.models`` (``mlp-teacher``, ``resnet``, ...)
                       with a ``student.pt`` or a plain state_dict.
@@ -17,7 +19,8 @@ A teacher is named by one or more ``--teacher SPEC``, each of four kinds:
 
 Weights files are paired, in order, with the specs that need one (the last two kinds). Options
 (``input_shape``, ``input_dtype``, ``normalize``, ``input_scale``, ``num_classes``) override what a
-file declares.
+file declares. A member's ``name``, which the cache and the model metadata record, is its file
+name without the directories it was loaded from.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,21 @@ SPEC_FORMS = (
 
 
 class TeacherError(Exception):
-    """A teacher that cannot be loaded or served; one line naming the file or spec and what was expected."""
+    """A teacher that cannot be loaded or served; one line naming the file or spec and what was expected.
+
+    ``setting``: the ``load_teacher`` keyword (``input_shape``) that the message ends by asking
+    for, so that a front end can name its own spelling of it instead (``spelled``)."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+    def spelled(self, name: Callable[[str], str]) -> str:
+        """The message, its closing setting named by ``name`` (teacher-serve: ``--input-shape``)."""
+        message = str(self)
+        if self.setting is None or not message.endswith(self.setting):
+            return message
+        return message[: -len(self.setting)] + name(self.setting)
 
 
 def spec_forms() -> str:
@@ -76,10 +93,12 @@ class Overrides:
     input_scale: float | None = None
     num_classes: int | None = None
 
-    def contract(self, where: str, declared: Mapping[str, Any]) -> InputContract:
+    def contract(self, where: str, declared: Mapping[str, Any], unknown_shape: str = "does not declare its input shape") -> InputContract:
+        """The contract of a file that declares ``declared``; ``unknown_shape`` says why the file
+        does not tell the sample shape, for the error that asks for ``input_shape``."""
         shape = self.input_shape or declared.get("input_shape")
         if shape is None:
-            raise TeacherError(f"{where}: does not declare its input shape; pass input_shape (the shape of one sample)")
+            raise TeacherError(f"{where}: {unknown_shape}; give the shape of one sample as input_shape", setting="input_shape")
         preprocessing = declared.get("preprocessing") or Preprocessing()
         if self.normalize is not None:
             preprocessing = replace(preprocessing, mean=tuple(self.normalize[0]), std=tuple(self.normalize[1]))
@@ -257,6 +276,51 @@ def _member(spec: str, name: str, module: nn.Module, contract: InputContract, de
 # The four kinds
 
 
+def _program_input(program: Any) -> tuple[int | None, ...] | None:
+    """The dimensions of an exported program's input, None where dynamic; None when it takes
+    other than one tensor (the forward pass on the device then says what fails)."""
+    try:
+        names = set(program.graph_signature.user_inputs)
+        values = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in names]
+    except Exception:  # a program this torch describes differently: nothing to read the shape from
+        return None
+    if len(values) != 1 or not isinstance(values[0], torch.Tensor) or values[0].dim() < 2:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in values[0].shape)
+
+
+def _dims(dims: Sequence[int | None]) -> str:
+    return "[" + ", ".join("dynamic" if d is None else str(d) for d in dims) + "]"
+
+
+def _program_sample(spec: str, dims: tuple[int | None, ...]) -> tuple[tuple[int, ...] | None, str]:
+    """The sample shape an exported program's input dimensions fix, or None and why they do not.
+    A static batch dimension is refused: the program checks every call against the size it was
+    exported with, and the service runs batches of any size. A static batch of 1 is the usual way
+    to get one (torch.export specialises size-1 dimensions even when marked dynamic); such a
+    program could serve one sample at a time at best, and it is refused like any other."""
+    batch, sample = dims[0], dims[1:]
+    if batch is not None:
+        raise TeacherError(
+            f"{spec}: exported with a static batch of {batch} (its input is {_dims(dims)}), so it takes no other batch size; "
+            "export it with a dynamic batch dimension: torch.export.export(model, (x,), "
+            "dynamic_shapes=({0: torch.export.Dim('batch')},)) with x holding 2 or more samples"
+        )
+    if None in sample:
+        return None, f"its input is {_dims(dims)}: dimensions besides the batch are dynamic, so it does not fix the shape of one sample"
+    return tuple(int(d) for d in sample if d is not None), ""
+
+
+def _check_fits(spec: str, dims: tuple[int | None, ...], contract: InputContract, options: Overrides, spec_file: str) -> None:
+    sample, shape = dims[1:], contract.input_shape
+    if len(shape) == len(sample) and all(d is None or d == given for d, given in zip(sample, shape, strict=True)):
+        return
+    takes = f"{spec}: takes samples {_dims(sample)} (its input is {_dims(dims)})"
+    if options.input_shape is not None:
+        raise TeacherError(f"{takes}, not {list(shape)} as given by input_shape", setting="input_shape")
+    raise TeacherError(f"{takes}, but its {spec_file} declares {list(shape)}")
+
+
 def _load_exported(spec: str, options: Overrides) -> Member:
     if not Path(spec).is_file():
         raise TeacherError(f"{spec}: no such file (torch.export program)")
@@ -275,12 +339,21 @@ def _load_exported(spec: str, options: Overrides) -> Member:
         if not isinstance(raw, dict):
             raise TeacherError(f"{spec}: {spec_file} is not a JSON object")
         declared = _declared_contract(f"{spec}: {spec_file}", raw)
+    dims = _program_input(program)
+    if dims is None:
+        contract = options.contract(spec, declared)
+    else:
+        sample, unknown = _program_sample(spec, dims)
+        if sample is not None:
+            declared.setdefault("input_shape", sample)  # the input spec file's, when it has one, is checked below
+        contract = options.contract(spec, declared, unknown)
+        _check_fits(spec, dims, contract, options, spec_file)
     # Parameters, buffers and lifted constants under their module names: the same names, hence the
     # same fingerprint, as the state_dict of the nn.Module that was exported.
     tensors = {k: v for k, v in {**program.state_dict, **program.constants}.items() if isinstance(v, torch.Tensor)}
     return Member(
-        spec=spec, name=spec, module=program, fingerprint=models.weights_fingerprint(tensors),  # type: ignore[arg-type]
-        contract=options.contract(spec, declared), declared_classes=declared.get("num_classes"), exported=True,
+        spec=spec, name=Path(spec).name, module=program, fingerprint=models.weights_fingerprint(tensors),  # type: ignore[arg-type]
+        contract=contract, declared_classes=declared.get("num_classes"), exported=True,
     )  # fmt: skip
 
 
@@ -333,13 +406,15 @@ def _load_with_weights(model_spec: str, weights: str, options: Overrides) -> Mem
     # definition order; the strict load confirms the guess.
     last = next((k for k in reversed(state) if state[k].dim() == 1), None)
     if last is None:
-        raise TeacherError(f"{where}: cannot tell the class count (no 1-D tensor in the state_dict); pass num_classes")
+        raise TeacherError(
+            f"{where}: cannot tell the class count (no 1-D tensor in the state_dict); pass num_classes", setting="num_classes"
+        )
     guess = int(state[last].numel())
     module = _build(where, model_spec, contract.input_shape, guess)
     try:
         _load_weights(where, module, state)
     except TeacherError as exc:
-        raise TeacherError(f"{exc}; guessed {guess} classes from {last!r}; pass num_classes") from None
+        raise TeacherError(f"{exc}; guessed {guess} classes from {last!r}; pass num_classes", setting="num_classes") from None
     return _member(model_spec, model_spec, module, contract, guess)
 
 
@@ -380,7 +455,10 @@ def load_members(specs: Sequence[str], weights: Sequence[str], options: Override
             member = _load_with_weights(spec, next(pending_weights), options)
         if options.num_classes is not None:
             if member.declared_classes not in (None, options.num_classes):
-                raise TeacherError(f"{member.spec}: declares {member.declared_classes} classes, but num_classes is {options.num_classes}")
+                raise TeacherError(
+                    f"{member.spec}: declares {member.declared_classes} classes, not the {options.num_classes} given as num_classes",
+                    setting="num_classes",
+                )
             member = replace(member, declared_classes=options.num_classes)
         if first is None:
             first = (member.spec, member.contract)

@@ -2,7 +2,8 @@
 through an environment variable named ``TEACHER_SERVE_<OPTION>`` (``--max-batch`` is
 ``TEACHER_SERVE_MAX_BATCH``); a command-line option wins over the environment. List options
 (``--teacher``, ``--weights``, ``--input-shape``) take comma-separated values in the
-environment: ``TEACHER_SERVE_TEACHER=a.pt2,b.pt2``."""
+environment: ``TEACHER_SERVE_TEACHER=a.pt2,b.pt2``; ``--input-shape`` takes them on the command
+line too (``3,32,32`` or ``3 32 32``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,14 @@ def _split(value: object) -> object:
     return value
 
 
+def _shape(value: object) -> object:
+    """``3,32,32`` or ``3 32 32``: one string from the environment, one per word from argparse."""
+    words = [value] if isinstance(value, str) else value
+    if isinstance(words, list) and all(isinstance(word, str) for word in words):
+        return _split(" ".join(words))
+    return value
+
+
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
@@ -40,7 +49,9 @@ class ServeSettings(BaseSettings):
     ack: Literal["durable", "buffered"] = "durable"
     api_key_env: str | None = Field(None, description="environment variable holding the bearer token")
     model_name: str = Field("teacher", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    input_shape: Annotated[list[int], NoDecode] | None = None
+    input_shape: Annotated[list[Annotated[int, Field(ge=1)]], NoDecode] | None = Field(
+        None, min_length=1, description="the shape of one sample: 3,32,32 or 3 32 32"
+    )
     input_dtype: str | None = None
     normalize: str | None = Field(None, description="MEAN,STD (per channel: m1/m2/m3,s1/s2/s3)")
     input_scale: float | None = Field(None, gt=0)
@@ -63,7 +74,8 @@ class ServeSettings(BaseSettings):
     access_log: bool = False
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
-    _split_lists = field_validator("teacher", "weights", "input_shape", mode="before")(_split)
+    _split_lists = field_validator("teacher", "weights", mode="before")(_split)
+    _split_shape = field_validator("input_shape", mode="before")(_shape)
 
     @field_validator("targets")
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -204,7 +205,8 @@ class Teacher:
             "fingerprint": self.fingerprint,
             "num_classes": self.num_classes,
             "members": len(self.members),
-            "member_details": [{"spec": m.spec, "name": m.name, "fingerprint": m.fingerprint} for m in self.members],
+            # Clients see the members' file names, not the directories they were loaded from on this host.
+            "member_details": [{"spec": Path(m.spec).name, "name": m.name, "fingerprint": m.fingerprint} for m in self.members],
             "ensemble": self.combiner.ensemble,
             "device": str(self.device),
             "dtype": str(self.compute_dtype).removeprefix("torch."),
@@ -224,7 +226,8 @@ def load_teacher(
 ) -> Teacher:  # fmt: skip
     """Load every member on the CPU, move it to ``device``, check it with one forward pass, and check
     that the members agree on the input contract and the classes. ``temperature`` is the serving
-    temperature."""
+    temperature; ``input_shape`` is the shape of one sample, needed where no file fixes it (a
+    TeacherError asking for it has ``setting == "input_shape"``)."""
     if isinstance(specs, str):
         specs = [specs]
     if not specs:

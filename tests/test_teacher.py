@@ -3,6 +3,7 @@ contract, and errors that name the file."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -14,6 +15,7 @@ import torch
 
 from kdcache.offline import models, train
 from kdcache.offline.cache import CacheMeta, Preprocessing
+from kdcache.service.cli import load_settings, serve_main
 from kdcache.service.ensemble import ArithmeticMean, GeometricMean, SingleMember
 from kdcache.service.loading import InputContract, TeacherError, parse_normalize
 from kdcache.service.teacher import load_teacher
@@ -158,17 +160,116 @@ def test_every_spec_kind_serves_the_model_itself(files, factories, kind):
     assert isinstance(teacher.combiner, SingleMember) and teacher.cache_meta().temperature_rule == "any"
 
 
-def test_exported_program_without_input_spec_takes_the_contract_from_options(files, tmp_path):
-    program = torch.export.export(files["mlps"][0], (torch.zeros(2, *SHAPE),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    torch.export.save(program, tmp_path / "plain.pt2")
-    with pytest.raises(TeacherError, match=r"plain\.pt2: does not declare its input shape"):
-        load_teacher([str(tmp_path / "plain.pt2")], device="cpu")
-    teacher = load_teacher([str(tmp_path / "plain.pt2")], device="cpu", input_shape=SHAPE)
+def export(model: torch.nn.Module, example: torch.Tensor, path: Path, dynamic: dict | None = None) -> Path:
+    """``model`` as a plain torch.export program, without offline-distill's input spec file."""
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=(dynamic,) if dynamic is not None else None)
+    torch.export.save(program, path)
+    return path
+
+
+def test_exported_program_without_input_spec_takes_the_sample_shape_from_the_program(files, tmp_path):
+    path = export(files["mlps"][0], torch.zeros(2, *SHAPE), tmp_path / "plain.pt2", {0: torch.export.Dim("batch", min=1)})
+    teacher = load_teacher([str(path)], device="cpu")
     x = np.random.default_rng(0).normal(size=(4, *SHAPE)).astype(np.float32)
     assert teacher.contract == InputContract(SHAPE, "float32", Preprocessing())
     assert teacher.num_classes == CLASSES  # from a forward pass: the file does not say
     np.testing.assert_allclose(teacher.forward(x), reference_logits(files["mlps"][0], x, Preprocessing()), rtol=1e-5, atol=1e-5)
     assert teacher.fingerprint == models.weights_fingerprint(files["mlps"][0].state_dict())
+    assert load_teacher([str(path)], device="cpu", input_shape=SHAPE).contract == teacher.contract  # the same shape, given
+    with pytest.raises(
+        TeacherError, match=r"plain\.pt2: takes samples \[8, 8\] \(its input is \[dynamic, 8, 8\]\), not \[64\] as given by input_shape$"
+    ):
+        load_teacher([str(path)], device="cpu", input_shape=(64,))
+
+
+def any_size_program(path: Path) -> Path:
+    """A convolutional program whose height and width are dynamic, like its batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height", min=4), 3: torch.export.Dim("width", min=4)}
+    return export(model, torch.zeros(2, 3, 6, 6), path, dims)
+
+
+def test_exported_program_with_other_dynamic_dimensions_needs_input_shape(tmp_path):
+    path = any_size_program(tmp_path / "any-size.pt2")
+    with pytest.raises(TeacherError) as caught:
+        load_teacher([str(path)], device="cpu")
+    assert str(caught.value) == (
+        f"{path}: its input is [dynamic, 3, dynamic, dynamic]: dimensions besides the batch are dynamic, so it does not fix "
+        "the shape of one sample; give the shape of one sample as input_shape"
+    )
+    assert caught.value.setting == "input_shape"
+    assert caught.value.spelled(lambda setting: "--input-shape").endswith("give the shape of one sample as --input-shape")
+    teacher = load_teacher([str(path)], device="cpu", input_shape=(3, 10, 12))
+    assert teacher.contract.input_shape == (3, 10, 12) and teacher.forward(np.zeros((2, 3, 10, 12), np.float32)).shape == (2, 5)
+    for wrong in ((4, 10, 12), (3, 10)):
+        with pytest.raises(
+            TeacherError, match=r"any-size\.pt2: takes samples \[3, dynamic, dynamic\] .*, not \[.*\] as given by input_shape$"
+        ):
+            load_teacher([str(path)], device="cpu", input_shape=wrong)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_exported_program_with_a_static_batch_is_refused(files, tmp_path, batch):
+    # Exported on one example without dynamic_shapes: the program refuses any other batch size,
+    # and the service runs batches of any size. Given the shape or not, it cannot be served.
+    path = export(files["mlps"][0], torch.zeros(batch, *SHAPE), tmp_path / f"static-{batch}.pt2")
+    for options in ({}, {"input_shape": SHAPE}):
+        with pytest.raises(
+            TeacherError,
+            match=rf"static-{batch}\.pt2: exported with a static batch of {batch} \(its input is \[{batch}, 8, 8\]\), "
+            r"so it takes no other batch size; export it with a dynamic batch dimension: .*Dim\('batch'\)",
+        ):
+            load_teacher([str(path)], device="cpu", **options)
+
+
+def test_recorded_teacher_name_is_the_file_name_and_a_cache_named_by_path_still_opens(files, tmp_path):
+    """Older servers recorded the absolute path as the teacher's name; the cache writer compares the
+    fingerprint (and the contract), not the name, so a restart on such a cache keeps appending."""
+    from kdcache.offline.cache import CacheReader, CacheWriter
+
+    spec = str(files["root"] / "run/student.pt2")
+    teacher = load_teacher([spec], device="cpu")
+    meta = teacher.cache_meta()
+    assert teacher.name == meta.teacher_name == "student.pt2"
+    summary = teacher.describe()
+    assert summary["name"] == "student.pt2" and summary["member_details"][0]["spec"] == "student.pt2"
+    assert str(files["root"]) not in json.dumps(summary)
+    ensemble = load_teacher([spec, spec], device="cpu")
+    assert ensemble.name == "ensemble-geometric(student.pt2,student.pt2)"
+
+    x = uint8_batch(6)
+    old = dataclasses.replace(meta, teacher_name=spec)
+    with CacheWriter(tmp_path / "cache", old, max_samples=4) as writer:
+        writer.append([f"a{i}" for i in range(3)], x[:3], teacher.forward(x[:3]), np.full(3, -1))
+    with CacheWriter(tmp_path / "cache", meta, max_samples=4) as writer:
+        writer.append([f"b{i}" for i in range(3)], x[3:], teacher.forward(x[3:]), np.full(3, -1))
+    reader = CacheReader(tmp_path / "cache")
+    assert reader.num_samples == 6 and reader.meta.teacher_fingerprint == teacher.fingerprint
+
+
+@pytest.mark.parametrize("words", [["3,10,12"], ["3", "10", "12"], ["3,", "10,", "12"]])
+def test_input_shape_option_takes_commas_or_words(words, monkeypatch):
+    assert load_settings(["--teacher", "t.pt2", "--cache", "c", "--input-shape", *words]).input_shape == [3, 10, 12]
+    monkeypatch.setenv("TEACHER_SERVE_INPUT_SHAPE", " ".join(words))
+    assert load_settings(["--teacher", "t.pt2", "--cache", "c"]).input_shape == [3, 10, 12]
+
+
+def test_serve_cli_names_the_input_shape_option(tmp_path, capsys):
+    """The loader asks for the Python keyword input_shape; teacher-serve says --input-shape."""
+    path = str(any_size_program(tmp_path / "any-size.pt2"))
+    base = ["--teacher", path, "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    for extra, ending in (
+        ([], "so it does not fix the shape of one sample; give the shape of one sample as --input-shape"),
+        (["--input-shape", "4,10,12"], "takes samples [3, dynamic, dynamic] (its input is [dynamic, 3, dynamic, dynamic]), "
+         "not [4, 10, 12] as given by --input-shape"),
+        (["--input-shape", "3,x,12"], "--input-shape: Input should be a valid integer, unable to parse string as an integer"),
+        (["--input-shape", "3", "0", "12"], "--input-shape: Input should be greater than or equal to 1"),
+    ):  # fmt: skip
+        assert serve_main(base + extra) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("teacher-serve: error: ") and error.endswith(ending) and "input_shape" not in error, error
+    assert not (tmp_path / "cache").exists()
 
 
 def test_class_count_guessed_from_the_classifier_bias(files):
@@ -385,7 +486,7 @@ def bad_cases(root: Path) -> list:
             {"input_shape": SHAPE},
             r"student\.pt: input_dtype is 'uint8', but mlp-small has 'float32'; all members",
         ),
-        ([f"{r}/run/student.pt"], [], {"num_classes": 7}, r"student\.pt: declares 10 classes, but num_classes is 7"),
+        ([f"{r}/run/student.pt"], [], {"num_classes": 7}, r"student\.pt: declares 10 classes, not the 7 given as num_classes$"),
         (
             [f"{r}/run/student.pt"],
             [],
