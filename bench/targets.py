@@ -14,7 +14,7 @@ and ``--targets sampled:16`` ÷ ``--targets full``, samples/s. The method: docs/
 "Compressed targets".
 
     .venv/bin/python -m bench.targets --json       # about 12 minutes on 2 cores
-    .venv/bin/python -m bench.targets --quick      # under a minute
+    .venv/bin/python -m bench.targets --quick      # under a minute (20-40 s)
     .venv/bin/python -m bench.targets --service    # a few minutes
 """
 
@@ -252,12 +252,8 @@ def distil(reader: CacheReader, problem: Problem, temperature: float, seed: int,
     return {**scores(predict(student.model, torch.from_numpy(x), meta, CPU), y), "seconds": time.perf_counter() - started}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    accuracy, ece = mean_std([r["accuracy"] for r in runs]), mean_std([r["ece"] for r in runs])
+    accuracy, ece = demo.mean_std([r["accuracy"] for r in runs]), demo.mean_std([r["ece"] for r in runs])
     return {
         "accuracies": [r["accuracy"] for r in runs], "eces": [r["ece"] for r in runs], "accuracy": accuracy[0], "accuracy_std": accuracy[1],
         "ece": ece[0], "ece_std": ece[1], "seconds": statistics.fmean(r["seconds"] for r in runs),
