@@ -506,15 +506,16 @@ def push_main(argv: Sequence[str] | None = None) -> int:
             "temperature": args.temperature,
             "progress": not args.no_progress,
         }
+        transfer = None  # an .npz, read whole and sent as it always was
         if Path(args.data).suffix.lower() == ".npz":
             given = [f"--{name.replace('_', '-')}" for name in SOURCE_OPTIONS if getattr(args, name) is not None]
             if given:
                 raise ClientError(f"{' '.join(given)}: an .npz is sent as it is (inputs, labels, ids); these options are for other sources")
             transfer = read_transfer_set(args.data)
-        elif not Path(args.data).exists():
+        elif not Path(args.data).exists():  # before asking the server for the model's metadata
             raise CacheError(f"{args.data}: no such file or directory")
         with TeacherClient(args.url, args.model, api_key=api_key, timeout=args.timeout, max_retries=args.max_retries) as client:
-            if Path(args.data).suffix.lower() == ".npz":
+            if transfer is not None:
                 summary = client.push(transfer["inputs"], ids=transfer.get("ids"), labels=transfer.get("labels"), **push)
             else:
                 summary = client.push_source(open_push_source(client, args), **push)

@@ -31,12 +31,15 @@ from PIL import Image
 from kdcache.offline import models
 from kdcache.offline.cache import CacheMeta, CacheReader, Preprocessing
 from kdcache.offline.cache.manifest import load_manifest
+from kdcache.offline.cache.sources import SampleSpec
 from kdcache.offline.cache.storage import LocalStorage
 from kdcache.service.app import create_app
+from kdcache.service.client import ClientError, push_main, sample_spec_of
 from kdcache.service.launch import ServeProcess
 from kdcache.service.protocol import encode_request
 from kdcache.service.runtime import TeacherService
 from kdcache.service.settings import ServeSettings
+from kdcache.service.signature import ModelSpec, model_metadata
 from kdcache.service.teacher import load_teacher
 
 SHAPE, CLASSES = (3, 16, 16), 4
@@ -278,3 +281,25 @@ def encoded(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher-push's own checks (no server)
+
+
+def test_the_sample_spec_comes_from_the_model_metadata():
+    spec = ModelSpec(input_shape=SHAPE, input_dtype="uint8", num_classes=CLASSES, temperature=1.0, max_samples=8, views=3)
+    assert sample_spec_of(model_metadata("teacher", spec, {}), "here") == SampleSpec(SHAPE, "uint8", CLASSES)  # [-1, V, C]: C
+    with pytest.raises(ClientError, match="here: model metadata lacks the input tensor"):
+        sample_spec_of({"inputs": [], "outputs": []}, "here")
+
+
+def test_source_options_are_refused_for_an_npz_and_a_missing_source_is_named(tmp_path, capsys):
+    np.savez(tmp_path / "set.npz", inputs=images(2))
+    unreachable = ["--url", "http://127.0.0.1:9", "--max-retries", "0", "--no-progress"]
+    assert push_main([*unreachable, "--data", str(tmp_path / "set.npz"), "--on-error", "skip", "--workers", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "teacher-push: error: --on-error --workers: an .npz is sent as it is (inputs, labels, ids); these options are for other sources\n"
+    )
+    assert push_main([*unreachable, "--data", str(tmp_path / "nowhere")]) == 2  # named before the server is asked anything
+    assert capsys.readouterr().err == f"teacher-push: error: {tmp_path / 'nowhere'}: no such file or directory\n"
