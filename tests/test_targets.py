@@ -302,6 +302,6 @@ def test_numpys_philox_gives_the_bits_of_the_split_products_that_torch_uses():
     counters = np.arange(9, dtype=np.int64)[None, :]
     zero = seeds & 0
     split = philox4x32((counters + zero, zero, zero, zero), (seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF))
-    for fast, reference, on_torch in zip(philox(seeds, counters), split, philox(torch.from_numpy(seeds), torch.from_numpy(counters))):
+    for fast, reference, on_torch in zip(philox(seeds, counters), split, philox(torch.from_numpy(seeds), torch.from_numpy(counters)), strict=True):
         np.testing.assert_array_equal(fast, reference)
         np.testing.assert_array_equal(on_torch.numpy(), reference)
