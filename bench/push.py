@@ -16,8 +16,8 @@ Every push goes to a fresh cache (all misses: the teacher runs on every sample).
 alternate the order of the pushes. The goal: end to end ÷ ingest >= 0.9, i.e. decoding is not
 the bottleneck against a CPU teacher.
 
-    .venv/bin/python -m bench.push            # about 2 minutes on 2 cores
-    .venv/bin/python -m bench.push --quick    # under a minute
+    .venv/bin/python -m bench.push            # about a minute on 2 cores
+    .venv/bin/python -m bench.push --quick    # about 25 s
 """
 
 from __future__ import annotations
