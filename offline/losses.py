@@ -11,8 +11,9 @@ The soft term has one implementation per target layout (``SOFT_TERMS``, keyed by
 * ``full``: T**2 * KL(softmax(v/T) || softmax(z/T)).
 * ``topk`` (``tail="bucket"``, the default; Megatron-LM's "ghost token"): T**2 * KL over K+1
   buckets, the K stored classes and one tail bucket. The teacher's bucket probabilities are
-  p_k = softmax(top-k values / T)_k * (1 - m) and m = exp(tail_logmass); the student's tail is
-  the mass of its softmax outside the K classes, 1 - sum_k q_k.
+  p_k = softmax(top-k values / T)_k * (1 - m) and m = exp(tail_logmass), worked out by
+  ``TopK.target`` on the host; the student's tail is the mass of its softmax outside the K
+  classes, 1 - sum_k q_k.
 * ``topk`` with ``tail="uniform"`` (TinyViT, FKD): T**2 * KL(p' || softmax(z/T)) with p' the K
   classes' p_k and the tail mass m spread evenly over the other C - K classes.
 * ``sampled`` (Anshumann et al., ACL 2025): T**2 * CE(counts/N, softmax(z/T)), the
@@ -40,18 +41,10 @@ def _kl_full(z: torch.Tensor, v: torch.Tensor, temperature: float) -> torch.Tens
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
-def _topk_parts(z: torch.Tensor, target: Mapping[str, torch.Tensor], temperature: float):
-    """The student's log-softmax [B, C], the K stored classes [B, K] (int64), and the teacher's
-    log-probabilities of those classes [B, K] and of the tail [B]."""
-    log_q = F.log_softmax(z / temperature, dim=-1)
-    indices = target["topk_indices"].long()
-    tail = target["tail_logmass"].to(z.dtype).clamp(max=-1e-12)
-    log_p_top = F.log_softmax(target["topk_values"].to(z.dtype) / temperature, dim=-1) + torch.log(-torch.expm1(tail)).unsqueeze(-1)
-    return log_q, indices, log_p_top, tail
-
-
 def _kl_topk_bucket(z: torch.Tensor, target: Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    log_q, indices, log_p_top, log_p_tail = _topk_parts(z, target, temperature)
+    log_q = F.log_softmax(z / temperature, dim=-1)
+    indices = target["topk_indices"]
+    log_p_top, log_p_tail = target["log_p_top"].to(z.dtype), target["log_p_tail"].to(z.dtype)
     log_q_top = log_q.gather(-1, indices)
     log_q_tail = log_q.scatter(-1, indices, float("-inf")).logsumexp(dim=-1)  # the student's mass off the K classes
     head = (log_p_top.exp() * (log_p_top - log_q_top)).sum(dim=-1)
@@ -59,7 +52,9 @@ def _kl_topk_bucket(z: torch.Tensor, target: Mapping[str, torch.Tensor], tempera
 
 
 def _kl_topk_uniform(z: torch.Tensor, target: Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    log_q, indices, log_p_top, log_p_tail = _topk_parts(z, target, temperature)
+    log_q = F.log_softmax(z / temperature, dim=-1)
+    indices = target["topk_indices"]
+    log_p_top, log_p_tail = target["log_p_top"].to(z.dtype), target["log_p_tail"].to(z.dtype)
     rest = z.shape[-1] - indices.shape[-1]
     log_p = (log_p_tail - math.log(rest)).unsqueeze(-1).expand_as(log_q).scatter(-1, indices, log_p_top)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)

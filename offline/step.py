@@ -89,7 +89,7 @@ def train_step(
 
 
 def to_device(target: Any, device: torch.device) -> Any:
-    """A layout's training target (a tensor, or a dict of tensors) on ``device``."""
+    """A layout's training target (a tensor, or a dict of tensors or numpy arrays) on ``device``."""
     if isinstance(target, dict):
-        return {name: value.to(device, non_blocking=True) for name, value in target.items()}
+        return {name: torch.as_tensor(value).to(device, non_blocking=True) for name, value in target.items()}
     return target.to(device, non_blocking=True)

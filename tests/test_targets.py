@@ -136,8 +136,8 @@ def test_bad_layouts_are_refused(spec, message):
 
 def test_topk_bucket_term_is_the_kl_over_k_plus_one_buckets():
     v, z = logits(), torch.from_numpy(logits(seed=5)).double()
-    fields = make_layout("topk:3", num_classes=12, temperature=T).encode(v)
-    got = soft_term("topk", "bucket")(z, tensors(fields), T).numpy()
+    layout = make_layout("topk:3", num_classes=12, temperature=T)
+    got = soft_term("topk", "bucket")(z, tensors(layout.target(layout.encode(v))), T).numpy()
     p, q = softmax(v, T), softmax(z.numpy(), T)
     idx = np.argsort(-v, 1)[:, :3]
     p_b = np.concatenate([np.take_along_axis(p, idx, 1), 1 - np.take_along_axis(p, idx, 1).sum(1, keepdims=True)], 1)
@@ -147,8 +147,8 @@ def test_topk_bucket_term_is_the_kl_over_k_plus_one_buckets():
 
 def test_topk_uniform_term_spreads_the_tail_evenly():
     v, z = logits(), torch.from_numpy(logits(seed=5)).double()
-    fields = make_layout("topk:3", num_classes=12, temperature=T).encode(v)
-    got = soft_term("topk", "uniform")(z, tensors(fields), T).numpy()
+    layout = make_layout("topk:3", num_classes=12, temperature=T)
+    got = soft_term("topk", "uniform")(z, tensors(layout.target(layout.encode(v))), T).numpy()
     p, q = softmax(v, T), softmax(z.numpy(), T)
     idx = np.argsort(-v, 1)[:, :3]
     head = np.take_along_axis(p, idx, 1)
@@ -159,7 +159,8 @@ def test_topk_uniform_term_spreads_the_tail_evenly():
 
 def test_topk_with_every_class_but_one_is_full_kd():
     v, z = logits(), torch.from_numpy(logits(seed=5)).double()
-    fields = tensors(make_layout("topk:11", num_classes=12, temperature=T).encode(v))
+    layout = make_layout("topk:11", num_classes=12, temperature=T)
+    fields = tensors(layout.target(layout.encode(v)))
     full = soft_term("full")(z, torch.from_numpy(v).double(), T)
     for tail in ("bucket", "uniform"):
         torch.testing.assert_close(soft_term("topk", tail)(z, fields, T), full)

@@ -246,7 +246,15 @@ class TopK(_Sparse):
         return (out * self.temperature).astype(np.float32)
 
     def target(self, batch: Mapping[str, Any]) -> Any:
-        return {name: batch[name] for name in ("topk_values", "topk_indices", "tail_logmass")}
+        """The K classes and the teacher's log-probabilities of them and of the tail at T_s
+        (``topk_indices``, ``log_p_top`` [B, K], ``log_p_tail`` [B]), as numpy arrays: worked out
+        here, on the host, so that a training step spends no device operations on them."""
+        head, tail = self.log_probs({name: np.asarray(batch[name]) for name in ("topk_values", "tail_logmass")})
+        return {
+            "topk_indices": np.asarray(batch["topk_indices"]).astype(np.int64),
+            "log_p_top": head.astype(np.float32),
+            "log_p_tail": tail.astype(np.float32),
+        }
 
     def problem(self, fields: Mapping[str, np.ndarray]) -> str | None:
         values, tail = np.asarray(fields["topk_values"]), np.asarray(fields["tail_logmass"])
