@@ -216,7 +216,9 @@ def convert_cache(
     staging = staging_directory(dst)
     try:
         with (
-            CacheWriter(staging, meta, max_samples=largest, max_bytes=shard_bytes, provenance=provenance) as writer,
+            CacheWriter(
+                staging, meta, max_samples=largest, max_bytes=shard_bytes, provenance=provenance, label_names=reader.label_names
+            ) as writer,
             tqdm(total=reader.num_samples, unit="samples", desc="convert", disable=not progress, file=sys.stderr) as bar,
         ):
             for where, rows, shard_done in source_blocks(reader):

@@ -306,3 +306,12 @@ def test_the_command_then_offline_distill_at_the_serving_temperature(source, tmp
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["temperature"] == SERVING_T and metrics["epochs"] == 1
+
+
+def test_the_label_names_are_kept(tmp_path):
+    names = [f"class-{i}" for i in range(CLASSES)]
+    data = rows()
+    with CacheWriter(tmp_path / "named", make_meta(), label_names=names) as writer:
+        writer.append(data["ids"], data["inputs"], data["logits"], data["labels"])
+    assert run(tmp_path / "named", tmp_path / "top", "--targets", "topk:2") == 0
+    assert CacheReader(tmp_path / "top").label_names == names
