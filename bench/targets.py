@@ -49,7 +49,7 @@ PREPROCESSING = Preprocessing(scale=demo.INPUT_SCALE)
 # Every arm's recipe: the student, AdamW with a cosine schedule over the epochs, batch, alpha.
 RECIPE = {"student": "mlp", "lr": 3e-3, "batch_size": 64, "alpha": 0.9}
 # The teachers: trained on the train split's labels (AdamW, cosine, batch 64), as the demo's is.
-TEACHER = {"arch": "mlp-teacher", "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 64}
+TEACHER = {"arch": "mlp-teacher", "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 64}  # demo.train_teacher's recipe
 VALIDATION_SHARE = 0.2  # of the demo's train split (stratified, seed demo.SPLIT_SEED)
 PAIR_SEEDS = {"train": 1, "validation": 2, "test": 3}  # the draws of each split's pairs
 DRAW_SEED = 1  # target_seed of the sampled caches
@@ -158,25 +158,9 @@ def make_problems(args: argparse.Namespace) -> list[Problem]:
 
 
 def train_teacher(problem: Problem, seed: int = 0) -> torch.nn.Module:
-    """Supervised training on the train split's labels, as ``demo.digits.train_teacher`` (which
-    builds 10 classes only): AdamW, a cosine schedule over the steps, batch 64."""
+    """Supervised training on the train split's labels: ``demo.digits.train_teacher``'s recipe."""
     x, y = problem.splits["train"]
-    torch.manual_seed(seed)
-    model = models.build(TEACHER["arch"], problem.input_shape, problem.classes)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=TEACHER["lr"], weight_decay=TEACHER["weight_decay"])
-    steps = problem.teacher_epochs * math.ceil(len(x) / TEACHER["batch_size"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    inputs, labels = PREPROCESSING.apply(torch.from_numpy(x)), torch.from_numpy(y)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(problem.teacher_epochs):
-        for index in torch.randperm(len(x), generator=generator).split(TEACHER["batch_size"]):
-            loss = torch.nn.functional.cross_entropy(model(inputs[index]), labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    return model.eval()
+    return demo.train_teacher(x, y, arch=TEACHER["arch"], epochs=problem.teacher_epochs, seed=seed, num_classes=problem.classes)
 
 
 def scores(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:

@@ -47,6 +47,22 @@ def digits_files(digits_teacher, tmp_path_factory) -> dict:
     }
 
 
+def small_float_teacher(directory: Path, shape: tuple[int, ...], classes: int):
+    """A seeded ``mlp-small`` on float32 samples of ``shape``, saved as a student.pt record in
+    ``directory``: (the model, the file teacher-serve loads)."""
+    import torch
+
+    from kdcache.offline import models
+    from kdcache.offline.cache import CacheMeta
+
+    torch.manual_seed(0)
+    model = models.build("mlp-small", shape, classes).eval()
+    meta = CacheMeta("0" * 64, "mlp-small", classes, shape, "float32")
+    path = directory / "teacher.pt"
+    torch.save(models.student_record("mlp-small", model, meta, temperature=1.0, alpha=1.0), path)
+    return model, path
+
+
 def save_teacher_record(model, path: Path, arch: str = "mlp-teacher") -> Path:
     """Save a digits model the way offline-distill saves a student, which teacher-serve loads."""
     import torch

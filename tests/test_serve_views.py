@@ -10,10 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import BIN
+from conftest import BIN, small_float_teacher
 
-from kdcache.offline import models
-from kdcache.offline.cache import CacheMeta, CacheReader
+from kdcache.offline.cache import CacheReader
 from kdcache.offline.cache.views import parse_policy, view_seeds
 from kdcache.service.client import TeacherClient
 from kdcache.service.launch import ServeProcess
@@ -24,12 +23,7 @@ SHAPE, CLASSES, VIEWS, POLICY = (1, 28, 28), 10, 30, "random-crop:3"
 @pytest.fixture(scope="module")
 def float_teacher(tmp_path_factory):
     """A small float32 [1, 28, 28] teacher saved as a student.pt record."""
-    torch.manual_seed(0)
-    model = models.build("mlp-small", SHAPE, CLASSES).eval()
-    meta = CacheMeta("0" * 64, "mlp-small", CLASSES, SHAPE, "float32")
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.save(models.student_record("mlp-small", model, meta, temperature=1.0, alpha=1.0), path)
-    return model, path
+    return small_float_teacher(tmp_path_factory.mktemp("teacher"), SHAPE, CLASSES)
 
 
 def transfer_set(path, n: int = 48):
