@@ -36,6 +36,7 @@ import torch
 
 from bench import harness
 from kdcache.demo import digits as demo
+from kdcache.demo.problems import PAIR_SEEDS, digit_images, digit_pairs
 from kdcache.offline import models
 from kdcache.offline.cache import CacheMeta, CacheReader, CacheWriter, Preprocessing
 from kdcache.offline.cache.layout import LOGITS_DTYPES, TopK
@@ -50,8 +51,6 @@ PREPROCESSING = Preprocessing(scale=demo.INPUT_SCALE)
 RECIPE = {"student": "mlp", "lr": 3e-3, "batch_size": 64, "alpha": 0.9}
 # The teachers: trained on the train split's labels (AdamW, cosine, batch 64), as the demo's is.
 TEACHER = {"arch": "mlp-teacher", "lr": 2e-3, "weight_decay": 1e-4, "batch_size": 64}  # demo.train_teacher's recipe
-VALIDATION_SHARE = 0.2  # of the demo's train split (stratified, seed demo.SPLIT_SEED)
-PAIR_SEEDS = {"train": 1, "validation": 2, "test": 3}  # the draws of each split's pairs
 DRAW_SEED = 1  # target_seed of the sampled caches
 # The speed figures, the trainer's and (--service) teacher-serve's: full first, then each sparse layout against it.
 SIDES = ("full", "topk:5", "sampled:16")
@@ -118,25 +117,6 @@ class Problem:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.splits["train"][0].shape[1:])
-
-
-def digit_images() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The demo's stratified 70/30 split of the digits, with a stratified validation share of its train part."""
-    from sklearn.model_selection import train_test_split
-
-    split = demo.load_split()
-    x_train, x_val, y_train, y_val = train_test_split(
-        split["x_train"], split["y_train"], test_size=VALIDATION_SHARE, random_state=demo.SPLIT_SEED, stratify=split["y_train"]
-    )
-    return {"train": (x_train, y_train), "validation": (x_val, y_val), "test": (split["x_test"], split["y_test"])}
-
-
-def digit_pairs(images: tuple[np.ndarray, np.ndarray], samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``samples`` pairs of images drawn uniformly with replacement from one split, side by
-    side (8×16), labelled 10·left + right: no image is in two splits."""
-    x, y = images
-    left, right = np.random.default_rng(seed).integers(0, len(x), (2, samples))
-    return np.ascontiguousarray(np.concatenate([x[left], x[right]], axis=2)), (10 * y[left] + y[right]).astype(np.int64)
 
 
 def make_problems(args: argparse.Namespace) -> list[Problem]:

@@ -3,16 +3,19 @@
 1. train a teacher (``cnn-large``: conv stages, dropout in the head) on the train split and save
    it as a ``student.pt``-style record, which ``teacher-serve`` loads;
 2. start ``teacher-serve`` on a free loopback port and wait until it is ready;
-3. ``teacher-push`` the transfer set (the train split, with only ``--transfer-fraction`` of its
-   labels kept: the paper's section 6 setting) in binary mode, then stop the server (SIGTERM);
+3. ``teacher-push`` the transfer set (the train split, with its labels) in binary mode, then
+   stop the server (SIGTERM);
 4. ``cache-convert`` the cache into a copy that keeps only the teacher's top 2 logits per sample
    and the tail's mass (``--targets topk:2``);
-5. ``offline-distill`` the same student three times per seed: distilled, distilled from the
-   topk:2 copy, and on the labels alone (``--alpha 0``), each evaluated on the test split;
+5. ``offline-distill`` the same student three times per seed, at its default recipe, with the
+   labels of a seeded 10% of the samples (``--label-fraction 0.1``, the paper's section 6
+   setting): distilled, distilled from the topk:2 copy, and on the labels alone (``--alpha 0``),
+   each evaluated on the test split;
 6. print a table, write ``summary.json`` and ``curves.png``.
 
-Every tool runs as its own process, as a user would run it. The defaults below were chosen on a
-validation split carved out of the train split (``python -m kdcache.demo.sweep``), never on the test split.
+Every tool runs as its own process, as a user would run it. The students' recipe is
+``offline-distill``'s default, chosen on validation splits (``python -m kdcache.demo.sweep``),
+never on a test split.
 """
 
 from __future__ import annotations
@@ -32,16 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from ..offline.cli_help import HelpFormatter
 from ..service.launch import LaunchError, ServeProcess
 
-# Chosen by `python -m kdcache.demo.sweep --lrs 0.003 0.01` on a validation split of the train split (lr 0.01 beat
-# 0.003 in both arms; T=4, alpha=0.9 was best or tied at 5% and 10% labels; with all labels no setting gains).
+# The demo's own choices; the students' lr, epochs, batch, schedule and alpha are offline-distill's defaults
+# (its recipe, chosen by `python -m kdcache.demo.sweep` on validation splits).
 STUDENT = "mlp-small"
 TEMPERATURE = 4.0
-ALPHA = 0.9
-TRANSFER_FRACTION = 0.1
-EPOCHS = 20
-LR = 1e-2
+LABEL_FRACTION = 0.1  # the paper's section 6: soft targets for every sample, labels for a tenth
 SEEDS = 3
 TEACHER_ARCH = "cnn-large"
 TEACHER_EPOCHS = 10
@@ -84,26 +85,15 @@ def load_split(seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
     return {"x_train": x_train, "y_train": y_train.astype(np.int64), "x_test": x_test, "y_test": y_test.astype(np.int64)}
 
 
-def keep_labels(labels: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """A copy of ``labels`` with all but ``fraction`` of each class set to -1 (at least one per class)."""
-    rng = np.random.default_rng(seed)
-    kept = np.full_like(labels, -1)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        count = max(1, round(fraction * len(members)))
-        chosen = rng.choice(members, size=min(count, len(members)), replace=False)
-        kept[chosen] = labels[chosen]
-    return kept
-
-
-def preprocess(x: np.ndarray):  # -> torch.Tensor; torch is imported lazily so that --help is quick
+def preprocess(x: np.ndarray, input_scale: float = INPUT_SCALE):  # -> torch.Tensor; torch is imported lazily so that --help is quick
     import torch
 
-    return torch.from_numpy(x).float() * INPUT_SCALE
+    return torch.from_numpy(x).float() * input_scale
 
 
 def train_teacher(
-    x: np.ndarray, y: np.ndarray, arch: str = TEACHER_ARCH, epochs: int = TEACHER_EPOCHS, seed: int = 0, num_classes: int = 10
+    x: np.ndarray, y: np.ndarray, arch: str = TEACHER_ARCH, epochs: int = TEACHER_EPOCHS, seed: int = 0, num_classes: int = 10,
+    input_scale: float = INPUT_SCALE,
 ):
     """Plain supervised training with AdamW (lr 2e-3, weight decay 1e-4, cosine schedule, batch
     64) on all of ``x``'s labels."""
@@ -116,7 +106,7 @@ def train_teacher(
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(x) / 64)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    inputs, labels = preprocess(x), torch.from_numpy(y)
+    inputs, labels = preprocess(x, input_scale), torch.from_numpy(y)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -129,11 +119,11 @@ def train_teacher(
     return model.eval()
 
 
-def teacher_logits(model, x: np.ndarray) -> np.ndarray:
+def teacher_logits(model, x: np.ndarray, input_scale: float = INPUT_SCALE) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return model(preprocess(x)).numpy().astype(np.float32)
+        return torch.cat([model(preprocess(part, input_scale)) for part in np.array_split(x, max(1, len(x) // 1024))]).numpy().astype(np.float32)
 
 
 def save_teacher(model, arch: str, path: Path) -> Path:
@@ -206,23 +196,26 @@ class TeacherServer(ServeProcess):
 # The demo
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def demo_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train a teacher on scikit-learn's digits, serve it, push the transfer set, distil a student from the "
         "cache with and without the teacher's soft targets, and compare them on the test split.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="demo-out", metavar="DIR", help="where the teacher, cache, runs, summary.json and curves.png go")
     p.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
     p.add_argument("--seeds", type=int, default=SEEDS, help="student seeds per arm")
-    p.add_argument("--transfer-fraction", type=float, default=TRANSFER_FRACTION, help="fraction of the transfer set that keeps its label")
-    p.add_argument("--epochs", type=int, default=EPOCHS, help="student epochs")
-    p.add_argument("--lr", type=float, default=LR, help="student learning rate (AdamW, cosine)")
+    p.add_argument(
+        "--label-fraction", "--transfer-fraction", dest="label_fraction", type=float, default=LABEL_FRACTION,
+        help="fraction of the transfer set whose labels the students train on (offline-distill --label-fraction)",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, help="student epochs (default: offline-distill's recipe)")
+    p.add_argument("--lr", type=float, help="student learning rate (default: offline-distill's recipe)")
     p.add_argument("--student", default=STUDENT, help="a built-in student of offline-distill, or module:factory")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help="distillation (and serving) temperature T")
-    p.add_argument("--alpha", type=float, default=ALPHA, help="weight of the soft term in the distilled arms")
-    p.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
+    p.add_argument("--alpha", type=float, help="weight of the soft term in the distilled arms (default: offline-distill's recipe)")
+    p.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS, help="epochs of the teacher's own training")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument(
         "--augment",
@@ -230,17 +223,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="serve V augmented views of each sample made by POLICY (e.g. random-crop:1); both arms train on them",
     )
     p.add_argument("--views", type=int, default=1, metavar="V", help="views per sample with --augment (teacher-serve --views)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = demo_parser()
     args = p.parse_args(argv)
     problems = []
     if args.seeds < 1:
         problems.append(f"--seeds must be >= 1, got {args.seeds}")
-    if not 0 < args.transfer_fraction <= 1:
-        problems.append(f"--transfer-fraction must lie in (0, 1], got {args.transfer_fraction}")
-    if args.epochs < 1 or args.teacher_epochs < 1:
+    if not 0 < args.label_fraction <= 1:
+        problems.append(f"--label-fraction must lie in (0, 1], got {args.label_fraction}")
+    if (args.epochs is not None and args.epochs < 1) or args.teacher_epochs < 1:
         problems.append(f"--epochs and --teacher-epochs must be >= 1, got {args.epochs} and {args.teacher_epochs}")
     if not args.temperature > 0:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
-    if not 0 < args.alpha <= 1:
+    if args.alpha is not None and not 0 < args.alpha <= 1:
         problems.append(f"--alpha must lie in (0, 1] (the other arm is alpha 0), got {args.alpha}")
     if args.views < 1:
         problems.append(f"--views must be >= 1, got {args.views}")
@@ -336,12 +334,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     state: dict[str, Any] = {}
 
     def data() -> str:
+        from ..offline.cache.ids import normalize_ids
+        from ..offline.dataset import keeps_label
+
         split = load_split()
-        labels = keep_labels(split["y_train"], args.transfer_fraction)
-        np.savez(paths["transfer"], inputs=split["x_train"], labels=labels, ids=np.arange(len(labels), dtype=np.int64))
+        ids = np.arange(len(split["y_train"]), dtype=np.int64)
+        np.savez(paths["transfer"], inputs=split["x_train"], labels=split["y_train"], ids=ids)
         np.savez(paths["test"], inputs=split["x_test"], labels=split["y_test"])
-        state.update(split, labelled=int((labels >= 0).sum()))
-        return f"{len(labels)} train ({state['labelled']} keep their label), {len(split['y_test'])} test"
+        # Every label goes into the cache; offline-distill --label-fraction keeps those of a seeded fraction.
+        state.update(split, labelled=int(keeps_label(normalize_ids(ids), args.label_fraction, 0).sum()))
+        return f"{len(ids)} train ({state['labelled']} labels used by the students), {len(split['y_test'])} test"
 
     def teacher() -> str:
         model = train_teacher(state["x_train"], state["y_train"], TEACHER_ARCH, args.teacher_epochs)
@@ -425,6 +427,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     arms: dict[str, dict[str, Any]] = {
         key: {"alpha": 0.0 if key == "labels_only" else args.alpha, "accuracies": [], "curves": []} for key in ARMS
     }
+    recipe: dict[str, Any] = {}
     caches = {key: paths["cache_topk2"] if key == "distilled_topk2" else paths["cache"] for key in ARMS}
 
     # The students are tiny: on the CPU one thread beats several (no OpenMP spin-waiting), the more
@@ -433,14 +436,17 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     def distill(key: str, seed: int) -> str:
         arm, run_dir = arms[key], paths["runs"] / f"{key}-seed{seed}"
+        given = {"--epochs": args.epochs, "--lr": args.lr, "--alpha": arm["alpha"]}
         distill_args = [
-            "--cache", str(caches[key]), "--student", args.student, "--epochs", str(args.epochs), "--lr", str(args.lr),
-            "--seed", str(seed), "--temperature", str(args.temperature), "--alpha", str(arm["alpha"]), "--eval", str(paths["test"]),
-            "--out", str(run_dir), "--device", device, "--no-export", "--no-progress",
+            "--cache", str(caches[key]), "--student", args.student, "--seed", str(seed), "--temperature", str(args.temperature),
+            "--label-fraction", str(args.label_fraction), "--eval", str(paths["test"]), "--out", str(run_dir), "--device", device,
+            "--no-export", "--no-progress", *(word for flag, value in given.items() if value is not None for word in (flag, str(value))),
         ]  # fmt: skip
         log_path = paths["logs"] / f"offline-distill-{key}-seed{seed}.log"
         run_tool(f"distill {key} seed {seed}", "offline-distill", distill_args, log_path, env=distill_env)
         accuracy, curve = read_run(run_dir)
+        if key == "distilled":
+            recipe.update(json.loads((run_dir / "metrics.json").read_text())["recipe"])
         arm["accuracies"].append(accuracy)
         arm["curves"].append(curve)
         return f"test accuracy {accuracy:.4f}"
@@ -452,12 +458,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         arm["mean"], arm["std"] = mean_std(arm["accuracies"])
         arm["curve_mean"] = np.asarray(arm["curves"]).mean(axis=0).tolist()
 
-    title = f"{args.student} on digits, {args.transfer_fraction:.0%} labels, T={args.temperature:g}, alpha={args.alpha:g}"
+    title = f"{args.student} on digits, {args.label_fraction:.0%} labels, T={args.temperature:g}, alpha={recipe['alpha']:g}"
     steps.run("plot", f"writing {paths['curves']}", lambda: plot_curves(arms, state["teacher"]["test_accuracy"], paths["curves"], title))
     summary = {
         "settings": {
-            "student": args.student, "epochs": args.epochs, "lr": args.lr, "seeds": args.seeds, "temperature": args.temperature, "alpha": args.alpha,
-            "transfer_fraction": args.transfer_fraction, "device": device, "split_seed": SPLIT_SEED,
+            "student": args.student, "epochs": recipe["epochs"], "lr": recipe["lr"], "batch_size": recipe["batch_size"],
+            "schedule": recipe["schedule"], "seeds": args.seeds, "temperature": args.temperature, "alpha": recipe["alpha"],
+            "label_fraction": args.label_fraction, "recipe_given": recipe["given"], "device": device, "split_seed": SPLIT_SEED,
             "augment": args.augment, "views": args.views if args.augment else 1,
         },
         "data": {"train_samples": len(state["y_train"]), "labelled_train_samples": state["labelled"], "test_samples": len(state["y_test"])},
@@ -494,7 +501,7 @@ def format_table(summary: dict[str, Any]) -> str:
         ("gain from the teacher", f"{summary['gain']:+.4f}"),
         (
             "labels kept",
-            f"{summary['data']['labelled_train_samples']} of {summary['data']['train_samples']} ({s['transfer_fraction']:.0%})",
+            f"{summary['data']['labelled_train_samples']} of {summary['data']['train_samples']} (--label-fraction {s['label_fraction']:g})",
         ),
         ("cache", f"{cache['samples']:,} samples, {cache['bytes']:,} bytes, {cache['bytes_per_sample']:,.1f} bytes/sample"),
         (
@@ -507,7 +514,9 @@ def format_table(summary: dict[str, Any]) -> str:
         ),  # fmt: skip
         (
             "settings",
-            f"T={s['temperature']:g} alpha={s['alpha']:g} epochs={s['epochs']} lr={s['lr']:g} seeds={s['seeds']} device={s['device']}",
+            f"T={s['temperature']:g} alpha={s['alpha']:g} epochs={s['epochs']} lr={s['lr']:g} batch={s['batch_size']} "
+            f"{s['schedule']} seeds={s['seeds']} device={s['device']}"
+            + (f" (given: {', '.join(s['recipe_given'])}; the rest offline-distill's recipe)" if s["recipe_given"] else " (offline-distill's recipe)"),
         ),
         *((f"time: {name}", f"{value:.1f} s") for name, value in seconds.items()),
         ("time: total", f"{sum(seconds.values()):.1f} s"),

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .cache import CacheError, CacheReader
+from .cache.diagnostics import SoftTargetStats, soft_target_warnings
 from .cache.layout import TopK
 from .cache.manifest import describe_label_names
-from .journal import pending_samples
+from .cache.reader import read_rows
+from .cli_help import HelpFormatter
+from .journal import unpublished
 from .malloc import tune_malloc
+from .recipe import DEFAULT_RULE, SCHEDULES, WARMUP_SHARE
 
 
 def fail(prog: str, message: str, code: int = 2) -> int:
@@ -27,40 +32,86 @@ def fail(prog: str, message: str, code: int = 2) -> int:
     return code
 
 
+# The exit status of a process that SIGPIPE ends (128 + 13), which a shell reports for
+# `yes | head -1`: the output was cut short, and pipefail may say so.
+CLOSED_PIPE = 141
+
+
 def run_cli(prog: str, body: Callable[[], int], known: tuple[type[BaseException], ...]) -> int:
     try:
-        return body()
+        code = body()
+        sys.stdout.flush()  # here, so that a closed pipe is met inside this try, not at exit
+        return code
     except known as exc:
         return fail(prog, str(exc))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`cache-inspect --json | head -1`): stop quietly. Python's own
+        # flush at exit would meet the closed pipe again, so stdout now points at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_PIPE
 
 
 # ---------------------------------------------------------------------------------------------
 # offline-distill
 
 
+class ListStudents(argparse.Action):
+    """``--list-students``: print the built-in students and exit, as ``--help`` does (so before
+    the required ``--cache`` is asked for)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None
+    ) -> None:
+        from . import models  # torch, only when asked
+
+        describe = getattr(models, "describe_students", None)
+        print(describe() if describe is not None else "\n".join(sorted(models.REGISTRY)))
+        parser.exit()
+
+
 def distill_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="offline-distill",
         description="Train a student on cached teacher outputs (HDF5 shards). Never loads the teacher.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--cache", nargs="+", required=True, metavar="DIR", help="one or more cache directories")
     p.add_argument("--student", default="mlp", help="a built-in student (see --list-students) or module:factory")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine-annealed over the epochs")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--list-students", action=ListStudents, help="print the built-in students and exit")
+    recipe = "default: the recipe's, printed at the start and recorded in metrics.json"
+    p.add_argument(
+        "--epochs", type=int, default=None, help=f"passes over the cache ({recipe}: enough for about {DEFAULT_RULE.steps:,} steps, "
+        f"{DEFAULT_RULE.min_epochs} to {DEFAULT_RULE.max_epochs} epochs)",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=None, help=f"samples per step ({recipe}: {DEFAULT_RULE.batch_size})")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({recipe}: {DEFAULT_RULE.lr:g})")
+    p.add_argument(
+        "--schedule", choices=SCHEDULES, default=None,
+        help=f"the learning rate over the steps: warmup-cosine (a linear warm-up over {WARMUP_SHARE:.0%}% of them, then cosine to 0), "
+        f"cosine, or constant ({recipe}: {DEFAULT_RULE.schedule})",
+    )  # fmt: skip
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument(
         "--temperature",
         type=float,
         default=None,
         help="distillation temperature T (default 4; a cache of topk or sampled targets is defined at its serving "
-        "temperature, which is then the default and the only T it takes)",
+        "temperature, the only T it takes)",
     )
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft term; 0 trains on the labels alone")
+    p.add_argument(
+        "--alpha", type=float, default=None, help=f"weight of the soft term; 0 trains on the labels alone ({recipe}: {DEFAULT_RULE.alpha:g})"
+    )
+    p.add_argument(
+        "--label-fraction", type=float, default=1.0, metavar="F",
+        help="keep the labels of a seeded fraction F of the samples and train the rest on soft targets alone (the paper's section 6)",
+    )  # fmt: skip
+    p.add_argument("--label-seed", type=int, default=0, help="which samples --label-fraction keeps labelled: a function of (seed, id)")
     p.add_argument("--loss", choices=("kl", "mse"), default="kl", help="kl: Hinton et al.; mse: logit matching (Caruana; full logits only)")
     p.add_argument(
         "--topk-tail",
@@ -75,8 +126,10 @@ def distill_parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="held-out inputs and labels: a transfer set (.npz, .npy, image folder, Parquet, Hugging Face dataset) or a cache directory",
     )
-    p.add_argument("--out", default="runs/distill", metavar="RUN_DIR")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--out", default="runs/distill", metavar="RUN_DIR", help="where the student, checkpoint.pt, metrics.json and curves.png go"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the student's initialisation and of the sample order")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument(
@@ -105,14 +158,9 @@ def distill_parser() -> argparse.ArgumentParser:
 
 
 def distill_main(argv: Sequence[str] | None = None) -> int:
-    from .models import REGISTRY, ModelSpecError
+    from .models import ModelSpecError
     from .train import TrainConfig, TrainError, train
 
-    if argv is None:
-        argv = sys.argv[1:]
-    if "--list-students" in argv:
-        print("\n".join(sorted(REGISTRY)))
-        return 0
     args = distill_parser().parse_args(argv)
     tune_malloc()  # before DataLoader workers fork and pin-memory threads start
 
@@ -120,6 +168,7 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
         train(
             TrainConfig(
                 caches=args.cache, student=args.student, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                schedule=args.schedule, label_fraction=args.label_fraction, label_seed=args.label_seed,
                 temperature=args.temperature, alpha=args.alpha, eval_path=args.eval_path, out=args.out, seed=args.seed,
                 device=args.device, resume=args.resume, loss=args.loss, topk_tail=args.topk_tail, weight_decay=args.weight_decay,
                 workers=args.workers, shuffle_buffer=args.shuffle_buffer, allow_mixed_teachers=args.allow_mixed_teachers,
@@ -136,8 +185,18 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
 
 
 def inspect_summary(reader: CacheReader) -> dict[str, Any]:
+    """What ``cache-inspect`` reports. ``samples`` counts the published shards' samples
+    (``published_samples``) and the journal's that no published shard holds yet
+    (``journal_samples``: acknowledged by teacher-serve, published when it stops or restarts);
+    so do ``label_coverage`` and the soft-target statistics."""
     meta = reader.meta
-    samples = reader.num_samples
+    published = reader.num_samples
+    journal = unpublished(reader.directory, meta, (read_rows(info, ("ids",))["ids"] for info in reversed(reader.shards)))
+    samples = published + len(journal.ids)
+    labelled = round(reader.label_coverage() * published) + int((journal.labels >= 0).sum())
+    accumulator = reader.soft_target_stats()  # at the serving temperature, over a bounded sample
+    accumulator.add(journal.teacher_logits, journal.labels)  # stored as the service answers them (TargetLayout.served)
+    soft_targets = accumulator.stats()
     target_bytes = meta.layout.row_bytes(meta.num_classes)
     full_bytes = 4 * meta.num_classes * meta.views_per_id  # what full float32 logits of every view take
     return {
@@ -145,6 +204,8 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
         "schema_version": meta.schema_version,
         "shards": len(reader.shards),
         "samples": samples,
+        "published_samples": published,
+        "journal_samples": len(journal.ids),
         "num_classes": meta.num_classes,
         "teacher_fingerprint": meta.teacher_fingerprint,
         "teacher_name": meta.teacher_name,
@@ -164,11 +225,12 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
         "target_seed": meta.target_seed if meta.layout.randomized else None,
         "provenance": reader.provenance,
         "bytes": reader.total_bytes,
-        "bytes_per_sample": reader.total_bytes / samples if samples else None,
-        "label_coverage": reader.label_coverage(),
+        "bytes_per_sample": reader.total_bytes / published if published else None,
+        "label_coverage": labelled / samples if samples else 0.0,
+        "soft_targets": soft_targets.to_dict(),
+        "warnings": soft_target_warnings(soft_targets),
         "label_names": reader.label_names,
         "unlisted_files": reader.unlisted_files(),
-        "journal_samples": pending_samples(reader.directory, meta),
     }
 
 
@@ -189,14 +251,18 @@ def describe_provenance(provenance: dict[str, Any]) -> str:
     )
 
 
-def inspect_main(argv: Sequence[str] | None = None) -> int:
+def inspect_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cache-inspect", description="Summarise a teacher-output cache; --verify checks every shard's checksum."
     )
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument("directory", metavar="DIR", help="the cache directory (the one holding manifest.json)")
     p.add_argument("--verify", action="store_true", help="check the sha256 of every shard against the manifest")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
+    return p
+
+
+def inspect_main(argv: Sequence[str] | None = None) -> int:
+    args = inspect_parser().parse_args(argv)
 
     def body() -> int:
         try:
@@ -210,11 +276,11 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
                     reader = CacheReader(args.directory, skip_corrupt=True, verify_checksums=True, progress=bar)
             else:
                 reader = CacheReader(args.directory)
+            summary = inspect_summary(reader)  # reads a sample of rows: damage in them is found here
         except CacheError as exc:
             if args.json:
                 print(json.dumps({"directory": args.directory, "ok": False, "problems": [str(exc)]}))
             return fail("cache-inspect", str(exc), code=1)
-        summary = inspect_summary(reader)
         problems = [problem for _, problem in reader.skipped]
         if args.verify:
             summary["verified"] = True
@@ -226,7 +292,11 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             bps = summary["bytes_per_sample"]
             print(f"cache            {summary['directory']} (schema v{summary['schema_version']})")
             print(f"shards           {summary['shards']}" + (f" readable, {len(problems)} corrupt" if problems else ""))
-            print(f"samples          {summary['samples']:,}")
+            journal = summary["journal_samples"]
+            print(
+                f"samples          {summary['samples']:,}"
+                + (f" ({summary['published_samples']:,} in published shards, {journal:,} in the journal)" if journal else "")
+            )
             print(f"classes          {summary['num_classes']}")
             print(f"teacher          {summary['teacher_name']}  {summary['teacher_fingerprint']}")
             print(
@@ -258,18 +328,21 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"serving T        {summary['serving_temperature']} ({rule})")
             print(f"size             {summary['bytes']:,} bytes" + (f", {bps:,.1f} bytes/sample" if bps else ""))
-            print(f"label coverage   {summary['label_coverage']:.1%}")
+            print(f"label coverage   {summary['label_coverage']:.1%}" + (" (the journal's samples included)" if journal else ""))
+            print(f"soft targets     {SoftTargetStats(**summary['soft_targets']).describe()}")
             if summary["label_names"] is not None:
                 print(f"label names      {describe_label_names(summary['label_names'])}")
             if summary["unlisted_files"]:
                 print(f"not published    {', '.join(summary['unlisted_files'])} (left by an interrupted writer; ignored)")
-            if summary["journal_samples"]:
+            if journal:
                 print(
-                    f"journal          {summary['journal_samples']:,} samples acknowledged by teacher-serve and not yet in a "
-                    "published shard (published when the service stops, or when it restarts after a crash)"
+                    f"journal          {journal:,} samples acknowledged by teacher-serve and not yet in a published shard, "
+                    "counted above (published when the service stops, or when it restarts after a crash)"
                 )
             if args.verify:
                 print("checksums        " + ("all match" if not problems else f"{len(problems)} shard(s) corrupt"))
+            for warning in summary["warnings"]:
+                print(f"warning: {warning}")
         for line in problems:
             print(f"cache-inspect: corrupt: {line}", file=sys.stderr)
         return 1 if problems else 0

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .cache import CacheError, CacheMeta, CacheReader, ShardHandle, ShardInfo
-from .cache.contract import MIXABLE_FIELDS
+from .cache.contract import MIX_REASONS
 
 DEFAULT_BLOCK_BYTES = 4 << 20
 DEFAULT_SHUFFLE_BUFFER = 16384
@@ -56,12 +56,9 @@ def open_caches(
     readers = [CacheReader(d, skip_corrupt=skip_corrupt, verify_checksums=verify_checksums) for d in directories]
     first = readers[0].meta
     for reader in readers[1:]:
-        problem = first.mismatch(reader.meta, MIXABLE_FIELDS)
-        if problem:
-            raise CacheError(
-                f"{reader.directory}: cannot be mixed with {readers[0].directory}: {problem} "
-                "(samples of different shapes or class counts cannot share a batch)"
-            )
+        differences = [f"{problem} ({reason})" for name, reason in MIX_REASONS.items() if (problem := first.mismatch(reader.meta, (name,)))]
+        if differences:
+            raise CacheError(f"{reader.directory}: cannot be mixed with {readers[0].directory}: {'; '.join(differences)}")
         problem = first.mismatch(reader.meta, ("teacher_fingerprint",))
         if problem and not allow_mixed_teachers:
             raise CacheError(
@@ -113,6 +110,20 @@ def plan_epoch(
     return blocks
 
 
+LABEL_PERSON = b"kdcache-labels"
+
+
+def keeps_label(ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
+    """Whether each sample keeps its label under ``--label-fraction fraction --label-seed seed``:
+    a function of (seed, id) alone, so the same samples keep their labels in every epoch, rank,
+    worker and batch order, and in a converted copy of the cache. Each sample is kept with
+    probability ``fraction``, independently (not stratified by class)."""
+    from .cache.rng import keyed_seeds
+
+    seeds = keyed_seeds(seed, ids, 1, LABEL_PERSON)[:, 0]
+    return (seeds >> np.int64(11)).astype(np.float64) / float(1 << 52) < fraction
+
+
 def _dist_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -142,9 +153,13 @@ class ShardStream(IterableDataset):
         skip_corrupt: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        label_fraction: float = 1.0,
+        label_seed: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not 0.0 < label_fraction <= 1.0:
+            raise ValueError("label_fraction must lie in (0, 1]")
         self.shards = list(shards)
         self.meta = meta
         self.batch_size = batch_size
@@ -156,7 +171,9 @@ class ShardStream(IterableDataset):
         self.drop_last = drop_last
         # The columns a training step takes: inputs, labels and the layout's target fields.
         seeds = ("view_seeds",) if meta.has_views else ()
-        self.fields = ("inputs", "labels", *seeds, *meta.layout.fields(meta.num_classes)) + (("ids",) if with_ids else ())
+        self.label_fraction, self.label_seed, self.with_ids = label_fraction, label_seed, with_ids
+        reads_ids = with_ids or label_fraction < 1  # the kept labels are chosen by id
+        self.fields = ("inputs", "labels", *seeds, *meta.layout.fields(meta.num_classes)) + (("ids",) if reads_ids else ())
         self.policy = None
         if meta.has_views:
             from .cache.views import parse_policy
@@ -299,6 +316,10 @@ class ShardStream(IterableDataset):
     def _batch(self, buffer: dict[str, np.ndarray], index: np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
         index = np.sort(index) if not self.shuffle else index
         columns = {name: buffer[name][index] for name in self.fields}
+        if self.label_fraction < 1:
+            columns["labels"] = np.where(keeps_label(columns["ids"], self.label_fraction, self.label_seed), columns["labels"], -1)
+            if not self.with_ids:
+                del columns["ids"]
         if self.policy is not None:
             columns = self._replay_views(columns)
         return {name: values if name == "ids" else torch.from_numpy(np.ascontiguousarray(values)) for name, values in columns.items()}

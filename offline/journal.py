@@ -29,7 +29,7 @@ is cut off.
 
 Readers of the cache (``offline-distill``) never read the journal: its samples are not in the
 cache until the service, restarted, folds them into a published shard. ``cache-inspect``
-reports a non-empty journal.
+counts the journal's samples that no published shard holds yet (``unpublished``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -117,6 +118,35 @@ def pending_samples(directory: Path, meta: CacheMeta) -> int:
     """Samples in a journal not yet folded into shards (some may already be published)."""
     records, _, _ = read_journal(Path(directory) / JOURNAL_NAME, meta)
     return sum(len(r.ids) for r in records)
+
+
+class Unpublished(NamedTuple):
+    ids: list[str]
+    teacher_logits: np.ndarray  # float32 [n, C] ([n, V, C] with views), as the service stored them
+    labels: np.ndarray
+
+
+def unpublished(directory: Path, meta: CacheMeta, published_ids: Iterable[np.ndarray]) -> Unpublished:
+    """The journal's samples that no published shard holds yet, each id once. ``published_ids``
+    yields the ids of the published shards, newest first. The journal is emptied whenever
+    everything in it is published, so the samples of it that are published fill the newest
+    shards: the scan stops at the first shard that holds none of them."""
+    records, _, _ = read_journal(Path(directory) / JOURNAL_NAME, meta)
+    if not records:
+        return Unpublished([], np.empty((0, *meta.teacher_output_shape()), np.float32), np.empty(0, np.int64))
+    ids = np.array([sample_id for record in records for sample_id in record.ids], dtype=str)
+    keep = np.zeros(len(ids), dtype=bool)
+    keep[np.unique(ids, return_index=True)[1]] = True
+    for shard_ids in published_ids:
+        published = np.isin(ids, np.asarray(shard_ids).astype(str))
+        if not published.any():
+            break
+        keep &= ~published
+    return Unpublished(
+        ids[keep].tolist(),
+        np.concatenate([record.teacher_logits for record in records])[keep],
+        np.concatenate([record.labels for record in records])[keep],
+    )
 
 
 class Journal:

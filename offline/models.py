@@ -86,21 +86,31 @@ class MLP(nn.Module):
 
 
 class ConvNet(nn.Module):
-    """conv-BN-ReLU stages, 2× max-pool between them, global average pool, linear head."""
+    """conv-BN-ReLU layers, each followed by a 2× max-pool while the feature map is at least
+    ``POOL_MIN`` pixels on its short side, then an average pool to at most 4×4 kept as a grid
+    (not one global average: a digit's strokes are told apart by where they are), and a linear
+    head. A global average pool after two 3×3 convolutions sees 5-pixel patches only, which is
+    why the earlier ``cnn-small`` stalled near chance on 28×28 digits."""
+
+    POOL_MIN = 8
+    GRID = 4
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, widths: Sequence[int], dropout: float, arch: str) -> None:
         super().__init__()
         channels, height, width = _image_shape(input_shape, arch)
         self.image_shape = (channels, height, width)
         layers: list[nn.Module] = []
-        for i, out in enumerate(widths):
+        for out in widths:
             layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
             channels = out
-            if i % 2 == 1 and min(height, width) >= 4:
+            if min(height, width) >= self.POOL_MIN:
                 layers.append(nn.MaxPool2d(2))
                 height, width = height // 2, width // 2
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes))
+        grid = (min(self.GRID, height), min(self.GRID, width))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(grid), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels * grid[0] * grid[1], num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.reshape(x.shape[0], *self.image_shape)))
@@ -143,14 +153,56 @@ class CifarResNet(nn.Module):
         return self.head(self.stages(self.stem(x.reshape(x.shape[0], *self.image_shape))))
 
 
-register("mlp-small")(lambda shape, classes: MLP(shape, classes, [32]))
-register("mlp")(lambda shape, classes: MLP(shape, classes, [128]))
-register("mlp-large")(lambda shape, classes: MLP(shape, classes, [512, 512]))
-register("mlp-teacher")(lambda shape, classes: MLP(shape, classes, [1200, 1200], dropout=0.3))
-register("cnn-small")(lambda shape, classes: ConvNet(shape, classes, [16, 32], 0.0, "cnn-small"))
-register("cnn-large")(lambda shape, classes: ConvNet(shape, classes, [64, 64, 128, 128], 0.3, "cnn-large"))
-register("resnet")(lambda shape, classes: CifarResNet(shape, classes, 3, "resnet"))
-register("resnet-8")(lambda shape, classes: CifarResNet(shape, classes, 1, "resnet-8"))
+# What each built-in is and suits, for --list-students and the README (architecture, suits).
+ABOUT: dict[str, tuple[str, str]] = {}
+
+
+def builtin(name: str, architecture: str, suits: str) -> Callable[[Factory], Factory]:
+    ABOUT[name] = (architecture, suits)
+    return register(name)
+
+
+builtin("mlp-small", "MLP, one hidden layer of 32", "tiny inputs (8×8); the demo's student")(lambda shape, classes: MLP(shape, classes, [32]))
+builtin("mlp", "MLP, one hidden layer of 128", "the default student: any input, fast on a CPU")(lambda shape, classes: MLP(shape, classes, [128]))
+builtin("mlp-large", "MLP, two hidden layers of 512", "any input, when mlp underfits")(
+    lambda shape, classes: MLP(shape, classes, [512, 512])
+)
+builtin("mlp-teacher", "MLP, two hidden layers of 1200, dropout 0.3", "a teacher for small inputs (the paper's MNIST net)")(
+    lambda shape, classes: MLP(shape, classes, [1200, 1200], dropout=0.3)
+)
+builtin("cnn-small", "conv 16, 32 (3×3, BN, max-pools), 4×4 grid, linear", "small images up to about 64×64: the conv student")(
+    lambda shape, classes: ConvNet(shape, classes, [16, 32], 0.0, "cnn-small")
+)
+builtin("cnn-large", "conv 64, 64, 128, 128 (3×3, BN, max-pools), 4×4 grid, dropout 0.3", "a teacher or large student for small images")(
+    lambda shape, classes: ConvNet(shape, classes, [64, 64, 128, 128], 0.3, "cnn-large")
+)
+builtin("resnet", "CIFAR ResNet-20 (He et al. 2016), widths 16/32/64", "32×32 colour images; slow on a CPU")(
+    lambda shape, classes: CifarResNet(shape, classes, 3, "resnet")
+)
+builtin("resnet-8", "CIFAR ResNet-8, widths 16/32/64", "32×32 images, a smaller residual student")(
+    lambda shape, classes: CifarResNet(shape, classes, 1, "resnet-8")
+)
+
+LIST_SHAPE = (1, 28, 28)  # the input --list-students counts parameters for, with LIST_CLASSES classes
+LIST_CLASSES = 10
+
+
+def describe_students(input_shape: Sequence[int] = LIST_SHAPE, num_classes: int = LIST_CLASSES) -> str:
+    """The built-in students as a table: name, architecture, parameters for ``input_shape`` and
+    ``num_classes``, and what each suits."""
+    shape = "×".join(str(d) for d in input_shape)
+    rows = [("student", "architecture", f"params ({shape}, {num_classes} classes)", "suits")]
+    for name in REGISTRY:
+        architecture, suits = ABOUT.get(name, ("", ""))
+        try:
+            params = f"{count_parameters(REGISTRY[name](tuple(input_shape), num_classes)):,}"
+        except Exception:  # noqa: BLE001 - a student that does not take this input
+            params = "-"
+        rows.append((name, architecture, params, suits))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}".rstrip() for row in rows
+    ) + "\nor module:factory, your own (see README § Students)"
 
 
 def resolve(spec: str) -> Factory:

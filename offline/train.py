@@ -28,10 +28,12 @@ from tqdm import tqdm
 
 from . import models
 from .cache import CacheError, CacheMeta, CacheReader
+from .cache.diagnostics import soft_target_warnings
 from .cache.manifest import describe_label_names, merge_label_names
 from .dataset import ShardStream, open_caches
 from .evaluate import EvalSetError, evaluate, evaluate_ece, load_eval_set, plot_curves
 from .losses import LOSS_KINDS, TOPK_TAILS, Objective
+from .recipe import DEFAULT_RULE, SCHEDULES, Recipe, lr_factor
 from .step import EpochStats, step_on_inputs, train_step
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -51,11 +53,15 @@ class TrainError(Exception):
 class TrainConfig:
     caches: list[str]
     student: str = "mlp"
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
+    # None: the recipe's default for the caches (recipe.DEFAULT_RULE, settled by with_recipe).
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
     temperature: float | None = None  # None: DEFAULT_TEMPERATURE, or a sparse cache's serving temperature
-    alpha: float = 0.9
+    alpha: float | None = None
+    schedule: str | None = None
+    label_fraction: float = 1.0  # keep the labels of this seeded fraction of the samples (paper, section 6)
+    label_seed: int = 0
     eval_path: str | None = None
     out: str = "runs/distill"
     seed: int = 0
@@ -74,17 +80,21 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise TrainError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise TrainError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise TrainError(f"--lr must be > 0, got {self.lr}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise TrainError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise TrainError(f"--label-fraction must lie in (0, 1], got {self.label_fraction}")
         if self.temperature is not None and not self.temperature > 0:
             raise TrainError(f"--temperature must be > 0, got {self.temperature}")
         if self.topk_tail not in TOPK_TAILS:
             raise TrainError(f"--topk-tail must be one of {', '.join(TOPK_TAILS)}, got {self.topk_tail!r}")
-        if not 0.0 <= self.alpha <= 1.0:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise TrainError(f"--alpha must lie in [0, 1], got {self.alpha}")
         if self.loss not in LOSS_KINDS:
             raise TrainError(f"--loss must be kl or mse, got {self.loss!r}")
@@ -115,8 +125,18 @@ class TrainConfig:
             )
         return replace(self, temperature=t_s)
 
+    def with_recipe(self, samples: int) -> tuple[TrainConfig, Recipe]:
+        """This config with what the user left out taken from the recipe for ``samples``."""
+        recipe = DEFAULT_RULE.recipe(
+            samples, lr=self.lr, epochs=self.epochs, batch_size=self.batch_size, schedule=self.schedule, alpha=self.alpha
+        )
+        settled = replace(
+            self, lr=recipe.lr, epochs=recipe.epochs, batch_size=recipe.batch_size, schedule=recipe.schedule, alpha=recipe.alpha
+        )
+        return settled, recipe
+
     def objective(self, meta: CacheMeta) -> Objective:
-        assert self.temperature is not None, "for_caches settles the temperature"
+        assert self.temperature is not None and self.alpha is not None, "for_caches and with_recipe settle them"
         return Objective(self.temperature, self.alpha, self.loss, targets=meta.layout.name, tail=self.topk_tail)
 
 
@@ -167,6 +187,18 @@ def cache_label_names(readers: list[CacheReader]) -> list[str] | None:
             except CacheError as exc:
                 raise TrainError(f"{exc}; the caches cannot be trained on together") from None
     return names
+
+
+def describe_views(meta: CacheMeta) -> str | None:
+    """The views a cache's samples are trained on, in one line (None for a cache without views)."""
+    if not meta.has_views:
+        return None
+    policy = meta.augment or {"name": "none", "params": {}}
+    params = ", ".join(f"{key}={value}" for key, value in policy.get("params", {}).items())
+    return (
+        f"views: {meta.views_per_id} per sample, policy {policy.get('name')}{f' ({params})' if params else ''}; "
+        f"each epoch trains on one view of each sample, replayed from its seed"
+    )
 
 
 def default_workers(total_bytes: int) -> int:
@@ -258,6 +290,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         cfg.caches, allow_mixed_teachers=cfg.allow_mixed_teachers, skip_corrupt=cfg.skip_corrupt, verify_checksums=cfg.verify_checksums
     )
     cfg = cfg.for_caches([reader.meta for reader in readers])
+    cfg, recipe = cfg.with_recipe(sum(reader.num_samples for reader in readers))
     for reader in readers:
         for name, problem in reader.skipped:
             log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)
@@ -278,21 +311,6 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         raise TrainError(str(exc)) from None
     student.to(dist.device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    history: list[dict[str, Any]] = []
-    if cfg.resume and checkpoint_path.exists():
-        checkpoint = Checkpoint.load(checkpoint_path, dist.device)
-        if checkpoint.config["student"] != cfg.student or checkpoint.config["epochs"] != cfg.epochs:
-            raise TrainError(
-                f"{checkpoint_path}: was made with --student {checkpoint.config['student']} --epochs {checkpoint.config['epochs']}; "
-                "resume with the same"
-            )
-        checkpoint.restore(student, optimizer, scheduler, dist.device)
-        history = checkpoint.history
-        log(f"resuming {out} after epoch {checkpoint.epoch}")
-    elif cfg.resume:
-        log(f"no checkpoint in {out}; starting from epoch 1")
-
     workers = cfg.workers if cfg.workers is not None else default_workers(sum(r.total_bytes for r in readers))
     model: nn.Module = student
     if dist.world_size > 1:
@@ -300,7 +318,24 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     stream = ShardStream.from_readers(
         readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
         skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
+        label_fraction=cfg.label_fraction, label_seed=cfg.label_seed,
     )  # fmt: skip
+    # The schedule runs per step, over every step of the run (an epoch's steps as this rank takes them).
+    total_steps = cfg.epochs * stream.num_batches(workers)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps))
+    history: list[dict[str, Any]] = []
+    if cfg.resume and checkpoint_path.exists():
+        checkpoint = Checkpoint.load(checkpoint_path, dist.device)
+        fixed = ("student", "epochs", "batch_size", "schedule")
+        if any(checkpoint.config.get(key) != getattr(cfg, key) for key in fixed):
+            made = " ".join(f"--{key.replace('_', '-')} {checkpoint.config.get(key)}" for key in fixed)
+            raise TrainError(f"{checkpoint_path}: was made with {made}; resume with the same")
+        checkpoint.restore(student, optimizer, scheduler, dist.device)
+        history = checkpoint.history
+        log(f"resuming {out} after epoch {checkpoint.epoch}")
+    elif cfg.resume:
+        log(f"no checkpoint in {out}; starting from epoch 1")
+
     loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=dist.device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
@@ -310,8 +345,22 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         f"from {len(stream.shards)} shard(s), teacher {meta.teacher_name} {meta.teacher_fingerprint[:12]}, "
         f"T={cfg.temperature} alpha={cfg.alpha}, device {dist.device}, {dist.world_size} process(es)"
     )
+    log(recipe.describe())
+    views = describe_views(meta)
+    if views:
+        log(views)
+    if cfg.label_fraction < 1:
+        log(f"labels: keeping those of a seeded {cfg.label_fraction:.0%} of the samples (--label-fraction, --label-seed {cfg.label_seed})")
     if label_names is not None:
         log(f"labels: {describe_label_names(label_names)}")
+    # A bad setup (a teacher served without its input scale) shows in the soft targets at this T.
+    setup_warnings = [
+        (f"{reader.directory}: " if len(readers) > 1 else "") + warning
+        for reader in readers
+        for warning in soft_target_warnings(reader.soft_target_stats(cfg.temperature, skip_corrupt=cfg.skip_corrupt).stats())
+    ]
+    for warning in setup_warnings:
+        log(f"warning: {warning}")
     if meta.temperature_rule == "serving" and cfg.temperature != meta.serving_temperature:
         # Such a cache stores T_s*log(mean of the members' probabilities at T_s): exact only at T_s.
         log(
@@ -336,13 +385,13 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         with join:
             for step, batch in enumerate(loader):
                 train_step(model, optimizer, batch, meta=meta, objective=objective, device=dist.device, stats=stats)
+                scheduler.step()
                 bar.update(1)
                 if step % 20 == 0:
                     so_far = stats.read()
                     bar.set_postfix(loss=f"{so_far.loss:.4f}", acc=f"{so_far.accuracy or 0:.3f}")
         if dist.world_size > 1:
             stats.all_reduce()
-        scheduler.step()
         seconds = time.perf_counter() - started
         totals = stats.read()
         record: dict[str, Any] = {
@@ -367,6 +416,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
             torch.distributed.barrier()
 
     summary = run_summary(cfg, student, meta, readers, history, dist, label_names)
+    summary["recipe"] = recipe.to_dict()
+    summary["warnings"] = setup_warnings
     if dist.is_main:
         write_outputs(cfg, student, meta, out, history, summary, log)
     return summary
@@ -398,6 +449,10 @@ def run_summary(
         "temperature": cfg.temperature,
         "serving_temperature": meta.serving_temperature,
         "alpha": cfg.alpha,
+        "schedule": cfg.schedule,
+        "label_fraction": cfg.label_fraction,
+        "label_seed": cfg.label_seed,
+        "views": {"per_sample": meta.views_per_id, "policy": meta.augment} if meta.has_views else None,
         "caches": [str(r.directory) for r in readers],
         "label_names": label_names,
         "world_size": dist.world_size,

@@ -12,6 +12,8 @@ After the forward pass the worker thread hands the batch's samples that are to b
 the cache writer (``CacheStore.write``) and gives each job its logits plus the write's future.
 The logits are answered as the cache's target layout will serve them (``TargetLayout.served``:
 float16 logits rounded, say), so that a sample's answer does not change once it is a cache hit.
+The first thousand samples computed also go to a ``SoftTargetWatch`` (``offline.cache.diagnostics``),
+which logs once what their soft targets suggest is wrong with the setup, then looks at no more.
 
 The queue is bounded by input bytes: a request that would take it past ``max_queue_bytes``
 is refused at once with ``QueueFull`` (the route answers 503 with ``Retry-After``). Before
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..offline.cache import TargetLayout
+from ..offline.cache.diagnostics import SoftTargetWatch
 from .metrics import Metrics
 from .store import CacheStore
 
@@ -88,6 +91,7 @@ class Batcher:
         layout: TargetLayout | None = None,
         view_seeds: Callable[[np.ndarray], np.ndarray] | None = None,
         metrics: Metrics | None = None,
+        watch: SoftTargetWatch | None = None,
     ) -> None:
         self.forward = forward
         # ids → the [B, V] seeds of their views, passed to forward, when the teacher serves views.
@@ -98,6 +102,7 @@ class Batcher:
         self.max_queue_bytes = max_queue_bytes
         self.layout = layout  # the cache's target layout; None: the logits are answered as computed
         self.metrics = metrics or Metrics()
+        self.watch = watch  # soft-target statistics of the first computed samples, warned about once
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
         self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task | None = None
@@ -214,6 +219,8 @@ class Batcher:
         self.metrics.batch_size.observe(len(inputs))
         if self.layout is not None:
             logits = self.layout.served(logits)  # answer what a cache hit will answer later
+        if self.watch is not None and not self.watch.done:
+            self.watch.observe(logits, batch[0].labels if len(batch) == 1 else np.concatenate([job.labels for job in batch]))
         write = None
         storing = [job.store for job in batch]
         if self.store is not None and any(storing):

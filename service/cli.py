@@ -1,13 +1,16 @@
-"""``teacher-serve``: a thin recipe. It reads the settings, loads the teacher, opens the cache
-(refusing one written by another teacher), and runs uvicorn. Known errors end as one line on
-stderr and exit status 2."""
+"""``teacher-serve``: a thin recipe. It reads the settings (an existing cache gives the ones it
+records, ``settings.take_from_cache``), loads the teacher, binds the port, opens the cache
+(refusing one written by another teacher), and runs uvicorn on that socket. Known errors end as
+one line on stderr and exit status 2."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,7 +19,7 @@ from pydantic import ValidationError
 from ..offline.cache import CacheError
 from ..offline.cache.layout import make_layout
 from ..offline.malloc import tune_malloc
-from .settings import ENV_PREFIX, ServeSettings
+from .settings import ENV_PREFIX, CacheConflict, ServeSettings, option_name, recorded_meta, take_from_cache
 
 PROG = "teacher-serve"
 log = logging.getLogger(PROG)
@@ -53,55 +56,79 @@ def serve_parser() -> argparse.ArgumentParser:
         "--teacher",
         action="append",
         metavar="SPEC",
-        help="model.pt2 | student.pt | ARCH (with --weights) | module:factory (with --weights); repeat for an ensemble",
+        help="model.pt2 | student.pt | ARCH (with --weights) | module:factory (with --weights); repeat for an ensemble (required)",
     )
     a("--weights", action="append", metavar="FILE", help="weights for the SPECs that need them, in order (torch.load weights_only)")
-    a("--ensemble", choices=("geometric", "arithmetic"), help="geometric: mean of logits (default); arithmetic: mean of probabilities")
-    a("--cache", metavar="DIR", help="cache directory, created if missing")
-    a("--temperature", type=float, metavar="T", help="serving temperature (default 4)")
+    a(
+        "--ensemble",
+        choices=("geometric", "arithmetic"),
+        help="geometric: mean of logits; arithmetic: mean of probabilities at the serving temperature "
+        "(default: the cache's, else geometric)",
+    )
+    a(
+        "--cache",
+        metavar="DIR",
+        help="cache directory, created if missing; an existing one gives the defaults of the options it records (required)",
+    )
+    a("--temperature", type=float, metavar="T", help="serving temperature (default: the cache's, else 4)")
     a("--host", help="address to bind (default 127.0.0.1)")
     a("--port", type=int, help="port (default 8000)")
-    a("--device", choices=("auto", "cpu", "cuda"), help="default auto: cuda when available")
+    a("--device", choices=("auto", "cpu", "cuda"), help="where the teacher runs (default auto: cuda when available)")
     a("--max-batch", type=int, metavar="N", help="samples per teacher forward pass (default 256)")
     a("--max-delay-ms", type=float, metavar="MS", help="how long a batch waits to fill (default 5)")
     a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="compute dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
-    a("--ack", choices=("durable", "buffered"), help="durable (default): answer once on disk; buffered: answer before the write")
-    a("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on every route but health")
+    a("--ack", choices=("durable", "buffered"), help="durable: answer once on disk; buffered: answer before the write (default durable)")
+    a("--api-key-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on every route but health (default: no key)")
     a("--model-name", metavar="NAME", help="model name in the URL (default teacher)")
     a(
         "--input-shape",
         nargs="+",
         metavar="D",
         help="the shape of one sample, 3,32,32 or 3 32 32, where the model does not fix it "
-        "(a .pt2 whose only dynamic dimension is the batch fixes it)",
+        "(default: the cache's, else the model's; a .pt2 whose only dynamic dimension is the batch fixes it)",
     )
-    a("--input-dtype", metavar="DTYPE", help="sample dtype clients send, e.g. uint8 (default: the model's, else float32)")
-    a("--normalize", metavar="MEAN,STD", help="(x*scale - MEAN) / STD on the device; per channel: m1/m2/m3,s1/s2/s3")
-    a("--input-scale", type=float, metavar="S", help="multiply inputs by S first, e.g. 0.00392156862745098 (1/255) for uint8 images")
-    a("--num-classes", type=int, metavar="C", help="classes, when the weights do not say")
-    a("--logits-dtype", choices=("float32", "float16"), help="dtype of the cached logits (default float32)")
+    a("--input-dtype", metavar="DTYPE", help="sample dtype clients send, e.g. uint8 (default: the cache's, else the model's, else float32)")
+    a(
+        "--normalize",
+        metavar="MEAN,STD",
+        help="(x*scale - MEAN) / STD on the device; per channel: m1/m2/m3,s1/s2/s3 (default: the cache's, else the model's, else none)",
+    )
+    a(
+        "--input-scale",
+        metavar="S",
+        help="multiply inputs by S first, e.g. 1/255 for uint8 images; a number or a fraction "
+        "(default: the cache's, else the model's, else 1)",
+    )
+    a("--num-classes", type=int, metavar="C", help="classes, when the weights do not say (default: from the weights)")
+    a("--logits-dtype", choices=("float32", "float16"), help="dtype of the cached logits (default: the cache's, else float32)")
     a(
         "--targets",
         metavar="LAYOUT",
-        help="what the cache keeps of each output: full (default), topk:K (the K largest logits and the tail's mass) or "
-        "sampled:N (the counts of N classes drawn from the soft targets); the sparse ones at the serving temperature",
+        help="what the cache keeps of each output: full, topk:K (the K largest logits and the tail's mass) or "
+        "sampled:N (the counts of N classes drawn from the soft targets); the sparse ones at the serving temperature "
+        "(default: the cache's, else full)",
     )
     a("--target-seed", type=int, metavar="N", help="salt of sampled:N's draws, recorded in the cache (default: the cache's, else 0)")
-    a("--views", type=int, metavar="V", help="cache the teacher's outputs on V augmented views of each sample (default 1)")
+    a(
+        "--views",
+        type=int,
+        metavar="V",
+        help="cache the teacher's outputs on V augmented views of each sample (default: the cache's, else 1)",
+    )
     a(
         "--augment",
         metavar="POLICY",
         help="how the views are made, on the device, from one seed per view: random-crop:P, random-crop-flip:P, "
-        "random-resized-crop, or module:factory (default: none, the sample itself)",
+        "random-resized-crop, or module:factory; needs --views V >= 2 (default: the cache's, else none)",
     )
-    a("--view-salt", type=int, metavar="N", help="salt of the view seeds, recorded in the cache (default 0)")
+    a("--view-salt", type=int, metavar="N", help="salt of the view seeds, recorded in the cache (default: the cache's, else 0)")
     a("--max-body-mb", type=float, metavar="MB", help="largest request body (default 64)")
     a("--max-queue-mb", type=float, metavar="MB", help="input bytes that may wait for the teacher (default 256)")
     a("--max-inflight-mb", type=float, metavar="MB", help="request bodies held at once, from receipt to answer (default 512)")
     a("--shard-samples", type=int, metavar="N", help="samples per shard (default 65536)")
     a("--shard-mb", type=float, metavar="MB", help="bytes per shard (default 512)")
-    a("--access-log", action="store_true", default=None, help="log every request")
-    a("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    a("--access-log", action="store_true", default=None, help="log every request (default: off)")
+    a("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="what the log shows (default info)")
     return p
 
 
@@ -109,11 +136,6 @@ def load_settings(argv: Sequence[str] | None) -> ServeSettings:
     args = serve_parser().parse_args(argv)
     given = {key: value for key, value in vars(args).items() if value is not None}
     return ServeSettings(**given)
-
-
-def option_name(setting: str) -> str:
-    """The command-line spelling of a setting: ``input_shape`` is ``--input-shape``."""
-    return "--" + setting.replace("_", "-")
 
 
 def describe_validation(exc: ValidationError) -> str:
@@ -137,6 +159,32 @@ class HideQueryStrings(logging.Filter):
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
             record.args = (*args[:2], args[2].split("?", 1)[0] + "?...", *args[3:])
         return True
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), for uvicorn to serve on. Bound before the cache is opened, so
+    that a port in use is refused with nothing created in the cache directory."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def describe_listen_error(host: str, port: int, exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"--host {host}: not an address this machine can resolve ({exc.strerror})"
+    if exc.errno == errno.EADDRINUSE:
+        return f"--port {port}: {host}:{port} is already in use (another teacher-serve?); choose another port or stop what listens there"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host}: not an address of this machine"
+    if exc.errno == errno.EACCES:
+        return f"--port {port}: not allowed to listen on {host}:{port} (ports below 1024 need privileges)"
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc})"
 
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
@@ -166,6 +214,26 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     from .teacher import load_teacher
 
     try:
+        recorded = recorded_meta(settings.cache)
+    except CacheError as exc:
+        return fail(PROG, f"refusing to start on {settings.cache}: {exc}")
+    taken: list[str] = []
+    if recorded is not None:
+        try:
+            settings, taken = take_from_cache(settings, recorded, f"{settings.cache}/")
+        except CacheConflict as exc:
+            return fail(PROG, str(exc))
+    augmenting = settings.augment not in (None, "none")
+    if settings.views > 1 and not augmenting:
+        return fail(PROG, f"--views {settings.views} needs --augment POLICY: without one every view is the sample itself")
+    if augmenting and settings.views == 1 and not (recorded is not None and recorded.augment is not None):
+        # One view per sample would be one augmented copy, fixed for good: the teacher would never
+        # see the original, nor the student another view. (A cache written so before stays usable.)
+        return fail(
+            PROG, f"--augment {settings.augment} needs --views V with V >= 2: with one view the cache would hold a single "
+            "augmented copy of each sample and never the original; give --views (e.g. 8), or omit --augment",
+        )  # fmt: skip
+    try:
         normalize = parse_normalize(settings.normalize) if settings.normalize else None
     except ValueError as exc:
         return fail(PROG, f"--normalize: {exc}")
@@ -176,12 +244,13 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             normalize=normalize, input_scale=settings.input_scale, num_classes=settings.num_classes,
         )  # fmt: skip
     except TeacherError as exc:
-        return fail(PROG, exc.spelled(option_name))
+        message = exc.spelled(option_name)
+        if taken:  # perhaps not this teacher's cache: say where the settings came from
+            message += f" (taken from the cache {settings.cache}/, which {recorded.teacher_name} wrote: {' '.join(taken)})"
+        return fail(PROG, message)
     if settings.views > 1 or settings.augment:
         from ..offline.cache.views import PolicyError, check_policy, parse_policy
 
-        if settings.views > 1 and not settings.augment:
-            return fail(PROG, f"--views {settings.views} needs --augment POLICY: without one every view is the sample itself")
         try:
             augment = parse_policy(settings.augment)
             check_policy(augment, teacher.contract.input_shape, teacher.contract.input_dtype, device=teacher.device)
@@ -193,11 +262,16 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         return fail(PROG, f"--targets: {exc}")
     try:
-        service = TeacherService.open(settings, teacher, api_key)
-    except CacheError as exc:
-        return fail(PROG, f"refusing to start on {settings.cache}: {exc}")
+        listener = listen(settings.host, settings.port)  # before the cache is touched: a port in use leaves it as it was
     except OSError as exc:
-        return fail(PROG, f"cannot open the cache {settings.cache}: {exc}")
+        return fail(PROG, describe_listen_error(settings.host, settings.port, exc))
+    try:
+        service = TeacherService.open(settings, teacher, api_key)
+    except (CacheError, OSError) as exc:
+        listener.close()
+        return fail(PROG, f"{'refusing to start on' if isinstance(exc, CacheError) else 'cannot open the cache'} {settings.cache}: {exc}")
+    if taken:  # logged once the service starts, so that a refusal stays one line
+        log.info("taken from the cache %s/: %s", settings.cache, " ".join(taken))
     store = service.store
     recovery = store.recovery
     if recovery.journal_samples:
@@ -221,8 +295,13 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             access_log=settings.access_log, timeout_graceful_shutdown=30,
         )  # fmt: skip
         logging.getLogger("uvicorn.access").addFilter(HideQueryStrings())  # after Config set logging up
-        uvicorn.Server(config).run()
+        host, port = listener.getsockname()[:2]
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", f"[{host}]" if ":" in host else host, port
+        )  # uvicorn says it only for the sockets it binds itself
+        uvicorn.Server(config).run(sockets=[listener])
     finally:
+        listener.close()
         store.close()
     if store.close_error is not None:
         return fail(

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..offline.cache import CacheError, normalize_ids, read_transfer_set
 from ..offline.cache.manifest import merge_label_names
 from ..offline.cache.sources import ON_ERROR, RESIZE_MODES, SampleSpec, Source, open_source
+from ..offline.cli_help import HelpFormatter
 from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request, numpy_dtype
 
 RETRY_STATUSES = (429, 503)
@@ -430,15 +431,17 @@ def push_parser() -> argparse.ArgumentParser:
         "labels and ids, sent as they are), an .npy, a folder of images (one sub-folder per class: the labels), Parquet "
         "files or a saved Hugging Face dataset, decoded and fitted to the model's input as they stream. Safe to re-run: "
         "samples cached already come back as hits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--url", required=True, help="the service, e.g. http://gpu-host:8000")
     p.add_argument("--data", required=True, metavar="SOURCE", help="transfer set: .npz, .npy, image folder, Parquet file or folder, "
                    "Hugging Face save_to_disk folder")  # fmt: skip
-    p.add_argument("--model", default="teacher")
+    p.add_argument("--model", default="teacher", help="the model's name in the service's URLs (teacher-serve --model-name)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="samples per request")
     p.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight")
-    p.add_argument("--temperature", type=float, default=None, help="default: the service's serving temperature")
+    p.add_argument(
+        "--temperature", type=float, default=None, help="temperature of the soft targets (default: the service's serving temperature)"
+    )
     p.add_argument("--api-key-env", metavar="VAR", default=None, help="environment variable holding the API key")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--max-retries", type=int, default=8, help="per request, on 429/503 and connection failures")

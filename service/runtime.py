@@ -19,6 +19,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from ..offline.cache import CacheError, LocalStorage, content_ids
+from ..offline.cache.diagnostics import SoftTargetWatch
 from ..offline.cache.manifest import load_manifest, merge_label_names
 from ..offline.cache.rng import view_seeds
 from .batcher import Batcher
@@ -71,8 +72,11 @@ class TeacherService:
             layout=store.meta.layout,
             view_seeds=self._view_seeds if store.meta.has_views else None,
             metrics=metrics,
+            # Once, after the first samples computed: a teacher fed inputs it was not trained on says so here.
+            watch=SoftTargetWatch(store.meta.serving_temperature, lambda warning: log.warning("warning: %s", warning)),
         )
         contract = teacher.contract
+        layout = store.meta.layout
         self.spec = ModelSpec(
             input_shape=tuple(contract.input_shape),
             input_dtype=contract.input_dtype,
@@ -81,8 +85,8 @@ class TeacherService:
             max_samples=max(
                 1, settings.max_queue_bytes // max(1, int(np.prod(contract.input_shape)) * np.dtype(contract.input_dtype).itemsize)
             ),
-            fixed_temperature=store.meta.temperature_rule == "serving",
             views=store.meta.views_per_id,
+            **_fixed_temperature(store.meta.temperature_rule, layout),
         )
         self.ready = False
         self._warmup: asyncio.Task | None = None
@@ -132,6 +136,10 @@ class TeacherService:
             "cache_samples": self.store.num_samples,
             "teacher": self.teacher.describe(),
             "label_names": self.store.label_names,
+            "targets": self.store.meta.logits_layout,
+            # Whether a request may ask for another temperature than the serving one; when not, why.
+            "fixed_temperature": self.spec.fixed_temperature,
+            **({"fixed_temperature_reason": self.spec.fixed_temperature_reason} if self.spec.fixed_temperature else {}),
         }
         return model_metadata(self.settings.model_name, self.spec, parameters)
 
@@ -218,6 +226,17 @@ class TeacherService:
         if write.exception() is not None:
             self.metrics.errors.labels(kind="buffered_write").inc()
             log.error("a buffered write was lost: %s", write.exception())
+
+
+def _fixed_temperature(rule: str, layout: Any) -> dict[str, Any]:
+    """ModelSpec's ``fixed_temperature`` and its reason: a cache hit answers what the cache keeps,
+    so a layout defined only at the serving temperature fixes it, as the rule "serving" does."""
+    if layout.fixed_temperature:
+        reason = f"this model's cache keeps {layout.spec} targets, which are defined only at the serving temperature"
+        return {"fixed_temperature": True, "fixed_temperature_reason": reason}
+    if rule == "serving":
+        return {"fixed_temperature": True}
+    return {}
 
 
 def _target_seed(settings: ServeSettings) -> int:

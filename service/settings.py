@@ -7,12 +7,15 @@ line too (``3,32,32`` or ``3 32 32``)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ..offline.cache import CacheMeta
 from ..offline.cache.layout import parse_targets
 
 ENV_PREFIX = "TEACHER_SERVE_"
@@ -30,6 +33,21 @@ def _shape(value: object) -> object:
     if isinstance(words, list) and all(isinstance(word, str) for word in words):
         return _split(" ".join(words))
     return value
+
+
+def _scale(value: object) -> object:
+    """``0.00392156862745098`` or a fraction such as ``1/255``, from argparse or the environment."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    numerator, slash, denominator = text.partition("/")
+    try:
+        scale = float(numerator) / float(denominator) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0):
+        raise PydanticCustomError("input_scale", "expected a number > 0 or a fraction such as 1/255, got {given}", {"given": repr(value)})
+    return scale
 
 
 class ServeSettings(BaseSettings):
@@ -54,7 +72,7 @@ class ServeSettings(BaseSettings):
     )
     input_dtype: str | None = None
     normalize: str | None = Field(None, description="MEAN,STD (per channel: m1/m2/m3,s1/s2/s3)")
-    input_scale: float | None = Field(None, gt=0)
+    input_scale: float | None = Field(None, gt=0, allow_inf_nan=False, description="S, or a fraction such as 1/255")
     num_classes: int | None = Field(None, ge=1)
     logits_dtype: Literal["float32", "float16"] = "float32"
     targets: str = Field("full", description="the cache's target layout: full, topk:K or sampled:N")
@@ -76,6 +94,7 @@ class ServeSettings(BaseSettings):
 
     _split_lists = field_validator("teacher", "weights", mode="before")(_split)
     _split_shape = field_validator("input_shape", mode="before")(_shape)
+    _fraction = field_validator("input_scale", mode="before")(_scale)
 
     @field_validator("targets")
     @classmethod
@@ -94,3 +113,166 @@ class ServeSettings(BaseSettings):
     @property
     def max_queue_bytes(self) -> int:
         return int(self.max_queue_mb * (1 << 20))
+
+
+# ---------------------------------------------------------------------------------------------
+# A restart on an existing cache: the settings it records are the defaults
+
+
+class CacheConflict(ValueError):
+    """A setting given on the command line (or in the environment) that disagrees with the cache."""
+
+
+def option_name(setting: str) -> str:
+    """The command-line spelling of a setting: ``input_shape`` is ``--input-shape``."""
+    return "--" + setting.replace("_", "-")
+
+
+def recorded_meta(directory: Path) -> CacheMeta | None:
+    """The metadata of the cache in ``directory``, or None where there is no manifest yet (a new
+    cache, or one whose manifest a writer rebuilds from its shards). A CacheError for a manifest
+    that cannot be read."""
+    from ..offline.cache import LocalStorage
+    from ..offline.cache.manifest import MANIFEST_NAME, load_manifest
+
+    storage = LocalStorage(directory)
+    if not directory.is_dir() or not storage.exists(MANIFEST_NAME):
+        return None
+    return load_manifest(storage).meta
+
+
+_FACTORY = object()  # a module:factory policy, which is code: imported only when named on the command line
+_VIEW_SETTINGS = ("views", "augment", "view_salt")
+
+
+def _recorded(meta: CacheMeta, teachers: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings of the teacher-serve that wrote a cache of ``meta``, as ServeSettings values,
+    and each as the log and the errors show it."""
+    pre = meta.preprocessing
+    recorded: dict[str, Any] = {
+        "input_shape": list(meta.input_shape),
+        "input_dtype": meta.input_dtype,
+        "input_scale": pre.scale,
+        "normalize": f"{'/'.join(map(repr, pre.mean))},{'/'.join(map(repr, pre.std))}",
+        "temperature": meta.serving_temperature,
+        "targets": meta.logits_layout,
+        "logits_dtype": meta.logits_dtype,
+    }
+    shown = {name: _shown(value) for name, value in recorded.items()}
+    shown["normalize"] = f"{'/'.join(map(_shown, pre.mean))},{'/'.join(map(_shown, pre.std))}"
+    if teachers > 1 and meta.teacher_name.startswith("ensemble-"):  # the mode is in the fingerprint; its name says which
+        recorded["ensemble"] = shown["ensemble"] = meta.teacher_name.removeprefix("ensemble-").partition("(")[0]
+    if meta.layout.randomized:
+        recorded["target_seed"] = meta.target_seed
+        shown["target_seed"] = str(meta.target_seed)
+    policy = meta.augment
+    augment: Any = None
+    if policy is not None:
+        name, params = str(policy["name"]), policy["params"]
+        if name in ("random-crop", "random-crop-flip"):
+            augment = f"{name}:{params.get('padding')}"
+        elif name in ("random-resized-crop", "none"):
+            augment = name
+        else:
+            augment = _FACTORY
+        shown["augment"] = name if augment is _FACTORY else augment
+    else:
+        shown["augment"] = "none"
+    recorded.update(views=meta.views_per_id, augment=augment, view_salt=meta.view_salt)
+    shown.update(views=str(meta.views_per_id), view_salt=str(meta.view_salt))
+    return recorded, shown
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_shown, value))
+    return str(value)
+
+
+def _agrees(name: str, given: Any, recorded: Any) -> bool:
+    """Whether a given setting means what the cache records: numbers to 6 digits (the log shows
+    them so), dtypes by name, a policy or a normalisation by what it parses to."""
+    if name in ("input_scale", "temperature"):
+        return math.isclose(float(given), float(recorded), rel_tol=1e-6)
+    if name == "input_dtype":
+        import numpy as np
+
+        try:
+            return np.dtype(given).name == recorded
+        except TypeError:
+            return False
+    if name == "normalize":
+        from .loading import parse_normalize
+
+        try:
+            mean, std = parse_normalize(given)
+        except ValueError as exc:
+            raise CacheConflict(f"--normalize: {exc}") from None
+        want_mean, want_std = parse_normalize(recorded)
+        return all(
+            len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6) for x, y in zip(a, b, strict=True))
+            for a, b in ((mean, want_mean), (std, want_std))
+        )
+    if name == "augment":
+        from ..offline.cache.views import PolicyError, parse_policy
+
+        if recorded is _FACTORY:
+            return False  # compared by the caller, against the record
+        try:
+            given_policy = None if given in (None, "none") else parse_policy(given).describe()
+            recorded_policy = None if recorded in (None, "none") else parse_policy(recorded).describe()
+        except PolicyError as exc:
+            raise CacheConflict(f"--augment: {exc}") from None
+        return given_policy == recorded_policy
+    if name == "input_shape":
+        return [int(d) for d in given] == list(recorded)
+    return given == recorded
+
+
+def take_from_cache(settings: ServeSettings, meta: CacheMeta, where: str) -> tuple[ServeSettings, list[str]]:
+    """``settings`` with every setting the cache records taken from ``meta`` where it was not
+    given (on the command line or in the environment), and the options taken, as the log shows
+    them (``--input-scale 0.00392157``). A given setting that disagrees raises CacheConflict,
+    naming the option and the recorded value; the teacher itself is checked later, by its
+    fingerprint."""
+    recorded, shown = _recorded(meta, len(settings.teacher))
+    given = settings.model_fields_set
+    update: dict[str, Any] = {}
+    taken: list[str] = []
+    for name, value in recorded.items():
+        option = option_name(name)
+        if name == "augment" and value is _FACTORY:
+            policy = meta.augment or {}
+            if name in given and settings.augment is not None:
+                from ..offline.cache.views import PolicyError, parse_policy
+
+                try:
+                    agrees = parse_policy(settings.augment).describe() == policy
+                except PolicyError as exc:
+                    raise CacheConflict(f"--augment: {exc}") from None
+                if agrees:
+                    continue
+            else:
+                raise CacheConflict(
+                    f"the cache {where} records the augmentation policy {shown['augment']}, which is code: "
+                    f"give --augment {shown['augment']} to import it (teacher-serve imports code only when named on its command line)"
+                )
+        elif name in given:
+            if _agrees(name, getattr(settings, name), value):
+                if name != "augment":
+                    update[name] = value  # exactly the recorded value: the cache's writer compares exactly
+                continue
+        else:
+            update[name] = value
+            if not (name in _VIEW_SETTINGS and not meta.has_views):  # a plain cache's 1, none and 0 are the defaults
+                taken.append(f"{option} {shown[name]}")
+            continue
+        raise CacheConflict(
+            f"{option} {_shown(getattr(settings, name))} disagrees with the cache {where}, which records {shown[name]} "
+            "(omit it to use the cache's)"
+        )
+    return settings.model_copy(update=update), taken

@@ -34,8 +34,11 @@ class ModelSpec:
     num_classes: int
     temperature: float  # the serving temperature, used when a request sends none
     max_samples: int  # per request
-    fixed_temperature: bool = False  # the temperature rule "serving": soft targets exist only at the serving temperature
+    # Soft targets exist only at the serving temperature: the temperature rule "serving" (an
+    # arithmetic ensemble), or sparse targets (top-k, sampled), which a cache hit answers decoded.
+    fixed_temperature: bool = False
     views: int = 1  # augmented views per sample; more than one adds a view axis to the outputs
+    fixed_temperature_reason: str = "this model is an arithmetic ensemble that averages probabilities at the serving temperature"
 
     def output_shape(self) -> list[int]:
         return [-1, self.views, self.num_classes] if self.views > 1 else [-1, self.num_classes]
@@ -128,8 +131,8 @@ def _temperature(raw: Any, spec: ModelSpec) -> float:
         raise ProtocolError(
             422,
             "temperature",
-            f"this model is an arithmetic ensemble that averages probabilities at the serving temperature "
-            f"{spec.temperature:g}, so it cannot serve temperature {temperature:g}; omit the parameter or send {spec.temperature:g}",
+            f"{spec.fixed_temperature_reason} {spec.temperature:g}, so it cannot serve temperature {temperature:g}; "
+            f"omit the parameter or send {spec.temperature:g}",
         )
     return temperature
 

@@ -158,3 +158,6 @@ def test_offline_distill_trains_on_views_and_cache_inspect_shows_them(tmp_path):
     assert run.returncode == 0, run.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["train_samples"] == 2 * 96
+    # It says what it trains on: the views and the policy, in its output and in metrics.json.
+    assert "views: 4 per sample, policy random-crop (padding=1)" in run.stdout
+    assert metrics["views"] == {"per_sample": VIEWS, "policy": summary["augment"]}

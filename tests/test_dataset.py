@@ -118,6 +118,30 @@ def test_different_class_counts_never_mix(tmp_path):
             open_caches([str(a), str(b)], allow_mixed_teachers=allow)
 
 
+def test_a_refused_mix_names_only_the_differences_and_their_reasons(tmp_path):
+    def cache(name, classes=6, shape=(4,), **fields):
+        meta = CacheMeta("a" * 64, "t", classes, shape, "float32", PREPROCESSING, **fields)
+        rng = np.random.default_rng(0)
+        with CacheWriter(tmp_path / name, meta) as writer:
+            writer.append([f"{name}{i}" for i in range(8)], rng.random((8, *shape), dtype=np.float32), rng.normal(size=(8, classes)))
+        return str(tmp_path / name)
+
+    full, topk = cache("full"), cache("topk", logits_layout="topk:2")
+    with pytest.raises(CacheError) as refused:
+        open_caches([full, topk])
+    assert str(refused.value) == (
+        f"{topk}: cannot be mixed with {full}: logits_layout is 'topk:2', expected 'full' (each target layout has its own soft "
+        "term; cache-convert re-encodes a cache of full logits into another layout)"
+    )
+    other = cache("other", classes=5, shape=(2, 2))
+    with pytest.raises(CacheError) as refused:
+        open_caches([full, other])
+    message = str(refused.value)
+    assert "num_classes is 5, expected 6 (soft targets over different class counts" in message
+    assert "; input_shape is (2, 2), expected (4,) (inputs of different shapes cannot share a batch)" in message
+    assert "layout" not in message and "dtype" not in message
+
+
 def rows_by_id(directory):
     from kdcache.offline.cache import CacheReader
 

@@ -67,7 +67,7 @@ def test_demo_bad_input_is_one_line(tmp_path):
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 2 and "--transfer-fraction" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--label-fraction" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_demo_with_augmented_views(tmp_path):

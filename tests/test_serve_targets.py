@@ -5,9 +5,11 @@ with no further option."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,13 @@ from conftest import BIN, small_float_teacher
 
 from kdcache.offline.cache import CacheReader
 from kdcache.offline.cache.rng import draw_seeds
+from kdcache.service.app import create_app
 from kdcache.service.client import TeacherClient
 from kdcache.service.launch import ServeProcess
+from kdcache.service.protocol import RequestedOutput, decode_response, encode_request
+from kdcache.service.runtime import TeacherService
+from kdcache.service.settings import ServeSettings
+from kdcache.service.teacher import load_teacher
 
 SHAPE, CLASSES, T = (1, 8, 8), 10, 2.0
 
@@ -89,27 +96,81 @@ def test_serve_writes_a_compressed_cache_and_answers_dense_soft_targets(tmp_path
 
 
 @pytest.mark.slow
-def test_a_restart_keeps_the_draw_seed_and_another_layout_is_refused(tmp_path, teacher):
+def test_a_restart_keeps_the_layout_and_draw_seed_and_another_is_refused(tmp_path, teacher):
     _, teacher_pt = teacher
     cache = tmp_path / "cache"
     with ServeProcess(serve_args(teacher_pt, cache, "--targets", "sampled:4", "--target-seed", "9"), tmp_path / "serve.log") as server:
         server.wait_ready()
         assert server.stop() == 0
-    with ServeProcess(serve_args(teacher_pt, cache, "--targets", "sampled:4"), tmp_path / "serve2.log") as server:
-        server.wait_ready()  # no --target-seed: the cache's
+    with ServeProcess(serve_args(teacher_pt, cache), tmp_path / "serve2.log") as server:
+        server.wait_ready()  # no --targets, no --target-seed: the cache's
         assert server.stop() == 0
-    assert CacheReader(cache).meta.target_seed == 9
-    for other in (
-        ["--targets", "topk:2"],
-        [],
-        ["--targets", "sampled:4", "--target-seed", "3"],
-        ["--targets", "sampled:4", "--temperature", "1"],
+    assert "taken from the cache" in server.output() and "--targets sampled:4" in server.output()
+    assert CacheReader(cache).meta.logits_layout == "sampled:4" and CacheReader(cache).meta.target_seed == 9
+    for other, given in (
+        (["--targets", "topk:2"], "--targets topk:2"),
+        (["--targets", "sampled:4", "--target-seed", "3"], "--target-seed 3"),
+        (["--temperature", "1"], "--temperature 1"),
     ):
         args = serve_args(teacher_pt, cache, *other)
         if "--temperature" in other:
             args = args[:-4] + other  # the last --temperature wins anyway; keep one
         result = subprocess.run([str(BIN / "teacher-serve"), *args], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and "refusing to start" in result.stderr, (other, result.stderr)
+        assert result.returncode == 2 and result.stderr.startswith(f"teacher-serve: error: {given} disagrees with the cache"), result.stderr
+
+
+async def _infer(client, inputs, ids, **parameters):
+    body, headers = encode_request(
+        [("input", inputs), ("id", np.array(ids, dtype=object))], parameters=parameters or None,
+        outputs=[RequestedOutput("soft_targets", True)], binary=True,
+    )  # fmt: skip
+    response = await client.post("/v2/models/teacher/infer", content=body, headers=headers)
+    if response.status_code != 200:
+        return response, None, None
+    header, outputs = decode_response(response.content, response.headers.get("inference-header-content-length"))
+    return response, header["parameters"], outputs["soft_targets"]
+
+
+@pytest.mark.parametrize("targets", ["topk:3", "sampled:8"])
+def test_a_sparse_cache_serves_only_its_serving_temperature(tmp_path, teacher, targets):
+    """A cache hit answers the decoded sparse targets, which exist only at the serving temperature:
+    another request temperature is refused (422), for hits and fresh samples alike, as for an
+    arithmetic ensemble, and the model metadata says so."""
+    _, teacher_pt = teacher
+    x = np.random.default_rng(1).random((6, *SHAPE), dtype=np.float32)
+    ids = [f"s{i}" for i in range(6)]
+    settings = ServeSettings(teacher=[str(teacher_pt)], cache=tmp_path / "cache", device="cpu", temperature=T, targets=targets)
+    service = TeacherService.open(settings, load_teacher(settings.teacher, temperature=T, device="cpu"))
+
+    async def body():
+        await service.start()
+        while not service.ready:
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=create_app(service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            parameters = (await client.get("/v2/models/teacher")).json()["parameters"]
+            assert parameters["targets"] == targets and parameters["fixed_temperature"] is True
+            assert targets in parameters["fixed_temperature_reason"]
+            response, answer, first = await _infer(client, x, ids)
+            assert response.status_code == 200 and answer["cache_misses"] == 6, response.text
+
+            for request_ids in (ids, ["new-0", "new-1"]):  # hits, and fresh samples
+                refused, _, _ = await _infer(client, x[: len(request_ids)], request_ids, temperature=2 * T)
+                assert refused.status_code == 422, refused.text
+                error = refused.json()["error"]
+                assert error.startswith("temperature: ") and targets in error and f"send {T:g}" in error, error
+            assert service.store.num_samples == 6  # nothing stored
+
+            response, answer, hits = await _infer(client, x, ids, temperature=T)
+            assert response.status_code == 200 and answer["cache_hits"] == 6 and answer["temperature"] == T
+            np.testing.assert_allclose(hits.sum(-1), 1.0, rtol=1e-5)
+            if targets.startswith("topk"):  # what the cache keeps: the top classes exactly, the draws' frequencies
+                np.testing.assert_array_equal(hits.argmax(-1), first.argmax(-1))
+            else:
+                np.testing.assert_allclose(hits * 8, np.round(hits * 8), atol=1e-5)
+        await service.stop()
+
+    asyncio.run(body())
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,8 @@ def test_views_are_served_cached_with_their_seeds_and_distilled(tmp_path, float_
     [
         (["--views", "0"], "views"),
         (["--views", "3"], "--views 3 needs --augment POLICY"),
+        (["--augment", "random-crop:1"], "--augment random-crop:1 needs --views V with V >= 2"),  # one cropped copy, never the original
+        (["--views", "1", "--augment", "random-crop:1"], "--augment random-crop:1 needs --views V with V >= 2"),
         (["--views", "3", "--augment", "random-blur:2"], "--augment: unknown augmentation policy 'random-blur:2'"),
         (["--views", "3", "--augment", "random-crop:x"], "--augment: random-crop:x: the padding must be a whole number"),
         (["--views", "3", "--augment", "random-crop:40"], "--augment"),
@@ -107,13 +109,20 @@ def test_bad_views_options_are_refused_in_one_line_and_write_nothing(tmp_path, f
     assert not cache.exists()
 
 
-def test_a_cache_of_other_views_is_refused(tmp_path, float_teacher):
+def test_a_restart_takes_the_views_and_other_views_are_refused(tmp_path, float_teacher):
     _, teacher_pt = float_teacher
     cache = tmp_path / "cache"
     base = [str(BIN / "teacher-serve"), "--teacher", str(teacher_pt), "--cache", str(cache), "--device", "cpu"]
     with ServeProcess(base[1:] + ["--views", "2", "--augment", "random-crop:1"], tmp_path / "serve.log", command=base[:1]) as server:
         server.wait_ready()
         assert server.stop() == 0
-    for other in (["--views", "3", "--augment", "random-crop:1"], ["--views", "2", "--augment", "random-crop-flip:1"], []):
+    with ServeProcess(base[1:], tmp_path / "serve2.log", command=base[:1]) as server:
+        server.wait_ready()  # the views, the policy and the salt are the cache's
+        assert server.stop() == 0
+    assert "--views 2 --augment random-crop:1 --view-salt 0" in server.output()
+    for other, given in (
+        (["--views", "3", "--augment", "random-crop:1"], "--views 3"),
+        (["--views", "2", "--augment", "random-crop-flip:1"], "--augment random-crop-flip:1"),
+    ):
         result = subprocess.run([*base, *other], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and "refusing to start" in result.stderr, result.stderr
+        assert result.returncode == 2 and result.stderr.startswith(f"teacher-serve: error: {given} disagrees with the cache"), result.stderr

@@ -36,6 +36,7 @@ The package, one module per job (docs/architecture.md):
     contract       CacheMeta, Preprocessing, CacheError: what a cache holds (numpy only)
     ids            normalize_ids, content_ids (numpy only)
     layout         TargetLayout, FullLogits, TopK, Sampled: the teacher's outputs as stored (numpy only)
+    diagnostics    soft-target statistics and the warnings they raise about a bad setup (numpy only)
     rng            seeds named by (salt, id, index) and Philox4x32-10 (numpy only)
     keys           RowIndex: id -> global row (numpy only)
     storage        Storage and LocalStorage: list, open, atomic put, put_if_match, lease

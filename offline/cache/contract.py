@@ -237,6 +237,14 @@ SHARD_FIELDS = (
     "views_per_id", "augment", "view_salt", "layout",
 )  # fmt: skip
 WRITER_FIELDS = SHARD_FIELDS + ("preprocessing",)
-# Samples of caches that differ in these cannot share a batch (a view is chosen and replayed per batch).
-# Full logits of either dtype mix (the batch widens); sparse layouts mix only with their own spec.
-MIXABLE_FIELDS = ("num_classes", "input_shape", "input_dtype", "views_per_id", "augment", "logits_layout")
+# Samples of caches that differ in these cannot share a batch, each for its own reason (open_caches
+# names only those that apply). Full logits of either dtype mix (the batch widens); sparse layouts mix
+# only with their own spec.
+MIX_REASONS = {
+    "num_classes": "soft targets over different class counts cannot share a batch",
+    "input_shape": "inputs of different shapes cannot share a batch",
+    "input_dtype": "inputs of different dtypes cannot share a batch",
+    "views_per_id": "a batch replays one of each sample's views, so the caches must hold as many per sample",
+    "augment": "a batch's views are replayed with one augmentation policy",
+    "logits_layout": "each target layout has its own soft term; cache-convert re-encodes a cache of full logits into another layout",
+}

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .contract import SHARD_FIELDS, CacheError
+from .diagnostics import SoftTargetAccumulator, sample_size
 from .manifest import MANIFEST_NAME, SHARD_PATTERN, TMP_PATTERN, ShardInfo, load_manifest
 from .shard import ShardHandle, read_shard_meta
 from .storage import LocalStorage, Storage
@@ -151,6 +152,56 @@ class CacheReader:
             total += len(labels)
             labelled += int((labels >= 0).sum())
         return labelled / total if total else 0.0
+
+    def sample_rows(
+        self, fields: Sequence[str], samples: int, blocks_per_shard: int = 8
+    ) -> Iterator[tuple[ShardInfo, int, dict[str, np.ndarray]]]:
+        """About ``samples`` rows of the given fields, in blocks (shard, first row, rows): each
+        shard's share, read as a few evenly spaced runs of rows (so a cache written class by class
+        is sampled across its classes), never the whole cache."""
+        left = max(0, int(samples))
+        shards = sorted(self.shards, key=lambda info: info.num_samples)  # small shards first: their unused share moves on
+        for position, info in enumerate(shards):
+            share = min(info.num_samples, left // (len(shards) - position))
+            if share <= 0:
+                continue
+            left -= share
+            blocks = min(blocks_per_shard, share)
+            sizes = np.full(blocks, share // blocks) + (np.arange(blocks) < share % blocks)
+            starts = np.cumsum(sizes) - sizes + np.arange(blocks) * (info.num_samples - share) // blocks  # gaps spread evenly
+            handle = ShardHandle(info.path)
+            try:
+                for start, size in zip(starts, sizes, strict=True):
+                    yield info, int(start), handle.read(int(start), int(start + size), fields)
+            finally:
+                handle.close()
+
+    def soft_target_stats(
+        self, temperature: float | None = None, samples: int | None = None, skip_corrupt: bool = False
+    ) -> SoftTargetAccumulator:
+        """Soft-target statistics (``diagnostics``) over a bounded sample of the published rows,
+        at ``temperature`` (default: the serving temperature, the only one a sparse layout's
+        targets hold at). Returns the accumulator, which more rows (a journal's) may join.
+        Damaged rows raise ``CacheError``; with ``skip_corrupt`` they are left out (and an
+        unreadable block ends the sample)."""
+        meta = self.meta
+        samples = sample_size(meta.views_per_id, meta.num_classes) if samples is None else samples
+        accumulator = SoftTargetAccumulator(meta.serving_temperature if temperature is None else temperature, limit=samples)
+        fields = list(meta.layout.fields(meta.num_classes))
+        try:
+            for info, start, block in self.sample_rows([*fields, "labels"], samples):
+                targets = {name: block[name] for name in fields}
+                problem = meta.layout.problem(targets)  # damage the cheap checks at open cannot see; decoding it could fail
+                if problem and not skip_corrupt:
+                    raise CacheError(
+                        f"{info.path}: {problem} in rows {start}:{start + len(block['labels'])} (cache-inspect --verify checks the shard)"
+                    )
+                if not problem:
+                    accumulator.add_stored(meta.layout, targets, block["labels"])
+        except CacheError:
+            if not skip_corrupt:
+                raise
+        return accumulator
 
 
 __all__ = ["CacheReader", "MANIFEST_NAME", "checksum_problem", "open_storage", "read_rows"]
