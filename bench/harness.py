@@ -70,7 +70,8 @@ NOISE_LIMIT = 0.05  # share of the machine taken by other processes above which 
 # Any MALLOC_* variable turns kdcache.offline.malloc.tune_malloc off (the environment wins), and an
 # arena limit of 0 is glibc's own default: a process started with this runs on glibc's defaults.
 GLIBC_DEFAULTS = {"MALLOC_ARENA_MAX": "0"}
-TRAINER = TrainConfig(caches=[]).for_caches(())  # offline-distill's defaults: lr, weight decay, temperature, alpha, loss
+# offline-distill's defaults: lr, weight decay, temperature, alpha, loss (the recipe's, whatever the sample count).
+TRAINER = TrainConfig(caches=[]).for_caches(()).with_recipe(0)[0]
 
 
 def target(key: str) -> str:

@@ -45,7 +45,8 @@ from kdcache.service.teacher import load_teacher
 
 PREPROCESSING = Preprocessing(scale=demo.INPUT_SCALE)
 # The recipe of every accuracy arm (issue 13's): AdamW, cosine schedule, batch 64, T=4, alpha 0.7.
-RECIPE = {"student": "mlp", "lr": 3e-3, "batch_size": 64, "temperature": 4.0, "alpha": 0.7}
+# The schedule: cosine, as the online arm's (which steps it per epoch; offline-distill steps it per batch).
+RECIPE = {"student": "mlp", "lr": 3e-3, "batch_size": 64, "temperature": 4.0, "alpha": 0.7, "schedule": "cosine"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .cache import CacheMeta, CacheReader, read_transfer_set
-from .cache.sources import SampleSpec, detect_kind, open_source
+from .cache.sources import SampleSpec, detect_kind, fit_shape, open_source
 
 
 class EvalSetError(Exception):
@@ -28,6 +28,8 @@ def load_eval_set(path: str, meta: CacheMeta, label_names: Sequence[str] | None 
         arrays = CacheReader(path).read(("inputs", "labels"))
     elif Path(path).suffix.lower() == ".npz":
         arrays = read_transfer_set(path)
+        # shaped as every other source is ([N, 28, 28] for [1, 28, 28]); its dtype is taken as it is
+        arrays["inputs"] = fit_shape(arrays["inputs"], SampleSpec(meta.input_shape, meta.input_dtype), path)
     else:
         arrays = _read_source(path, meta, label_names)
     inputs = arrays["inputs"]

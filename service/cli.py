@@ -48,7 +48,8 @@ def serve_parser() -> argparse.ArgumentParser:
         description=(
             "Serve a teacher (or an ensemble) over the Open Inference Protocol (KServe v2): answer soft targets and "
             f"append the teacher's outputs to an HDF5 cache. Every option can also be set as {ENV_PREFIX}<OPTION> "
-            f"(for example {ENV_PREFIX}MAX_BATCH=512); the command line wins."
+            f"(for example {ENV_PREFIX}MAX_BATCH=512); the command line wins. On an existing cache, the options it records (the "
+            "input contract, the temperature, the views, the target layout) default to its values, and a given one must agree."
         ),
     )
     a = p.add_argument
@@ -68,7 +69,7 @@ def serve_parser() -> argparse.ArgumentParser:
     a(
         "--cache",
         metavar="DIR",
-        help="cache directory, created if missing; an existing one gives the defaults of the options it records (required)",
+        help="cache directory, created if missing; an existing cache also gives every option it records that is not given (required)",
     )
     a("--temperature", type=float, metavar="T", help="serving temperature (default: the cache's, else 4)")
     a("--host", help="address to bind (default 127.0.0.1)")
@@ -164,11 +165,12 @@ class HideQueryStrings(logging.Filter):
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port), for uvicorn to serve on. Bound before the cache is opened, so
     that a port in use is refused with nothing created in the cache directory."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
+    # As uvicorn binds one: IPv6 for an address with a colon, else IPv4 ("localhost" is 127.0.0.1);
+    # SO_REUSEADDR, so that a port in TIME_WAIT is free while one with a listener is not.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
-        sock.bind(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except BaseException:
         sock.close()
         raise

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..offline.cache import CacheError, normalize_ids, read_transfer_set
 from ..offline.cache.manifest import merge_label_names
-from ..offline.cache.sources import ON_ERROR, RESIZE_MODES, SampleSpec, Source, open_source
+from ..offline.cache.sources import ON_ERROR, RESIZE_MODES, SampleSpec, Source, fit_inputs, open_source
 from ..offline.cli_help import HelpFormatter
 from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request, numpy_dtype
 
@@ -87,6 +87,20 @@ def describe_skipped(skipped: Sequence[tuple[str, str]], limit: int = 3) -> str:
     """The first ``limit`` skipped items with their reasons, and how many more."""
     named = "; ".join(f"{item} ({_one_line(reason, 120)})" for item, reason in skipped[:limit])
     return named + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
+
+
+def numbered_as_recorded(source: Source, recorded: Any) -> Source:
+    """``source``, or ``source`` numbered by the class names a cache records (``recorded``, from the
+    model metadata) where its own names conflict with them but are all among them (a folder of
+    some of the classes), so that only real conflicts reach the service, which refuses them."""
+    if source.label_names is None or not isinstance(recorded, list) or not recorded:
+        return source
+    try:
+        merge_label_names(recorded, source.label_names, "")
+    except CacheError:
+        if set(source.label_names) <= set(recorded):
+            return source.numbered_by(recorded)
+    return source
 
 
 def _check_push_options(batch_size: int, concurrency: int) -> None:
@@ -334,8 +348,11 @@ class TeacherClient:
         arrays: the source decodes batch by batch, so at most the window of requests in flight
         is held, never the whole set. Every request carries the source's ``label_names``, which
         the service records in the cache's manifest (and refuses when they conflict with the
-        recorded ones). The summary lists the items the source skipped."""
+        recorded ones); a source of some of the recorded classes is numbered as the cache numbers
+        them first (``numbered_as_recorded``). The summary lists the items the source skipped."""
         _check_push_options(batch_size, concurrency)
+        if source.label_names is not None:
+            source = numbered_as_recorded(source, (self.metadata().get("parameters") or {}).get("label_names"))
         batches = (PushBatch(batch.inputs, batch.ids, batch.labels) for batch in source.batches(batch_size))
         summary = self._push(
             batches, len(source), concurrency=concurrency, temperature=temperature, progress=progress,
@@ -428,9 +445,9 @@ def push_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="teacher-push",
         description="Send a transfer set to a teacher service, which caches the teacher's outputs: an .npz (inputs, optional "
-        "labels and ids, sent as they are), an .npy, a folder of images (one sub-folder per class: the labels), Parquet "
-        "files or a saved Hugging Face dataset, decoded and fitted to the model's input as they stream. Safe to re-run: "
-        "samples cached already come back as hits.",
+        "labels and ids, read whole), an .npy, a folder of images (one sub-folder per class: the labels), Parquet "
+        "files or a saved Hugging Face dataset (these decoded as they stream), each fitted to the model's input shape and "
+        "dtype. Safe to re-run: samples cached already come back as hits.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--url", required=True, help="the service, e.g. http://gpu-host:8000")
@@ -446,7 +463,7 @@ def push_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--max-retries", type=int, default=8, help="per request, on 429/503 and connection failures")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    # Source options: None when not given, so that an .npz (sent as it is) can refuse them.
+    # Source options: None when not given, so that an .npz (read whole) can refuse them.
     p.add_argument("--resize", choices=RESIZE_MODES, default=None, help="images: scale the short side to fit and center-crop "
                    "(short-side, the default), or stretch to the model's size")  # fmt: skip
     p.add_argument("--input-column", metavar="NAME", help="Parquet/Hugging Face: the inputs (default: image, img or pixel_values)")
@@ -462,34 +479,14 @@ SOURCE_OPTIONS = ("resize", "input_column", "label_column", "id_column", "on_err
 
 
 def open_push_source(client: TeacherClient, args: argparse.Namespace) -> Source:
-    """``--data`` opened as a source fitted to the model's metadata. Labels are numbered by the
-    source (its class folders, its ClassLabel); when those names conflict with the ones the
-    cache records but are all among them, the source is read again numbered as the cache
-    numbers them (a folder of some of the classes), so that only real conflicts are refused."""
-    metadata = client.metadata()
-    spec = sample_spec_of(metadata, f"{client.url}{client._model_path}")
-    recorded = (metadata.get("parameters") or {}).get("label_names")
+    """``--data`` opened as a source fitted to the model's metadata (``push_source`` numbers its
+    classes as the cache does)."""
     options = {name: getattr(args, name) for name in SOURCE_OPTIONS if getattr(args, name) is not None}
-    held: list[str] | None = []  # the warnings of opening, held while the source may be reopened
 
     def warn(message: str) -> None:
-        if held is None:
-            tqdm.write(f"teacher-push: warning: {message}", file=sys.stderr)
-        else:
-            held.append(message)
+        tqdm.write(f"teacher-push: warning: {message}", file=sys.stderr)
 
-    source = open_source(args.data, spec, warn=warn, **options)
-    if source.label_names is not None and isinstance(recorded, list) and recorded:
-        try:
-            merge_label_names(recorded, source.label_names, "")
-        except CacheError:
-            if set(source.label_names) <= set(recorded):
-                held.clear()
-                source = open_source(args.data, spec, warn=warn, label_names=recorded, **options)
-    opening, held = held, None
-    for message in opening:
-        warn(message)
-    return source
+    return open_source(args.data, client.sample_spec(), warn=warn, **options)
 
 
 def push_main(argv: Sequence[str] | None = None) -> int:
@@ -509,17 +506,18 @@ def push_main(argv: Sequence[str] | None = None) -> int:
             "temperature": args.temperature,
             "progress": not args.no_progress,
         }
-        transfer = None  # an .npz, read whole and sent as it always was
+        transfer = None  # an .npz, read whole
         if Path(args.data).suffix.lower() == ".npz":
             given = [f"--{name.replace('_', '-')}" for name in SOURCE_OPTIONS if getattr(args, name) is not None]
             if given:
-                raise ClientError(f"{' '.join(given)}: an .npz is sent as it is (inputs, labels, ids); these options are for other sources")
+                raise ClientError(f"{' '.join(given)}: an .npz is read whole (inputs, labels, ids); these options are for other sources")
             transfer = read_transfer_set(args.data)
         elif not Path(args.data).exists():  # before asking the server for the model's metadata
             raise CacheError(f"{args.data}: no such file or directory")
         with TeacherClient(args.url, args.model, api_key=api_key, timeout=args.timeout, max_retries=args.max_retries) as client:
             if transfer is not None:
-                summary = client.push(transfer["inputs"], ids=transfer.get("ids"), labels=transfer.get("labels"), **push)
+                inputs = fit_inputs(transfer["inputs"], client.sample_spec(), args.data)  # as .npy and every other source
+                summary = client.push(inputs, ids=transfer.get("ids"), labels=transfer.get("labels"), **push)
             else:
                 summary = client.push_source(open_push_source(client, args), **push)
         print(f"teacher-push: {summary.line()}")

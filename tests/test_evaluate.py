@@ -114,3 +114,17 @@ def test_the_trainer_reports_the_eval_ece_of_each_epoch(digits_files, tmp_path):
     meta = CacheMeta("0" * 64, "t", 10, (8, 8), "uint8", PREPROCESSING)
     ece = evaluate_ece(student, torch.from_numpy(data["inputs"]), torch.from_numpy(data["labels"]), meta, torch.device("cpu"))
     assert records[-1]["eval_ece"] == pytest.approx(ece)
+
+
+def test_an_npz_eval_set_without_the_channel_axis_is_fitted_as_other_sources_are(tmp_path):
+    from kdcache.offline.cache import CacheError
+    from kdcache.offline.evaluate import load_eval_set
+
+    meta = CacheMeta("f" * 64, "t", 3, (1, 4, 4), "uint8", PREPROCESSING)
+    inputs = np.arange(2 * 16, dtype=np.uint8).reshape(2, 4, 4)
+    np.savez(tmp_path / "eval.npz", inputs=inputs, labels=np.array([0, 2]))
+    x, y = load_eval_set(str(tmp_path / "eval.npz"), meta)
+    assert x.shape == (2, 1, 4, 4) and np.array_equal(x.numpy()[:, 0], inputs) and y.tolist() == [0, 2]
+    np.savez(tmp_path / "wrong.npz", inputs=inputs.reshape(2, 2, 8), labels=np.array([0, 2]))
+    with pytest.raises(CacheError, match=r"wrong\.npz: inputs have sample shape \[2, 8\], the teacher takes \[1, 4, 4\]"):
+        load_eval_set(str(tmp_path / "wrong.npz"), meta)

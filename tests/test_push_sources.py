@@ -299,7 +299,58 @@ def test_source_options_are_refused_for_an_npz_and_a_missing_source_is_named(tmp
     unreachable = ["--url", "http://127.0.0.1:9", "--max-retries", "0", "--no-progress"]
     assert push_main([*unreachable, "--data", str(tmp_path / "set.npz"), "--on-error", "skip", "--workers", "2"]) == 2
     assert capsys.readouterr().err == (
-        "teacher-push: error: --on-error --workers: an .npz is sent as it is (inputs, labels, ids); these options are for other sources\n"
+        "teacher-push: error: --on-error --workers: an .npz is read whole (inputs, labels, ids); these options are for other sources\n"
     )
     assert push_main([*unreachable, "--data", str(tmp_path / "nowhere")]) == 2  # named before the server is asked anything
     assert capsys.readouterr().err == f"teacher-push: error: {tmp_path / 'nowhere'}: no such file or directory\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# A one-channel teacher: an .npz without its channel axis, and push_source from Python
+
+
+@pytest.fixture
+def gray_server(tmp_path):
+    """A real teacher-serve of a random-weight ``mlp-small`` on uint8 [1, 16, 16] images."""
+    root = tmp_path / "gray"
+    root.mkdir()
+    torch.manual_seed(0)
+    shape = (1, *SHAPE[1:])
+    model = models.build("mlp-small", shape, CLASSES).eval()
+    meta = CacheMeta("0" * 64, "mlp-small", CLASSES, shape, "uint8", Preprocessing(scale=1 / 255))
+    torch.save(models.student_record("mlp-small", model, meta, temperature=1.0, alpha=1.0), root / "teacher.pt")
+    with serve(root, root / "teacher.pt") as server:
+        server.wait_ready()
+        yield server, root / "cache"
+
+
+@pytest.mark.slow
+def test_an_npz_without_the_channel_axis_is_fitted_as_the_same_npy_is(tmp_path, gray_server):
+    server, cache = gray_server
+    arrays = np.random.default_rng(7).integers(0, 256, (3, *SHAPE[1:]), dtype=np.uint8)  # [N, 16, 16] for [1, 16, 16]
+    np.savez(tmp_path / "set.npz", inputs=arrays)
+    np.save(tmp_path / "set.npy", arrays)
+    assert " 3 samples, 0 hits, 3 misses, " in summary(push(server.url, tmp_path / "set.npz"))
+    assert " 3 samples, 3 hits, 0 misses, " in summary(push(server.url, tmp_path / "set.npy"))  # the same ids: content hashes
+
+
+@pytest.mark.slow
+def test_push_source_numbers_a_folder_of_some_classes_as_teacher_push_does(tmp_path, gray_server):
+    """The README's example, ``client.push_source(open_source(path, client.sample_spec()))``, on a
+    folder holding only the second of the cache's classes."""
+    from kdcache.offline.cache.sources import open_source
+    from kdcache.service.client import TeacherClient
+
+    for folder, classes in (("both", ("cat", "dog")), ("dogs", ("dog",))):
+        for name in classes:
+            (tmp_path / folder / name).mkdir(parents=True)
+            noise(SHAPE[1], len(folder) * 10 + len(name), "L").save(tmp_path / folder / name / f"{folder}.png")
+    server, cache = gray_server
+    with TeacherClient(server.url) as client:
+        assert client.push_source(open_source(tmp_path / "both", client.sample_spec()), progress=False).cache_misses == 2
+        dogs = client.push_source(open_source(tmp_path / "dogs", client.sample_spec()), progress=False)
+        assert (dogs.samples, dogs.cache_misses) == (1, 1)
+        assert client.metadata()["parameters"]["label_names"] == ["cat", "dog"]
+    assert server.stop() == 0
+    stored = rows(cache)
+    assert (stored["dog/dogs.png"][0], stored["dog/both.png"][0], stored["cat/both.png"][0]) == (1, 1, 0)

@@ -444,10 +444,12 @@ def test_a_missing_reader_names_the_extra_to_install(class_folder, tmp_path, mon
 
     pq.write_table(pa.table({"image": [b"x"]}), tmp_path / "t.parquet")
     monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL now fails
-    with pytest.raises(SourceError, match=r"reading images needs Pillow: pip install 'kdcache\[data\]'"):
+    with pytest.raises(
+        SourceError, match=r"reading images needs Pillow: pip install -e '\.\[data\]' in a checkout \(pip install 'kdcache\[data\]' where"
+    ):
         open_source(class_folder, RGB10)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(SourceError, match=r"needs pyarrow: pip install 'kdcache\[data\]'"):
+    with pytest.raises(SourceError, match=r"needs pyarrow: pip install -e '\.\[data\]' in a checkout"):
         open_source(tmp_path / "t.parquet", RGB10)
 
 

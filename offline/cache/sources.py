@@ -13,7 +13,8 @@ The kinds, in the order they are asked:
     npz           an ``.npz`` with ``inputs``, optional ``labels`` and ``ids`` (``read_transfer_set``);
                   without ids, a sample's id is the sha256 of its input bytes (``content_ids``),
                   the id the service gives a sample sent without one
-    npy           an ``.npy`` array [N, *input_shape], memory-mapped; no labels; ids are row numbers
+    npy           an ``.npy`` array [N, *input_shape], memory-mapped; no labels; a sample's id is the
+                  sha256 of its input bytes once fitted to the spec (``content_ids``), as for an npz
     hf-dataset    a Hugging Face ``datasets`` directory written by ``save_to_disk`` (``state.json``
                   lists its Arrow stream files); read with pyarrow, ``datasets`` is not needed;
                   ClassLabel names in ``dataset_info.json`` become ``label_names``
@@ -51,7 +52,7 @@ yields fewer. Inputs whose shape or dtype cannot be made to fit the spec, missin
 unusable options always stop. Warnings (images converted, files of other types left out) go to
 ``warn`` once per source or pass, with a count.
 
-Pillow and pyarrow are imported by the kinds that need them (``pip install 'kdcache[data]'``);
+Pillow and pyarrow are imported by the kinds that need them (the ``data`` extra, ``INSTALL_HINT``);
 this module imports neither h5py nor torch.
 """
 
@@ -68,7 +69,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -85,7 +86,7 @@ ON_ERROR = ("stop", "skip")
 INPUT_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels")
 ID_COLUMNS = ("id",)
-INSTALL_HINT = "pip install 'kdcache[data]'"
+INSTALL_HINT = "pip install -e '.[data]' in a checkout (pip install 'kdcache[data]' where kdcache comes from a package index)"
 
 
 class SourceError(CacheError):
@@ -164,6 +165,20 @@ class Source(ABC):
     @abstractmethod
     def detect(cls, path: Path) -> bool:
         """Whether ``path`` is a source of this kind (cheap: names and a listing, no decoding)."""
+
+    def numbered_by(self, label_names: Sequence[str]) -> Source:
+        """This source opened again as ``open_source(..., label_names=label_names)`` opens it. The
+        warnings of opening, given once already, are not given again; those of a pass are."""
+        opening = True
+
+        def warn(message: str) -> None:
+            if not opening:
+                self.options.warn(message)
+
+        options = replace(self.options, label_names=tuple(str(name) for name in label_names), warn=warn)
+        source = type(self)(self.path, self.spec, options)
+        opening = False
+        return source
 
     @abstractmethod
     def __len__(self) -> int:
@@ -245,7 +260,7 @@ def _shape_text(shape: Sequence[int]) -> str:
     return f"[{', '.join(str(d) for d in shape)}]"
 
 
-def _fit_shape(values: np.ndarray, spec: SampleSpec, where: str) -> np.ndarray:
+def fit_shape(values: np.ndarray, spec: SampleSpec, where: str) -> np.ndarray:
     """``values`` [N, ...] as [N, *input_shape]: equal shapes, or equal once axes of size 1 are
     dropped (e.g. [N, 28, 28] for (1, 28, 28)). Anything else would scramble the layout."""
     sample = tuple(values.shape[1:])
@@ -283,8 +298,9 @@ def _fit_dtype(values: np.ndarray, spec: SampleSpec, where: str) -> np.ndarray:
     return values.astype(target)
 
 
-def _fit(values: np.ndarray, spec: SampleSpec, where: str) -> np.ndarray:
-    return np.ascontiguousarray(_fit_dtype(_fit_shape(values, spec, where), spec, where))
+def fit_inputs(values: np.ndarray, spec: SampleSpec, where: str) -> np.ndarray:
+    """``values`` [N, ...] as the teacher takes them: ``fit_shape``, then its dtype where no value changes, contiguous."""
+    return np.ascontiguousarray(_fit_dtype(fit_shape(values, spec, where), spec, where))
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -485,7 +501,7 @@ class NpzSource(Source):
         super().__init__(path, spec, options)
         self._column_options_unused()
         arrays = read_transfer_set(path)
-        self.inputs = _fit(arrays["inputs"], spec, str(path))
+        self.inputs = fit_inputs(arrays["inputs"], spec, str(path))
         n = len(self.inputs)
         self.labels = arrays.get("labels", np.full(n, -1, dtype=np.int64))
         self.ids = [str(i) for i in (arrays["ids"] if "ids" in arrays else content_ids(self.inputs))]
@@ -520,7 +536,7 @@ class NpySource(Source):
             raise SourceError(f"{path}: not a readable .npy file ({exc})") from None
         if self.array.ndim < 2:
             raise SourceError(f"{path}: inputs must be [N, ...], got shape {_shape_text(self.array.shape)}")
-        _fit_shape(self.array[:0], spec, str(path))
+        fit_shape(self.array[:0], spec, str(path))
         if not _dtype_can_fit(self.array.dtype, np.dtype(spec.input_dtype)):
             raise SourceError(
                 f"{path}: inputs are {self.array.dtype}, the teacher takes {spec.input_dtype} (no conversion keeps their values)"
@@ -532,7 +548,7 @@ class NpySource(Source):
     def _chunks(self, batch_size: int) -> Iterator[SourceBatch]:
         for start in range(0, len(self), batch_size):
             rows = np.array(self.array[start : start + batch_size])  # a copy of these rows only
-            inputs = _fit(rows, self.spec, f"{self.path}: rows {start}..{start + len(rows) - 1}")
+            inputs = fit_inputs(rows, self.spec, f"{self.path}: rows {start}..{start + len(rows) - 1}")
             # content ids, as the service gives samples sent without ids: two files cannot collide
             yield SourceBatch(list(content_ids(inputs)), inputs, np.full(len(rows), -1, dtype=np.int64))
 
@@ -798,7 +814,7 @@ class _ColumnarSource(_ImageDecoding, Source):
             inputs, filled = _list_values(self.pa, _storage(self.pa, record_batch.column(name)), self.spec, where, first_row)
             for r in np.flatnonzero(~filled & keep):
                 self._bad(ids[r], f"{file}: row {first_row + r}", f"input column {name!r} is null")
-            yield _select(SourceBatch(ids, _fit(inputs, self.spec, where), labels), keep & filled)
+            yield _select(SourceBatch(ids, fit_inputs(inputs, self.spec, where), labels), keep & filled)
 
     def _image_entries(self, batch_size: int) -> Iterator[tuple[str, int, str, bytes | Path | _Decoded]]:
         pa, name = self.pa, self.columns.input
@@ -845,7 +861,7 @@ def _is_list(pa: Any, arrow_type: Any) -> bool:
 def _list_values(pa: Any, column: Any, spec: SampleSpec, where: str, first_row: int) -> tuple[np.ndarray, np.ndarray]:
     """A column of (nested) lists of numbers as [N, ...], and which rows are not null. Nested
     lists of equal lengths keep their shape, which must fit the spec as an array's would
-    (``_fit_shape``); a flat list (or ragged nesting) is reshaped to the input shape when it holds
+    (``fit_shape``); a flat list (or ragged nesting) is reshaped to the input shape when it holds
     the right count of numbers. Null rows come back as zeros."""
     n = len(column)
     filled = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
@@ -882,7 +898,7 @@ def _list_values(pa: Any, column: Any, spec: SampleSpec, where: str, first_row: 
     starts = bounds[:-1][filled]
     rows[filled] = flat[starts[:, None] + np.arange(need)]
     if len(sizes) > 1 and all(size is not None for size in sizes) and math.prod(sizes) == need:  # type: ignore[arg-type]
-        return _fit_shape(rows.reshape(n, *sizes), spec, where), filled  # type: ignore[arg-type]
+        return fit_shape(rows.reshape(n, *sizes), spec, where), filled  # type: ignore[arg-type]
     return rows.reshape(n, *spec.input_shape), filled
 
 
@@ -1060,5 +1076,5 @@ def open_source(
 
 __all__ = [
     "IMAGE_SUFFIXES", "SOURCE_KINDS", "HFDatasetSource", "ImageFolderSource", "ImageLayout", "NpySource", "NpzSource", "ParquetSource",
-    "SampleSpec", "Source", "SourceBatch", "SourceError", "SourceOptions", "detect_kind", "open_source",
+    "SampleSpec", "Source", "SourceBatch", "SourceError", "SourceOptions", "detect_kind", "fit_inputs", "fit_shape", "open_source",
 ]  # fmt: skip
