@@ -70,8 +70,7 @@ class ListStudents(argparse.Action):
     ) -> None:
         from . import models  # torch, only when asked
 
-        describe = getattr(models, "describe_students", None)
-        print(describe() if describe is not None else "\n".join(sorted(models.REGISTRY)))
+        print(models.describe_students())
         parser.exit()
 
 

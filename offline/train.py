@@ -1,12 +1,12 @@
 """The offline training loop: a student learns from cached teacher outputs; no teacher is loaded.
 
-Read it top to bottom: the step (``train_step``: preprocess, forward, ``Objective``, AdamW),
-the set-up (device and process group, DataLoader workers, checkpoints), the outputs, and the
-loop that ``train`` runs: open the caches, build the student, then for each epoch stream
-batches through ``train_step``, evaluate, log, checkpoint. Under ``torchrun`` the same loop runs
-with DDP (gloo on the CPU, nccl on CUDA); each rank streams its own part of the shards and only
-rank 0 writes files. The benchmarks import ``train_step`` and ``EpochStats``, so that they
-time exactly this step.
+Read it top to bottom: the config (with the recipe for what the user left out), the set-up
+(device and process group, DataLoader workers), then the loop that ``train`` runs: ``open_run``
+opens the caches and builds the student, ``announce`` says what it trains with, and each epoch
+(``train_epoch``) streams batches through ``train_step``, evaluates, logs and checkpoints. What
+the run writes is in ``outputs.py``. Under ``torchrun`` the same loop runs with DDP (gloo on the
+CPU, nccl on CUDA); each rank streams its own part of the shards and only rank 0 writes files.
+The benchmarks import ``train_step`` and ``EpochStats``, so that they time exactly this step.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,12 @@ from .cache import CacheError, CacheMeta, CacheReader
 from .cache.diagnostics import soft_target_warnings
 from .cache.manifest import describe_label_names, merge_label_names
 from .dataset import ShardStream, open_caches
-from .evaluate import EvalSetError, evaluate, evaluate_ece, load_eval_set, plot_curves
+from .evaluate import EvalSetError, evaluate, evaluate_ece, load_eval_set
 from .losses import LOSS_KINDS, TOPK_TAILS, Objective
+from .outputs import CHECKPOINT_NAME, Checkpoint, export_program, run_summary, save_atomic, student_record, write_outputs
 from .recipe import DEFAULT_RULE, SCHEDULES, Recipe, lr_factor
 from .step import EpochStats, step_on_inputs, train_step
 
-CHECKPOINT_NAME = "checkpoint.pt"
 # Below this size the shards sit in the page cache and reading them in the training process is
 # cheaper than shipping batches from worker processes (docs/benchmarks.md).
 AUTO_WORKERS_BYTES = 256 << 20
@@ -206,67 +206,6 @@ def default_workers(total_bytes: int) -> int:
     return 0 if total_bytes < AUTO_WORKERS_BYTES else 2
 
 
-@dataclass
-class Checkpoint:
-    """``RUN_DIR/checkpoint.pt``, written after each epoch. Because the data order is a function
-    of (seed, epoch), a resumed run takes exactly the same steps as an uninterrupted one."""
-
-    model: dict[str, Any]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    rng_cpu: torch.Tensor
-    rng_cuda: torch.Tensor | None
-    epoch: int
-    history: list[dict[str, Any]]
-    config: dict[str, Any]
-
-    @classmethod
-    def capture(
-        cls, student: nn.Module, optimizer: Any, scheduler: Any, device: torch.device, epoch: int, history: list, cfg: TrainConfig
-    ) -> Checkpoint:
-        return cls(
-            model=student.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            rng_cpu=torch.get_rng_state(), rng_cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-            epoch=epoch, history=history, config=asdict(cfg),
-        )  # fmt: skip
-
-    def save(self, path: Path) -> None:
-        save_atomic({f.name: getattr(self, f.name) for f in fields(self)}, path)
-
-    @classmethod
-    def load(cls, path: Path, device: torch.device) -> Checkpoint:
-        state = torch.load(path, map_location=device, weights_only=False)
-        return cls(**{f.name: state.get(f.name) for f in fields(cls)})
-
-    def restore(self, student: nn.Module, optimizer: Any, scheduler: Any, device: torch.device) -> None:
-        student.load_state_dict(self.model)
-        optimizer.load_state_dict(self.optimizer)
-        scheduler.load_state_dict(self.scheduler)
-        torch.set_rng_state(self.rng_cpu)
-        if device.type == "cuda" and self.rng_cuda is not None:
-            torch.cuda.set_rng_state(self.rng_cuda.cpu())
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def student_record(cfg: TrainConfig, model: nn.Module, meta: CacheMeta) -> dict[str, Any]:
-    """What ``student.pt`` holds (``models.student_record``, where its readers find it too)."""
-    return models.student_record(cfg.student, model, meta, temperature=cfg.temperature, alpha=cfg.alpha)
-
-
-def export_program(model: nn.Module, meta: CacheMeta, path: Path) -> None:
-    """``student.pt2``: the student exported with its input contract (``models.export_program``)."""
-    models.export_program(model, meta, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -284,8 +223,35 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
-    log = print if dist.is_main else (lambda *a, **k: None)
+@dataclass
+class Run:
+    """Everything one run trains with, set up by ``open_run``."""
+
+    cfg: TrainConfig
+    dist: Dist
+    readers: list[CacheReader]
+    meta: CacheMeta
+    recipe: Recipe
+    label_names: list[str] | None
+    eval_set: Any
+    out: Path
+    student: nn.Module
+    model: nn.Module  # the student, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: ShardStream
+    workers: int
+    loader: Any = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+
+def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
+    """Open the caches, settle the temperature and the recipe, build the student, its optimiser,
+    the stream and the per-step schedule; resume from the checkpoint when asked."""
     readers, meta = open_caches(
         cfg.caches, allow_mixed_teachers=cfg.allow_mixed_teachers, skip_corrupt=cfg.skip_corrupt, verify_checksums=cfg.verify_checksums
     )
@@ -298,8 +264,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     eval_set = load_eval_set(cfg.eval_path, meta, label_names=label_names) if cfg.eval_path else None
 
     out = Path(cfg.out)
-    checkpoint_path = out / CHECKPOINT_NAME
-    if checkpoint_path.exists() and not cfg.resume:
+    if (out / CHECKPOINT_NAME).exists() and not cfg.resume:
         raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -323,40 +288,53 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     # The schedule runs per step, over every step of the run (an epoch's steps as this rank takes them).
     total_steps = cfg.epochs * stream.num_batches(workers)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps))
-    history: list[dict[str, Any]] = []
-    if cfg.resume and checkpoint_path.exists():
-        checkpoint = Checkpoint.load(checkpoint_path, dist.device)
-        fixed = ("student", "epochs", "batch_size", "schedule")
-        if any(checkpoint.config.get(key) != getattr(cfg, key) for key in fixed):
-            made = " ".join(f"--{key.replace('_', '-')} {checkpoint.config.get(key)}" for key in fixed)
-            raise TrainError(f"{checkpoint_path}: was made with {made}; resume with the same")
-        checkpoint.restore(student, optimizer, scheduler, dist.device)
-        history = checkpoint.history
-        log(f"resuming {out} after epoch {checkpoint.epoch}")
-    elif cfg.resume:
-        log(f"no checkpoint in {out}; starting from epoch 1")
-
-    loader = torch.utils.data.DataLoader(
+    run = Run(cfg, dist, readers, meta, recipe, label_names, eval_set, out, student, model, optimizer, scheduler, stream, workers)
+    resume(run, log)
+    run.loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=dist.device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
     )  # fmt: skip
+    return run
+
+
+def resume(run: Run, log: Any) -> None:
+    """With ``--resume``, continue from the run's checkpoint, made with the same recipe."""
+    cfg, path = run.cfg, run.checkpoint_path
+    if not cfg.resume:
+        return
+    if not path.exists():
+        log(f"no checkpoint in {run.out}; starting from epoch 1")
+        return
+    checkpoint = Checkpoint.load(path, run.dist.device)
+    fixed = ("student", "epochs", "batch_size", "schedule")
+    if any(checkpoint.config.get(key) != getattr(cfg, key) for key in fixed):
+        made = " ".join(f"--{key.replace('_', '-')} {checkpoint.config.get(key)}" for key in fixed)
+        raise TrainError(f"{path}: was made with {made}; resume with the same")
+    checkpoint.restore(run.student, run.optimizer, run.scheduler, run.dist.device)
+    run.history = checkpoint.history
+    log(f"resuming {run.out} after epoch {checkpoint.epoch}")
+
+
+def announce(run: Run, log: Any) -> list[str]:
+    """Say what the run trains, with what recipe, on what; return the warnings about the setup."""
+    cfg, meta, stream = run.cfg, run.meta, run.stream
     log(
-        f"training {cfg.student} ({models.count_parameters(student):,} parameters) on {stream.num_samples:,} samples "
+        f"training {cfg.student} ({models.count_parameters(run.student):,} parameters) on {stream.num_samples:,} samples "
         f"from {len(stream.shards)} shard(s), teacher {meta.teacher_name} {meta.teacher_fingerprint[:12]}, "
-        f"T={cfg.temperature} alpha={cfg.alpha}, device {dist.device}, {dist.world_size} process(es)"
+        f"T={cfg.temperature} alpha={cfg.alpha}, device {run.dist.device}, {run.dist.world_size} process(es)"
     )
-    log(recipe.describe())
+    log(run.recipe.describe())
     views = describe_views(meta)
     if views:
         log(views)
     if cfg.label_fraction < 1:
         log(f"labels: keeping those of a seeded {cfg.label_fraction:.0%} of the samples (--label-fraction, --label-seed {cfg.label_seed})")
-    if label_names is not None:
-        log(f"labels: {describe_label_names(label_names)}")
+    if run.label_names is not None:
+        log(f"labels: {describe_label_names(run.label_names)}")
     # A bad setup (a teacher served without its input scale) shows in the soft targets at this T.
     setup_warnings = [
-        (f"{reader.directory}: " if len(readers) > 1 else "") + warning
-        for reader in readers
+        (f"{reader.directory}: " if len(run.readers) > 1 else "") + warning
+        for reader in run.readers
         for warning in soft_target_warnings(reader.soft_target_stats(cfg.temperature, skip_corrupt=cfg.skip_corrupt).stats())
     ]
     for warning in setup_warnings:
@@ -367,117 +345,80 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
             f"warning: this cache holds an arithmetic-mean ensemble served at T={meta.serving_temperature:g}; its soft targets "
             f"are exact only at that temperature, and --temperature is {cfg.temperature:g}"
         )
-    if dist.is_main:
-        with open(out / "metrics.jsonl", "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(h) + "\n" for h in history)
+    return setup_warnings
 
-    objective = cfg.objective(meta)
-    for epoch in range(len(history), cfg.epochs):
-        stream.set_epoch(epoch)
-        model.train()
-        started = time.perf_counter()
-        stats = EpochStats(dist.device)
-        bar = tqdm(
-            total=stream.num_batches(workers), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-            disable=not (cfg.progress and dist.is_main), leave=True, file=sys.stderr, dynamic_ncols=True,
-        )  # fmt: skip
-        join = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
-        with join:
-            for step, batch in enumerate(loader):
-                train_step(model, optimizer, batch, meta=meta, objective=objective, device=dist.device, stats=stats)
-                scheduler.step()
-                bar.update(1)
-                if step % 20 == 0:
-                    so_far = stats.read()
-                    bar.set_postfix(loss=f"{so_far.loss:.4f}", acc=f"{so_far.accuracy or 0:.3f}")
-        if dist.world_size > 1:
-            stats.all_reduce()
-        seconds = time.perf_counter() - started
-        totals = stats.read()
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": totals.loss,
-            "train_accuracy": totals.accuracy,
-            "eval_accuracy": evaluate(student, *eval_set, meta, dist.device) if eval_set and dist.is_main else None,
-            "eval_ece": evaluate_ece(student, *eval_set, meta, dist.device) if eval_set and dist.is_main else None,
-            "samples": totals.samples,
-            "seconds": seconds,
-            "samples_per_s": totals.samples / seconds if seconds else math.nan,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        bar.set_postfix(loss=f"{record['train_loss']:.4f}", eval_acc=record["eval_accuracy"])
-        bar.close()
-        history.append(record)
+
+def train_epoch(run: Run, epoch: int, objective: Objective) -> dict[str, Any]:
+    """One pass over this rank's share of the cache, stepping the schedule per batch; returns the
+    epoch's record for metrics.jsonl (evaluated by rank 0)."""
+    cfg, dist, stream = run.cfg, run.dist, run.stream
+    stream.set_epoch(epoch)
+    run.model.train()
+    started = time.perf_counter()
+    stats = EpochStats(dist.device)
+    bar = tqdm(
+        total=stream.num_batches(run.workers), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+        disable=not (cfg.progress and dist.is_main), leave=True, file=sys.stderr, dynamic_ncols=True,
+    )  # fmt: skip
+    join = run.model.join() if isinstance(run.model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+    with join:
+        for step, batch in enumerate(run.loader):
+            train_step(run.model, run.optimizer, batch, meta=run.meta, objective=objective, device=dist.device, stats=stats)
+            run.scheduler.step()
+            bar.update(1)
+            if step % 20 == 0:
+                so_far = stats.read()
+                bar.set_postfix(loss=f"{so_far.loss:.4f}", acc=f"{so_far.accuracy or 0:.3f}")
+    if dist.world_size > 1:
+        stats.all_reduce()
+    seconds = time.perf_counter() - started
+    totals = stats.read()
+    scored = run.eval_set is not None and dist.is_main
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": totals.loss,
+        "train_accuracy": totals.accuracy,
+        "eval_accuracy": evaluate(run.student, *run.eval_set, run.meta, dist.device) if scored else None,
+        "eval_ece": evaluate_ece(run.student, *run.eval_set, run.meta, dist.device) if scored else None,
+        "samples": totals.samples,
+        "seconds": seconds,
+        "samples_per_s": totals.samples / seconds if seconds else math.nan,
+        "lr": run.optimizer.param_groups[0]["lr"],
+    }
+    bar.set_postfix(loss=f"{record['train_loss']:.4f}", eval_acc=record["eval_accuracy"])
+    bar.close()
+    return record
+
+
+def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
+    log = print if dist.is_main else (lambda *a, **k: None)
+    run = open_run(cfg, dist, log)
+    cfg = run.cfg
+    setup_warnings = announce(run, log)
+    if dist.is_main:
+        with open(run.out / "metrics.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(h) + "\n" for h in run.history)
+
+    objective = cfg.objective(run.meta)
+    for epoch in range(len(run.history), cfg.epochs):
+        record = train_epoch(run, epoch, objective)
+        run.history.append(record)
         if dist.is_main:
-            Checkpoint.capture(student, optimizer, scheduler, dist.device, epoch + 1, history, cfg).save(checkpoint_path)
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            Checkpoint.capture(run.student, run.optimizer, run.scheduler, dist.device, epoch + 1, run.history, cfg).save(run.checkpoint_path)
+            with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
         if dist.world_size > 1:
             torch.distributed.barrier()
 
-    summary = run_summary(cfg, student, meta, readers, history, dist, label_names)
-    summary["recipe"] = recipe.to_dict()
+    summary = run_summary(cfg, run.student, run.meta, run.readers, run.history, dist, run.label_names)
+    summary["recipe"] = run.recipe.to_dict()
     summary["warnings"] = setup_warnings
     if dist.is_main:
-        write_outputs(cfg, student, meta, out, history, summary, log)
+        write_outputs(cfg, run.student, run.meta, run.out, run.history, summary, log)
     return summary
 
 
-def run_summary(
-    cfg: TrainConfig, student: nn.Module, meta: CacheMeta, readers: list[CacheReader], history: list[dict[str, Any]], dist: Dist,
-    label_names: list[str] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """What metrics.json holds."""
-    train_seconds = sum(h["seconds"] for h in history)
-    train_samples = sum(h["samples"] for h in history)
-    return {
-        "eval_accuracy": history[-1]["eval_accuracy"],
-        "train_accuracy": history[-1]["train_accuracy"],
-        "train_loss": history[-1]["train_loss"],
-        "student": cfg.student,
-        "student_params": models.count_parameters(student),
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "seed": cfg.seed,
-        "loss": cfg.loss,
-        "train_samples": train_samples,
-        "train_seconds": train_seconds,
-        "train_samples_per_s": train_samples / train_seconds if train_seconds else None,
-        "teacher_fingerprint": meta.teacher_fingerprint,
-        "teacher_name": meta.teacher_name,
-        "temperature": cfg.temperature,
-        "serving_temperature": meta.serving_temperature,
-        "alpha": cfg.alpha,
-        "schedule": cfg.schedule,
-        "label_fraction": cfg.label_fraction,
-        "label_seed": cfg.label_seed,
-        "views": {"per_sample": meta.views_per_id, "policy": meta.augment} if meta.has_views else None,
-        "caches": [str(r.directory) for r in readers],
-        "label_names": label_names,
-        "world_size": dist.world_size,
-        "device": str(dist.device),
-        **cfg.extra,
-    }
-
-
-def write_outputs(
-    cfg: TrainConfig, student: nn.Module, meta: CacheMeta, out: Path, history: list[dict[str, Any]], summary: dict[str, Any], log: Any
-) -> None:
-    """student.pt, student.pt2, curves.png and metrics.json, by rank 0 at the end of a run."""
-    save_atomic(student_record(cfg, student, meta), out / "student.pt")
-    if cfg.export:
-        try:
-            export_program(student, meta, out / "student.pt2")
-        except Exception as exc:  # export support varies by model; the run itself succeeded
-            summary["export_error"] = f"{type(exc).__name__}: {exc}"
-            log(f"warning: torch.export of the student failed, no student.pt2 written ({exc})", file=sys.stderr)
-    plot_curves(history, out / "curves.png", f"{cfg.student}, T={cfg.temperature}, alpha={cfg.alpha}")
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    log(f"done: eval accuracy {summary['eval_accuracy']}, {summary['train_samples_per_s'] or 0:,.0f} samples/s; wrote {out}")
-
-
 __all__ = [
-    "Checkpoint", "EpochStats", "Objective", "TrainConfig", "TrainError",
-    "default_workers", "step_on_inputs", "train", "train_step", "CacheError",
+    "CHECKPOINT_NAME", "Checkpoint", "EpochStats", "Objective", "TrainConfig", "TrainError", "default_workers", "export_program",
+    "run_summary", "save_atomic", "step_on_inputs", "student_record", "train", "train_step", "write_outputs", "CacheError",
 ]  # fmt: skip

@@ -31,7 +31,6 @@ from tqdm import tqdm
 from ..offline.cache import CacheError, normalize_ids, read_transfer_set
 from ..offline.cache.manifest import merge_label_names
 from ..offline.cache.sources import ON_ERROR, RESIZE_MODES, SampleSpec, Source, fit_inputs, open_source
-from ..offline.cli_help import HelpFormatter
 from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request, numpy_dtype
 
 RETRY_STATUSES = (429, 503)
@@ -448,20 +447,19 @@ def push_parser() -> argparse.ArgumentParser:
         "labels and ids, read whole), an .npy, a folder of images (one sub-folder per class: the labels), Parquet "
         "files or a saved Hugging Face dataset (these decoded as they stream), each fitted to the model's input shape and "
         "dtype. Safe to re-run: samples cached already come back as hits.",
-        formatter_class=HelpFormatter,
-    )
+    )  # each help states its default: the service imports no CLI helper from offline/ (tests/test_boundaries.py)
     p.add_argument("--url", required=True, help="the service, e.g. http://gpu-host:8000")
     p.add_argument("--data", required=True, metavar="SOURCE", help="transfer set: .npz, .npy, image folder, Parquet file or folder, "
                    "Hugging Face save_to_disk folder")  # fmt: skip
-    p.add_argument("--model", default="teacher", help="the model's name in the service's URLs (teacher-serve --model-name)")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="samples per request")
-    p.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight")
+    p.add_argument("--model", default="teacher", help="the model's name in the service's URLs (teacher-serve --model-name; default: teacher)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="samples per request (default: 256)")
+    p.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (default: 4)")
     p.add_argument(
         "--temperature", type=float, default=None, help="temperature of the soft targets (default: the service's serving temperature)"
     )
     p.add_argument("--api-key-env", metavar="VAR", default=None, help="environment variable holding the API key")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    p.add_argument("--max-retries", type=int, default=8, help="per request, on 429/503 and connection failures")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    p.add_argument("--max-retries", type=int, default=8, help="per request, on 429/503 and connection failures (default: 8)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     # Source options: None when not given, so that an .npz (read whole) can refuse them.
     p.add_argument("--resize", choices=RESIZE_MODES, default=None, help="images: scale the short side to fit and center-crop "
