@@ -12,9 +12,10 @@ from typing import Any
 
 from .cache import CacheError, CacheReader
 from .cache.diagnostics import SoftTargetStats, soft_target_warnings
+from .cache.label_names import describe_label_names, printable
 from .cache.layout import TopK
-from .cache.manifest import describe_label_names
 from .cache.reader import read_rows
+from .cache.trust import TRUST_HELP, UntrustedCode
 from .cli_help import HelpFormatter
 from .journal import unpublished
 from .malloc import tune_malloc
@@ -28,7 +29,7 @@ def fail(prog: str, message: str, code: int = 2) -> int:
     last = lines[-1] if lines else message
     if len(lines) > 1 and ": " in last and last.split(": ", 1)[0].endswith("Error"):
         last = last.split(": ", 1)[1]
-    print(f"{prog}: error: {last}", file=sys.stderr)
+    print(f"{prog}: error: {printable(last)}", file=sys.stderr)  # it may quote a cache's contents
     return code
 
 
@@ -130,7 +131,11 @@ def distill_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the student's initialisation and of the sample order")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue from RUN_DIR/checkpoint.pt (read as data, weights_only; the student is the one --student names)",
+    )  # fmt: skip
+    p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.add_argument(
         "--workers",
         type=int,
@@ -157,6 +162,7 @@ def distill_parser() -> argparse.ArgumentParser:
 
 
 def distill_main(argv: Sequence[str] | None = None) -> int:
+    from .cache.views import PolicyError
     from .models import ModelSpecError
     from .train import TrainConfig, TrainError, train
 
@@ -172,11 +178,12 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
                 device=args.device, resume=args.resume, loss=args.loss, topk_tail=args.topk_tail, weight_decay=args.weight_decay,
                 workers=args.workers, shuffle_buffer=args.shuffle_buffer, allow_mixed_teachers=args.allow_mixed_teachers,
                 skip_corrupt=args.skip_corrupt, verify_checksums=args.verify_checksums, progress=not args.no_progress, export=not args.no_export,
+                trust_code=args.trust_code,
             )
         )  # fmt: skip
         return 0
 
-    return run_cli("offline-distill", body, (CacheError, TrainError, ModelSpecError))
+    return run_cli("offline-distill", body, (CacheError, TrainError, ModelSpecError, PolicyError, UntrustedCode))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +264,11 @@ def inspect_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", metavar="DIR", help="the cache directory (the one holding manifest.json)")
     p.add_argument("--verify", action="store_true", help="check the sha256 of every shard against the manifest")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--trust-code", action="store_true",
+        help="accepted as by the other commands, and changes nothing: cache-inspect shows the name of any code a cache names "
+        "and never imports it",
+    )  # fmt: skip
     return p
 
 
@@ -270,17 +282,18 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
                 # CacheReader); the corrupt shards are listed, the summary covers the others.
                 from tqdm import tqdm
 
-                total = CacheReader(args.directory, check_files=False).total_bytes
+                total = CacheReader(args.directory, check_files=False, report_bad_label_names=True).total_bytes
                 with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=args.json, file=sys.stderr) as bar:
-                    reader = CacheReader(args.directory, skip_corrupt=True, verify_checksums=True, progress=bar)
+                    reader = CacheReader(args.directory, skip_corrupt=True, verify_checksums=True, progress=bar, report_bad_label_names=True)
             else:
-                reader = CacheReader(args.directory)
+                reader = CacheReader(args.directory, report_bad_label_names=True)  # damaged label names: shown below, the rest too
             summary = inspect_summary(reader)  # reads a sample of rows: damage in them is found here
         except CacheError as exc:
             if args.json:
                 print(json.dumps({"directory": args.directory, "ok": False, "problems": [str(exc)]}))
             return fail("cache-inspect", str(exc), code=1)
-        problems = [problem for _, problem in reader.skipped]
+        corrupt = [problem for _, problem in reader.skipped]
+        problems = corrupt + ([reader.label_names_problem] if reader.label_names_problem else [])
         if args.verify:
             summary["verified"] = True
         summary["ok"] = not problems
@@ -289,26 +302,30 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(summary, indent=1))
         else:
             bps = summary["bytes_per_sample"]
-            print(f"cache            {summary['directory']} (schema v{summary['schema_version']})")
-            print(f"shards           {summary['shards']}" + (f" readable, {len(problems)} corrupt" if problems else ""))
+            # Anything read from the cache is printed through printable(): a manifest may hold
+            # control characters (a forged line, a recoloured terminal) or lone surrogates.
+            print(printable(f"cache            {summary['directory']} (schema v{summary['schema_version']})"))
+            print(f"shards           {summary['shards']}" + (f" readable, {len(corrupt)} corrupt" if corrupt else ""))
             journal = summary["journal_samples"]
             print(
                 f"samples          {summary['samples']:,}"
                 + (f" ({summary['published_samples']:,} in published shards, {journal:,} in the journal)" if journal else "")
             )
             print(f"classes          {summary['num_classes']}")
-            print(f"teacher          {summary['teacher_name']}  {summary['teacher_fingerprint']}")
+            print(printable(f"teacher          {summary['teacher_name']}  {summary['teacher_fingerprint']}"))
             print(
                 f"inputs           {summary['input_shape']} {summary['input_dtype']}, "
                 f"targets {summary['logits_layout']} logits {summary['logits_dtype']}"
             )
-            print(f"preprocessing    {summary['preprocessing']}")
+            print(printable(f"preprocessing    {summary['preprocessing']}"))
             if summary["augment"] is not None or summary["views_per_id"] > 1:
                 policy = summary["augment"] or {"name": "none", "params": {}, "version": 1}
                 params = ", ".join(f"{k}={v}" for k, v in policy["params"].items())
                 print(
-                    f"views            {summary['views_per_id']} per sample, replayed from their seeds; "
-                    f"policy {policy['name']}{f' ({params})' if params else ''}, version {policy['version']}"
+                    printable(
+                        f"views            {summary['views_per_id']} per sample, replayed from their seeds; "
+                        f"policy {policy['name']}{f' ({params})' if params else ''}, version {policy['version']}"
+                    )
                 )
             print(
                 f"target bytes     {summary['target_bytes_per_sample']:,}/sample, "
@@ -317,7 +334,7 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             if summary["target_seed"] is not None:
                 print(f"target seed      {summary['target_seed']} (the salt of the sampled draws)")
             if summary["provenance"]:
-                print(f"provenance       {describe_provenance(summary['provenance'])}")
+                print(printable(f"provenance       {describe_provenance(summary['provenance'])}"))
             rule = (
                 f"{summary['logits_layout']} targets: distilled at this T only"
                 if summary["fixed_temperature"]
@@ -331,19 +348,23 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             print(f"soft targets     {SoftTargetStats(**summary['soft_targets']).describe()}")
             if summary["label_names"] is not None:
                 print(f"label names      {describe_label_names(summary['label_names'])}")
+            elif reader.label_names_problem:
+                print("label names      damaged, not shown (below)")
             if summary["unlisted_files"]:
-                print(f"not published    {', '.join(summary['unlisted_files'])} (left by an interrupted writer; ignored)")
+                print(printable(f"not published    {', '.join(summary['unlisted_files'])} (left by an interrupted writer; ignored)"))
             if journal:
                 print(
                     f"journal          {journal:,} samples acknowledged by teacher-serve and not yet in a published shard, "
                     "counted above (published when the service stops, or when it restarts after a crash)"
                 )
             if args.verify:
-                print("checksums        " + ("all match" if not problems else f"{len(problems)} shard(s) corrupt"))
+                print("checksums        " + ("all match" if not corrupt else f"{len(corrupt)} shard(s) corrupt"))
             for warning in summary["warnings"]:
-                print(f"warning: {warning}")
-        for line in problems:
-            print(f"cache-inspect: corrupt: {line}", file=sys.stderr)
+                print(printable(f"warning: {warning}"))
+        for line in corrupt:
+            print(printable(f"cache-inspect: corrupt: {line}"), file=sys.stderr)
+        if reader.label_names_problem:
+            print(printable(f"cache-inspect: error: {reader.label_names_problem}"), file=sys.stderr)
         return 1 if problems else 0
 
     return run_cli("cache-inspect", body, (CacheError,))

@@ -284,6 +284,11 @@ def parser() -> argparse.ArgumentParser:
         help="check every shard's sha256 before HDF5 reads it (one extra read of SRC; on by default)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument(
+        "--trust-code", action="store_true",
+        help="accepted as by the other commands, and changes nothing: cache-convert copies the record of a cache's "
+        "augment policy as data and never imports it",
+    )  # fmt: skip
     return p
 
 

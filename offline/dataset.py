@@ -135,7 +135,9 @@ class ShardStream(IterableDataset):
     cache shards (``{"inputs", "labels", "logits"}`` for full logits).
 
     ``rank``/``world_size`` default to torch.distributed's when it is initialised. Call
-    ``set_epoch`` before iterating, as with DistributedSampler.
+    ``set_epoch`` before iterating, as with DistributedSampler. ``trust_code``: import the
+    module:factory augment policy that the manifest names (``--trust-code``); without it such a
+    cache raises UntrustedCode, with nothing imported.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class ShardStream(IterableDataset):
         world_size: int | None = None,
         label_fraction: float = 1.0,
         label_seed: int = 0,
+        trust_code: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -176,9 +179,12 @@ class ShardStream(IterableDataset):
         self.fields = ("inputs", "labels", *seeds, *meta.layout.fields(meta.num_classes)) + (("ids",) if reads_ids else ())
         self.policy = None
         if meta.has_views:
+            from .cache.manifest import MANIFEST_NAME
+            from .cache.trust import Origin
             from .cache.views import parse_policy
 
-            self.policy = parse_policy(meta.augment)
+            manifest = self.shards[0].storage.where(MANIFEST_NAME) if self.shards else "the cache's manifest"
+            self.policy = parse_policy(meta.augment, Origin(manifest, trust_code))
         self.skip_corrupt = skip_corrupt
         self._rank, self._world = rank, world_size
         # Shared memory, so that persistent DataLoader workers see set_epoch() from the parent.

@@ -14,6 +14,9 @@ what its signature takes:
 Either way it returns an ``nn.Module`` mapping a float batch ``[B, *input_shape]`` to logits
 ``[B, num_classes]``. ``resolve`` finds the factory, ``instantiate`` calls it, ``build`` also
 checks the model with a forward pass; the trainer and the service both go through them.
+Each takes the spec's ``origin``: the command line (the default) is trusted as given, while a
+``module:factory`` read from a file (a ``student.pt``'s ``arch``) is imported only with
+``--trust-code`` (``cache.trust``).
 
 ``student.pt`` (``student_record``, ``read_student_record``) holds the architecture, the
 weights and the input contract, loadable with ``torch.load(weights_only=True)``;
@@ -24,7 +27,6 @@ in its extra file ``kd_input_spec.json``.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import json
 import math
@@ -34,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .cache.trust import COMMAND_LINE, Origin, describe_error, import_factory
 
 if TYPE_CHECKING:
     from .cache import CacheMeta
@@ -205,22 +209,15 @@ def describe_students(input_shape: Sequence[int] = LIST_SHAPE, num_classes: int 
     ) + "\nor module:factory, your own (see README § Students)"
 
 
-def resolve(spec: str) -> Factory:
-    """A registry name, or ``package.module:factory`` importable from the current environment."""
+def resolve(spec: str, origin: Origin = COMMAND_LINE) -> Factory:
+    """A registry name, or ``package.module:factory`` importable from the current environment
+    (from a file the user has not trusted, ``origin``: UntrustedCode, and nothing imported)."""
     if spec in REGISTRY:
         return REGISTRY[spec]
     module_name, sep, attr = spec.partition(":")
     if not (sep and module_name and attr):
         raise ModelSpecError(f"unknown model {spec!r}; built-in: {', '.join(sorted(REGISTRY))}; or give module:factory")
-    try:
-        factory: Any = importlib.import_module(module_name)
-    except Exception as exc:  # a user module can fail in any way on import; say which and why
-        raise ModelSpecError(f"{spec}: cannot import {module_name} ({describe_error(exc)})") from None
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-    if not callable(factory):
-        raise ModelSpecError(f"{spec}: {module_name} has no callable {attr!r}")
-    return factory
+    return import_factory(spec, what="architecture", origin=origin, error=ModelSpecError)
 
 
 def takes_shape(spec: str, factory: Factory) -> bool:
@@ -239,10 +236,10 @@ def takes_shape(spec: str, factory: Factory) -> bool:
     raise ModelSpecError(f"{spec}: its factory takes {signature}; a factory takes (input_shape, num_classes) or no arguments")
 
 
-def instantiate(spec: str, input_shape: Sequence[int] | None, num_classes: int | None) -> nn.Module:
+def instantiate(spec: str, input_shape: Sequence[int] | None, num_classes: int | None, origin: Origin = COMMAND_LINE) -> nn.Module:
     """Resolve ``spec`` and call its factory with what it takes. ``input_shape`` and
     ``num_classes`` may be None only for a factory that takes no arguments."""
-    factory = resolve(spec)
+    factory = resolve(spec, origin)
     shaped = takes_shape(spec, factory)
     if shaped and (input_shape is None or num_classes is None):
         missing = "input shape" if input_shape is None else "number of classes"
@@ -260,10 +257,10 @@ def instantiate(spec: str, input_shape: Sequence[int] | None, num_classes: int |
     return model
 
 
-def build(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+def build(spec: str, input_shape: Sequence[int], num_classes: int, origin: Origin = COMMAND_LINE) -> nn.Module:
     """Build a model and check, with one forward pass on zeros, that it fits the inputs."""
     input_shape = tuple(int(d) for d in input_shape)
-    model = instantiate(spec, input_shape, num_classes)
+    model = instantiate(spec, input_shape, num_classes, origin)
     was_training = model.training
     model.eval()
     try:
@@ -276,15 +273,6 @@ def build(spec: str, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     if tuple(out.shape) != (2, num_classes):
         raise ModelSpecError(f"{spec} returns shape {list(out.shape[1:])} per sample, expected [{num_classes}] logits")
     return model
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception as one short line (torch's messages run over several), for the errors of
-    model loading here and in the service."""
-    text = " ".join(str(exc).split())
-    if len(text) > 300:
-        text = text[:297] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,10 +25,18 @@ if TYPE_CHECKING:
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+class CheckpointError(Exception):
+    """A checkpoint.pt that cannot be read as data; one line naming the file."""
+
+
 @dataclass
 class Checkpoint:
     """``RUN_DIR/checkpoint.pt``, written after each epoch. Because the data order is a function
-    of (seed, epoch), a resumed run takes exactly the same steps as an uninterrupted one."""
+    of (seed, epoch), a resumed run takes exactly the same steps as an uninterrupted one.
+
+    It holds data only (tensors, and dicts, lists, strings and numbers) and is read with
+    ``torch.load(weights_only=True)``. The student it records is compared with ``--student``,
+    never built from: a resumed run imports only the code named on its command line."""
 
     model: dict[str, Any]
     optimizer: dict[str, Any]
@@ -53,7 +62,16 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: Path, device: torch.device) -> Checkpoint:
-        state = torch.load(path, map_location=device, weights_only=False)
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as exc:  # Python objects beyond plain data: never unpickled
+            raise CheckpointError(
+                f"{path}: holds Python objects that torch.load(weights_only=True) refuses ({models.describe_error(exc)[:160]})"
+            ) from None
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not readable by torch.load ({models.describe_error(exc)})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: not a checkpoint written by offline-distill (holds {type(state).__name__})")
         return cls(**{f.name: state.get(f.name) for f in fields(cls)})
 
     def restore(self, student: nn.Module, optimizer: Any, scheduler: Any, device: torch.device) -> None:

@@ -29,11 +29,11 @@ from tqdm import tqdm
 from . import models
 from .cache import CacheError, CacheMeta, CacheReader
 from .cache.diagnostics import soft_target_warnings
-from .cache.manifest import describe_label_names, merge_label_names
+from .cache.label_names import describe_label_names, merge_label_names, printable
 from .dataset import ShardStream, open_caches
 from .evaluate import EvalSetError, evaluate, evaluate_ece, load_eval_set
 from .losses import LOSS_KINDS, TOPK_TAILS, Objective
-from .outputs import CHECKPOINT_NAME, Checkpoint, export_program, run_summary, save_atomic, student_record, write_outputs
+from .outputs import CHECKPOINT_NAME, Checkpoint, CheckpointError, export_program, run_summary, save_atomic, student_record, write_outputs
 from .recipe import DEFAULT_RULE, SCHEDULES, Recipe, lr_factor
 from .step import EpochStats, step_on_inputs, train_step
 
@@ -77,6 +77,7 @@ class TrainConfig:
     verify_checksums: bool = False
     progress: bool = True
     export: bool = True
+    trust_code: bool = False  # import a module:factory augment policy that a cache's manifest names
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -190,12 +191,13 @@ def cache_label_names(readers: list[CacheReader]) -> list[str] | None:
 
 
 def describe_views(meta: CacheMeta) -> str | None:
-    """The views a cache's samples are trained on, in one line (None for a cache without views)."""
+    """The views a cache's samples are trained on, in one line (None for a cache without views),
+    escaped for a terminal: the policy's name and parameters come from the cache."""
     if not meta.has_views:
         return None
     policy = meta.augment or {"name": "none", "params": {}}
     params = ", ".join(f"{key}={value}" for key, value in policy.get("params", {}).items())
-    return (
+    return printable(
         f"views: {meta.views_per_id} per sample, policy {policy.get('name')}{f' ({params})' if params else ''}; "
         f"each epoch trains on one view of each sample, replayed from its seed"
     )
@@ -262,6 +264,12 @@ def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
             log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)
     label_names = cache_label_names(readers)
     eval_set = load_eval_set(cfg.eval_path, meta, label_names=label_names) if cfg.eval_path else None
+    # Before anything is written: a cache whose policy is code is refused here without --trust-code.
+    stream = ShardStream.from_readers(
+        readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+        skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
+        label_fraction=cfg.label_fraction, label_seed=cfg.label_seed, trust_code=cfg.trust_code,
+    )  # fmt: skip
 
     out = Path(cfg.out)
     if (out / CHECKPOINT_NAME).exists() and not cfg.resume:
@@ -280,11 +288,6 @@ def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
     model: nn.Module = student
     if dist.world_size > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    stream = ShardStream.from_readers(
-        readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-        skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
-        label_fraction=cfg.label_fraction, label_seed=cfg.label_seed,
-    )  # fmt: skip
     # The schedule runs per step, over every step of the run (an epoch's steps as this rank takes them).
     total_steps = cfg.epochs * stream.num_batches(workers)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps))
@@ -305,7 +308,10 @@ def resume(run: Run, log: Any) -> None:
     if not path.exists():
         log(f"no checkpoint in {run.out}; starting from epoch 1")
         return
-    checkpoint = Checkpoint.load(path, run.dist.device)
+    try:
+        checkpoint = Checkpoint.load(path, run.dist.device)
+    except CheckpointError as exc:
+        raise TrainError(str(exc)) from None
     fixed = ("student", "epochs", "batch_size", "schedule")
     if any(checkpoint.config.get(key) != getattr(cfg, key) for key in fixed):
         made = " ".join(f"--{key.replace('_', '-')} {checkpoint.config.get(key)}" for key in fixed)
@@ -320,7 +326,7 @@ def announce(run: Run, log: Any) -> list[str]:
     cfg, meta, stream = run.cfg, run.meta, run.stream
     log(
         f"training {cfg.student} ({models.count_parameters(run.student):,} parameters) on {stream.num_samples:,} samples "
-        f"from {len(stream.shards)} shard(s), teacher {meta.teacher_name} {meta.teacher_fingerprint[:12]}, "
+        f"from {len(stream.shards)} shard(s), teacher {printable(meta.teacher_name)} {printable(meta.teacher_fingerprint[:12])}, "
         f"T={cfg.temperature} alpha={cfg.alpha}, device {run.dist.device}, {run.dist.world_size} process(es)"
     )
     log(run.recipe.describe())
@@ -338,7 +344,7 @@ def announce(run: Run, log: Any) -> list[str]:
         for warning in soft_target_warnings(reader.soft_target_stats(cfg.temperature, skip_corrupt=cfg.skip_corrupt).stats())
     ]
     for warning in setup_warnings:
-        log(f"warning: {warning}")
+        log(printable(f"warning: {warning}"))
     if meta.temperature_rule == "serving" and cfg.temperature != meta.serving_temperature:
         # Such a cache stores T_s*log(mean of the members' probabilities at T_s): exact only at T_s.
         log(

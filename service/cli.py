@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from ..offline.cache import CacheError
 from ..offline.cache.layout import make_layout
+from ..offline.cache.trust import TRUST_HELP, UntrustedCode
 from ..offline.malloc import tune_malloc
 from .settings import ENV_PREFIX, CacheConflict, ServeSettings, option_name, recorded_meta, take_from_cache
 
@@ -129,6 +130,7 @@ def serve_parser() -> argparse.ArgumentParser:
     a("--shard-samples", type=int, metavar="N", help="samples per shard (default 65536)")
     a("--shard-mb", type=float, metavar="MB", help="bytes per shard (default 512)")
     a("--access-log", action="store_true", default=None, help="log every request (default: off)")
+    a("--trust-code", action="store_true", default=None, help=f"{TRUST_HELP} (default: off)")
     a("--log-level", choices=("critical", "error", "warning", "info", "debug"), help="what the log shows (default info)")
     return p
 
@@ -223,7 +225,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     if recorded is not None:
         try:
             settings, taken = take_from_cache(settings, recorded, f"{settings.cache}/")
-        except CacheConflict as exc:
+        except (CacheConflict, UntrustedCode) as exc:
             return fail(PROG, str(exc))
     augmenting = settings.augment not in (None, "none")
     if settings.views > 1 and not augmenting:
@@ -244,7 +246,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             settings.teacher, weights=settings.weights, ensemble=settings.ensemble, temperature=settings.temperature,
             device=settings.device, dtype=settings.dtype, input_shape=settings.input_shape, input_dtype=settings.input_dtype,
             normalize=normalize, input_scale=settings.input_scale, num_classes=settings.num_classes,
+            trust_code=settings.trust_code,
         )  # fmt: skip
+    except UntrustedCode as exc:
+        return fail(PROG, str(exc))
     except TeacherError as exc:
         message = exc.spelled(option_name)
         if taken:  # perhaps not this teacher's cache: say where the settings came from

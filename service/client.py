@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..offline.cache import CacheError, normalize_ids, read_transfer_set
-from ..offline.cache.manifest import merge_label_names
+from ..offline.cache.label_names import merge_label_names
 from ..offline.cache.sources import ON_ERROR, RESIZE_MODES, SampleSpec, Source, fit_inputs, open_source
 from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request, numpy_dtype
 

@@ -21,6 +21,10 @@ Weights files are paired, in order, with the specs that need one (the last two k
 (``input_shape``, ``input_dtype``, ``normalize``, ``input_scale``, ``num_classes``) override what a
 file declares. A member's ``name``, which the cache and the model metadata record, is its file
 name without the directories it was loaded from.
+
+A spec is named on the command line and trusted as given. A ``student.pt`` given as a FILE.pt
+names its architecture itself: a ``module:factory`` there is code named inside a file, imported
+only with ``trust_code`` (``--trust-code``); a built-in ARCH needs no consent.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from torch import nn
 
 from ..offline import models
 from ..offline.cache import Preprocessing
+from ..offline.cache.trust import COMMAND_LINE, Origin
 from ..offline.models import describe_error
 
 SPEC_FORMS = (
@@ -357,7 +362,10 @@ def _load_exported(spec: str, options: Overrides) -> Member:
     )  # fmt: skip
 
 
-def _from_student_record(where: str, payload: Any, options: Overrides, model_spec: str | None) -> Member:
+def _from_student_record(where: str, payload: Any, options: Overrides, model_spec: str | None, trust_code: bool = False) -> Member:
+    """A student record read from ``where``. Its ``arch`` is trusted as given when it is the
+    ``model_spec`` named on the command line; read from the file alone, a module:factory arch
+    needs ``trust_code``."""
     try:
         record = models.read_student_record(where, payload)
     except models.ModelSpecError as exc:
@@ -367,14 +375,15 @@ def _from_student_record(where: str, payload: Any, options: Overrides, model_spe
         raise TeacherError(f"{where}: holds a {arch!r} model, but the teacher spec says {model_spec!r}")
     state, declared = _state_dict_of(where, record)
     contract = options.contract(where, declared)
-    module = _build(where, arch, contract.input_shape, declared["num_classes"])
+    origin = COMMAND_LINE if model_spec is not None else Origin(where, trust_code)
+    module = _build(where, arch, contract.input_shape, declared["num_classes"], origin)
     _load_weights(where, module, state)
     return _member(where, arch, module, contract, declared["num_classes"])
 
 
-def _build(where: str, model_spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def _build(where: str, model_spec: str, input_shape: tuple[int, ...], num_classes: int, origin: Origin = COMMAND_LINE) -> nn.Module:
     try:
-        return models.build(model_spec, input_shape, num_classes)
+        return models.build(model_spec, input_shape, num_classes, origin)
     except models.ModelSpecError as exc:
         raise TeacherError(f"{where}: {exc}") from None
 
@@ -432,10 +441,11 @@ def spec_kind(spec: str) -> str:
     raise TeacherError(f"{spec}: not a teacher spec; give {spec_forms()}")
 
 
-def load_members(specs: Sequence[str], weights: Sequence[str], options: Overrides) -> Iterator[Member]:
+def load_members(specs: Sequence[str], weights: Sequence[str], options: Overrides, trust_code: bool = False) -> Iterator[Member]:
     """Every member on the CPU, one at a time and in order (so that the caller can move each to
     its device before the next is loaded), checked to take the same inputs as the first. Class
-    counts are checked later, by a forward pass on the device."""
+    counts are checked later, by a forward pass on the device. ``trust_code``: import the
+    module:factory arch that a student.pt names (UntrustedCode without it)."""
     kinds = [spec_kind(spec) for spec in specs]
     needing = [spec for spec, kind in zip(specs, kinds, strict=True) if kind == "model"]
     if len(weights) < len(needing):
@@ -450,7 +460,7 @@ def load_members(specs: Sequence[str], weights: Sequence[str], options: Override
         if kind == "exported":
             member = _load_exported(spec, options)
         elif kind == "student":
-            member = _from_student_record(spec, _torch_load(spec, "student.pt"), options, model_spec=None)
+            member = _from_student_record(spec, _torch_load(spec, "student.pt"), options, model_spec=None, trust_code=trust_code)
         else:
             member = _load_with_weights(spec, next(pending_weights), options)
         if options.num_classes is not None:

@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from ..offline.cache import CacheError, LocalStorage, content_ids
 from ..offline.cache.diagnostics import SoftTargetWatch
-from ..offline.cache.manifest import load_manifest, merge_label_names
+from ..offline.cache.label_names import merge_label_names
+from ..offline.cache.manifest import load_manifest
 from ..offline.cache.rng import view_seeds
 from .batcher import Batcher
 from .metrics import Metrics
@@ -90,6 +91,9 @@ class TeacherService:
         )
         self.ready = False
         self._warmup: asyncio.Task | None = None
+        # The label names of every request admitted so far, recorded or about to be: a request is
+        # checked against these, so that two admitted requests never number the classes apart.
+        self._admitted_label_names: list[str] | None = store.label_names
 
     @classmethod
     def open(cls, settings: ServeSettings, teacher: Any, api_key: str | None = None) -> TeacherService:
@@ -157,8 +161,6 @@ class TeacherService:
         batch = validate(decoded, self.spec)
         if not self.ready:
             raise ServiceUnavailable("the teacher is still warming up")
-        if batch.label_names is not None:
-            await self._label_names(batch.label_names, batch.store)
         logits, hits = await self._logits(batch)
         n = len(logits)
         self.metrics.samples.inc(n)
@@ -171,13 +173,26 @@ class TeacherService:
         parameters = {"cache_hits": hits, "cache_misses": n - hits, "temperature": batch.temperature, "stored": batch.store}
         return encode_response(self.settings.model_name, decoded.id, parameters, outputs)
 
-    async def _label_names(self, names: list[str], store: bool) -> None:
-        """Check the request's label names against the cache's, and record them (durably, in the
-        manifest) before any of its samples is answered. A conflict is a 422, like any request
-        the cache cannot take."""
+    def _check_label_names(self, batch: InferBatch) -> list[str] | None:
+        """The label names the cache will know once ``batch`` is admitted (None: no change), or
+        a 422 when they conflict with those of the requests admitted before, like any request the
+        cache cannot take. On the event loop, with no await before the batch is queued."""
+        if batch.label_names is None:
+            return None
         try:
-            if merge_label_names(self.store.label_names, names, "label_names") == self.store.label_names or not store:
-                return  # known already (every request of a push after its first), or nothing will be stored
+            merged = merge_label_names(self._admitted_label_names, batch.label_names, "label_names")
+        except CacheError as exc:
+            raise ProtocolError(422, None, str(exc)) from None
+        return merged if batch.store else None
+
+    async def _record_label_names(self, names: list[str]) -> None:
+        """Record an admitted request's label names, durably in the manifest, before any of its
+        samples is answered; nothing when the manifest has them already (every request of a push
+        after its first)."""
+        try:
+            recorded = self.store.label_names
+            if recorded is not None and merge_label_names(recorded, names, "label_names") == recorded:
+                return
             await asyncio.wrap_future(self.store.record_label_names(names))
         except CacheError as exc:
             raise ProtocolError(422, None, str(exc)) from None
@@ -203,14 +218,21 @@ class TeacherService:
             rows, hit_logits = np.full(n, -1, dtype=np.int64), None
         miss = rows < 0
         misses = int(miss.sum())
-        logits = np.empty((n, *self.store.meta.teacher_output_shape()), dtype=np.float32)
-        if misses < n:
-            logits[~miss] = hit_logits
+        # No await from the check of the label names to their claim: the request is refused
+        # (422, or 503 from a full queue) before anything of it is queued or recorded.
+        label_names = self._check_label_names(batch)
         if misses:
             if misses == n:
                 jobs = self.batcher.submit(batch.inputs, ids, labels, batch.store)
             else:
                 jobs = self.batcher.submit(batch.inputs[miss], ids[miss], labels[miss], batch.store)
+        if label_names is not None:  # admitted: claimed now, durable before the answer
+            self._admitted_label_names = label_names
+            await self._record_label_names(batch.label_names)
+        logits = np.empty((n, *self.store.meta.teacher_output_shape()), dtype=np.float32)
+        if misses < n:
+            logits[~miss] = hit_logits
+        if misses:
             results = await asyncio.gather(*(job.future for job in jobs))
             logits[miss] = results[0].logits if len(results) == 1 else np.concatenate([r.logits for r in results])
             writes = {id(r.write): r.write for r in results if r.write is not None}

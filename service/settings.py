@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ..offline.cache import CacheMeta
 from ..offline.cache.layout import parse_targets
+from ..offline.cache.trust import Origin
 
 ENV_PREFIX = "TEACHER_SERVE_"
 
@@ -90,6 +91,7 @@ class ServeSettings(BaseSettings):
     shard_samples: int = Field(65536, ge=1)
     shard_mb: float = Field(512.0, gt=0)
     access_log: bool = False
+    trust_code: bool = Field(False, description="import the code a file names: a cache's augment policy, a student.pt's arch")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     _split_lists = field_validator("teacher", "weights", mode="before")(_split)
@@ -141,7 +143,7 @@ def recorded_meta(directory: Path) -> CacheMeta | None:
     return load_manifest(storage).meta
 
 
-_FACTORY = object()  # a module:factory policy, which is code: imported only when named on the command line
+_FACTORY = object()  # a module:factory policy, which is code: imported when named on the command line, or with --trust-code
 _VIEW_SETTINGS = ("views", "augment", "view_salt")
 
 
@@ -238,7 +240,8 @@ def take_from_cache(settings: ServeSettings, meta: CacheMeta, where: str) -> tup
     given (on the command line or in the environment), and the options taken, as the log shows
     them (``--input-scale 0.00392157``). A given setting that disagrees raises CacheConflict,
     naming the option and the recorded value; the teacher itself is checked later, by its
-    fingerprint."""
+    fingerprint. A module:factory policy that the cache records is taken only with
+    ``trust_code`` (UntrustedCode without it), or when given again as ``augment``."""
     recorded, shown = _recorded(meta, len(settings.teacher))
     given = settings.model_fields_set
     update: dict[str, Any] = {}
@@ -257,10 +260,11 @@ def take_from_cache(settings: ServeSettings, meta: CacheMeta, where: str) -> tup
                 if agrees:
                     continue
             else:
-                raise CacheConflict(
-                    f"the cache {where} records the augmentation policy {shown['augment']}, which is code: "
-                    f"give --augment {shown['augment']} to import it (teacher-serve imports code only when named on its command line)"
-                )
+                instead = f"give --augment {shown[name]} (code named on the command line is trusted as given)"
+                Origin(f"the cache {where}", settings.trust_code).consent("augment policy", shown[name], instead)
+                update[name] = shown[name]
+                taken.append(f"{option} {shown[name]}")
+                continue
         elif name in given:
             if _agrees(name, getattr(settings, name), value):
                 if name != "augment":

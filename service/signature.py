@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..offline.cache import CacheError, normalize_ids
-from ..offline.cache.manifest import check_label_names
+from ..offline.cache.label_names import MAX_NAME_CHARS, MAX_TOTAL_CHARS, check_label_names
 from .protocol import HEADER_LENGTH, DecodedRequest, ProtocolError, RequestedOutput
 from .wire import BYTES, WIRE_DATATYPES, datatype_of
 
@@ -67,10 +67,11 @@ PARAMETERS = {  # JSON schemas of the request parameters; others are ignored
     "binary_data_output": {"type": "boolean"},  # read by the codec: outputs in binary unless asked otherwise
     "label_names": {
         "type": "array",
-        "items": {"type": "string", "minLength": 1},
+        "items": {"type": "string", "minLength": 1, "maxLength": MAX_NAME_CHARS},
         "uniqueItems": True,
         "description": "the name of each label index (label i is label_names[i]); recorded once in the cache's manifest, "
-        "and a request whose names conflict with the recorded ones is refused (422)",
+        "and a request whose names conflict with the recorded ones is refused (422). At most the model's class count, "
+        f"each printable (no control or bidirectional characters), {MAX_TOTAL_CHARS:,} characters in all",
     },
 }
 INPUT_NAMES = tuple(t.name for t in INPUTS)
@@ -197,12 +198,9 @@ def _label_names(raw: Any, spec: ModelSpec) -> list[str] | None:
     if raw is None:
         return None
     try:
-        names = check_label_names(raw, "label_names")
+        return check_label_names(raw, spec.num_classes, owner="the model")
     except CacheError as exc:
         raise ProtocolError(422, None, str(exc)) from None
-    if len(names) > spec.num_classes:
-        raise ProtocolError(422, "label_names", f"{len(names)} names, but the model has {spec.num_classes} classes")
-    return names
 
 
 # ---------------------------------------------------------------------------------------------

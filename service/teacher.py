@@ -222,12 +222,13 @@ def load_teacher(
     specs: Sequence[str], *, weights: Sequence[str] = (), ensemble: str = "geometric", temperature: float = 1.0,
     device: str = "auto", dtype: str = "auto", input_shape: Sequence[int] | None = None, input_dtype: str | None = None,
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None, input_scale: float | None = None,
-    num_classes: int | None = None,
+    num_classes: int | None = None, trust_code: bool = False,
 ) -> Teacher:  # fmt: skip
     """Load every member on the CPU, move it to ``device``, check it with one forward pass, and check
     that the members agree on the input contract and the classes. ``temperature`` is the serving
     temperature; ``input_shape`` is the shape of one sample, needed where no file fixes it (a
-    TeacherError asking for it has ``setting == "input_shape"``)."""
+    TeacherError asking for it has ``setting == "input_shape"``). ``trust_code``: import the
+    module:factory arch that a student.pt names (``--trust-code``); without it UntrustedCode."""
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
@@ -245,7 +246,7 @@ def load_teacher(
         normalize=(tuple(normalize[0]), tuple(normalize[1])) if normalize is not None else None, input_scale=input_scale,
         num_classes=num_classes,
     )  # fmt: skip
-    members = [member.on_device(resolved_device) for member in load_members(specs, weights, options)]
+    members = [member.on_device(resolved_device) for member in load_members(specs, weights, options, trust_code)]
     return Teacher(
         members, combiner_for(len(members), ensemble, temperature), serving_temperature=temperature,
         device=resolved_device, compute_dtype=compute_dtype,

@@ -116,9 +116,9 @@ def test_the_service_records_label_names_before_answering_and_refuses_a_conflict
                 (["dog", "cat"], [0], "label 0 is named 'dog', but the cache's label_names name it 'cat' (0=cat, 1=dog, 2=eel)"),
                 (["cat", "dog", "fox"], [0], "label 2 is named 'fox', but the cache's label_names name it 'eel'"),
                 (["a", "b", "c", "d", "e"], [0], "label_names: 5 names, but the model has 4 classes"),
-                (["cat", "cat"], [0], "label_names names 'cat' more than once"),
-                (["cat", ""], [0], "label_names must be a list of non-empty strings"),
-                ("cat", [0], "label_names must be a list of non-empty strings"),
+                (["cat", "cat"], [0], "label_names: names 'cat' more than once (names 0 and 1)"),
+                (["cat", ""], [0], "label_names: must be a list of non-empty strings: name 1 is empty"),
+                ("cat", [0], "label_names: must be a list of non-empty strings, got str"),
                 (["cat", "dog"], [2], "label: value 2 has no name: label_names names 2 labels"),
             ):
                 for binary in (True, False):

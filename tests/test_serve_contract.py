@@ -161,14 +161,19 @@ def test_a_given_setting_that_disagrees_with_the_cache_is_refused_naming_both(ex
         take_from_cache(settings_of(*extra[2:]), META, "c/")
 
 
-def test_a_policy_of_ones_own_is_never_imported_from_the_cache():
+def test_a_policy_of_ones_own_is_imported_from_the_cache_only_with_trust_code():
+    """Without --trust-code it is refused (tests/test_trust.py has the rest); given again with
+    --augment it is trusted as given."""
+    from kdcache.offline.cache.trust import UntrustedCode
+
     meta = CacheMeta(
         "f" * 64, "t.pt2", CLASSES, SHAPE, "uint8", views_per_id=2, augment={"name": "mine.views:crop", "params": {}, "version": 1}
     )
     with pytest.raises(
-        CacheConflict, match=r"records the augmentation policy mine\.views:crop, which is code: give --augment mine\.views:crop"
+        UntrustedCode, match=r"the cache c/ names code to import: the augment policy mine\.views:crop \(module mine\.views\)"
     ):
         take_from_cache(settings_of(), meta, "c/")
+    assert take_from_cache(settings_of("--trust-code"), meta, "c/")[0].augment == "mine.views:crop"
 
 
 @pytest.mark.parametrize("scale", ["1/255", "0.00392156862745098", " 1 / 255 "])

@@ -46,6 +46,7 @@ The package, one module per job (docs/architecture.md):
     writer         CacheWriter
     faults         the named crash points of the crash trials
     transfer_set   the .npz files clients push
+    trust          consent before code: the one place a module:factory named by a string is imported
 
 It imports neither FastAPI nor any teacher code: the service and the trainer both import it.
 """

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract import FORMAT_NAME, SCHEMA_VERSION, CacheError, CacheMeta
+from .label_names import check_label_names
 from .storage import Storage
 
 MANIFEST_NAME = "manifest.json"
@@ -72,41 +73,14 @@ class Manifest:
     etag: str | None  # the version read, for put_if_match; the sha256 of the manifest's bytes
     provenance: dict[str, Any] | None = None
     label_names: list[str] | None = None
+    # Why the manifest's label_names were set aside (load_manifest(report_bad_label_names=True)).
+    label_names_problem: str | None = None
 
 
-def check_label_names(names: Any, where: str) -> list[str]:
-    """``names`` as a list of distinct non-empty strings, or a CacheError naming ``where``."""
-    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
-        raise CacheError(f"{where}: label_names must be a list of non-empty strings, got {names!r:.200}")
-    if len(set(names)) != len(names):
-        duplicate = next(name for i, name in enumerate(names) if name in names[:i])
-        raise CacheError(f"{where}: label_names names {duplicate!r} more than once")
-    return names
-
-
-def merge_label_names(recorded: list[str] | None, given: list[str], where: str) -> list[str]:
-    """The names that agree with both ``recorded`` and ``given``: they agree when every label
-    index they both name has the same name, so one may extend the other (a source that lacks the
-    last classes). A CacheError names the first index that differs."""
-    if recorded is None:
-        return given
-    for index, (old, new) in enumerate(zip(recorded, given, strict=False)):
-        if old != new:
-            raise CacheError(
-                f"{where}: label {index} is named {new!r}, but the cache's label_names name it {old!r} "
-                f"({describe_label_names(recorded)}): the two sources number their classes differently"
-            )
-    return given if len(given) > len(recorded) else recorded
-
-
-def describe_label_names(names: list[str], limit: int = 10) -> str:
-    """``0=cat, 1=dog, …``: the first ``limit`` names with their indices, and how many more."""
-    shown = ", ".join(f"{index}={name}" for index, name in enumerate(names[:limit]))
-    return shown + (f", … ({len(names) - limit} more, {len(names)} in all)" if len(names) > limit else "")
-
-
-def load_manifest(storage: Storage) -> Manifest:
-    """The manifest, checked; a CacheError naming the file when it is missing or malformed."""
+def load_manifest(storage: Storage, *, report_bad_label_names: bool = False) -> Manifest:
+    """The manifest, checked; a CacheError naming the file when it is missing or malformed.
+    With ``report_bad_label_names``, label names that break the rules (label_names.py) are set
+    aside and described in ``label_names_problem`` instead (``cache-inspect`` shows the rest)."""
     where = storage.where(MANIFEST_NAME)
     try:
         raw_bytes = storage.read_bytes(MANIFEST_NAME)
@@ -144,10 +118,15 @@ def load_manifest(storage: Storage) -> Manifest:
     provenance = manifest.get("provenance")
     if provenance is not None and not isinstance(provenance, dict):
         raise CacheError(f"{where}: provenance must be a JSON object, got {type(provenance).__name__}")
-    label_names = manifest.get("label_names")
+    label_names, label_names_problem = manifest.get("label_names"), None
     if label_names is not None:
-        check_label_names(label_names, where)
-    return Manifest(meta, shards, hashlib.sha256(raw_bytes).hexdigest(), provenance, label_names)
+        try:
+            check_label_names(label_names, meta.num_classes, where)
+        except CacheError as exc:
+            if not report_bad_label_names:
+                raise
+            label_names, label_names_problem = None, str(exc)
+    return Manifest(meta, shards, hashlib.sha256(raw_bytes).hexdigest(), provenance, label_names, label_names_problem)
 
 
 def manifest_bytes(

@@ -52,7 +52,9 @@ class CacheReader:
 
     Opening checks each listed shard's size and HDF5 structure against the manifest (cheap);
     ``verify()`` also checks the sha256 checksums. With ``skip_corrupt`` a bad shard is dropped
-    and recorded in ``skipped`` instead of raising.
+    and recorded in ``skipped`` instead of raising; with ``report_bad_label_names`` the manifest's
+    label names, when they break the rules (label_names.py), are described in
+    ``label_names_problem`` instead of raising (``cache-inspect`` shows what it can).
 
     The cheap checks cannot see damage that keeps a shard's size (flipped or zeroed bytes): such
     a shard opens, and its rows read as garbage, fail in HDF5 (a ``CacheError``), or, when the
@@ -70,14 +72,16 @@ class CacheReader:
         check_files: bool = True,
         verify_checksums: bool = False,
         progress: Any = None,
+        report_bad_label_names: bool = False,
     ) -> None:
         self.storage = open_storage(directory)
         self.directory = Path(self.storage.location)
-        manifest = load_manifest(self.storage)
+        manifest = load_manifest(self.storage, report_bad_label_names=report_bad_label_names)
         self.meta = manifest.meta
         self.manifest_sha256 = manifest.etag  # of the manifest this reader opened
         self.provenance = manifest.provenance
         self.label_names = manifest.label_names  # label i is label_names[i]; None when the manifest names none
+        self.label_names_problem = manifest.label_names_problem  # why they were set aside (report_bad_label_names)
         self.skipped: list[tuple[str, str]] = []
         self.shards: list[ShardInfo] = []
         for info in manifest.shards:

@@ -77,6 +77,7 @@ import numpy as np
 
 from .contract import CacheError
 from .ids import content_ids
+from .label_names import check_label_names
 from .manifest import MANIFEST_NAME
 from .transfer_set import read_transfer_set
 
@@ -605,6 +606,7 @@ class ImageFolderSource(_ImageDecoding, Source):
         self.files = [entry for entry, kept in zip(files, keep, strict=True) if kept]
 
     def _class_labels(self, folders: list[str]) -> dict[str, int]:
+        _check_class_names(folders, f"{self.path}: class folders")
         given = self.options.label_names
         if given is None:
             self.label_names = list(folders)
@@ -748,7 +750,7 @@ class _ColumnarSource(_ImageDecoding, Source):
         feature = features.get(self.columns.label) if self.columns.label else None
         if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel" or not isinstance(feature.get("names"), list):
             return None
-        own = [str(name) for name in feature["names"]]
+        own = _check_class_names(feature["names"], f"{self.path}: ClassLabel names of label column {self.columns.label!r}")
         given = self.options.label_names
         if given is None:
             self.label_names = own
@@ -834,6 +836,15 @@ class _ColumnarSource(_ImageDecoding, Source):
                 if payload is None:
                     payload = _Decoded(None, reason=f"input column {name!r} is null")
                 yield ids[r], int(labels[r]), where, payload
+
+
+def _check_class_names(names: list[Any], where: str) -> list[str]:
+    """A source's own class names, checked as the cache's label names are (label_names.py): a
+    name that repeats would map two classes to one label."""
+    try:
+        return check_label_names(names, None, where)
+    except CacheError as exc:
+        raise SourceError(str(exc)) from None
 
 
 def _names_text(names: Sequence[str]) -> str:

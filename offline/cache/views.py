@@ -21,11 +21,13 @@ sample and its seed alone (not from the batch around it, nor from a global RNG),
 whatever device the inputs are on, and return the inputs' shape and dtype. Draw randomness from
 ``philox``. Give the callable a ``version`` attribute (default 1) and change it whenever its
 views change: the manifest records it. ``check_policy`` tests the contract on a small batch.
+
+A ``module:factory`` read from a cache's manifest is code named inside a file: ``parse_policy``
+imports it only when its ``origin`` says the user passed ``--trust-code`` (``trust``).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,6 +36,8 @@ import numpy as np
 import torch
 
 from .rng import VIEW_SEED_PERSON, below, keyed_seeds, philox, philox4x32, uniform24, uniform53, view_seeds
+from .trust import COMMAND_LINE, Origin, import_factory
+from .trust import describe_error as _one_line
 
 __all__ = [
     "VIEW_SEED_PERSON",
@@ -231,11 +235,13 @@ class FactoryPolicy(AugmentPolicy):
 BUILT_IN = "none, random-crop:P, random-crop-flip:P, random-resized-crop"
 
 
-def parse_policy(spec: str | Mapping[str, Any] | None) -> AugmentPolicy:
+def parse_policy(spec: str | Mapping[str, Any] | None, origin: Origin = COMMAND_LINE) -> AugmentPolicy:
     """A policy from its spec (``random-crop:3``, ``pkg.mod:factory``, ``none`` or None) or
-    from a manifest's ``describe()`` record, which must name a version this code knows."""
+    from a manifest's ``describe()`` record, which must name a version this code knows.
+    ``origin``: where the spec was read; a ``module:factory`` from a file the user has not
+    trusted raises UntrustedCode before anything is imported."""
     if isinstance(spec, Mapping):
-        return _from_record(spec)
+        return _from_record(spec, origin)
     text = "none" if spec is None else str(spec).strip()
     name, sep, argument = text.partition(":")
     if name in ("", "none") and not sep:
@@ -256,18 +262,11 @@ def parse_policy(spec: str | Mapping[str, Any] | None) -> AugmentPolicy:
         return RandomResizedCrop()
     if not (sep and name and argument) or "-" in name or name == "none":
         raise PolicyError(f"unknown augmentation policy {text!r}; built-in: {BUILT_IN}; or give module:factory")
-    return _from_factory(text, name, argument)
+    return _from_factory(text, argument, origin)
 
 
-def _from_factory(spec: str, module_name: str, attr: str) -> AugmentPolicy:
-    try:
-        factory: Any = importlib.import_module(module_name)
-    except Exception as exc:  # a user module can fail in any way on import
-        raise PolicyError(f"{spec}: cannot import {module_name} ({_one_line(exc)})") from None
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-    if not callable(factory):
-        raise PolicyError(f"{spec}: {module_name} has no callable {attr!r}")
+def _from_factory(spec: str, attr: str, origin: Origin) -> AugmentPolicy:
+    factory = import_factory(spec, what="augment policy", origin=origin, error=PolicyError)
     try:
         function = factory()
     except Exception as exc:
@@ -277,20 +276,14 @@ def _from_factory(spec: str, module_name: str, attr: str) -> AugmentPolicy:
     return FactoryPolicy(spec, function)
 
 
-def _from_record(record: Mapping[str, Any]) -> AugmentPolicy:
+def _from_record(record: Mapping[str, Any], origin: Origin) -> AugmentPolicy:
     params = dict(record.get("params") or {})
     name = str(record.get("name", ""))
     crop = name in ("random-crop", "random-crop-flip")
-    policy = parse_policy(f"{name}:{params.get('padding', '')}" if crop else name)
+    policy = parse_policy(f"{name}:{params.get('padding', '')}" if crop else name, origin)
     if policy.describe() != {"name": name, "params": params, "version": int(record.get("version", 1))}:
         raise PolicyError(f"the cache's augmentation policy {dict(record)} does not match what {name!r} is here ({policy.describe()})")
     return policy
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    text = text[:297] + "..." if len(text) > 300 else text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def check_policy(policy: AugmentPolicy, input_shape: Sequence[int], input_dtype: Any, device: str | torch.device = "cpu") -> None:

@@ -22,17 +22,8 @@ from . import faults
 from .contract import FORMAT_NAME, WRITER_FIELDS, CacheError, CacheMeta
 from .ids import normalize_ids
 from .keys import RowIndex
-from .manifest import (
-    MANIFEST_NAME,
-    SHARD_PATTERN,
-    ShardInfo,
-    check_label_names,
-    load_manifest,
-    manifest_bytes,
-    merge_label_names,
-    now,
-    shard_name,
-)
+from .label_names import check_label_names, merge_label_names
+from .manifest import MANIFEST_NAME, SHARD_PATTERN, ShardInfo, load_manifest, manifest_bytes, now, shard_name
 from .reader import open_storage, read_rows
 from .rng import draw_seeds, view_seeds
 from .shard import STRING_DTYPE, ShardHandle, decode_ids, encode_attrs, read_shard_meta
@@ -180,10 +171,7 @@ class CacheWriter:
         return True
 
     def _checked_label_names(self, names: Any) -> list[str]:
-        names = check_label_names(list(names) if isinstance(names, tuple) else names, "label_names")
-        if len(names) > self.meta.num_classes:
-            raise CacheError(f"label_names: {len(names)} names, but the cache has {self.meta.num_classes} classes")
-        return names
+        return check_label_names(names, self.meta.num_classes)
 
     def read_logits(self, rows: np.ndarray) -> np.ndarray:
         """The stored targets of global ``rows`` (from ``lookup``), decoded by the layout into
