@@ -284,7 +284,9 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
 
                 total = CacheReader(args.directory, check_files=False, report_bad_label_names=True).total_bytes
                 with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=args.json, file=sys.stderr) as bar:
-                    reader = CacheReader(args.directory, skip_corrupt=True, verify_checksums=True, progress=bar, report_bad_label_names=True)
+                    reader = CacheReader(
+                        args.directory, skip_corrupt=True, verify_checksums=True, progress=bar, report_bad_label_names=True
+                    )
             else:
                 reader = CacheReader(args.directory, report_bad_label_names=True)  # damaged label names: shown below, the rest too
             summary = inspect_summary(reader)  # reads a sample of rows: damage in them is found here

@@ -7,7 +7,9 @@ SRC's with the target layout, the logits dtype and (for ``sampled:N``) the draws
 record and serving temperature are kept, and the manifest's ``provenance`` says where the rows
 came from. SRC is read block by block, one shard at a time, and each source shard becomes one
 shard of DST. The new cache is written into a hidden sibling directory of DST and renamed onto
-DST at the end: DST holds the whole conversion or nothing, whatever happens on the way.
+DST at the end: DST holds the whole conversion or nothing, whatever happens on the way. The
+staging directory's name holds the host and process id, so that the next run removes one that a
+``kill -9`` left behind.
 
 ``convert_cache`` is the component; ``main`` parses arguments and turns errors into one line.
 """
@@ -17,9 +19,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -82,7 +86,17 @@ def target_meta(source: CacheMeta, where: str, targets: str, logits_dtype: str |
 
 
 def check_destination(source: Path, destination: Path) -> None:
-    """DST must be new or an empty directory, in an existing directory, outside SRC."""
+    """DST must be new or an empty directory, in an existing directory, outside SRC, and neither
+    the current directory nor an ancestor of it or of SRC: the finished cache is renamed onto
+    DST, which cannot be done to a directory in use (``.`` converted everything, then failed)."""
+    resolved = destination.resolve()
+    if destination.name in ("", ".", "..") or resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise UsageError(
+            f"{destination}: the current directory or one of its ancestors, which the converted cache cannot be renamed onto; "
+            "DST must be a new or an empty directory, e.g. ./converted"
+        )
+    if resolved in source.resolve().parents:
+        raise UsageError(f"{destination}: holds SRC {source}; DST must be a new or an empty directory outside it")
     if destination.is_symlink() or (destination.exists() and not destination.is_dir()):
         raise UsageError(f"{destination}: exists and is not a directory; DST must be a new or an empty directory")
     if destination.is_dir() and any(destination.iterdir()):
@@ -161,13 +175,45 @@ def append_block(writer: CacheWriter, source: CacheMeta, where: str, rows: dict[
 
 
 def staging_directory(destination: Path) -> Path:
-    """A new hidden sibling of DST, made like any directory (the umask applies)."""
+    """A new hidden sibling of DST, made like any directory (the umask applies), named
+    ``.DST.convert-HOST-PID-TOKEN`` so that a later run can tell whether its writer still runs."""
     parent = destination.absolute().parent
     while True:
-        staging = parent / f".{destination.name}.convert-{secrets.token_hex(4)}"
+        staging = parent / f".{destination.name}.convert-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         with contextlib.suppress(FileExistsError):
             staging.mkdir()
             return staging
+
+
+STAGING = re.compile(r"\.convert-(?:(?P<host>.+)-(?P<pid>\d+)-)?[0-9a-f]{8}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_stale_staging(destination: Path) -> None:
+    """Remove the staging directories of DST that a killed run left (``kill -9`` skips the
+    clean-up; one held 162 MB): those of this host whose process is gone. Others (a run still
+    going, another host's, one named before the names held a process id) are named in a warning."""
+    parent, prefix = destination.absolute().parent, f".{destination.name}"
+    for entry in sorted(parent.iterdir()):
+        match = STAGING.fullmatch(entry.name[len(prefix) :]) if entry.name.startswith(prefix) else None
+        if match is None or entry.is_symlink() or not entry.is_dir():
+            continue
+        pid = match["pid"]
+        if match["host"] == socket.gethostname() and pid is not None and not _running(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            print(f"{PROG}: removed {entry}, left by a conversion into {destination} that was stopped (process {pid})", file=sys.stderr)
+        else:
+            owner = f"process {pid} on {match['host']}" if pid is not None else "an earlier run"
+            print(f"{PROG}: warning: {entry} is a staging directory of {owner}; remove it if no conversion is running", file=sys.stderr)
 
 
 def convert_cache(
@@ -194,6 +240,7 @@ def convert_cache(
     if not 0 <= seed < 1 << 64:
         raise UsageError(f"--seed must be in [0, 2**64), got {seed}")
     check_destination(src, dst)
+    clear_stale_staging(dst)
     # The manifest alone first, so that a conversion that cannot work (K >= C, a sparse SRC) is
     # refused before the checksums are read.
     target_meta(CacheReader(src, check_files=False).meta, str(src), targets, logits_dtype, seed)

@@ -27,6 +27,12 @@ last record (records are appended by one thread, in order), and that record was 
 acknowledged, since acknowledgement waits for the fsync; replay stops there and the torn tail
 is cut off.
 
+When a group fills the open shard, the shard is published mid-group and the journal then holds
+the published rows and the few that began the next shard. ``Journal.keep_last`` rewrites it to
+hold only those (a new file, fsynced, renamed over the journal), so that the next shard fills
+up too: publishing the few rows to empty the journal would follow every full shard with a
+splinter (``[256, 4, 256, 35, ...]``, issue 20).
+
 Readers of the cache (``offline-distill``) never read the journal: its samples are not in the
 cache until the service, restarted, folds them into a published shard. ``cache-inspect``
 counts the journal's samples that no published shard holds yet (``unpublished``).
@@ -45,8 +51,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .cache import CacheError, CacheMeta
+from .cache.storage import fsync_path
 
 JOURNAL_NAME = ".journal"
+COMPACTING_NAME = ".journal.compacting"  # keep_last's new journal, before it is renamed over the old
 MAGIC = b"KDJ1"
 _HEAD = struct.Struct("<4sIQ")
 _LEN = struct.Struct("<I")
@@ -151,19 +159,24 @@ def unpublished(directory: Path, meta: CacheMeta, published_ids: Iterable[np.nda
 
 class Journal:
     """Append-only, owned by one thread. ``append`` buffers nothing: each record is one
-    ``write``; ``sync`` makes everything written so far durable."""
+    ``write``; ``sync`` makes everything written so far durable. It knows where each record it
+    appended starts, so that ``keep_last`` can drop the samples published since."""
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / JOURNAL_NAME
+        (self.path.parent / COMPACTING_NAME).unlink(missing_ok=True)  # a keep_last a crash cut short
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.bytes = os.fstat(self._fd).st_size
         self.samples = 0
+        self._records: list[tuple[int, int]] = []  # (offset, samples) of each record appended
+        self._untracked = self.bytes > 0  # records written before this object: not in _records
 
     def append(self, record: bytes, samples: int) -> None:
         view = memoryview(record)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+        self._records.append((self.bytes, samples))
         self.bytes += len(record)
         self.samples += samples
 
@@ -175,8 +188,53 @@ class Journal:
         os.ftruncate(self._fd, length)
         os.fsync(self._fd)
         self.bytes = length
+        self._records = [(offset, n) for offset, n in self._records if offset < length]
+        self.samples = sum(n for _, n in self._records)
         if length == 0:
-            self.samples = 0
+            self._untracked = False
+
+    def keep_last(self, meta: CacheMeta, samples: int) -> bool:
+        """Rewrite the journal to hold only its last ``samples`` samples, durably: a new file,
+        fsynced and renamed over the journal, so that a crash leaves the old journal (whose
+        replay skips the ids already published) or the new one. Returns False, changing
+        nothing, when the journal holds records this object did not append."""
+        if self._untracked or not 0 < samples <= self.samples:
+            return False
+        skip = self.samples - samples
+        first = 0
+        while skip >= self._records[first][1]:
+            skip -= self._records[first][1]
+            first += 1
+        start = self._records[first][0]
+        with open(self.path, "rb") as journal:
+            journal.seek(start)
+            tail = memoryview(journal.read(self.bytes - start))
+        _, _, length = _HEAD.unpack_from(tail, 0)
+        end = _HEAD.size + length
+        if skip:
+            record = _decode_payload(meta, tail[_HEAD.size : end])
+            head = encode_record(meta, record.ids[skip:], record.inputs[skip:], record.teacher_logits[skip:], record.labels[skip:])
+        else:
+            head = bytes(tail[:end])
+        compacting = self.path.parent / COMPACTING_NAME
+        with open(compacting, "wb") as new:
+            new.write(head)
+            new.write(tail[end:])
+            new.flush()
+            os.fsync(new.fileno())
+        fd = os.open(compacting, os.O_WRONLY | os.O_APPEND)  # before the rename: appends never go to the old file
+        try:
+            os.replace(compacting, self.path)
+        except OSError:
+            os.close(fd)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        shift = len(head) - end - start
+        self._records = [(0, self._records[first][1] - skip)] + [(offset + shift, n) for offset, n in self._records[first + 1 :]]
+        self.bytes, self.samples = len(head) + len(tail) - end, samples
+        fsync_path(self.path.parent)
+        return True
 
     def close(self) -> None:
         if self._fd >= 0:

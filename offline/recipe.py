@@ -27,8 +27,8 @@ WARMUP_SHARE = 0.05  # of all steps, for warmup-cosine: a linear ramp from 0
 class RecipeRule:
     """How a recipe is made from a cache's sample count."""
 
-    lr: float = 3e-3
-    steps: int = 3000
+    lr: float = 1e-2
+    steps: int = 6000
     min_epochs: int = 10
     max_epochs: int = 200
     batch_size: int = 64

@@ -11,8 +11,10 @@ Every cache operation of the service goes through ``CacheStore``'s single thread
   (``CacheWriter.record_label_names``); the future resolves once the manifest holding them is
   durable, or fails with ``CacheError`` when they conflict with the recorded ones.
 
-Whenever everything in the journal is in published shards, the journal is emptied. On start,
-the journal a crash left behind is replayed into the cache and published first.
+Whenever everything in the journal is in published shards, the journal is emptied; when a group
+fills a shard and begins the next, the journal is cut down to the rows of the new open shard
+(``Journal.keep_last``), so every shard but the last fills up. On start, the journal a crash left
+behind is replayed into the cache and published first.
 
 Errors: a full disk fails the writes of that group with ``StoreError`` (status 507) and the
 service goes on; it recovers as soon as space is freed. Usually the free-space check refuses
@@ -283,9 +285,14 @@ class CacheStore:
     def _checkpoint(self) -> None:
         if self.journal.bytes == 0:
             return
-        if self.writer.pending_rows == 0:
+        pending = self.writer.pending_rows
+        if pending == 0:
             self.journal.truncate(0)  # a shard rolled over exactly at a batch boundary
-        elif self.journal.samples >= self.writer.capacity:
+        elif self.journal.samples > pending and not self.journal.keep_last(self.meta, pending):
+            # A shard was published in this group: the journal keeps only the open shard's rows
+            # (keep_last), which go on filling it. Publishing them instead left a splinter after
+            # every full shard (issue 20); that stays the fallback for a journal this store did
+            # not write.
             self.writer.flush_shard()
             self.journal.truncate(0)
 

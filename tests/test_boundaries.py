@@ -60,11 +60,11 @@ def test_the_trainer_never_imports_the_service_or_a_web_framework():
 def test_the_cache_contract_needs_no_h5py():
     """The contract, ids, layouts and storage need no HDF5: a client (teacher-push) can use them
     without it, and importing the package does not load h5py until a reader or writer is used."""
-    for name in ("contract", "ids", "keys", "layout", "rng", "storage", "manifest", "faults", "transfer_set", "diagnostics"):
+    for name in ("contract", "ids", "keys", "layout", "rng", "storage", "manifest", "label_names", "faults", "transfer_set", "diagnostics"):
         path = ROOT / "offline" / "cache" / f"{name}.py"
         used = imported_modules(path)
         assert "h5py" not in used, f"{path.relative_to(ROOT)} imports h5py"
-    for name in ("ids", "keys", "layout", "rng", "diagnostics"):  # and no torch: the format's arithmetic is numpy
+    for name in ("ids", "keys", "layout", "rng", "diagnostics", "label_names"):  # and no torch: the format's arithmetic is numpy
         path = ROOT / "offline" / "cache" / f"{name}.py"
         assert "torch" not in imported_modules(path), f"{path.relative_to(ROOT)} imports torch"
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -315,3 +318,53 @@ def test_the_label_names_are_kept(tmp_path):
         writer.append(data["ids"], data["inputs"], data["logits"], data["labels"])
     assert run(tmp_path / "named", tmp_path / "top", "--targets", "topk:2") == 0
     assert CacheReader(tmp_path / "top").label_names == names
+
+
+def test_a_staging_directory_left_by_kill_9_is_removed_at_the_next_run(source, tmp_path, capsys):
+    """Issue 20: a killed run left its hidden staging directory (162 MB) and nothing removed it.
+    Its name now holds the host and process id; the next run removes it once that process is
+    gone, and names (never removes) one whose writer may still run."""
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, pathlib; from kdcache.offline import convert;"
+         "staging = convert.staging_directory(pathlib.Path('dst'));"
+         "(staging / 'shard-000000.h5').write_bytes(bytes(4096)); print(staging.name, flush=True);"
+         "os.kill(os.getpid(), 9)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    stale = tmp_path / killed.stdout.strip()
+    assert stale.is_dir() and leftovers(tmp_path, "dst") == [stale.name]
+    running = convert.staging_directory(tmp_path / "dst")  # this process's: still running
+    legacy = tmp_path / ".dst.convert-0123abcd"  # named before the names held a process id
+    legacy.mkdir()
+
+    assert run(source["dir"], tmp_path / "dst", "--targets", "topk:2") == 0
+    err = capsys.readouterr().err
+    assert f"cache-convert: removed {stale}, left by a conversion into {tmp_path / 'dst'} that was stopped (process " in err, err
+    assert f"warning: {running} is a staging directory of process {os.getpid()} on " in err
+    assert f"warning: {legacy} is a staging directory of an earlier run; remove it if no conversion is running" in err
+    assert not stale.exists() and running.is_dir() and legacy.is_dir()
+    assert leftovers(tmp_path, "dst") == sorted(["dst", running.name, legacy.name])
+    assert CacheReader(tmp_path / "dst").num_samples == ROWS
+
+
+@pytest.mark.parametrize("where", ["cwd", "parent", "holds-src"])
+def test_dst_cannot_be_the_current_directory_an_ancestor_or_hold_src(source, tmp_path, monkeypatch, capsys, where):
+    """Issue 20: DST ``.`` (empty) converted everything, then failed to rename onto it. Now it is
+    refused in one line before SRC is read."""
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    src = source["dir"]
+    if where == "holds-src":
+        src = tmp_path / "outer" / "cache"
+        shutil.copytree(source["dir"], src)
+    dst = {"cwd": ".", "parent": "..", "holds-src": str(tmp_path / "outer")}[where]
+    read = []
+    monkeypatch.setattr(convert, "CacheReader", lambda *a, **k: read.append(a) or CacheReader(*a, **k))
+    assert run(src, dst, "--targets", "topk:2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cache-convert: error: {dst}: ") and err.count("\n") == 1, err
+    expected = "holds SRC" if where == "holds-src" else "the current directory or one of its ancestors"
+    assert expected in err and read == [], err
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["here"] and list(work.iterdir()) == []

@@ -35,9 +35,8 @@ from conftest import BIN, small_float_teacher
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kdcache.offline.cache import CacheError, CacheMeta, CacheReader, CacheWriter, LocalStorage
+from kdcache.offline.cache import CacheError, CacheMeta, CacheReader, CacheWriter
 from kdcache.offline.cache.label_names import MAX_NAME_CHARS, MAX_TOTAL_CHARS, check_label_names, describe_label_names, printable
-from kdcache.offline.cache.manifest import load_manifest
 from kdcache.offline.cache.sources import SampleSpec, SourceError, open_source
 from kdcache.offline.cli import distill_main, inspect_main
 from kdcache.service.app import create_app
@@ -62,7 +61,8 @@ BROKEN = [
     pytest.param(["cat", "\u202eevil"], "name 1 ('\\u202eevil') holds the bidirectional control U+202E", id="bidi-override"),
     pytest.param(["a\u2066b"], "name 0 ('a\\u2066b') holds the bidirectional control U+2066", id="bidi-isolate"),
     pytest.param(["a\u2028b"], "name 0 ('a\\u2028b') holds the line separator U+2028", id="line-separator"),
-    pytest.param(["x" * (MAX_NAME_CHARS + 1)], f"name 0 has {MAX_NAME_CHARS + 1} characters; the limit is {MAX_NAME_CHARS}", id="too-long"),
+    pytest.param(["a", "b\u2029"], "name 1 ('b\\u2029') holds the paragraph separator U+2029", id="paragraph-separator"),
+    pytest.param(["ok", "x" * 300, "y" * 400], f"name 1 has 300 characters; the limit is {MAX_NAME_CHARS}", id="too-long"),
     pytest.param(["dog", "dog"], "names 'dog' more than once (names 0 and 1)", id="duplicate"),
     pytest.param(["a", "b", "c", "d"], "4 names, but the cache has 3 classes", id="more-than-classes"),
     pytest.param(["cat", ""], "must be a list of non-empty strings: name 1 is empty", id="empty"),
@@ -222,7 +222,11 @@ def test_a_request_refused_with_503_records_no_label_names(tmp_path, teacher_pt)
 
     async def body():
         # 8 samples fill the queue; max_batch 2: a request of 8 leaves jobs queued behind the gate.
-        async with serving(cache, teacher_pt, gated=True, max_batch=2, max_queue_mb=8 * sample_bytes / (1 << 20)) as (service, client, gated):
+        async with serving(cache, teacher_pt, gated=True, max_batch=2, max_queue_mb=8 * sample_bytes / (1 << 20)) as (
+            service,
+            client,
+            gated,
+        ):
             assert (await client.post(INFER, content=infer_body(["warm"]), headers=JSON_HEADERS)).status_code == 200
             gated.gate.clear()
             gated.entered.clear()
@@ -232,7 +236,9 @@ def test_a_request_refused_with_503_records_no_label_names(tmp_path, teacher_pt)
             before = (cache / "manifest.json").read_bytes()
             for store in (True, False):
                 refused_ids = [f"r{i}" for i in range(8)]
-                refused = await client.post(INFER, content=infer_body(refused_ids, json.dumps(["cat", "dog"]), store=store), headers=JSON_HEADERS)
+                refused = await client.post(
+                    INFER, content=infer_body(refused_ids, json.dumps(["cat", "dog"]), store=store), headers=JSON_HEADERS
+                )
                 assert refused.status_code == 503 and "queue is full" in refused.json()["error"], refused.text
             assert (cache / "manifest.json").read_bytes() == before and service.store.label_names is None
             gated.gate.set()
@@ -357,7 +363,9 @@ def test_a_damaged_manifest_is_one_line_from_each_command_and_nothing_raw_reache
 
     trained = subprocess.run([*distill, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr
-    assert "teacher mlp\\x1b[31m\\x0aforged: line\\u202e 000000000000" in trained.stdout and "labels: 0=cat, 1=dog, 2=eel\n" in trained.stdout
+    assert (
+        "teacher mlp\\x1b[31m\\x0aforged: line\\u202e 000000000000" in trained.stdout and "labels: 0=cat, 1=dog, 2=eel\n" in trained.stdout
+    )
     inspected = subprocess.run([str(BIN / "cache-inspect"), str(cache)], capture_output=True, text=True, timeout=120)
     assert inspected.returncode == 0 and "teacher          mlp\\x1b[31m\\x0aforged: line\\u202e  " in inspected.stdout
     for output in (trained.stdout + trained.stderr, inspected.stdout + inspected.stderr):
@@ -366,7 +374,9 @@ def test_a_damaged_manifest_is_one_line_from_each_command_and_nothing_raw_reache
     damage_label_names(cache, '["\\ud800x", "dog\\u001b[2J\\nforged"]')
     inspected = subprocess.run([str(BIN / "cache-inspect"), str(cache)], capture_output=True, text=True, timeout=120)
     assert inspected.returncode == 1 and "classes          3\n" in inspected.stdout
-    assert inspected.stderr.count("\n") == 1 and "manifest.json: label_names: name 0 ('\\ud800x') holds a lone surrogate" in inspected.stderr
+    assert (
+        inspected.stderr.count("\n") == 1 and "manifest.json: label_names: name 0 ('\\ud800x') holds a lone surrogate" in inspected.stderr
+    )
     refused = subprocess.run([*distill, "--out", str(tmp_path / "run2")], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "manifest.json: label_names: name 0 ('\\ud800x') holds a lone surrogate U+D800" in refused.stderr
@@ -516,7 +526,9 @@ def test_done_when_3_60000_names_with_one_duplicate_are_refused_at_once_while_he
             huge = infer_body(["y"], json.dumps([c * 5_000_000 for c in "abcdefghij"]))
             with health.during() as latencies:
                 refused = client.post(INFER, content=huge, headers=JSON_HEADERS)
-            assert refused.status_code == 422 and refused.json()["error"] == "label_names: name 0 has 5,000,000 characters; the limit is 256"
+            assert (
+                refused.status_code == 422 and refused.json()["error"] == "label_names: name 0 has 5,000,000 characters; the limit is 256"
+            )
             print(f"health during the 50 MB request: up to {max(latencies) * 1000:.0f} ms over {len(latencies)} probes")
             assert client.get("/v2/models/teacher").json()["parameters"]["label_names"] is None
         assert server.stop() == 0
@@ -533,6 +545,21 @@ VOCABULARY = ["cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay", "koi", "l
 # characters() leaves them out), controls, bidirectional controls, separators, a BOM, an emoji.
 SPECIALS = "\ud800\udbff\udc00\udfff\x00\x1b\n\r\t\x7f\x85\x9f\u061c\u200e\u200f\u202a\u202e\u2066\u2069\u2028\u2029\ufeff\U0001f408 "
 FUZZ_CI_EXAMPLES = 30
+# Sent before the drawn cases: each rule broken once, on a cache that records no names yet.
+SEEDS = [
+    ["\ud800x"],
+    ["cat", "dog", "\udfff"],
+    ["cat\x1b[31m"],
+    ["a\nforged"],
+    ["\u202eevil"],
+    ["x" * (MAX_NAME_CHARS + 1)],
+    ["dog", "dog"],
+    VOCABULARY[: FUZZ_CLASSES + 1],
+    [f"n{i}" for i in range(59_999)] + ["n0"],
+    ["cat", ""],
+    "cat",
+    [1],
+]
 FUZZ_SOAK_EXAMPLES = int(os.environ.get("KD_FUZZ_EXAMPLES", "2000"))
 
 
@@ -600,31 +627,59 @@ def test_fuzzing_label_names_on_a_live_server(tmp_path, examples):
     teacher = small_float_teacher(tmp_path, SHAPE, FUZZ_CLASSES)[1]
     cache = tmp_path / "cache"
     statuses: dict[int, int] = {}
-    state = {"recorded": None, "case": 0, "probes": 0}
+    state = {"recorded": None, "case": 0, "probes": 0, "slow": 0}
     with ServeProcess(["--teacher", str(teacher), "--cache", str(cache), "--device", "cpu"], tmp_path / "serve.log") as server:
         server.wait_ready()
         with HealthProbe(server.url) as health, httpx.Client(base_url=server.url, timeout=60) as client:
 
-            @settings(max_examples=examples, derandomize=examples == FUZZ_CI_EXAMPLES, database=None, deadline=None, suppress_health_check=list(HealthCheck))
-            @given(value=st.one_of(st.none(), label_names_values()), store=st.booleans())
-            def fuzz(value, store):
+            def send(value, store: bool) -> None:
                 state["case"] += 1
                 body = infer_body([f"case-{state['case']}"], json.dumps(value), store=store)  # ensure_ascii: lone surrogates as escapes
-                with health.during() as latencies:
-                    answer = client.post(INFER, content=body, headers=JSON_HEADERS)
-                statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
                 status, state["recorded"] = expected_answer(value, state["recorded"], store)
-                assert answer.status_code == status, f"{answer.status_code} {answer.text[:300]}"
-                assert not latencies or max(latencies) < 0.1, f"health answered in {max(latencies) * 1000:.0f} ms"
-                state["probes"] += len(latencies)
+                slow = []
+                # The same request again is answered the same (a hit, names already recorded), so a
+                # slow probe is asked twice more: a request that holds the loop is slow every time,
+                # a busy machine (2 shared cores here) rarely three times in a row.
+                for _ in range(3):
+                    with health.during() as latencies:
+                        answer = client.post(INFER, content=body, headers=JSON_HEADERS)
+                    assert answer.status_code == status, f"{answer.status_code} {answer.text[:300]}"
+                    state["probes"] += len(latencies)
+                    if not latencies or max(latencies) < 0.1:
+                        break
+                    slow.append(max(latencies))
+                else:
+                    raise AssertionError(f"health answered in {', '.join(f'{s * 1000:.0f}' for s in slow)} ms")
+                state["slow"] += len(slow)
+                statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
                 metadata = client.get("/v2/models/teacher")
                 assert metadata.status_code == 200 and metadata.json()["parameters"]["label_names"] == state["recorded"]
                 code, output = inspect_in_a_strict_terminal(cache)
                 assert code == 0, output
+
+            for value in SEEDS:  # every rule once, whatever hypothesis draws
+                send(value, True)
+
+            @settings(
+                max_examples=examples,
+                derandomize=examples == FUZZ_CI_EXAMPLES,
+                database=None,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(data=st.data(), store=st.booleans())
+            def fuzz(data, store):
+                # Names that agree with those recorded so far (a prefix, or an extension), so that
+                # requests keep being accepted after the first numbering is recorded.
+                agreeing = (state["recorded"] or []) + [name for name in VOCABULARY if name not in (state["recorded"] or [])]
+                value = data.draw(st.one_of(st.none(), label_names_values(), st.integers(0, FUZZ_CLASSES).map(lambda k: agreeing[:k])))
+                send(value, store)
 
             fuzz()
         assert server.stop() == 0
     assert "Traceback" not in server.output()
     assert state["probes"] > 0 and all(status in (200, 422) for status in statuses), statuses
     assert statuses.get(200) and statuses.get(422), statuses
-    print(f"label_names fuzzing: {state['case']} cases, statuses {statuses}, {state['probes']} health probes during them")
+    print(
+        f"label_names fuzzing: {state['case']} cases, statuses {statuses}, {state['probes']} health probes during them, {state['slow']} over 100 ms (each case asked again)"
+    )

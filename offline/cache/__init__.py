@@ -41,6 +41,7 @@ The package, one module per job (docs/architecture.md):
     keys           RowIndex: id -> global row (numpy only)
     storage        Storage and LocalStorage: list, open, atomic put, put_if_match, lease
     manifest       manifest.json and ShardInfo
+    label_names    the rules every label name obeys (check_label_names), and printable() for the terminal
     shard          one HDF5 shard: attributes, metadata checks, ShardHandle
     reader         CacheReader
     writer         CacheWriter

@@ -52,7 +52,7 @@ def _kind(character: str) -> str:
     if 0xD800 <= code <= 0xDFFF:
         return f"a lone surrogate U+{code:04X} (not valid Unicode)"
     if code in (0x2028, 0x2029):
-        return f"the line separator U+{code:04X}"
+        return f"the {'line' if code == 0x2028 else 'paragraph'} separator U+{code:04X}"
     if code < 0x20 or 0x7F <= code <= 0x9F:
         return f"the control character U+{code:04X}"
     return f"the bidirectional control U+{code:04X}"
@@ -73,10 +73,9 @@ def check_label_names(names: Any, num_classes: int | None, where: str = "", *, o
             got = "empty" if isinstance(name, str) else f"not a string ({type(name).__name__})"
             raise LabelNamesError(where, f"must be a list of non-empty strings: name {index} is {got}")
     lengths = [len(name) for name in names]
-    longest = max(lengths, default=0)
-    if longest > MAX_NAME_CHARS:
-        index = lengths.index(longest)
-        raise LabelNamesError(where, f"name {index} has {longest:,} characters; the limit is {MAX_NAME_CHARS}")
+    if max(lengths, default=0) > MAX_NAME_CHARS:
+        index = next(i for i, length in enumerate(lengths) if length > MAX_NAME_CHARS)
+        raise LabelNamesError(where, f"name {index} has {lengths[index]:,} characters; the limit is {MAX_NAME_CHARS}")
     total = sum(lengths)
     if total > MAX_TOTAL_CHARS:
         raise LabelNamesError(where, f"{total:,} characters in all; the limit is {MAX_TOTAL_CHARS:,}")

@@ -65,6 +65,8 @@ import json
 import math
 import os
 import sys
+import threading
+import warnings
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -88,6 +90,9 @@ INPUT_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels")
 ID_COLUMNS = ("id",)
 INSTALL_HINT = "pip install -e '.[data]' in a checkout (pip install 'kdcache[data]' where kdcache comes from a package index)"
+# Pixels an image may decode into: below Pillow's own limit (89.5 MP warns, twice that refuses),
+# which lets a 97 KB PNG of 10,000 x 10,000 through to take 100 MB per copy.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class SourceError(CacheError):
@@ -142,6 +147,7 @@ class SourceOptions:
     workers: int | None = None
     warn: Callable[[str], None] = _warn_stderr
     label_names: tuple[str, ...] | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 class Source(ABC):
