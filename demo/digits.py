@@ -305,7 +305,7 @@ def plot_curves(arms: dict[str, dict[str, Any]], teacher_accuracy: float, path: 
         curves = np.asarray(arm["curves"], dtype=np.float64)
         epochs = np.arange(1, curves.shape[1] + 1)
         mean = curves.mean(axis=0)
-        ax.plot(epochs, mean, marker="o", markersize=3, label=f"{ARMS[key]}: {arm['mean']:.3f}")
+        ax.plot(epochs, mean, marker="o" if len(epochs) <= 40 else None, markersize=3, label=f"{ARMS[key]}: {arm['mean']:.3f}")
         if len(curves) > 1:
             std = curves.std(axis=0, ddof=1)
             ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from ..offline.cache import CacheError, normalize_ids, read_transfer_set
 from ..offline.cache.label_names import merge_label_names
-from ..offline.cache.sources import ON_ERROR, RESIZE_MODES, SampleSpec, Source, fit_inputs, open_source
+from ..offline.cache.sources import DEFAULT_MAX_PIXELS, ON_ERROR, RESIZE_MODES, SampleSpec, Source, fit_inputs, open_source
+from ..offline.cache.transfer_set import DEFAULT_MAX_NPZ_MB
 from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request, numpy_dtype
 
 RETRY_STATUSES = (429, 503)
@@ -470,10 +471,14 @@ def push_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=ON_ERROR, default=None, help="a bad item (an image that does not decode, a label out "
                    "of range): stop at it (the default) or skip it and name it in the summary")  # fmt: skip
     p.add_argument("--workers", type=_positive_int, default=None, help="image-decoding threads (default: the CPU count)")
+    p.add_argument("--max-pixels", type=_positive_int, default=None, help="images: the most pixels one may decode into, read from "
+                   f"its header; a larger one is a bad item (default: {DEFAULT_MAX_PIXELS:,}, below Pillow's own 89 million)")  # fmt: skip
+    p.add_argument("--max-npz-mb", type=_positive_int, default=DEFAULT_MAX_NPZ_MB, help="an .npz is read whole: the most MiB "
+                   f"its inputs, labels or ids may take (default: {DEFAULT_MAX_NPZ_MB}; an .npy is memory-mapped instead)")  # fmt: skip
     return p
 
 
-SOURCE_OPTIONS = ("resize", "input_column", "label_column", "id_column", "on_error", "workers")
+SOURCE_OPTIONS = ("resize", "input_column", "label_column", "id_column", "on_error", "workers", "max_pixels")
 
 
 def open_push_source(client: TeacherClient, args: argparse.Namespace) -> Source:
@@ -509,7 +514,7 @@ def push_main(argv: Sequence[str] | None = None) -> int:
             given = [f"--{name.replace('_', '-')}" for name in SOURCE_OPTIONS if getattr(args, name) is not None]
             if given:
                 raise ClientError(f"{' '.join(given)}: an .npz is read whole (inputs, labels, ids); these options are for other sources")
-            transfer = read_transfer_set(args.data)
+            transfer = read_transfer_set(args.data, max_bytes=args.max_npz_mb << 20)
         elif not Path(args.data).exists():  # before asking the server for the model's metadata
             raise CacheError(f"{args.data}: no such file or directory")
         with TeacherClient(args.url, args.model, api_key=api_key, timeout=args.timeout, max_retries=args.max_retries) as client:

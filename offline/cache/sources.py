@@ -333,9 +333,31 @@ def _import_pyarrow() -> Any:
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
+class PixelBudget:
+    """The pixels being decoded at once by a source's threads, at most ``limit`` (an image alone
+    may take it all): N threads on N images near the pixel limit would otherwise hold N of them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self.held == 0 or self.held + pixels <= self.limit)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= pixels
+                self._changed.notify_all()
+
+
 @dataclass(frozen=True)
 class ImageLayout:
-    """How a decoded image becomes one sample: channels, height, width, and the resize mode."""
+    """How a decoded image becomes one sample: channels, height, width, the resize mode, and the
+    most pixels an image may decode into (checked from its header, before it is decoded)."""
 
     channels: int
     height: int
@@ -343,9 +365,11 @@ class ImageLayout:
     channel_axis: bool
     resize: str
     dtype: np.dtype
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    budget: PixelBudget = field(default_factory=lambda: PixelBudget(DEFAULT_MAX_PIXELS), compare=False, repr=False)
 
     @classmethod
-    def from_spec(cls, spec: SampleSpec, resize: str, path: Path) -> ImageLayout:
+    def from_spec(cls, spec: SampleSpec, resize: str, path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageLayout:
         shape = spec.input_shape
         if len(shape) == 2:
             channels, (height, width), axis = 1, shape, False
@@ -359,7 +383,13 @@ class ImageLayout:
         dtype = np.dtype(spec.input_dtype)
         if dtype.kind == "b" or (dtype.kind in "iu" and np.iinfo(dtype).max < 255):
             raise SourceError(f"{path}: holds images, but the teacher's input dtype {dtype} cannot hold pixel values 0..255")
-        return cls(channels, height, width, axis, resize, dtype)
+        if max_pixels < height * width:
+            raise SourceError(f"{path}: max_pixels {max_pixels:,} is below the teacher's own {width}x{height} images")
+        if max_pixels <= _import_pil().MAX_IMAGE_PIXELS:
+            # Pillow warns (once per process, on stderr) about images past its own limit; this
+            # layout refuses them by its lower one, naming each.
+            warnings.filterwarnings("ignore", category=_import_pil().DecompressionBombWarning)
+        return cls(channels, height, width, axis, resize, dtype, max_pixels, PixelBudget(max_pixels))
 
     def convert(self, image: Any) -> tuple[np.ndarray, str | None]:
         """The sample, and "gray" or "color" when the image had to change its channels."""
@@ -405,12 +435,22 @@ class _Decoded:
 
 def _decode(layout: ImageLayout, payload: bytes | Path) -> _Decoded:
     """One image file or encoded image, decoded and converted; a failure is a reason, not an
-    exception, so that the consumer can stop at it in file order or skip it."""
+    exception, so that the consumer can stop at it in file order or skip it. Opening reads only
+    the header: a JPEG is then set to decode at the smallest of 1/8, 1/4, 1/2 or full scale that
+    still covers the teacher's size (``draft``), and an image that would still decode into more
+    than ``layout.max_pixels`` is refused before any of its pixels are."""
     Image = _import_pil()
     try:
         with Image.open(io.BytesIO(payload) if isinstance(payload, bytes) else payload) as image:
-            image.load()
-            sample, changed = layout.convert(image)
+            if image.format == "JPEG":
+                image.draft(None, (layout.width, layout.height))
+            width, height = image.size
+            if width * height > layout.max_pixels:
+                reason = f"{width}x{height} is {width * height:,} pixels, over the limit of {layout.max_pixels:,} (--max-pixels)"
+                return _Decoded(None, reason=reason)
+            with layout.budget.hold(width * height):
+                image.load()
+                sample, changed = layout.convert(image)
         return _Decoded(sample, changed)
     except Image.UnidentifiedImageError:
         return _Decoded(None, reason="not an image Pillow can read")
@@ -441,7 +481,7 @@ class _ImageDecoding:
 
     def _init_images(self: Any) -> None:
         _import_pil()  # missing, it is named when the source opens, not at its first image
-        self.layout = ImageLayout.from_spec(self.spec, self.options.resize, self.path)
+        self.layout = ImageLayout.from_spec(self.spec, self.options.resize, self.path, self.options.max_pixels)
         self.workers = self.options.workers or os.cpu_count() or 1
 
     def _image_chunks(
@@ -578,8 +618,9 @@ class ImageFolderSource(_ImageDecoding, Source):
         super().__init__(path, spec, options)
         self._column_options_unused()
         self._init_images()
-        top_images = sorted(p.name for p in path.iterdir() if p.is_file() and _is_image_file(p))
-        folders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        listing = _Listing.of(path)
+        top_images = [name for name, _ in listing.files if "/" not in name and _is_image_file(Path(name))]
+        folders = listing.folders
         if top_images and folders:
             raise SourceError(
                 f"{path}: has both images at the top ({top_images[0]}, ...) and sub-folders ({folders[0]}, ...); "
@@ -587,23 +628,21 @@ class ImageFolderSource(_ImageDecoding, Source):
             )
         files: list[tuple[str, int]] = []  # (relative path, label)
         others: list[str] = []
-        if folders:
-            labels = self._class_labels(folders)
-            for folder in folders:
-                for file in _walk(path / folder):
-                    relative = file.relative_to(path).as_posix()
-                    if _is_image_file(file):
-                        files.append((relative, labels[folder]))
-                    else:
-                        others.append(relative)
-        else:
-            for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
-                if _is_image_file(file):
-                    files.append((file.name, -1))
-                else:
-                    others.append(file.name)
+        labels = self._class_labels(folders) if folders else {}
+        for relative, file in listing.files:
+            folder = relative.split("/")[0] if "/" in relative else None
+            if folders and folder is None:
+                continue  # beside the class folders: not part of the set
+            if not _is_image_file(file):
+                others.append(relative)
+            elif not _is_text(relative):
+                self._bad(_printable(relative), repr(os.fsencode(file)), NOT_UTF8)
+            else:
+                files.append((relative, labels[folder] if folder is not None else -1))
+        listing.warn_left_out(options.warn)
         if others:
-            options.warn(f"{path}: left out {len(others)} file(s) that are not {', '.join(IMAGE_SUFFIXES)} (first: {others[0]})")
+            first = _printable(others[0])
+            options.warn(f"{path}: left out {len(others)} file(s) that are not {', '.join(IMAGE_SUFFIXES)} (first: {first})")
         if not files:
             raise SourceError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
         labels = np.array([label for _, label in files], dtype=np.int64)
@@ -612,6 +651,9 @@ class ImageFolderSource(_ImageDecoding, Source):
         self.files = [entry for entry, kept in zip(files, keep, strict=True) if kept]
 
     def _class_labels(self, folders: list[str]) -> dict[str, int]:
+        untext = [name for name in folders if not _is_text(name)]
+        if untext:  # class names are label names, which are text: no skipping a class
+            raise SourceError(f"{self.path}: class folder {os.fsencode(untext[0])!r}: the name is not UTF-8, and class names must be text")
         _check_class_names(folders, f"{self.path}: class folders")
         given = self.options.label_names
         if given is None:
@@ -632,16 +674,110 @@ class ImageFolderSource(_ImageDecoding, Source):
         return self._image_chunks(entries, batch_size)
 
 
-def _files_under(folder: Path) -> Iterator[Path]:
-    """The files under ``folder`` in no order, hidden files and folders left out."""
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        yield from (Path(root) / name for name in names if not name.startswith("."))
+NOT_UTF8 = "the file name is not UTF-8, and ids are text"
 
 
-def _walk(folder: Path) -> list[Path]:
-    """``_files_under(folder)``, sorted by relative POSIX path."""
-    return sorted(_files_under(folder), key=lambda p: p.relative_to(folder).as_posix())
+def _is_text(name: str) -> bool:
+    """Whether a name from the file system is text: on POSIX a name whose bytes are not UTF-8
+    comes back holding lone surrogates (``os.fsdecode``), which no id, JSON or HDF5 string takes."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """A file-system name as text, bytes that are not UTF-8 written as ``\\xe9``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _scan(folder: Path, follow_links: bool = False) -> Iterator[tuple[str, str, Path]]:
+    """``(what, relative POSIX path, path)`` for what ``folder`` holds, depth first in name order,
+    hidden files and folders left out: ``"file"`` (a regular file), ``"link"`` (a symbolic link:
+    not followed, so no link leads out of the folder or round in a loop) and ``"again"`` (a
+    folder reached before, through a bind mount: not entered twice). ``follow_links``: links are
+    taken as what they lead to instead (a folder reached before is still not entered again, and
+    a link that leads nowhere is a ``"link"``)."""
+    root = folder.stat()
+    seen = {(root.st_dev, root.st_ino)}
+    pending: list[tuple[Path, str]] = [(folder, "")]
+    while pending:
+        directory, prefix = pending.pop()
+        try:
+            with os.scandir(directory) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as exc:
+            raise SourceError(f"{_printable(str(directory))}: cannot list it ({exc.strerror})") from None
+        below: list[tuple[Path, str]] = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            relative, path = prefix + entry.name, Path(entry.path)
+            if entry.is_symlink() and not (follow_links and os.path.exists(path)):
+                yield "link", relative, path
+            elif entry.is_dir(follow_symlinks=follow_links):
+                status = entry.stat(follow_symlinks=follow_links)
+                if (status.st_dev, status.st_ino) in seen:
+                    yield "again", relative, path
+                else:
+                    seen.add((status.st_dev, status.st_ino))
+                    below.append((path, relative + "/"))
+            elif entry.is_file(follow_symlinks=follow_links):
+                yield "file", relative, path
+        pending.extend(reversed(below))
+
+
+@dataclass
+class _Listing:
+    """A folder's regular files, sorted by relative POSIX path, each real file once (a hard link
+    to a file listed already is left out), its sub-folders, and what was left out: symbolic links
+    (never followed; a link to a file inside the folder adds nothing, the file is listed under
+    its own path) and folders or files reached a second time."""
+
+    folder: Path
+    files: list[tuple[str, Path]]
+    folders: list[str]
+    links: list[tuple[str, Path]]
+    again: list[str]
+
+    @classmethod
+    def of(cls, folder: Path, follow_links: bool = False) -> _Listing:
+        files, links, again = [], [], []
+        for what, relative, path in _scan(folder, follow_links):
+            if what == "file":
+                files.append((relative, path))
+            elif what == "link":
+                links.append((relative, path))
+            else:
+                again.append(relative)
+        files.sort(key=lambda entry: entry[0])
+        seen: set[tuple[int, int]] = set()
+        unique = []
+        for relative, path in files:
+            status = path.stat()  # what a followed link leads to
+            if (status.st_nlink > 1 or follow_links) and (status.st_dev, status.st_ino) in seen:
+                again.append(relative)
+                continue
+            seen.add((status.st_dev, status.st_ino))
+            unique.append((relative, path))
+        with os.scandir(folder) as scan:
+            folders = sorted(e.name for e in scan if not e.name.startswith(".") and e.is_dir(follow_symlinks=False))
+        return cls(folder, unique, folders, links, again)
+
+    def warn_left_out(self, warn: Callable[[str], None]) -> None:
+        if self.links:
+            relative, path = self.links[0]
+            target = _printable(os.fsdecode(os.readlink(path)))
+            warn(f"{self.folder}: left out {len(self.links)} symbolic link(s) (first: {_printable(relative)} -> {target})")
+        if self.again:
+            first = _printable(self.again[0])
+            warn(f"{self.folder}: left out {len(self.again)} folder(s) or file(s) reached a second time (first: {first})")
+
+
+def _files_under(folder: Path, follow_links: bool = False) -> Iterator[Path]:
+    """The regular files under ``folder`` in no order, as ``_scan`` finds them."""
+    return (path for what, _, path in _scan(folder, follow_links) if what == "file")
 
 
 def _is_image_file(path: Path) -> bool:
@@ -876,14 +1012,19 @@ def _is_list(pa: Any, arrow_type: Any) -> bool:
 
 
 def _list_values(pa: Any, column: Any, spec: SampleSpec, where: str, first_row: int) -> tuple[np.ndarray, np.ndarray]:
-    """A column of (nested) lists of numbers as [N, ...], and which rows are not null. Nested
-    lists of equal lengths keep their shape, which must fit the spec as an array's would
-    (``fit_shape``); a flat list (or ragged nesting) is reshaped to the input shape when it holds
-    the right count of numbers. Null rows come back as zeros."""
+    """A column of (nested) lists of numbers as [N, ...], and which rows are not null. A flat list
+    is reshaped to the input shape when it holds the right count of numbers. Nested lists keep
+    their shape, which must fit the spec as an array's would (``fit_shape``): every list of a
+    level, in every row, has the same length (inner lists that only add up to the right count
+    are refused). Sizes are read from the Arrow offsets before any number is converted. Null
+    rows come back as zeros."""
     n = len(column)
     filled = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     bounds = np.arange(n + 1, dtype=np.int64)  # row r spans [bounds[r], bounds[r + 1]) of the current level
-    sizes: list[int | None] = []  # the length of every list at each level, if they are equal
+    sizes: list[int] = []  # the length of every list at each level
+    depth, inner = 0, column.type
+    while _is_list(pa, _storage_type(inner)):
+        depth, inner = depth + 1, _storage_type(inner).value_type
     values = column
     while _is_list(pa, values.type):
         if pa.types.is_fixed_size_list(values.type):
@@ -892,16 +1033,24 @@ def _list_values(pa: Any, column: Any, spec: SampleSpec, where: str, first_row: 
             values = values.values.slice(values.offset * size, len(values) * size)
         else:
             offsets = values.offsets.to_numpy().astype(np.int64)  # of this (possibly sliced) array
-            lengths = np.diff(offsets)[filled] if not sizes else np.diff(offsets)
-            size = int(lengths[0]) if len(lengths) and (lengths == lengths[0]).all() else None
+            lengths = np.diff(offsets)
+            # the lists of this level that belong to rows that are not null
+            owned = np.repeat(filled, np.diff(bounds)) if sizes else filled
+            size = int(lengths[owned][0]) if owned.any() else 0
+            if depth > 1:
+                uneven = np.flatnonzero(owned & (lengths != size))
+                if len(uneven):
+                    row = int(np.searchsorted(bounds, uneven[0], side="right") - 1)
+                    raise SourceError(
+                        f"{where}: row {first_row + row} holds nested lists of uneven lengths ({int(lengths[uneven[0]])} where "
+                        f"the first holds {size}); nested lists must have the teacher's input shape {_shape_text(spec.input_shape)}"
+                    )
             bounds = offsets[bounds] - offsets[0]
             values = values.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
         sizes.append(size)
         values = _storage(pa, values)
     if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_boolean(values.type)):
         raise SourceError(f"{where}: holds lists of {values.type}, expected numbers")
-    if values.null_count:
-        raise SourceError(f"{where}: holds null numbers inside its arrays")
     need = math.prod(spec.input_shape)
     counts = np.diff(bounds)
     wrong = np.flatnonzero(filled & (counts != need))
@@ -910,12 +1059,17 @@ def _list_values(pa: Any, column: Any, spec: SampleSpec, where: str, first_row: 
         raise SourceError(
             f"{where}: row {first_row + row} holds {int(counts[row])} numbers, the teacher's input shape {_shape_text(spec.input_shape)} needs {need}"
         )
+    if values.null_count:
+        raise SourceError(f"{where}: holds null numbers inside its arrays")
+    nested = depth > 1 and filled.any()
+    if nested:
+        fit_shape(np.empty((0, *sizes)), spec, where)  # the nested shape, before any number is converted
     flat = values.to_numpy(zero_copy_only=False)
     rows = np.zeros((n, need), dtype=flat.dtype)
     starts = bounds[:-1][filled]
     rows[filled] = flat[starts[:, None] + np.arange(need)]
-    if len(sizes) > 1 and all(size is not None for size in sizes) and math.prod(sizes) == need:  # type: ignore[arg-type]
-        return fit_shape(rows.reshape(n, *sizes), spec, where), filled  # type: ignore[arg-type]
+    if nested:
+        return fit_shape(rows.reshape(n, *sizes), spec, where), filled
     return rows.reshape(n, *spec.input_shape), filled
 
 
@@ -930,12 +1084,24 @@ class ParquetSource(_ColumnarSource):
     def detect(cls, path: Path) -> bool:
         if path.is_file():
             return path.suffix.lower() == ".parquet"
-        return path.is_dir() and not _is_cache(path) and any(p.suffix.lower() == ".parquet" for p in _files_under(path))
+        return path.is_dir() and not _is_cache(path) and any(p.suffix.lower() == ".parquet" for p in _files_under(path, True))
 
     def _files(self) -> list[Path]:
+        """The folder's ``.parquet`` files, links followed (a Hugging Face hub snapshot links
+        each to a blob beside it) but each folder entered and each file read once."""
         if self.path.is_file():
             return [self.path]
-        return [p for p in _walk(self.path) if p.suffix.lower() == ".parquet"]
+        listing = _Listing.of(self.path, follow_links=True)
+        listing.warn_left_out(self.options.warn)
+        files = []
+        for relative, path in listing.files:
+            if path.suffix.lower() != ".parquet":
+                continue
+            if _is_text(relative):
+                files.append(path)
+            else:
+                self._bad(_printable(relative), repr(os.fsencode(path)), f"{NOT_UTF8} (its rows are left out)")
+        return files
 
     def _metadata(self, file: Path) -> Any:
         try:
@@ -949,7 +1115,30 @@ class ParquetSource(_ColumnarSource):
     def _file_rows(self, file: Path) -> int:
         return self._metadata(file).num_rows
 
+    def _check_row_groups(self, file: Path) -> None:
+        """Refuse, before pyarrow decodes any of it, a row group whose input column holds more
+        numbers than its rows can: run-length encoding fits 100 million zeros in one row of a
+        654-byte file, which pyarrow would decode whole (with two 16-bit levels per number) only
+        for the row's count to be refused after. The counts come from the file's metadata; each
+        row's own count is checked again from the decoded offsets (``_list_values``)."""
+        if self.columns.encoded:
+            return
+        metadata, name = self._metadata(file), self.columns.input
+        need = max(1, math.prod(self.spec.input_shape))
+        paths = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
+        leaves = [i for i, path in enumerate(paths) if path == name or path.startswith(f"{name}.")]
+        for index in range(metadata.num_row_groups):
+            group = metadata.row_group(index)
+            for leaf in leaves:
+                numbers = group.column(leaf).num_values
+                if numbers > group.num_rows * need:
+                    raise SourceError(
+                        f"{file}: row group {index} holds {numbers:,} numbers in input column {name!r} for {group.num_rows:,} row(s); "
+                        f"the teacher's input shape {_shape_text(self.spec.input_shape)} takes {need:,} a row (refused before reading it)"
+                    )
+
     def _record_batches(self, file: Path, columns: list[str], batch_size: int) -> Iterator[Any]:
+        self._check_row_groups(file)
         try:
             with self.pa.parquet.ParquetFile(file) as parquet:
                 yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
@@ -986,9 +1175,13 @@ class HFDatasetSource(_ColumnarSource):
         state_path = self.path / "state.json"
         try:
             state = json.loads(state_path.read_text())
-            return [self.path / entry["filename"] for entry in state["_data_files"]]
+            names = [str(entry["filename"]) for entry in state["_data_files"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SourceError(f"{state_path}: not a datasets state file ({type(exc).__name__}: {exc})") from None
+        outside = [name for name in names if Path(name).is_absolute() or ".." in Path(name).parts]
+        if outside:  # save_to_disk names files beside state.json; the file is data, not a path to follow
+            raise SourceError(f"{state_path}: data file {outside[0]!r} lies outside {self.path}")
+        return [self.path / name for name in names]
 
     def _read_arrow(self, file: Path) -> Iterator[Any]:
         """The schema, then every record batch of one Arrow file (stream format, as ``datasets``
@@ -1057,6 +1250,7 @@ def open_source(
     workers: int | None = None,
     warn: Callable[[str], None] = _warn_stderr,
     label_names: Sequence[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Source:
     """Open the transfer set at ``path`` as the first kind in ``SOURCE_KINDS`` that detects it.
 
@@ -1065,7 +1259,9 @@ def open_source(
     another kind they are an error. ``on_error``: ``"stop"`` or ``"skip"`` bad items.
     ``workers``: image-decoding threads (default: the CPU count). ``warn`` receives each warning
     (default: printed to stderr). ``label_names``: the class names labels must index (e.g. those a
-    cache recorded); sources that name their classes are mapped through them.
+    cache recorded); sources that name their classes are mapped through them. ``max_pixels``:
+    the most pixels an image may decode into (a JPEG at the reduced scale it is decoded at);
+    checked from the header, a larger image is a bad item.
     """
     path = Path(path)
     if resize not in RESIZE_MODES:
@@ -1074,6 +1270,8 @@ def open_source(
         raise SourceError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     if workers is not None and workers < 1:
         raise SourceError(f"workers must be at least 1, got {workers}")
+    if max_pixels < 1:
+        raise SourceError(f"max_pixels must be at least 1, got {max_pixels}")
     if not path.exists():
         raise SourceError(f"{path}: no such file or directory")
     if path.is_dir() and _is_cache(path):
@@ -1087,6 +1285,7 @@ def open_source(
     options = SourceOptions(
         resize=resize, input_column=input_column, label_column=label_column, id_column=id_column, on_error=on_error,
         workers=workers, warn=warn, label_names=None if label_names is None else tuple(str(n) for n in label_names),
+        max_pixels=max_pixels,
     )  # fmt: skip
     return kind(path, spec, options)
 

@@ -54,9 +54,7 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, ma
         return np.lib.format.read_array(member, allow_pickle=False)
 
 
-def read_transfer_set(
-    path: str | os.PathLike[str], *, max_bytes: int | None = DEFAULT_MAX_NPZ_MB << 20
-) -> dict[str, np.ndarray]:
+def read_transfer_set(path: str | os.PathLike[str], *, max_bytes: int | None = DEFAULT_MAX_NPZ_MB << 20) -> dict[str, np.ndarray]:
     """Load ``inputs`` (required), ``labels`` and ``ids`` (optional) from an ``.npz`` file; each
     must need at most ``max_bytes`` (None: no bound). Other members are not read."""
     path = Path(path)
