@@ -32,6 +32,7 @@ from ..offline.cache import CacheError, normalize_ids, read_transfer_set
 from ..offline.cache.label_names import merge_label_names
 from ..offline.cache.sources import DEFAULT_MAX_PIXELS, ON_ERROR, RESIZE_MODES, SampleSpec, Source, fit_inputs, open_source
 from ..offline.cache.transfer_set import DEFAULT_MAX_NPZ_MB
+from ..offline.malloc import return_large_blocks
 from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request, numpy_dtype
 
 RETRY_STATUSES = (429, 503)
@@ -472,7 +473,7 @@ def push_parser() -> argparse.ArgumentParser:
                    "of range): stop at it (the default) or skip it and name it in the summary")  # fmt: skip
     p.add_argument("--workers", type=_positive_int, default=None, help="image-decoding threads (default: the CPU count)")
     p.add_argument("--max-pixels", type=_positive_int, default=None, help="images: the most pixels one may decode into, read from "
-                   f"its header; a larger one is a bad item (default: {DEFAULT_MAX_PIXELS:,}, below Pillow's own 89 million)")  # fmt: skip
+                   f"its header (a JPEG's at the scale it decodes at); a larger one is a bad item (default: {DEFAULT_MAX_PIXELS:,})")  # fmt: skip
     p.add_argument("--max-npz-mb", type=_positive_int, default=DEFAULT_MAX_NPZ_MB, help="an .npz is read whole: the most MiB "
                    f"its inputs, labels or ids may take (default: {DEFAULT_MAX_NPZ_MB}; an .npy is memory-mapped instead)")  # fmt: skip
     return p
@@ -496,6 +497,7 @@ def push_main(argv: Sequence[str] | None = None) -> int:
     from .cli import run_cli
 
     args = push_parser().parse_args(argv)
+    return_large_blocks()  # a decoding thread keeps no image's memory once done with it
 
     def body() -> int:
         api_key = None

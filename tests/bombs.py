@@ -12,17 +12,18 @@ from pathlib import Path
 import numpy as np
 
 
-def png_bomb(path: Path, side: int = 10_000) -> Path:
-    """A grayscale PNG of ``side`` x ``side`` black pixels: 100 megapixels in about 97 KB, under
-    Pillow's hard limit (2 x 89 MP). The rows are compressed as they are made."""
+def png_bomb(path: Path, width: int = 10_000, height: int | None = None, channels: int = 1) -> Path:
+    """A PNG of ``width`` x ``height`` (default: square) black pixels, grayscale or (``channels=4``)
+    RGBA: 100 megapixels in about 97 KB, under Pillow's hard limit (2 x 89 MP). The rows are
+    compressed as they are made."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    deflate, row = zlib.compressobj(9), bytes(side + 1)  # filter byte 0, then the row
-    pieces = [deflate.compress(row) for _ in range(side)]
-    data = b"".join(pieces) + deflate.flush()
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    height = height or width
+    deflate, row = zlib.compressobj(9), bytes(width * channels + 1)  # filter byte 0, then the row
+    data = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, {1: 0, 4: 6}[channels], 0, 0, 0)  # 8 bits a channel
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
     return path
 

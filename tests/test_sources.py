@@ -1,4 +1,4 @@
-"""Transfer-set sources (offline/cache/sources.py) on real files: image folders written with
+"""Transfer-set sources (offline/cache/sources/) on real files: image folders written with
 Pillow, Parquet written with pyarrow, a directory written by Hugging Face ``datasets``, .npy and
 .npz; and ``offline-distill --eval`` on an image folder."""
 
@@ -194,14 +194,14 @@ def test_the_image_pipeline_reads_a_bounded_window_ahead(tmp_path, monkeypatch):
         Image.new("RGB", (8, 8), (i, i, i)).save(root / f"{i:03d}.png")
     started = []
     lock = threading.Lock()
-    decode = sources._decode
+    decode = sources.images._decode
 
     def counting(layout, payload):
         with lock:
             started.append(payload)
         return decode(layout, payload)
 
-    monkeypatch.setattr(sources, "_decode", counting)
+    monkeypatch.setattr(sources.images, "_decode", counting)
     batches = open_source(root, RGB10, workers=2).batches(4)
     first = next(batches)
     time.sleep(0.2)  # the pool works on what it was given while the caller holds the batch
