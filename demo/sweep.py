@@ -83,6 +83,10 @@ def sweep_parser() -> argparse.ArgumentParser:
         "--prior", nargs="+", metavar="FILE",
         help="JSON written by earlier runs (--json): their scored rules count in each cell's best recipe for the test",
     )  # fmt: skip
+    p.add_argument(
+        "--teacher", action="append", metavar="PROBLEM=ARCH:EPOCHS",
+        help=f"another teacher for a problem, e.g. digit-pairs=cnn-large:5 (default: {', '.join(f'{k}={a}:{e}' for k, (a, e) in TEACHERS.items())})",
+    )  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="write every run and the verdicts to FILE")
     return p
 
@@ -95,12 +99,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 # Problems, teachers and caches
 
 
-def prepare(problem: Problem, root: Path) -> dict[str, Any]:
+def prepare(problem: Problem, root: Path, teacher: tuple[str, int] | None = None) -> dict[str, Any]:
     """Train the problem's teacher on its train split, write its cache and the eval sets."""
     from ..offline.cache import CacheMeta, CacheWriter, Preprocessing
     from ..offline.models import weights_fingerprint
 
-    arch, epochs = TEACHERS[problem.name]
+    arch, epochs = teacher or TEACHERS[problem.name]
     x, y = problem.splits["train"]
     started = time.perf_counter()
     teacher = demo.train_teacher(x, y, arch, epochs, num_classes=problem.classes, input_scale=problem.input_scale)
@@ -361,8 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kd-sweep-") as tmp:
         root = Path(tmp)
         prepared = {}
+        teachers = {}
+        for item in args.teacher or []:
+            name, _, spec = item.partition("=")
+            arch, _, epochs = spec.partition(":")
+            if name not in PROBLEMS or not arch or not epochs.isdigit():
+                raise SystemExit(f"--teacher {item}: expected PROBLEM=ARCH:EPOCHS with PROBLEM one of {', '.join(PROBLEMS)}")
+            teachers[name] = (arch, int(epochs))
         for name in args.problems:
-            prepared[name] = prepare(make_problem(name, args.scale), root)
+            prepared[name] = prepare(make_problem(name, args.scale), root, teachers.get(name))
             info = prepared[name]
             print(
                 f"# {info['problem']}; teacher {info['teacher']} ({info['teacher_epochs']} epochs): validation "
