@@ -25,7 +25,7 @@ from kdcache.service.protocol import (
     encode_response,
     error_body,
 )
-from kdcache.service.signature import ModelSpec, validate
+from kdcache.service.signature import ModelSpec, model_metadata, validate
 
 SPEC = ModelSpec(input_shape=(8, 8), input_dtype="uint8", num_classes=10, temperature=1.0, max_samples=64)
 RNG = np.random.default_rng(1)
@@ -64,6 +64,8 @@ class FakeTeacher:
                 return step
         if request.url.path.endswith("/ready"):
             return httpx.Response(200)
+        if request.method == "GET" and request.url.path.endswith("/models/teacher"):  # the metadata an .npz is fitted to
+            return httpx.Response(200, json=model_metadata("teacher", SPEC, {}))
         try:
             decoded = decode_request(request.read(), request.headers.get(HEADER_LENGTH))
             batch = validate(decoded, SPEC)
