@@ -32,3 +32,21 @@ def test_an_install_adds_only_the_kdcache_import_name(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))
+
+
+def test_the_dockerfile_dependency_layer_creates_every_package_folder():
+    """The image installs the dependencies from pyproject.toml alone, with empty package folders
+    (so that the layer survives source edits); setuptools refuses a listed package whose folder
+    is missing, which only the container build would otherwise find."""
+    import re
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    packages = re.search(r"^packages = \[(.*)\]$", pyproject, re.M).group(1)
+    mapping = dict(re.findall(r'^"(kdcache\.\w+)" = "(\w+)"$', pyproject, re.M))
+    folders = set()
+    for name in re.findall(r'"([\w.]+)"', packages):
+        top = ".".join(name.split(".")[:2])
+        folders.add("/".join([mapping[top], *name.split(".")[2:]]))
+    made = re.search(r"mkdir -p ([^\\]+)", (ROOT / "Dockerfile").read_text()).group(1).split()
+    made_with_parents = {p.removeprefix("/src/") for path in made for p in [path, *[str(x) for x in Path(path).parents]]}
+    assert folders <= made_with_parents, f"the Dockerfile's mkdir misses {sorted(folders - made_with_parents)}"
