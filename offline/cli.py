@@ -321,12 +321,10 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             )
             print(printable(f"preprocessing    {summary['preprocessing']}"))
             if summary["augment"] is not None or summary["views_per_id"] > 1:
-                policy = summary["augment"] or {"name": "none", "params": {}, "version": 1}
-                params = ", ".join(f"{k}={v}" for k, v in policy["params"].items())
                 print(
                     printable(
                         f"views            {summary['views_per_id']} per sample, replayed from their seeds; "
-                        f"policy {policy['name']}{f' ({params})' if params else ''}, version {policy['version']}"
+                        f"policy {reader.meta.augment_text}, version {(summary['augment'] or {'version': 1})['version']}"
                     )
                 )
             print(

@@ -27,13 +27,7 @@ def tune_malloc() -> bool:
     writer, a trainer's pin-memory thread) otherwise gets an arena of its own, whose heaps
     glibc unmaps whenever they fall empty, whatever the trim threshold. Call it before those
     threads start; forked DataLoader workers inherit the settings."""
-    if any(key.startswith("MALLOC_") for key in os.environ):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return all([bool(mallopt(option, value)) for option, value in SETTINGS])
+    return _mallopt(*SETTINGS)
 
 
 def return_large_blocks(threshold: int = 4 << 20) -> bool:
@@ -46,10 +40,16 @@ def return_large_blocks(threshold: int = 4 << 20) -> bool:
     holding a large image's worth. Three 40 MP RGBA PNGs on 2 threads took 672 MB of RSS, against
     367 MB with the threshold fixed (docs/reliability.md § 8). Returns False, changing nothing,
     where libc is not glibc or where any ``MALLOC_*`` variable is set."""
+    return _mallopt((M_MMAP_THRESHOLD, threshold))
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Apply glibc ``mallopt`` settings; False, changing nothing, where libc is not glibc or
+    where any ``MALLOC_*`` variable is set (the environment wins)."""
     if any(key.startswith("MALLOC_") for key in os.environ):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+    return all([bool(mallopt(option, value)) for option, value in settings])

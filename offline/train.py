@@ -195,10 +195,8 @@ def describe_views(meta: CacheMeta) -> str | None:
     escaped for a terminal: the policy's name and parameters come from the cache."""
     if not meta.has_views:
         return None
-    policy = meta.augment or {"name": "none", "params": {}}
-    params = ", ".join(f"{key}={value}" for key, value in policy.get("params", {}).items())
     return printable(
-        f"views: {meta.views_per_id} per sample, policy {policy.get('name')}{f' ({params})' if params else ''}; "
+        f"views: {meta.views_per_id} per sample, policy {meta.augment_text}; "
         f"each epoch trains on one view of each sample, replayed from its seed"
     )
 

@@ -138,6 +138,14 @@ class CacheMeta:
         return self.views_per_id > 1 or self.augment is not None
 
     @property
+    def augment_text(self) -> str:
+        """The views' policy in a few words, ``random-crop (padding=1)`` (``none`` without one);
+        raw from the manifest: escape it before printing."""
+        policy = self.augment or {"name": "none", "params": {}}
+        params = ", ".join(f"{key}={value}" for key, value in policy["params"].items())
+        return f"{policy['name']}{f' ({params})' if params else ''}"
+
+    @property
     def target_layout(self) -> TargetLayout:
         """The layout of one view's targets: what a training batch holds once a view is chosen."""
         return getattr(self.layout, "inner", self.layout)
