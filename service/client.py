@@ -450,7 +450,10 @@ def push_parser() -> argparse.ArgumentParser:
         "files or a saved Hugging Face dataset (these decoded as they stream), each fitted to the model's input shape and "
         "dtype. Safe to re-run: samples cached already come back as hits.",
     )  # each help states its default: the service imports no CLI helper from offline/ (tests/test_boundaries.py)
-    p.add_argument("--url", required=True, help="the service, e.g. http://gpu-host:8000")
+    p.add_argument(
+        "--url", default="http://127.0.0.1:8000",
+        help="the service, e.g. http://gpu-host:8000 (default: http://127.0.0.1:8000, where teacher-serve listens unless told otherwise)",
+    )  # fmt: skip
     p.add_argument("--data", required=True, metavar="SOURCE", help="transfer set: .npz, .npy, image folder, Parquet file or folder, "
                    "Hugging Face save_to_disk folder")  # fmt: skip
     p.add_argument("--model", default="teacher", help="the model's name in the service's URLs (teacher-serve --model-name; default: teacher)")
