@@ -265,6 +265,12 @@ def inspect_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check the sha256 of every shard against the manifest")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
+        "--clusters", type=int, metavar="K",
+        help="instead of the summary, propose K disjoint clusters of confusable classes for specialists (Hinton et al. 2015, "
+        "section 5): K-means on the columns of the covariance of every cached prediction at the serving temperature; with "
+        "--json, the clusters file that @FILE:k names (offline-distill --specialist)",
+    )  # fmt: skip
+    p.add_argument(
         "--trust-code", action="store_true",
         help="accepted as by the other commands, and changes nothing: cache-inspect shows the name of any code a cache names "
         "and never imports it",
@@ -274,6 +280,8 @@ def inspect_parser() -> argparse.ArgumentParser:
 
 def inspect_main(argv: Sequence[str] | None = None) -> int:
     args = inspect_parser().parse_args(argv)
+    if args.clusters is not None:
+        return inspect_clusters(args)
 
     def body() -> int:
         try:
@@ -368,6 +376,25 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
         return 1 if problems else 0
 
     return run_cli("cache-inspect", body, (CacheError,))
+
+
+def inspect_clusters(args: argparse.Namespace) -> int:
+    """``cache-inspect DIR --clusters K [--json]`` (``offline.clustering``): nothing on stdout
+    but the clusters on success, so that ``--json > clusters.json`` is a clusters file or empty."""
+    from .clustering import ClusteringError, cluster_classes
+
+    def body() -> int:
+        try:
+            reader = CacheReader(args.directory, verify_checksums=args.verify, report_bad_label_names=True)
+            result = cluster_classes(reader, args.clusters, progress=True)
+        except CacheError as exc:
+            return fail("cache-inspect", str(exc), code=1)
+        if reader.label_names_problem:
+            print(printable(f"cache-inspect: warning: label names not shown: {reader.label_names_problem}"), file=sys.stderr)
+        print(json.dumps(result.to_json(args.directory), indent=1) if args.json else "\n".join(result.describe()))
+        return 0
+
+    return run_cli("cache-inspect", body, (ClusteringError,))
 
 
 if __name__ == "__main__":

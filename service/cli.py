@@ -58,14 +58,23 @@ def serve_parser() -> argparse.ArgumentParser:
         "--teacher",
         action="append",
         metavar="SPEC",
-        help="model.pt2 | student.pt | ARCH (with --weights) | module:factory (with --weights); repeat for an ensemble (required)",
+        help="model.pt2 | student.pt | ARCH (with --weights) | module:factory (with --weights); repeat for an ensemble; "
+        "SPEC#3,5,8 or SPEC#@clusters.json:K gives a specialist its cluster (required)",
     )
     a("--weights", action="append", metavar="FILE", help="weights for the SPECs that need them, in order (torch.load weights_only)")
     a(
         "--ensemble",
-        choices=("geometric", "arithmetic"),
-        help="geometric: mean of logits; arithmetic: mean of probabilities at the serving temperature "
-        "(default: the cache's, else geometric)",
+        choices=("geometric", "arithmetic", "specialists"),
+        help="geometric: mean of logits; arithmetic: mean of probabilities at the serving temperature; specialists: the first "
+        "--teacher is a generalist, the others specialists on clusters of its classes (Hinton et al. 2015, section 5), "
+        "combined at the serving temperature (default: the cache's, else geometric)",
+    )
+    a(
+        "--specialist-top-n",
+        type=int,
+        metavar="N",
+        help="with --ensemble specialists: run the specialists whose cluster holds one of the generalist's N most probable "
+        "classes for a sample (default 1)",
     )
     a(
         "--cache",
@@ -246,7 +255,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             settings.teacher, weights=settings.weights, ensemble=settings.ensemble, temperature=settings.temperature,
             device=settings.device, dtype=settings.dtype, input_shape=settings.input_shape, input_dtype=settings.input_dtype,
             normalize=normalize, input_scale=settings.input_scale, num_classes=settings.num_classes,
-            trust_code=settings.trust_code,
+            trust_code=settings.trust_code, specialist_top_n=settings.specialist_top_n,
         )  # fmt: skip
     except UntrustedCode as exc:
         return fail(PROG, str(exc))

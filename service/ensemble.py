@@ -17,6 +17,15 @@ it implies, and its temperature rule, which the cache records (``CacheMeta.tempe
   that is right at every temperature, so the serving temperature is part of what is stored: it
   enters the fingerprint, and the student should be distilled at T = T_s. Rule "serving": the
   service refuses other temperatures, and the trainer warns.
+* ``Specialists`` (Hinton et al. 2015, section 5): a generalist and specialists, each trained on
+  one cluster of confusable classes with the other classes merged into a dustbin
+  (``offline-distill --specialist``). Only the specialists whose cluster meets the generalist's
+  top n classes run on a sample; ``solve_specialists`` finds the q that minimises
+  KL(p^g || q) + sum over the active m of KL(p^m || q restricted to m's cluster and dustbin), all
+  at T_s, and v = T_s log q is stored. Like the arithmetic mean, exact only at T_s: rule "serving".
+
+A combiner runs the members itself (``forward``): the means run every member on every sample,
+the specialists only where they are active.
 """
 
 from __future__ import annotations
@@ -24,12 +33,19 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 
-ENSEMBLE_MODES = ("geometric", "arithmetic")
+ENSEMBLE_MODES = ("geometric", "arithmetic", "specialists")
+
+# run(i, x): member i's logits [len(x), width_i] on the preprocessed inputs x.
+RunMember = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class CombinerError(ValueError):
+    """Members that this combiner cannot combine; one line naming the member and what was expected."""
 
 
 class Combiner(ABC):
@@ -41,6 +57,20 @@ class Combiner(ABC):
     @abstractmethod
     def combine(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         """One ``[B, C]`` tensor per member, in any float dtype → float32 ``[B, C]``."""
+
+    def forward(self, run: RunMember, members: int, x: torch.Tensor) -> torch.Tensor:
+        """The stored logits for inputs ``x``: every member on every sample, combined."""
+        return self.combine([run(i, x) for i in range(members)])
+
+    def classes(self, specs: Sequence[str], widths: Sequence[int]) -> int:
+        """The classes this teacher serves, from each member's output width; CombinerError when
+        the members cannot be combined (here: unless they all predict the same classes)."""
+        for spec, width in zip(specs[1:], widths[1:], strict=True):
+            if width != widths[0]:
+                raise CombinerError(
+                    f"{spec}: returns {width} classes, but {specs[0]} returns {widths[0]}; all members of an ensemble must predict the same classes"
+                )
+        return widths[0]
 
     def fingerprint(self, member_fingerprints: Sequence[str]) -> str:
         """Order-independent: the same members in another order are the same teacher."""
@@ -99,8 +129,158 @@ class ArithmeticMean(Combiner):
         return f"temperature={self.serving_temperature!r}".encode()
 
 
-def combiner_for(members: int, ensemble: str, serving_temperature: float) -> Combiner:
-    """The combiner for ``members`` models under the ``--ensemble`` mode (ignored for one)."""
+# ---------------------------------------------------------------------------------------------
+# Specialists (Hinton et al. 2015, section 5)
+
+DEFAULT_TOP_N = 1
+LOG_FLOOR = -700.0  # log-probabilities below this (e^-700 ~ 1e-304) are taken as this: stored logits stay finite
+BISECTION_STEPS = 64  # the root bracket shrinks by 2^-64: to float64 rounding
+
+
+def specialist_log_probs(z: torch.Tensor, classes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A specialist's logits [b, K+1] (dustbin head) or [b, C] (full head) → its log-probabilities
+    over its K classes and the dustbin, [b, K+1] float64, at ``temperature``."""
+    log_p = torch.log_softmax(z.double() / temperature, dim=-1)
+    if z.shape[-1] == len(classes) + 1:
+        return log_p
+    outside = log_p.index_fill(-1, classes, float("-inf")).logsumexp(dim=-1, keepdim=True)
+    return torch.cat([log_p.index_select(-1, classes), outside], dim=-1)
+
+
+def solve_specialists(log_a: torch.Tensor, dustbin: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """log q [B, C] for the q that minimises KL(p^g || q) + sum_m KL(p^m || q_m) over the simplex,
+    where q_m is q over cluster m's classes and its dustbin (q's mass outside the cluster).
+
+    Arguments, float64: ``log_a`` [B, C], log of a_c = p^g_c + p^m_c for the active specialist m
+    whose cluster holds c (p^g_c alone for a class no active specialist holds); ``dustbin`` [B, M],
+    each specialist's dustbin probability (0 where it is not active); ``group`` [C], the cluster
+    of each class (0..M-1) or M for a class in no cluster. Clusters are disjoint.
+
+    The objective is -sum_c a_c log q_c - sum_m d_m log(1 - Q_m) plus a constant, Q_m the mass of
+    q on cluster m. Its stationary points have q_c / a_c equal within a group (a cluster, or the
+    classes in no cluster), so only the group masses M_g are unknown. With a multiplier L for
+    sum_g M_g = 1 they solve A_g / M_g - d_g / (1 - M_g) = L (A_g = sum of a over the group,
+    d_g = 0 for the classes in no cluster and for an inactive cluster), whose root in (0, 1] is
+    M_g(L) = 2 A_g / (b + sqrt(b^2 - 4 L A_g)), b = L + A_g + d_g. Each M_g is non-increasing in
+    L, so sum_g M_g(L) = 1 is found by bisection between L = -(sum d) - 1 (sum >= 1) and
+    L = sum A (sum <= 1). The problem is convex, so this stationary point is the minimum."""
+    batch, groups = len(log_a), dustbin.shape[1] + 1
+    log_a = log_a.clamp(min=LOG_FLOOR)
+    a = log_a.exp()
+    mass = torch.zeros(batch, groups, dtype=a.dtype, device=a.device).index_add_(1, group, a)  # A_g
+    d = torch.cat([dustbin, torch.zeros(batch, 1, dtype=a.dtype, device=a.device)], dim=1)
+
+    def group_mass(lam: torch.Tensor) -> torch.Tensor:
+        b = lam[:, None] + mass + d
+        root = 2 * mass / (b + (b * b - 4 * lam[:, None] * mass).clamp(min=0).sqrt())
+        return torch.where(mass > 0, root, torch.zeros_like(root))
+
+    lo, hi = -d.sum(dim=1) - 1, mass.sum(dim=1)
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        above = group_mass(mid).sum(dim=1) > 1
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    masses = group_mass((lo + hi) / 2)
+    masses = masses / masses.sum(dim=1, keepdim=True)
+    log_scale = masses.clamp(min=1e-300).log() - mass.clamp(min=1e-300).log()  # log(M_g / A_g)
+    return log_a + log_scale.index_select(1, group)
+
+
+class Specialists(Combiner):
+    """Member 0 is the generalist; member i > 0 a specialist on ``clusters[i - 1]``, with a
+    dustbin head (K + 1 outputs) or a full one (C outputs). For each sample the specialists
+    whose cluster holds one of the generalist's ``top_n`` most probable classes run (on those
+    samples only), and ``solve_specialists`` combines them with the generalist at T_s."""
+
+    ensemble = "specialists"
+    temperature_rule = "serving"
+
+    def __init__(self, clusters: Sequence[Sequence[int]], serving_temperature: float, top_n: int = DEFAULT_TOP_N) -> None:
+        if not clusters:
+            raise CombinerError("--ensemble specialists needs a generalist (the first --teacher) and at least one specialist")
+        if top_n < 1:
+            raise CombinerError(f"--specialist-top-n must be at least 1, got {top_n}")
+        self.clusters = tuple(tuple(int(c) for c in cluster) for cluster in clusters)
+        self.serving_temperature = float(serving_temperature)
+        self.top_n = int(top_n)
+        self.num_classes: int | None = None
+        self.samples = 0  # samples combined, and specialist runs on them: the mean active set is their ratio
+        self.specialist_runs = 0
+
+    def classes(self, specs: Sequence[str], widths: Sequence[int]) -> int:
+        """C from the generalist; each specialist's cluster within [0, C), leaving classes outside
+        it, disjoint from the others, and its head K + 1 (dustbin) or C (full) wide."""
+        num_classes = widths[0]
+        owner: dict[int, int] = {}
+        for i, (spec, cluster, width) in enumerate(zip(specs[1:], self.clusters, widths[1:], strict=True), start=1):
+            outside = [c for c in cluster if not 0 <= c < num_classes]
+            if outside:
+                raise CombinerError(f"{spec}: its cluster holds class {outside[0]}, outside [0, {num_classes}) of the generalist {specs[0]}")
+            if len(set(cluster)) >= num_classes:
+                raise CombinerError(f"{spec}: its cluster holds all {num_classes} classes; a specialist's cluster must leave some out")
+            if width not in (len(cluster) + 1, num_classes):
+                raise CombinerError(
+                    f"{spec}: returns {width} logits, but its cluster has {len(cluster)} classes: expected {len(cluster) + 1} "
+                    f"(the cluster and a dustbin) or {num_classes} (the full softmax); the head does not match the cluster"
+                )
+            for c in cluster:
+                holder = owner.setdefault(c, i)
+                if holder != i:
+                    raise CombinerError(
+                        f"overlapping clusters: class {c} is in the clusters of both {specs[holder]} and {spec}; clusters must be disjoint"
+                    )
+        self.num_classes = num_classes
+        return num_classes
+
+    def combine(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError("specialists run only where they are active: use forward")
+
+    def forward(self, run: RunMember, members: int, x: torch.Tensor) -> torch.Tensor:
+        assert self.num_classes is not None, "classes() runs first, on the probe's widths"
+        t, device = self.serving_temperature, x.device
+        z = run(0, x)
+        log_a = torch.log_softmax(z.double() / t, dim=-1)
+        group = torch.full((self.num_classes,), len(self.clusters), dtype=torch.long, device=device)
+        for m, cluster in enumerate(self.clusters):
+            group[list(cluster)] = m
+        top = z.topk(min(self.top_n, self.num_classes), dim=-1).indices
+        active = torch.nn.functional.one_hot(group[top], len(self.clusters) + 1)[..., :-1].any(dim=1)  # [B, M]
+        dustbin = torch.zeros(len(x), len(self.clusters), dtype=torch.float64, device=device)
+        for m, cluster in enumerate(self.clusters):
+            rows = active[:, m].nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            classes = torch.tensor(cluster, dtype=torch.long, device=device)
+            log_p = specialist_log_probs(run(m + 1, x.index_select(0, rows)), classes, t)
+            held = log_a[rows[:, None], classes]
+            log_a[rows[:, None], classes] = torch.logaddexp(held, log_p[:, :-1])
+            dustbin[rows, m] = log_p[:, -1].exp()
+        self.samples += len(x)
+        self.specialist_runs += int(active.sum())
+        return (t * solve_specialists(log_a, dustbin, group)).float()
+
+    def name(self, member_names: Sequence[str]) -> str:
+        specialists = (f"{name}[{','.join(map(str, cluster))}]" for name, cluster in zip(member_names[1:], self.clusters, strict=True))
+        return f"ensemble-specialists({','.join([member_names[0], *specialists])})"
+
+    def fingerprint(self, member_fingerprints: Sequence[str]) -> str:
+        """The generalist, each specialist with its cluster (in any order), T_s and top_n."""
+        digest = hashlib.sha256(f"ensemble-specialists;temperature={self.serving_temperature!r};top_n={self.top_n}".encode())
+        digest.update(member_fingerprints[0].encode())
+        for cluster, fingerprint in sorted(zip(self.clusters, member_fingerprints[1:], strict=True)):
+            digest.update(f";{','.join(map(str, cluster))}={fingerprint}".encode())
+        return digest.hexdigest()
+
+
+def combiner_for(
+    members: int, ensemble: str, serving_temperature: float, clusters: Sequence[Sequence[int] | None] = (), top_n: int = DEFAULT_TOP_N
+) -> Combiner:
+    """The combiner for ``members`` models under the ``--ensemble`` mode (ignored for one).
+    ``clusters``: each member's cluster (None for one that is not a specialist), for
+    ``specialists``, where member 0 is the generalist and every other member a specialist."""
+    if ensemble == "specialists":
+        clusters = list(clusters) or [None] * members
+        return Specialists([c for c in clusters[1:] if c is not None], serving_temperature, top_n)
     if members == 1:
         return SingleMember()
     if ensemble == "geometric":

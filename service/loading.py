@@ -43,6 +43,7 @@ from torch import nn
 
 from ..offline import models
 from ..offline.cache import Preprocessing
+from ..offline.cache.clusters import ClusterError, check_cluster, parse_classes
 from ..offline.cache.trust import COMMAND_LINE, Origin
 from ..offline.models import describe_error
 
@@ -123,6 +124,8 @@ class Member:
     contract: InputContract
     declared_classes: int | None  # what the file (or num_classes) says, checked against a forward pass
     exported: bool  # a torch.export program: moved to a device with move_to_device_pass, never .eval()'d
+    cluster: tuple[int, ...] | None = None  # a specialist's classes (its student.pt's, or SPEC#CLASSES)
+    cluster_total: int | None = None  # the classes C of the cache it was trained on, where its student.pt says
 
     def on_device(self, device: torch.device) -> Member:
         """This member with its module on ``device``, in inference mode."""
@@ -378,7 +381,33 @@ def _from_student_record(where: str, payload: Any, options: Overrides, model_spe
     origin = COMMAND_LINE if model_spec is not None else Origin(where, trust_code)
     module = _build(where, arch, contract.input_shape, declared["num_classes"], origin)
     _load_weights(where, module, state)
-    return _member(where, arch, module, contract, declared["num_classes"])
+    cluster, total = _specialist_record(where, record, declared["num_classes"])
+    return replace(_member(where, arch, module, contract, declared["num_classes"]), cluster=cluster, cluster_total=total)
+
+
+def _specialist_record(where: str, record: Mapping[str, Any], width: int) -> tuple[tuple[int, ...] | None, int | None]:
+    """The cluster and class count that a specialist's student.pt records (``offline-distill
+    --specialist``), checked against its output width: K + 1 for a dustbin head, C for a full one."""
+    entry = record.get("specialist")
+    if entry is None:
+        return None, None
+    try:
+        if not isinstance(entry, Mapping):
+            raise ClusterError(f"{where}: its 'specialist' entry is not a mapping")
+        total = entry.get("classes_total")
+        if isinstance(total, bool) or not isinstance(total, int) or total < 2:
+            raise ClusterError(f"{where}: its 'specialist' entry has no class count (classes_total)")
+        classes = check_cluster(f"{where}: its cluster", list(entry.get("classes") or ()), total)
+    except ClusterError as exc:
+        raise TeacherError(str(exc)) from None
+    head = entry.get("head")
+    expected = {"dustbin": len(classes) + 1, "full": total}
+    if head not in expected or expected[head] != width:
+        raise TeacherError(
+            f"{where}: a specialist on {len(classes)} classes with a {head!r} head must have {expected.get(head, '?')} outputs, "
+            f"but has {width}; the head does not match the cluster"
+        )
+    return classes, total
 
 
 def _build(where: str, model_spec: str, input_shape: tuple[int, ...], num_classes: int, origin: Origin = COMMAND_LINE) -> nn.Module:
@@ -427,6 +456,22 @@ def _load_with_weights(model_spec: str, weights: str, options: Overrides) -> Mem
     return _member(model_spec, model_spec, module, contract, guess)
 
 
+def split_cluster(spec: str) -> tuple[str, tuple[int, ...] | None]:
+    """``SPEC#CLASSES`` → (SPEC, the classes): a specialist's cluster given with its spec, as
+    ``offline-distill --specialist`` takes it (``3,5,8`` or ``@clusters.json:K``)."""
+    base, hash_sign, classes = spec.rpartition("#")
+    if not hash_sign:
+        return spec, None
+    try:
+        return base, parse_classes(classes)
+    except ClusterError as exc:
+        raise TeacherError(f"{spec}: the cluster after '#': {exc}") from None
+
+
+def _classes_text(classes: Sequence[int]) -> str:
+    return ",".join(map(str, classes))
+
+
 def spec_kind(spec: str) -> str:
     """``exported``, ``student`` or ``model`` (an ARCH or module:factory, which takes a weights file)."""
     if spec.endswith(".pt2"):
@@ -446,6 +491,7 @@ def load_members(specs: Sequence[str], weights: Sequence[str], options: Override
     its device before the next is loaded), checked to take the same inputs as the first. Class
     counts are checked later, by a forward pass on the device. ``trust_code``: import the
     module:factory arch that a student.pt names (UntrustedCode without it)."""
+    specs, given_clusters = zip(*(split_cluster(spec) for spec in specs), strict=True) if specs else ((), ())
     kinds = [spec_kind(spec) for spec in specs]
     needing = [spec for spec, kind in zip(specs, kinds, strict=True) if kind == "model"]
     if len(weights) < len(needing):
@@ -456,7 +502,7 @@ def load_members(specs: Sequence[str], weights: Sequence[str], options: Override
         )
     pending_weights = iter(weights)
     first: tuple[str, InputContract] | None = None  # not the member: the caller moves it off the CPU
-    for spec, kind in zip(specs, kinds, strict=True):
+    for spec, kind, given in zip(specs, kinds, given_clusters, strict=True):
         if kind == "exported":
             member = _load_exported(spec, options)
         elif kind == "student":
@@ -470,6 +516,10 @@ def load_members(specs: Sequence[str], weights: Sequence[str], options: Override
                     setting="num_classes",
                 )
             member = replace(member, declared_classes=options.num_classes)
+        if given is not None:
+            if member.cluster is not None and member.cluster != given:
+                raise TeacherError(f"{spec}: records the cluster {_classes_text(member.cluster)}, but the spec gives {_classes_text(given)}")
+            member = replace(member, cluster=given)
         if first is None:
             first = (member.spec, member.contract)
         elif member.contract != first[1]:

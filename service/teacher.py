@@ -27,7 +27,7 @@ import torch
 
 from ..offline.cache import CacheMeta
 from ..offline.models import describe_error
-from .ensemble import ENSEMBLE_MODES, Combiner, combiner_for
+from .ensemble import DEFAULT_TOP_N, ENSEMBLE_MODES, Combiner, CombinerError, combiner_for
 from .loading import Member, Overrides, TeacherError, load_members, spec_forms, torch_dtype
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -138,23 +138,30 @@ class Teacher:
                 view_seeds = torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.int64)).to(self.device)
                 x = torch.cat([self.augment(x, view_seeds[:, v]) for v in range(self.views)])  # view-major, [V·B, ...]
             x = self.contract.preprocessing.apply(x)
-            with self._autocast():
-                logits = [member.module(x) for member in self.members]
-            for member, z in zip(self.members, logits, strict=True):
-                if z.shape != (len(x), self.num_classes):
-                    raise TeacherError(
-                        f"{member.spec}: returned {list(z.shape)} for a batch of {len(x)}, expected [{len(x)}, {self.num_classes}]"
-                    )
-            stored = self.combiner.combine(logits)
+            stored = self.combiner.forward(self._run, len(self.members), x)
             if self.augment is not None:
                 stored = stored.reshape(self.views, len(inputs), self.num_classes).transpose(0, 1).reshape(len(inputs), *out_shape)
             stored = stored.cpu()
         return np.ascontiguousarray(stored.numpy(), dtype=np.float32)
 
+    def member_labels(self) -> list[str]:
+        """Each member as messages name it: its spec, with its position where two specs are the same."""
+        specs = [m.spec for m in self.members]
+        return [spec if specs.count(spec) == 1 else f"{spec} (--teacher {i + 1})" for i, spec in enumerate(specs)]
+
+    def _run(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Member i's logits on preprocessed inputs ``x`` (the combiner decides which members run on which samples)."""
+        member = self.members[i]
+        with self._autocast():
+            z = member.module(x)
+        if z.shape != (len(x), self.widths[i]):
+            raise TeacherError(f"{member.spec}: returned {list(z.shape)} for a batch of {len(x)}, expected [{len(x)}, {self.widths[i]}]")
+        return z
+
     def _probe(self) -> int:
         """One forward of zeros per member: it must run on the contract's shape and return [B, C]."""
         zeros = torch.zeros(PROBE_BATCH, *self.contract.input_shape, dtype=self._input_dtype, device=self.device)
-        classes: int | None = None
+        widths: list[int] = []
         with torch.inference_mode():
             x = self.contract.preprocessing.apply(zeros)
             for member in self.members:
@@ -171,14 +178,12 @@ class Teacher:
                 produced = int(out.shape[1])
                 if member.declared_classes is not None and member.declared_classes != produced:
                     raise TeacherError(f"{member.spec}: declares {member.declared_classes} classes but returns {produced} logits")
-                if classes is not None and produced != classes:
-                    raise TeacherError(
-                        f"{member.spec}: returns {produced} classes, but {self.members[0].spec} returns {classes}; "
-                        "all members of an ensemble must predict the same classes"
-                    )
-                classes = produced
-        assert classes is not None
-        return classes
+                widths.append(produced)
+        self.widths = widths
+        try:
+            return self.combiner.classes(self.member_labels(), widths)
+        except CombinerError as exc:
+            raise TeacherError(str(exc)) from None
 
     def warmup(self, batch_size: int) -> None:
         """A few forwards of zeros at the serving batch size, so that the first request does not pay
@@ -222,13 +227,15 @@ def load_teacher(
     specs: Sequence[str], *, weights: Sequence[str] = (), ensemble: str = "geometric", temperature: float = 1.0,
     device: str = "auto", dtype: str = "auto", input_shape: Sequence[int] | None = None, input_dtype: str | None = None,
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None, input_scale: float | None = None,
-    num_classes: int | None = None, trust_code: bool = False,
+    num_classes: int | None = None, trust_code: bool = False, specialist_top_n: int = DEFAULT_TOP_N,
 ) -> Teacher:  # fmt: skip
     """Load every member on the CPU, move it to ``device``, check it with one forward pass, and check
     that the members agree on the input contract and the classes. ``temperature`` is the serving
     temperature; ``input_shape`` is the shape of one sample, needed where no file fixes it (a
     TeacherError asking for it has ``setting == "input_shape"``). ``trust_code``: import the
-    module:factory arch that a student.pt names (``--trust-code``); without it UntrustedCode."""
+    module:factory arch that a student.pt names (``--trust-code``); without it UntrustedCode.
+    ``ensemble="specialists"``: the first spec is the generalist and every other a specialist with
+    its cluster (its student.pt's, or ``SPEC#CLASSES``); ``specialist_top_n`` picks the active ones."""
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
@@ -247,10 +254,46 @@ def load_teacher(
         num_classes=num_classes,
     )  # fmt: skip
     members = [member.on_device(resolved_device) for member in load_members(specs, weights, options, trust_code)]
-    return Teacher(
-        members, combiner_for(len(members), ensemble, temperature), serving_temperature=temperature,
-        device=resolved_device, compute_dtype=compute_dtype,
-    )  # fmt: skip
+    check_roles(members, ensemble)
+    try:
+        combiner = combiner_for(len(members), ensemble, temperature, [m.cluster for m in members], specialist_top_n)
+    except CombinerError as exc:
+        raise TeacherError(str(exc)) from None
+    teacher = Teacher(members, combiner, serving_temperature=temperature, device=resolved_device, compute_dtype=compute_dtype)
+    for member in members:
+        if member.cluster_total is not None and member.cluster_total != teacher.num_classes:
+            raise TeacherError(
+                f"{member.spec}: a specialist trained on a cache of {member.cluster_total} classes, but the generalist "
+                f"{members[0].spec} predicts {teacher.num_classes}"
+            )
+    return teacher
+
+
+def check_roles(members: Sequence[Member], ensemble: str) -> None:
+    """Specialists only under ``--ensemble specialists``, where the first member is the
+    generalist and every other one has its cluster."""
+    if ensemble == "specialists":
+        if len(members) < 2:
+            raise TeacherError("--ensemble specialists needs a generalist (the first --teacher) and at least one specialist")
+        if members[0].cluster is not None:
+            raise TeacherError(f"{members[0].spec}: the generalist (the first --teacher) is a specialist, on classes {_classes(members[0].cluster)}")
+        for member in members[1:]:
+            if member.cluster is None:
+                raise TeacherError(
+                    f"{member.spec}: a specialist needs its cluster: a student.pt written by offline-distill --specialist records it, "
+                    "or give it with the spec as SPEC#3,5,8 or SPEC#@clusters.json:K"
+                )
+        return
+    for member in members:
+        if member.cluster is not None:
+            raise TeacherError(
+                f"{member.spec}: a specialist (on classes {_classes(member.cluster)}) predicts its cluster and a dustbin, not the "
+                "classes; serve it after its generalist with --ensemble specialists"
+            )
+
+
+def _classes(cluster: Sequence[int]) -> str:
+    return ",".join(map(str, cluster))
 
 
 __all__ = ["Teacher", "TeacherError", "load_teacher"]
