@@ -391,7 +391,7 @@ def inspect_clusters(args: argparse.Namespace) -> int:
             return fail("cache-inspect", str(exc), code=1)
         if reader.label_names_problem:
             print(printable(f"cache-inspect: warning: label names not shown: {reader.label_names_problem}"), file=sys.stderr)
-        print(json.dumps(result.to_json(args.directory), indent=1) if args.json else "\n".join(result.describe()))
+        print(result.to_json_text(args.directory) if args.json else "\n".join(result.describe()))
         return 0
 
     return run_cli("cache-inspect", body, (ClusteringError,))

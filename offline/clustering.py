@@ -22,6 +22,7 @@ that ``offline.cache.clusters`` reads (``@clusters.json:k``).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -215,6 +216,11 @@ class Clustering:
         out["cache"] = directory
         return out
 
+    def to_json_text(self, directory: str) -> str:
+        """``to_json`` as one JSON object with a line per key (a cluster list stays on its line)."""
+        items = self.to_json(directory).items()
+        return "{\n" + ",\n".join(f" {json.dumps(key)}: {json.dumps(value)}" for key, value in items) + "\n}"
+
     def describe(self) -> list[str]:
         """The lines ``cache-inspect --clusters`` prints, escaped for a terminal."""
         views = f" ({self.samples:,} samples × {self.predictions // self.samples} views)" if self.predictions != self.samples else ""
@@ -227,7 +233,7 @@ class Clustering:
             names = self.names[index] if self.names is not None else [None] * len(cluster)
             classes = ", ".join(str(c) if name is None else f"{c}={name}" for c, name in zip(cluster, names, strict=True))
             size = f"{len(cluster)} class{'es' if len(cluster) != 1 else ''}"
-            lines.append(printable(f"cluster {index:>{width}}        {size}, {share:.1%} of the confusion: {classes}"))
+            lines.append(printable(f"{f'cluster {index:>{width}}':<16} {size}, {share:.1%} of the confusion: {classes}"))
         lines.append(f"covered          {self.covered:.1%} of the confusion (the rest lies between clusters)")
         return lines
 

@@ -11,6 +11,8 @@ Each epoch:
 3. A worker cuts its range into chunk-aligned blocks, visits the blocks in a random order, and
    pushes them through a bounded shuffle buffer: whenever the buffer holds ``shuffle_buffer``
    rows, it is permuted and emitted as whole batches; the remainder stays for the next fill.
+   With ``repeats`` (``Repeats``), each row enters the buffer as many times as
+   ``repeats.counts(shard, epoch)`` says (0: left out this epoch), a specialist's enrichment.
 
 Batches are built from numpy slices, never per sample, and yielded already collated, so the
 DataLoader runs with ``batch_size=None``. HDF5 files are opened lazily inside each worker.
@@ -21,8 +23,9 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,6 +46,18 @@ class Block:
     shard: int
     start: int
     stop: int
+
+
+class Repeats(Protocol):
+    """How many times each row of a shard enters an epoch's shuffle buffer."""
+
+    def counts(self, shard: int, epoch: int) -> np.ndarray:
+        """One count >= 0 per row of ``shards[shard]`` (the stream's list), a pure function of
+        its arguments, so that every rank and worker, and ``num_batches``, agree."""
+        ...
+
+
+Columns = dict[str, np.ndarray]
 
 
 def open_caches(
@@ -137,7 +152,9 @@ class ShardStream(IterableDataset):
     ``rank``/``world_size`` default to torch.distributed's when it is initialised. Call
     ``set_epoch`` before iterating, as with DistributedSampler. ``trust_code``: import the
     module:factory augment policy that the manifest names (``--trust-code``); without it such a
-    cache raises UntrustedCode, with nothing imported.
+    cache raises UntrustedCode, with nothing imported. ``repeats``: each row enters the shuffle
+    buffer ``repeats.counts(shard, epoch)[row]`` times (``Repeats``; ``num_batches`` counts
+    them). ``transform``: applied to each batch's numpy columns last, before they become tensors.
     """
 
     def __init__(
@@ -158,6 +175,8 @@ class ShardStream(IterableDataset):
         label_fraction: float = 1.0,
         label_seed: int = 0,
         trust_code: bool = False,
+        repeats: Repeats | None = None,
+        transform: Callable[[Columns], Columns] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -186,6 +205,7 @@ class ShardStream(IterableDataset):
             manifest = self.shards[0].storage.where(MANIFEST_NAME) if self.shards else "the cache's manifest"
             self.policy = parse_policy(meta.augment, Origin(manifest, trust_code))
         self.skip_corrupt = skip_corrupt
+        self.repeats, self.transform = repeats, transform
         self._rank, self._world = rank, world_size
         # Shared memory, so that persistent DataLoader workers see set_epoch() from the parent.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -210,32 +230,44 @@ class ShardStream(IterableDataset):
             return self._rank, self._world
         return _dist_rank()
 
-    def plan(self, worker: int, num_workers: int) -> list[Block]:
+    def plan(self, worker: int, num_workers: int, epoch: int | None = None) -> list[Block]:
         rank, world = self._rank_world()
         return plan_epoch(
             [s.num_samples for s in self.shards],
-            epoch=self.epoch, seed=self.seed, rank=rank, world_size=world,
+            epoch=self.epoch if epoch is None else epoch, seed=self.seed, rank=rank, world_size=world,
             worker=worker, num_workers=num_workers, block_rows=self.block_rows, shuffle=self.shuffle,
         )  # fmt: skip
 
-    def num_batches(self, num_workers: int) -> int:
-        """Batches this rank yields in one epoch with ``num_workers`` DataLoader workers."""
+    def _counts(self, block: Block, epoch: int) -> np.ndarray | None:
+        """How many times each row of ``block`` enters the buffer; None: once each."""
+        return None if self.repeats is None else self.repeats.counts(block.shard, epoch)[block.start : block.stop]
+
+    def _rows(self, block: Block, epoch: int) -> int:
+        counts = self._counts(block, epoch)
+        return block.stop - block.start if counts is None else int(counts.sum())
+
+    def num_batches(self, num_workers: int, epoch: int | None = None) -> int:
+        """Batches this rank yields in epoch ``epoch`` (default: the current one) with
+        ``num_workers`` DataLoader workers."""
+        epoch = self.epoch if epoch is None else epoch
         total = 0
         for worker in range(max(1, num_workers)):
-            rows = sum(b.stop - b.start for b in self.plan(worker, max(1, num_workers)))
+            rows = sum(self._rows(b, epoch) for b in self.plan(worker, max(1, num_workers), epoch))
             total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
         return total
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor | np.ndarray]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        blocks = self.plan(worker, num_workers)
-        rng = np.random.default_rng([self.seed, self.epoch, *self._rank_world(), worker, 2])
+        epoch = self.epoch
+        blocks = self.plan(worker, num_workers, epoch)
+        rng = np.random.default_rng([self.seed, epoch, *self._rank_world(), worker, 2])
         handles: OrderedDict[int, ShardHandle] = OrderedDict()
         # One buffer per field, allocated once per epoch: blocks are read straight into it (no
         # per-block arrays to concatenate), and the rows left over after the whole batches of
-        # one fill move to its front. It can hold a full shuffle window plus one block.
-        capacity = self.shuffle_buffer + max((b.stop - b.start for b in blocks), default=0)
+        # one fill move to its front. It can hold a full shuffle window plus one block (as
+        # read, and with its rows repeated).
+        capacity = self.shuffle_buffer + max((max(b.stop - b.start, self._rows(b, epoch)) for b in blocks), default=0)
         buffer: dict[str, np.ndarray] = {}
         fill = 0
         try:
@@ -250,7 +282,7 @@ class ShardStream(IterableDataset):
                         raise
                     warnings.warn(f"skipping unreadable rows: {exc}", stacklevel=1)
                     continue
-                fill += block.stop - block.start
+                fill += self._repeat(buffer, fill, block.stop - block.start, self._counts(block, epoch))
                 if fill >= self.shuffle_buffer:
                     fill = yield from self._emit(buffer, fill, rng, final=False)
             if fill:
@@ -300,6 +332,17 @@ class ShardStream(IterableDataset):
                 "(the shard is corrupt; cache-inspect --verify checks it)"
             )
 
+    @staticmethod
+    def _repeat(buffer: dict[str, np.ndarray], fill: int, rows: int, counts: np.ndarray | None) -> int:
+        """Repeat the ``rows`` rows just read at ``fill`` in place, row i ``counts[i]`` times;
+        returns the rows they now take."""
+        if counts is None:
+            return rows
+        index = fill + np.repeat(np.arange(rows), counts)
+        for values in buffer.values():
+            values[fill : fill + len(index)] = values[index]  # fancy indexing copies first: overlap is safe
+        return len(index)
+
     def _emit(
         self, buffer: dict[str, np.ndarray], fill: int, rng: np.random.Generator, *, final: bool
     ) -> Generator[dict[str, torch.Tensor | np.ndarray], None, int]:
@@ -328,6 +371,8 @@ class ShardStream(IterableDataset):
                 del columns["ids"]
         if self.policy is not None:
             columns = self._replay_views(columns)
+        if self.transform is not None:
+            columns = self.transform(columns)
         return {name: values if name == "ids" else torch.from_numpy(np.ascontiguousarray(values)) for name, values in columns.items()}
 
     def _replay_views(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

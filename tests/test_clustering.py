@@ -137,9 +137,13 @@ def test_a_cache_without_names_has_no_names_key(tmp_path, capsys):
         ("0", 20, "--clusters K must be between 1 and 8, the cache's classes; got 0"),
         ("9", 20, "--clusters K must be between 1 and 8, the cache's classes; got 9"),
         ("2", 0, "no published samples to cluster"),
+        ("2", -4, "8 classes; --clusters takes at most 4 (a C × C float64 matrix)"),  # MAX_CLASSES lowered to 4
     ],
 )
-def test_refusals_are_one_line(tmp_path, capsys, k, samples, message):
+def test_refusals_are_one_line(tmp_path, capsys, monkeypatch, k, samples, message):
+    if samples < 0:
+        monkeypatch.setattr(clustering, "MAX_CLASSES", 4)
+        samples = -samples
     cache = write_cache(tmp_path / "c", teacher_logits(samples) if samples else np.zeros((0, CLASSES), np.float32))
     assert inspect_main([str(cache), "--clusters", k, "--json"]) == 2
     out = capsys.readouterr()

@@ -26,6 +26,9 @@ from typing import Any
 from .contract import CacheError
 
 MAX_CLUSTERS_BYTES = 64 << 20  # a clusters file larger than this is refused unread
+# A specialist's output head (offline-distill --specialist-head): dustbin, the cluster's K
+# classes and one for every other class (K + 1 outputs, output j < K is classes[j]); full, all C.
+HEADS = ("dustbin", "full")
 CLASSES_FORMS = "class indices joined by commas (3,5,8) or @FILE:K, cluster K of a clusters file that cache-inspect --clusters --json wrote"
 
 
@@ -120,4 +123,4 @@ def parse_classes(text: str, num_classes: int | None = None) -> tuple[int, ...]:
     return check_cluster(repr(text), classes, num_classes)
 
 
-__all__ = ["CLASSES_FORMS", "ClusterError", "check_cluster", "check_disjoint", "parse_classes", "read_clusters_file"]
+__all__ = ["CLASSES_FORMS", "HEADS", "ClusterError", "check_cluster", "check_disjoint", "parse_classes", "read_clusters_file"]
