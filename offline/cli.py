@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .cache import CacheError, CacheReader
+from .cache.clusters import CLASSES_FORMS, HEADS
 from .cache.diagnostics import SoftTargetStats, soft_target_warnings
 from .cache.label_names import describe_label_names, printable
 from .cache.layout import TopK
@@ -82,8 +83,26 @@ def distill_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     p.add_argument("--cache", nargs="+", required=True, metavar="DIR", help="one or more cache directories")
-    p.add_argument("--student", default="mlp", help="a built-in student (see --list-students) or module:factory")
+    p.add_argument(
+        "--student", default=None,
+        help="a built-in student (see --list-students) or module:factory (default: mlp, or the arch of --init's student.pt)",
+    )  # fmt: skip
     p.add_argument("--list-students", action=ListStudents, help="print the built-in students and exit")
+    p.add_argument(
+        "--init", metavar="STUDENT_PT",
+        help="start from the weights of a student.pt that offline-distill wrote (read as data, weights_only), for the same inputs "
+        "and classes; its arch is the student (a module:factory arch needs --trust-code)",
+    )  # fmt: skip
+    p.add_argument(
+        "--specialist", metavar="CLASSES",
+        help=f"train a specialist (Hinton et al. 2015, section 5) on a cluster of classes: {CLASSES_FORMS}; half of each epoch's "
+        "samples are the cluster's, and --init starts it from a generalist",
+    )  # fmt: skip
+    p.add_argument(
+        "--specialist-head", choices=HEADS, default=HEADS[0],
+        help="a specialist's outputs: dustbin, the cluster's K classes and one for all the others (K+1), trained on the teacher's "
+        "distribution pooled the same way; full, the C-way softmax (section 6.1)",
+    )  # fmt: skip
     recipe = "default: the recipe's, printed at the start and recorded in metrics.json"
     p.add_argument(
         "--epochs", type=int, default=None, help=f"passes over the cache ({recipe}: enough for about {DEFAULT_RULE.steps:,} steps, "
@@ -178,7 +197,7 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
                 device=args.device, resume=args.resume, loss=args.loss, topk_tail=args.topk_tail, weight_decay=args.weight_decay,
                 workers=args.workers, shuffle_buffer=args.shuffle_buffer, allow_mixed_teachers=args.allow_mixed_teachers,
                 skip_corrupt=args.skip_corrupt, verify_checksums=args.verify_checksums, progress=not args.no_progress, export=not args.no_export,
-                trust_code=args.trust_code,
+                trust_code=args.trust_code, specialist=args.specialist, specialist_head=args.specialist_head, init=args.init,
             )
         )  # fmt: skip
         return 0

@@ -301,8 +301,13 @@ def input_contract(meta: CacheMeta) -> dict[str, Any]:
     return {"input_shape": list(meta.input_shape), "input_dtype": meta.input_dtype, "preprocessing": meta.preprocessing.to_dict()}
 
 
-def student_record(arch: str, model: nn.Module, meta: CacheMeta, *, temperature: float, alpha: float) -> dict[str, Any]:
-    """What ``student.pt`` holds: enough to rebuild the model and feed it, with weights_only=True."""
+def student_record(
+    arch: str, model: nn.Module, meta: CacheMeta, *, temperature: float, alpha: float, specialist: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What ``student.pt`` holds: enough to rebuild the model and feed it, with weights_only=True.
+    ``num_classes`` is the model's output width (``meta``'s). A specialist's record adds
+    ``specialist``: {"classes": [...], "head": "dustbin" | "full", "classes_total": C}, output
+    j < K of a dustbin head being class classes[j] and output K the dustbin (offline/specialist.py)."""
     contract = input_contract(meta)
     return {
         "format": STUDENT_FORMAT,
@@ -314,6 +319,7 @@ def student_record(arch: str, model: nn.Module, meta: CacheMeta, *, temperature:
         "teacher_fingerprint": meta.teacher_fingerprint,
         "temperature": temperature,
         "alpha": alpha,
+        **({"specialist": dict(specialist)} if specialist is not None else {}),
     }
 
 

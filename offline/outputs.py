@@ -1,5 +1,5 @@
-"""What a training run writes to RUN_DIR: ``checkpoint.pt`` after each epoch (``Checkpoint``),
-and at the end ``student.pt``, ``student.pt2``, ``curves.png`` and ``metrics.json``
+"""What a training run writes to RUN_DIR: ``checkpoint.pt`` after each epoch (``Checkpoint``; read
+back by ``resume``), and at the end ``student.pt``, ``student.pt2``, ``curves.png`` and ``metrics.json``
 (``run_summary``, ``write_outputs``). Every file is written to a temporary name and renamed."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .cache import CacheMeta, CacheReader
 from .evaluate import plot_curves
 
 if TYPE_CHECKING:
-    from .train import Dist, TrainConfig
+    from .train import Dist, Run, TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -83,6 +83,26 @@ class Checkpoint:
             torch.cuda.set_rng_state(self.rng_cuda.cpu())
 
 
+def resume(run: Run, log: Any) -> None:
+    """With ``--resume``, continue from the run's checkpoint, made with the same recipe (and the
+    same specialist); CheckpointError, in one line, when it cannot be."""
+    cfg, path = run.cfg, run.checkpoint_path
+    if not cfg.resume:
+        return
+    if not path.exists():
+        log(f"no checkpoint in {run.out}; starting from epoch 1")
+        return
+    checkpoint = Checkpoint.load(path, run.dist.device)
+    fixed = ("student", "epochs", "batch_size", "schedule", "specialist", "specialist_head")
+    recorded = {key: checkpoint.config.get(key, getattr(type(cfg), key)) for key in fixed}  # an older checkpoint's: the defaults
+    if any(recorded[key] != getattr(cfg, key) for key in fixed):
+        made = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in recorded.items() if value is not None)
+        raise CheckpointError(f"{path}: was made with {made}; resume with the same")
+    checkpoint.restore(run.student, run.optimizer, run.scheduler, run.dist.device)
+    run.history = checkpoint.history
+    log(f"resuming {run.out} after epoch {checkpoint.epoch}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Outputs
 
@@ -93,9 +113,9 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def student_record(cfg: TrainConfig, model: nn.Module, meta: CacheMeta) -> dict[str, Any]:
+def student_record(cfg: TrainConfig, model: nn.Module, meta: CacheMeta, specialist: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``student.pt`` holds (``models.student_record``, where its readers find it too)."""
-    return models.student_record(cfg.student, model, meta, temperature=cfg.temperature, alpha=cfg.alpha)
+    return models.student_record(cfg.student, model, meta, temperature=cfg.temperature, alpha=cfg.alpha, specialist=specialist)
 
 
 def export_program(model: nn.Module, meta: CacheMeta, path: Path) -> None:
@@ -142,10 +162,12 @@ def run_summary(
 
 
 def write_outputs(
-    cfg: TrainConfig, student: nn.Module, meta: CacheMeta, out: Path, history: list[dict[str, Any]], summary: dict[str, Any], log: Any
-) -> None:
-    """student.pt, student.pt2, curves.png and metrics.json, by rank 0 at the end of a run."""
-    save_atomic(student_record(cfg, student, meta), out / "student.pt")
+    cfg: TrainConfig, student: nn.Module, meta: CacheMeta, out: Path, history: list[dict[str, Any]], summary: dict[str, Any], log: Any,
+    specialist: dict[str, Any] | None = None,
+) -> None:  # fmt: skip
+    """student.pt, student.pt2, curves.png and metrics.json, by rank 0 at the end of a run;
+    ``specialist``: the cluster that student.pt records (``models.student_record``)."""
+    save_atomic(student_record(cfg, student, meta, specialist), out / "student.pt")
     if cfg.export:
         try:
             export_program(student, meta, out / "student.pt2")

@@ -4,8 +4,9 @@ Read it top to bottom: the config (with the recipe for what the user left out), 
 (device and process group, DataLoader workers), then the loop that ``train`` runs: ``open_run``
 opens the caches and builds the student, ``announce`` says what it trains with, and each epoch
 (``train_epoch``) streams batches through ``train_step``, evaluates, logs and checkpoints. What
-the run writes is in ``outputs.py``. Under ``torchrun`` the same loop runs with DDP (gloo on the
-CPU, nccl on CUDA); each rank streams its own part of the shards and only rank 0 writes files.
+the run writes is in ``outputs.py``; what ``--specialist`` and ``--init`` change, in
+``specialist.py``. Under ``torchrun`` the same loop runs with DDP (gloo on the CPU, nccl on
+CUDA); each rank streams its own part of the shards and only rank 0 writes files.
 The benchmarks import ``train_step`` and ``EpochStats``, so that they time exactly this step.
 """
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import models
+from . import models, outputs
 from .cache import CacheError, CacheMeta, CacheReader
 from .cache.diagnostics import soft_target_warnings
 from .cache.label_names import describe_label_names, merge_label_names, printable
@@ -35,7 +36,9 @@ from .evaluate import EvalSetError, evaluate, evaluate_ece, load_eval_set
 from .losses import LOSS_KINDS, TOPK_TAILS, Objective
 from .outputs import CHECKPOINT_NAME, Checkpoint, CheckpointError, export_program, run_summary, save_atomic, student_record, write_outputs
 from .recipe import DEFAULT_RULE, SCHEDULES, Recipe, lr_factor
+from .specialist import DEFAULT_HEAD, SpecialistError, Start, prepare
 from .step import EpochStats, step_on_inputs, train_step
+from .warmstart import InitError
 
 # Below this size the shards sit in the page cache and reading them in the training process is
 # cheaper than shipping batches from worker processes (docs/benchmarks.md).
@@ -52,7 +55,7 @@ class TrainError(Exception):
 @dataclass
 class TrainConfig:
     caches: list[str]
-    student: str = "mlp"
+    student: str | None = "mlp"  # None: --init's arch, else mlp
     # None: the recipe's default for the caches (recipe.DEFAULT_RULE, settled by with_recipe).
     epochs: int | None = None
     batch_size: int | None = None
@@ -77,7 +80,10 @@ class TrainConfig:
     verify_checksums: bool = False
     progress: bool = True
     export: bool = True
-    trust_code: bool = False  # import a module:factory augment policy that a cache's manifest names
+    trust_code: bool = False  # import a module:factory augment policy or --init arch that a file names
+    specialist: str | None = None  # train a specialist on these classes (specialist.py): "3,5,8" or "@clusters.json:K"
+    specialist_head: str = DEFAULT_HEAD  # dustbin or full (specialist.HEADS)
+    init: str | None = None  # start from this student.pt (a generalist's, for a specialist)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -216,7 +222,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     dist = setup_distributed(cfg.device)
     try:
         return _train(cfg, dist)
-    except EvalSetError as exc:
+    except (EvalSetError, CheckpointError, SpecialistError, InitError) as exc:
         raise TrainError(str(exc)) from None
     finally:
         if dist.world_size > 1:
@@ -241,6 +247,7 @@ class Run:
     scheduler: Any
     stream: ShardStream
     workers: int
+    start: Start  # what --specialist and --init change
     loader: Any = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -261,12 +268,15 @@ def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
         for name, problem in reader.skipped:
             log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)
     label_names = cache_label_names(readers)
-    eval_set = load_eval_set(cfg.eval_path, meta, label_names=label_names) if cfg.eval_path else None
+    start = prepare(cfg, readers, meta)  # --specialist and --init (specialist.py); the student's arch
+    cfg = replace(cfg, student=start.arch)
+    eval_set = start.eval_set(load_eval_set(cfg.eval_path, meta, label_names=label_names)) if cfg.eval_path else None
     # Before anything is written: a cache whose policy is code is refused here without --trust-code.
     stream = ShardStream.from_readers(
         readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
         skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
         label_fraction=cfg.label_fraction, label_seed=cfg.label_seed, trust_code=cfg.trust_code,
+        repeats=start.enrichment, transform=start.transform,
     )  # fmt: skip
 
     out = Path(cfg.out)
@@ -276,47 +286,24 @@ def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    try:
-        student = models.build(cfg.student, meta.input_shape, meta.num_classes)
-    except models.ModelSpecError as exc:
-        raise TrainError(str(exc)) from None
-    student.to(dist.device)
+    student = start.build_student().to(dist.device)  # start.meta: the head's classes
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     workers = cfg.workers if cfg.workers is not None else default_workers(sum(r.total_bytes for r in readers))
     model: nn.Module = student
     if dist.world_size > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    # The schedule runs per step, over every step of the run (an epoch's steps as this rank takes them).
-    total_steps = cfg.epochs * stream.num_batches(workers)
+    # The schedule runs per step, over every step of the run (each epoch's steps as this rank takes them).
+    total_steps = sum(stream.num_batches(workers, epoch) for epoch in range(cfg.epochs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps))
-    run = Run(cfg, dist, readers, meta, recipe, label_names, eval_set, out, student, model, optimizer, scheduler, stream, workers)
-    resume(run, log)
+    run = Run(
+        cfg, dist, readers, start.meta, recipe, label_names, eval_set, out, student, model, optimizer, scheduler, stream, workers, start
+    )
+    outputs.resume(run, log)
     run.loader = torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=dist.device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
     )  # fmt: skip
     return run
-
-
-def resume(run: Run, log: Any) -> None:
-    """With ``--resume``, continue from the run's checkpoint, made with the same recipe."""
-    cfg, path = run.cfg, run.checkpoint_path
-    if not cfg.resume:
-        return
-    if not path.exists():
-        log(f"no checkpoint in {run.out}; starting from epoch 1")
-        return
-    try:
-        checkpoint = Checkpoint.load(path, run.dist.device)
-    except CheckpointError as exc:
-        raise TrainError(str(exc)) from None
-    fixed = ("student", "epochs", "batch_size", "schedule")
-    if any(checkpoint.config.get(key) != getattr(cfg, key) for key in fixed):
-        made = " ".join(f"--{key.replace('_', '-')} {checkpoint.config.get(key)}" for key in fixed)
-        raise TrainError(f"{path}: was made with {made}; resume with the same")
-    checkpoint.restore(run.student, run.optimizer, run.scheduler, run.dist.device)
-    run.history = checkpoint.history
-    log(f"resuming {run.out} after epoch {checkpoint.epoch}")
 
 
 def announce(run: Run, log: Any) -> list[str]:
@@ -335,6 +322,8 @@ def announce(run: Run, log: Any) -> list[str]:
         log(f"labels: keeping those of a seeded {cfg.label_fraction:.0%} of the samples (--label-fraction, --label-seed {cfg.label_seed})")
     if run.label_names is not None:
         log(f"labels: {describe_label_names(run.label_names)}")
+    for line in run.start.describe(run.label_names):
+        log(line)
     # A bad setup (a teacher served without its input scale) shows in the soft targets at this T.
     setup_warnings = [
         (f"{reader.directory}: " if len(run.readers) > 1 else "") + warning
@@ -417,8 +406,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     summary = run_summary(cfg, run.student, run.meta, run.readers, run.history, dist, run.label_names)
     summary["recipe"] = run.recipe.to_dict()
     summary["warnings"] = setup_warnings
+    summary.update(run.start.summary())
     if dist.is_main:
-        write_outputs(cfg, run.student, run.meta, run.out, run.history, summary, log)
+        write_outputs(cfg, run.student, run.meta, run.out, run.history, summary, log, specialist=run.start.record())
     return summary
 
 

@@ -134,7 +134,8 @@ class ArithmeticMean(Combiner):
 
 DEFAULT_TOP_N = 1
 LOG_FLOOR = -700.0  # log-probabilities below this (e^-700 ~ 1e-304) are taken as this: stored logits stay finite
-BISECTION_STEPS = 64  # the root bracket shrinks by 2^-64: to float64 rounding
+NEWTON_STEPS = 100  # at most; 0 to 6 in practice
+CONVERGED = 1e-13  # |sum_g M_g - 1| at which the search stops
 
 
 def specialist_log_probs(z: torch.Tensor, classes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -157,33 +158,49 @@ def solve_specialists(log_a: torch.Tensor, dustbin: torch.Tensor, group: torch.T
     of each class (0..M-1) or M for a class in no cluster. Clusters are disjoint.
 
     The objective is -sum_c a_c log q_c - sum_m d_m log(1 - Q_m) plus a constant, Q_m the mass of
-    q on cluster m. Its stationary points have q_c / a_c equal within a group (a cluster, or the
-    classes in no cluster), so only the group masses M_g are unknown. With a multiplier L for
+    q on cluster m. At its stationary points q_c / a_c is the same within a group (a cluster, or
+    the classes in no cluster), so only the group masses M_g are unknown. With a multiplier L for
     sum_g M_g = 1 they solve A_g / M_g - d_g / (1 - M_g) = L (A_g = sum of a over the group,
     d_g = 0 for the classes in no cluster and for an inactive cluster), whose root in (0, 1] is
-    M_g(L) = 2 A_g / (b + sqrt(b^2 - 4 L A_g)), b = L + A_g + d_g. Each M_g is non-increasing in
-    L, so sum_g M_g(L) = 1 is found by bisection between L = -(sum d) - 1 (sum >= 1) and
-    L = sum A (sum <= 1). The problem is convex, so this stationary point is the minimum."""
+    M_g(L) = 2 A_g / (b + sqrt(b^2 - 4 L A_g)), b = L + A_g + d_g, non-increasing in L (the
+    discriminant is computed as (L - A_g + d_g)^2 + 4 A_g d_g). The
+    problem is convex, so the L with sum_g M_g(L) = 1 gives the minimum. With at most one active
+    specialist (always so for ``--specialist-top-n 1``) that L has a closed form,
+    L = A_0 W / (A_0 + d) with A_0 the mass of the groups without a dustbin and W = sum A + d,
+    and it is where the search starts: Newton's method on L, kept inside a bracket that always
+    holds the root, [-(sum d) - 1, sum A], by bisecting whenever a step leaves it."""
     batch, groups = len(log_a), dustbin.shape[1] + 1
     log_a = log_a.clamp(min=LOG_FLOOR)
     a = log_a.exp()
     mass = torch.zeros(batch, groups, dtype=a.dtype, device=a.device).index_add_(1, group, a)  # A_g
     d = torch.cat([dustbin, torch.zeros(batch, 1, dtype=a.dtype, device=a.device)], dim=1)
-
-    def group_mass(lam: torch.Tensor) -> torch.Tensor:
-        b = lam[:, None] + mass + d
-        root = 2 * mass / (b + (b * b - 4 * lam[:, None] * mass).clamp(min=0).sqrt())
-        return torch.where(mass > 0, root, torch.zeros_like(root))
-
     lo, hi = -d.sum(dim=1) - 1, mass.sum(dim=1)
-    for _ in range(BISECTION_STEPS):
-        mid = (lo + hi) / 2
-        above = group_mass(mid).sum(dim=1) > 1
-        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
-    masses = group_mass((lo + hi) / 2)
+    free = torch.where(d > 0, torch.zeros_like(mass), mass).sum(dim=1)  # A_0
+    lam = (free * (hi + d.sum(dim=1)) / (free + d.sum(dim=1)).clamp(min=1e-300)).clamp(lo, hi)
+    for _ in range(NEWTON_STEPS):
+        masses, slope = _group_masses(lam, mass, d)
+        excess = masses.sum(dim=1) - 1
+        done = excess.abs() <= CONVERGED
+        if bool(done.all()):
+            break
+        lo, hi = torch.where(excess > 0, lam, lo), torch.where(excess > 0, hi, lam)
+        step = lam - excess / slope.sum(dim=1).clamp(max=-1e-300)
+        lam = torch.where(done, lam, torch.where((step >= lo) & (step <= hi), step, (lo + hi) / 2))
     masses = masses / masses.sum(dim=1, keepdim=True)
     log_scale = masses.clamp(min=1e-300).log() - mass.clamp(min=1e-300).log()  # log(M_g / A_g)
     return log_a + log_scale.index_select(1, group)
+
+
+def _group_masses(lam: torch.Tensor, mass: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M_g(L) for every group, and dM_g/dL = -1 / (A_g / M_g^2 + d_g / (1 - M_g)^2) (0 where M_g is 0 or 1)."""
+    b = lam[:, None] + mass + d
+    discriminant = (lam[:, None] - mass + d) ** 2 + 4 * mass * d  # = b^2 - 4 L A_g, without the cancellation
+    root = 2 * mass / (b + discriminant.sqrt())
+    masses = torch.where(mass > 0, root, torch.zeros_like(root))
+    inside = (masses > 0) & (masses < 1)
+    m = masses.clamp(1e-300, 1 - 1e-16)
+    slope = torch.where(inside, -1 / (mass / (m * m) + d / ((1 - m) * (1 - m))), torch.zeros_like(m))
+    return masses, slope
 
 
 class Specialists(Combiner):
