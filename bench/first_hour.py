@@ -16,7 +16,6 @@ exported to ``.pt2``, and the product's commands at their defaults.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,21 +60,12 @@ def export_teacher(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def tool(name: str, *args: str, log: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(harness.BIN / name), *args], capture_output=True, text=True, timeout=3600)
-    if log is not None:
-        log.write_text(proc.stdout + proc.stderr)
-    if check and proc.returncode != 0:
-        raise SystemExit(f"{name} {' '.join(args)} exited with {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
-    return proc
-
-
 def serve_and_push(root: Path, serve_args: list[str], tag: str) -> dict[str, Any]:
     """One teacher-serve run: start, push images/, stop. Returns the push's summary and the log."""
     server = ServeProcess(serve_args, root / f"serve-{tag}.log")
     try:
         server.wait_ready(300)
-        push = tool("teacher-push", "--url", server.url, "--data", str(root / "images"), "--no-progress", log=root / f"push-{tag}.log")
+        push = harness.tool("teacher-push", "--url", server.url, "--data", str(root / "images"), "--no-progress", log=root / f"push-{tag}.log")
     finally:
         code = server.stop()
     line = push.stdout.strip().splitlines()[-1] if push.stdout.strip() else push.stderr.strip().splitlines()[-1]
@@ -89,7 +79,7 @@ def serve_and_push(root: Path, serve_args: list[str], tag: str) -> dict[str, Any
 def distil(root: Path, cache: Path, student: str, seed: int, alpha: str | None) -> dict[str, Any]:
     out = root / "runs" / f"{cache.name}-{student}-{seed}-{alpha or 'default'}"
     args = ["--cache", str(cache), "--eval", str(root / "eval"), "--out", str(out), "--student", student, "--seed", str(seed)]
-    proc = tool("offline-distill", *args, *(["--alpha", alpha] if alpha else []), "--no-progress", "--no-export")
+    proc = harness.tool("offline-distill", *args, *(["--alpha", alpha] if alpha else []), "--no-progress", "--no-export")
     metrics = json.loads((out / "metrics.json").read_text())
     return {"accuracy": metrics["eval_accuracy"], "recipe": metrics["recipe"], "warnings": metrics.get("warnings", []),
             "printed_warnings": [w for w in proc.stdout.splitlines() + proc.stderr.splitlines() if w.startswith("warning:")]}  # fmt: skip
@@ -115,7 +105,7 @@ def run(args: Any) -> dict[str, Any]:
         harness.say("serving without --input-scale")
         result["unscaled"] = serve_and_push(root, ["--teacher", str(pt2), "--cache", str(unscaled), "--input-dtype", "uint8"], "unscaled")
         for name, directory in (("inspect", cache), ("inspect_unscaled", unscaled)):
-            inspect = json.loads(tool("cache-inspect", str(directory), "--json").stdout)
+            inspect = json.loads(harness.tool("cache-inspect", str(directory), "--json").stdout)
             result[name] = {"soft_targets": inspect.get("soft_targets"), "warnings": inspect.get("warnings"), "samples": inspect["samples"]}
         runs: dict[str, list[dict[str, Any]]] = {}
         for student in args.students:

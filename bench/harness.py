@@ -616,6 +616,17 @@ def side_processes(commands: dict[str, list[str]], env: dict[str, str] | None = 
             side.close()
 
 
+def tool(name: str, *args: str, log: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """One of the product's commands (``offline-distill``, ``cache-inspect``, ...), run to the end;
+    its output goes to ``log`` when given, and a failure ends the benchmark with its last line."""
+    proc = subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=3600)
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"{name} {' '.join(args)} exited with {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc
+
+
 def offline_distill(
     cache: Path, out: Path, student: str, *, epochs: int = 1, extra: Sequence[str] = (), env: dict[str, str] | None = None,
     memory: TreeMemory | None = None,
