@@ -118,7 +118,9 @@ def cost(alone: Teacher, combined: Teacher, x: np.ndarray, repeats: int) -> dict
     }  # fmt: skip
 
 
-def random_members(root: Path, arch: str, shape: tuple[int, ...], clusters: list[list[int]], classes: int) -> tuple[Teacher, Teacher]:
+def random_members(
+    root: Path, arch: str, shape: tuple[int, ...], clusters: list[list[int]], classes: int, device: str = "cpu"
+) -> tuple[Teacher, Teacher]:
     """A generalist alone and with specialists, all ``arch`` with random weights (the cost does
     not depend on them), taking uint8 inputs of ``shape``."""
     from kdcache.offline import models
@@ -129,12 +131,29 @@ def random_members(root: Path, arch: str, shape: tuple[int, ...], clusters: list
         weights.append(str(root / f"random-{arch}-{i}.pt"))
         torch.save(models.build(arch, shape, width).state_dict(), weights[-1])
     specs = [arch] + [f"{arch}#{','.join(map(str, c))}" for c in clusters]
-    options = {"temperature": 1.0, "device": "cpu", "input_shape": shape, "input_dtype": "uint8", "input_scale": 1 / 255}
+    options = {"temperature": 1.0, "device": device, "input_shape": shape, "input_dtype": "uint8", "input_scale": 1 / 255}
     alone = load_teacher(specs[:1], weights=weights[:1], **options)
     return alone, load_teacher(specs, weights=weights, ensemble="specialists", **options)
 
 
+COST_MEMBERS = {"cnn-large": (1, 28, 28), "resnet": (3, 32, 32)}  # --cost-only: arch → sample shape
+
+
+def cost_only(args: Any) -> dict[str, Any]:
+    """The cost rows alone, for random-weight members on ``args.device``: C = 10, the clusters
+    {0..4} and {5..8} (class 9 in none), the generalist's top 1."""
+    clusters, costs = [[0, 1, 2, 3, 4], [5, 6, 7, 8]], {}
+    with harness.workdir("kd-specialists-cost-", args.tmpdir, args.keep) as root:
+        for arch, shape in COST_MEMBERS.items():
+            x = np.random.default_rng(0).integers(0, 256, (COST_BATCH * 8, *shape), dtype=np.uint8)
+            costs[arch] = cost(*random_members(root, arch, shape, clusters, 10, args.device), x, args.cost_repeats)
+            harness.say(f"{arch}: {costs[arch]}")
+    return {"environment": harness.environment(args.device), "device": args.device, "clusters": clusters, "cost": costs}
+
+
 def run(args: Any) -> dict[str, Any]:
+    if args.cost_only:
+        return cost_only(args)
     torch.set_num_threads(2)
     problem = make_problem(args.problem)
     with harness.workdir("kd-specialists-", args.tmpdir, args.keep) as root:
@@ -181,6 +200,10 @@ def run(args: Any) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> None:
+    if "teachers" not in result:
+        harness.print_header("Specialists: cost (issue 21)", result["environment"], f"device {result['device']}")
+        _cost_table(result["cost"])
+        return
     harness.print_header(
         "Specialists (issue 21)",
         result["environment"],
@@ -199,9 +222,13 @@ def report(result: dict[str, Any]) -> None:
         [(name, f"{statistics.fmean(v):.4f}", " ".join(f"{a:.4f}" for a in v)) for name, v in result["students"]["per_seed"].items()],
     )
     print()
+    _cost_table(result["cost"])
+
+
+def _cost_table(costs: dict[str, Any]) -> None:
     harness.table(
         [("members", "<"), ("alone µs/sample", ">"), ("with specialists", ">"), ("ratio", ">"), ("bound 1 + active", ">"), ("met", "<")],
-        [(k, f"{c['alone_us_per_sample']:.1f}", f"{c['combined_us_per_sample']:.1f}", f"{c['ratio']:.2f}", f"{c['bound']:.2f}", str(c["met"])) for k, c in result["cost"].items()],
+        [(k, f"{c['alone_us_per_sample']:.1f}", f"{c['combined_us_per_sample']:.1f}", f"{c['ratio']:.2f}", f"{c['bound']:.2f}", str(c["met"])) for k, c in costs.items()],
     )  # fmt: skip
 
 
@@ -215,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-n", type=int, nargs="+", help=f"the --specialist-top-n values tried (default {FULL['top_n']})")
     p.add_argument("--heads", nargs="+", choices=("dustbin", "full"), help=f"the heads tried (default {FULL['heads']})")
     p.add_argument("--cost-arch", default="cnn-large", help="members of the second cost row, random weights on 28×28 uint8")
+    p.add_argument("--cost-only", action="store_true", help="only the cost, of random-weight cnn-large and resnet members")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where --cost-only's teachers run")
     p.add_argument("--cost-repeats", type=int, help=f"timed passes per teacher (default {FULL['cost_repeats']})")
     args = harness.parse(p, argv, QUICK, FULL)
     started = time.perf_counter()
