@@ -93,7 +93,7 @@ def resume(run: Run, log: Any) -> None:
         log(f"no checkpoint in {run.out}; starting from epoch 1")
         return
     checkpoint = Checkpoint.load(path, run.dist.device)
-    fixed = ("student", "epochs", "batch_size", "schedule", "specialist", "specialist_head")
+    fixed = ("student", "epochs", "batch_size", "schedule", "specialist") + (("specialist_head",) if cfg.specialist else ())
     recorded = {key: checkpoint.config.get(key, getattr(type(cfg), key)) for key in fixed}  # an older checkpoint's: the defaults
     if any(recorded[key] != getattr(cfg, key) for key in fixed):
         made = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in recorded.items() if value is not None)

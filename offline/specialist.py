@@ -234,7 +234,7 @@ def classifier(model: nn.Module, num_classes: int) -> str:
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module.out_features == num_classes]
     if not names:
         raise SpecialistError(
-            f"cannot find the classifier (an nn.Linear with {num_classes} outputs) to give a dustbin; use --specialist-head full"
+            f"--init: its model has no classifier (an nn.Linear with {num_classes} outputs) to give a dustbin; use --specialist-head full"
         )
     return names[-1]
 

@@ -148,7 +148,7 @@ def specialist_log_probs(z: torch.Tensor, classes: torch.Tensor, temperature: fl
     return torch.cat([log_p.index_select(-1, classes), outside], dim=-1)
 
 
-def solve_specialists(log_a: torch.Tensor, dustbin: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+def solve_specialists(log_a: torch.Tensor, dustbin: torch.Tensor, group: torch.Tensor, newton: bool = True) -> torch.Tensor:
     """log q [B, C] for the q that minimises KL(p^g || q) + sum_m KL(p^m || q_m) over the simplex,
     where q_m is q over cluster m's classes and its dustbin (q's mass outside the cluster).
 
@@ -168,7 +168,9 @@ def solve_specialists(log_a: torch.Tensor, dustbin: torch.Tensor, group: torch.T
     specialist (always so for ``--specialist-top-n 1``) that L has a closed form,
     L = A_0 W / (A_0 + d) with A_0 the mass of the groups without a dustbin and W = sum A + d,
     and it is where the search starts: Newton's method on L, kept inside a bracket that always
-    holds the root, [-(sum d) - 1, sum A], by bisecting whenever a step leaves it."""
+    holds the root, [-(sum d) - 1, sum A], by bisecting whenever a step leaves it. ``newton``
+    False skips the search, for a caller that knows at most one specialist is active per row
+    (and saves its device-to-host sync)."""
     batch, groups = len(log_a), dustbin.shape[1] + 1
     log_a = log_a.clamp(min=LOG_FLOOR)
     a = log_a.exp()
@@ -177,7 +179,8 @@ def solve_specialists(log_a: torch.Tensor, dustbin: torch.Tensor, group: torch.T
     lo, hi = -d.sum(dim=1) - 1, mass.sum(dim=1)
     free = torch.where(d > 0, torch.zeros_like(mass), mass).sum(dim=1)  # A_0
     lam = (free * (hi + d.sum(dim=1)) / (free + d.sum(dim=1)).clamp(min=1e-300)).clamp(lo, hi)
-    for _ in range(NEWTON_STEPS):
+    masses, _ = _group_masses(lam, mass, d)
+    for _ in range(NEWTON_STEPS if newton else 0):
         masses, slope = _group_masses(lam, mass, d)
         excess = masses.sum(dim=1) - 1
         done = excess.abs() <= CONVERGED
@@ -221,6 +224,7 @@ class Specialists(Combiner):
         self.serving_temperature = float(serving_temperature)
         self.top_n = int(top_n)
         self.num_classes: int | None = None
+        self._on_device: tuple[torch.device, torch.Tensor, list[torch.Tensor]] | None = None
         self.samples = 0  # samples combined, and specialist runs on them: the mean active set is their ratio
         self.specialist_runs = 0
 
@@ -232,7 +236,9 @@ class Specialists(Combiner):
         for i, (spec, cluster, width) in enumerate(zip(specs[1:], self.clusters, widths[1:], strict=True), start=1):
             outside = [c for c in cluster if not 0 <= c < num_classes]
             if outside:
-                raise CombinerError(f"{spec}: its cluster holds class {outside[0]}, outside [0, {num_classes}) of the generalist {specs[0]}")
+                raise CombinerError(
+                    f"{spec}: its cluster holds class {outside[0]}, outside [0, {num_classes}) of the generalist {specs[0]}"
+                )
             if len(set(cluster)) >= num_classes:
                 raise CombinerError(f"{spec}: its cluster holds all {num_classes} classes; a specialist's cluster must leave some out")
             if width not in (len(cluster) + 1, num_classes):
@@ -252,29 +258,38 @@ class Specialists(Combiner):
     def combine(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError("specialists run only where they are active: use forward")
 
+    def _indices(self, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The group of each class and each cluster's classes, on ``device``, made once."""
+        if self._on_device is None or self._on_device[0] != device:
+            group = torch.full((self.num_classes or 0,), len(self.clusters), dtype=torch.long)
+            for m, cluster in enumerate(self.clusters):
+                group[list(cluster)] = m
+            classes = [torch.tensor(cluster, dtype=torch.long, device=device) for cluster in self.clusters]
+            self._on_device = (device, group.to(device), classes)
+        return self._on_device[1], self._on_device[2]
+
     def forward(self, run: RunMember, members: int, x: torch.Tensor) -> torch.Tensor:
         assert self.num_classes is not None, "classes() runs first, on the probe's widths"
-        t, device = self.serving_temperature, x.device
+        t, group_of, cluster_classes = self.serving_temperature, *self._indices(x.device)
         z = run(0, x)
         log_a = torch.log_softmax(z.double() / t, dim=-1)
-        group = torch.full((self.num_classes,), len(self.clusters), dtype=torch.long, device=device)
-        for m, cluster in enumerate(self.clusters):
-            group[list(cluster)] = m
         top = z.topk(min(self.top_n, self.num_classes), dim=-1).indices
-        active = torch.nn.functional.one_hot(group[top], len(self.clusters) + 1)[..., :-1].any(dim=1)  # [B, M]
-        dustbin = torch.zeros(len(x), len(self.clusters), dtype=torch.float64, device=device)
-        for m, cluster in enumerate(self.clusters):
-            rows = active[:, m].nonzero().squeeze(1)
+        active = torch.nn.functional.one_hot(group_of[top], len(self.clusters) + 1)[..., :-1].any(dim=1)  # [B, M]
+        pairs = active.t().nonzero()  # (specialist, row), by specialist: one device-to-host sync for them all
+        counts = active.sum(dim=0).tolist()
+        dustbin = torch.zeros(len(x), len(self.clusters), dtype=torch.float64, device=x.device)
+        for m, rows in enumerate(pairs[:, 1].split(counts)):
             if len(rows) == 0:
                 continue
-            classes = torch.tensor(cluster, dtype=torch.long, device=device)
+            classes = cluster_classes[m]
             log_p = specialist_log_probs(run(m + 1, x.index_select(0, rows)), classes, t)
-            held = log_a[rows[:, None], classes]
-            log_a[rows[:, None], classes] = torch.logaddexp(held, log_p[:, :-1])
+            index = (rows[:, None], classes)
+            log_a[index] = torch.logaddexp(log_a[index], log_p[:, :-1])
             dustbin[rows, m] = log_p[:, -1].exp()
         self.samples += len(x)
-        self.specialist_runs += int(active.sum())
-        return (t * solve_specialists(log_a, dustbin, group)).float()
+        self.specialist_runs += sum(counts)
+        # With one specialist active at most (top_n 1: the top class is in one cluster or none), the multiplier's closed form is exact.
+        return (t * solve_specialists(log_a, dustbin, group_of, newton=self.top_n > 1)).float()
 
     def name(self, member_names: Sequence[str]) -> str:
         specialists = (f"{name}[{','.join(map(str, cluster))}]" for name, cluster in zip(member_names[1:], self.clusters, strict=True))

@@ -106,11 +106,13 @@ class Fixed(nn.Module):
         return x @ self.weight
 
 
-def test_the_combiner_serves_a_stationary_point_and_runs_specialists_only_where_active() -> None:
+@pytest.mark.parametrize("top_n", [1, 2])
+def test_the_combiner_serves_a_stationary_point_and_runs_specialists_only_where_active(top_n: int) -> None:
+    """top_n 1 takes the closed form (one active specialist at most), top_n 2 the search."""
     temperature = 2.0
     generalist = Fixed(C, 0)
     members = [generalist, Fixed(len(CLUSTERS[0]) + 1, 1), Fixed(C, 2), Fixed(len(CLUSTERS[2]) + 1, 3)]  # dustbin, full, dustbin heads
-    combiner = Specialists(CLUSTERS, temperature, top_n=2)
+    combiner = Specialists(CLUSTERS, temperature, top_n=top_n)
     assert combiner.classes(["g", "s0", "s1", "s2"], [C, 4, C, 4]) == C
     x = torch.randn(512, 4, generator=torch.Generator().manual_seed(9))
     v = combiner.forward(lambda i, inputs: members[i](inputs), len(members), x).double()
@@ -119,7 +121,7 @@ def test_the_combiner_serves_a_stationary_point_and_runs_specialists_only_where_
     with torch.no_grad():
         z_g = generalist(x)
         log_pg = torch.log_softmax(z_g.double() / temperature, dim=-1)
-        top = z_g.topk(2, dim=-1).indices
+        top = z_g.topk(top_n, dim=-1).indices
         specialists = []
         for m, cluster in enumerate(CLUSTERS):
             active = torch.isin(top, torch.tensor(cluster)).any(dim=-1)

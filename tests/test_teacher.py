@@ -477,7 +477,7 @@ def bad_cases(root: Path) -> list:
             ["mlp-small", "mlp-small"],
             [f"{r}/mlp0.sd.pt", f"{r}/mlp-7.sd.pt"],
             {"input_shape": SHAPE},
-            r"mlp-small \\(--teacher 2\\): returns 7 classes, but mlp-small \\(--teacher 1\\) returns 10; all members",
+            r"mlp-small \(--teacher 2\): returns 7 classes, but mlp-small \(--teacher 1\) returns 10; all members",
         ),
         ([f"{r}/run/student.pt", "mlp-small"], [f"{r}/mlp0.sd.pt"], {}, r"mlp-small with .*mlp0\.sd\.pt: does not declare its input shape"),
         (
