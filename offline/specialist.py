@@ -291,6 +291,32 @@ class Start:
                 raise SpecialistError(f"--init {self.init_path}: its weights do not fit the specialist ({describe_error(exc)})") from None
         return student
 
+    @property
+    def prior_shift(self) -> float:
+        """log((1 - f) / f): what the enriched batches took from the logits of the classes outside
+        the cluster (dustbin or others) relative to the cluster's; 0 without enrichment."""
+        if self.enrichment is None:
+            return 0.0
+        f = self.enrichment.fraction
+        return math.log((1 - f) / f)
+
+    @torch.no_grad()
+    def correct_prior(self, student: nn.Module) -> str | None:
+        """Undo the enrichment's prior shift, as Hinton et al. (section 5) do: the batches held the
+        cluster's samples at 1/(2f) times their share and the others at 1/(2(1 - f)), so the
+        trained head over-predicts whichever side was oversampled by exactly that ratio. Adding
+        ``prior_shift`` to the bias of the outputs outside the cluster (the dustbin, or the other
+        classes of a full head) makes the specialist's probabilities those of the cache's mix
+        again. Returns the line to log, or None when there is nothing to correct."""
+        if self.cluster is None or self.enrichment is None:
+            return None
+        layer = student.get_submodule(classifier(student, self.cluster.width))
+        if layer.bias is None:
+            return f"warning: the specialist's classifier has no bias; its enriched prior (log odds {self.prior_shift:+.3f}) is left uncorrected"
+        outside = [self.cluster.width - 1] if self.cluster.head == "dustbin" else self.cluster.others()
+        layer.bias[outside] += self.prior_shift
+        return f"prior: added {self.prior_shift:+.3f} = log((1 - f) / f) to the bias of the outputs outside the cluster, undoing the enrichment"
+
     def eval_set(self, eval_set: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The eval set with its labels as the head numbers them."""
         inputs, labels = eval_set
@@ -298,7 +324,7 @@ class Start:
 
     def record(self) -> dict[str, Any] | None:
         """student.pt's ``specialist``."""
-        return None if self.cluster is None else self.cluster.record()
+        return None if self.cluster is None else {**self.cluster.record(), "prior_shift": self.prior_shift}
 
     def summary(self) -> dict[str, Any]:
         """What metrics.json adds: the cluster (with its fraction) and the --init file."""
@@ -307,7 +333,7 @@ class Start:
             e = self.enrichment
             specialist = {
                 **self.cluster.record(), "cluster_fraction": e.fraction, "cluster_samples": e.cluster_samples, "samples": e.samples,
-                "mean_repeats": {"cluster": e.rates[1], "others": e.rates[0]},
+                "mean_repeats": {"cluster": e.rates[1], "others": e.rates[0]}, "prior_shift": self.prior_shift,
             }  # fmt: skip
         return {"specialist": specialist, "init": self.init_path}
 

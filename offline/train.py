@@ -403,6 +403,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         if dist.world_size > 1:
             torch.distributed.barrier()
 
+    corrected = run.start.correct_prior(run.student)  # a specialist's enriched prior, undone before it is saved
+    if corrected:
+        log(corrected)
     summary = run_summary(cfg, run.student, run.meta, run.readers, run.history, dist, run.label_names)
     summary["recipe"] = run.recipe.to_dict()
     summary["warnings"] = setup_warnings

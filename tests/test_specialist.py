@@ -242,7 +242,7 @@ def test_a_specialist_run_from_a_generalist_records_its_cluster(generalist, tmp_
     assert f"init: from {generalist['pt']} (mlp-small): every weight; the classifier's rows" in printed
     record = torch.load(out / "student.pt", weights_only=True)
     assert record["arch"] == "mlp-small" and record["num_classes"] == 3
-    assert record["specialist"] == {"classes": [0, 1], "head": "dustbin", "classes_total": 6}
+    assert {k: v for k, v in record["specialist"].items() if k != "prior_shift"} == {"classes": [0, 1], "head": "dustbin", "classes_total": 6}
     model = models.build(record["arch"], record["input_shape"], record["num_classes"])
     model.load_state_dict(record["state_dict"])
     metrics = json.loads((out / "metrics.json").read_text())
@@ -261,7 +261,7 @@ def test_a_specialist_run_from_a_generalist_records_its_cluster(generalist, tmp_
         == 0
     )
     record = torch.load(full / "student.pt", weights_only=True)
-    assert record["num_classes"] == C and record["specialist"] == {"classes": [2], "head": "full", "classes_total": 6}
+    assert record["num_classes"] == C and record["specialist"]["classes"] == [2] and record["specialist"]["head"] == "full"
 
 
 def test_a_specialist_resumes_only_as_the_same_specialist(generalist, tmp_path, capsys):
@@ -338,3 +338,18 @@ def test_a_bad_specialist_or_init_is_one_line_and_writes_nothing(case, generalis
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("offline-distill: error: ") and expected in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_enriched_prior_is_undone_in_the_saved_head(generalist, tmp_path):
+    """Hinton et al., section 5: the batches oversample one side; student.pt's bias of the
+    outputs outside the cluster carries log((1 - f) / f), so that a sample's probabilities are
+    the cache's mix again (the final bias differs from the last checkpoint's by exactly that)."""
+    out = tmp_path / "s"
+    assert distill("--cache", generalist["cache"], "--specialist", "0,1", "--init", generalist["pt"], "--out", out) == 0
+    record = torch.load(out / "student.pt", weights_only=True)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    f = json.loads((out / "metrics.json").read_text())["specialist"]["cluster_fraction"]
+    name = next(k for k in record["state_dict"] if k.endswith(".bias") and record["state_dict"][k].numel() == 3)
+    shift = record["state_dict"][name] - checkpoint[name]
+    assert record["specialist"]["prior_shift"] == pytest.approx(math.log((1 - f) / f))
+    torch.testing.assert_close(shift, torch.tensor([0.0, 0.0, math.log((1 - f) / f)]))
