@@ -65,7 +65,9 @@ def serve_and_push(root: Path, serve_args: list[str], tag: str) -> dict[str, Any
     server = ServeProcess(serve_args, root / f"serve-{tag}.log")
     try:
         server.wait_ready(300)
-        push = harness.tool("teacher-push", "--url", server.url, "--data", str(root / "images"), "--no-progress", log=root / f"push-{tag}.log")
+        push = harness.tool(
+            "teacher-push", "--url", server.url, "--data", str(root / "images"), "--no-progress", log=root / f"push-{tag}.log"
+        )
     finally:
         code = server.stop()
     line = push.stdout.strip().splitlines()[-1] if push.stdout.strip() else push.stderr.strip().splitlines()[-1]
@@ -100,7 +102,9 @@ def run(args: Any) -> dict[str, Any]:
         pt2 = export_teacher(teacher, root / "teacher.pt2")
         cache, unscaled = root / "c", root / "c-unscaled"
         harness.say("serving with --input-scale 1/255, then restarting with --teacher and --cache only")
-        result["first"] = serve_and_push(root, ["--teacher", str(pt2), "--cache", str(cache), "--input-dtype", "uint8", "--input-scale", "1/255"], "first")
+        result["first"] = serve_and_push(
+            root, ["--teacher", str(pt2), "--cache", str(cache), "--input-dtype", "uint8", "--input-scale", "1/255"], "first"
+        )
         result["restart"] = serve_and_push(root, ["--teacher", str(pt2), "--cache", str(cache)], "restart")
         harness.say("serving without --input-scale")
         result["unscaled"] = serve_and_push(root, ["--teacher", str(pt2), "--cache", str(unscaled), "--input-dtype", "uint8"], "unscaled")

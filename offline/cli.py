@@ -124,7 +124,10 @@ def distill_parser() -> argparse.ArgumentParser:
         "temperature, the only T it takes)",
     )
     p.add_argument(
-        "--alpha", type=float, default=None, help=f"weight of the soft term; 0 trains on the labels alone ({recipe}: {DEFAULT_RULE.alpha:g})"
+        "--alpha",
+        type=float,
+        default=None,
+        help=f"weight of the soft term; 0 trains on the labels alone ({recipe}: {DEFAULT_RULE.alpha:g})",
     )
     p.add_argument(
         "--label-fraction", type=float, default=1.0, metavar="F",

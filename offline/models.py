@@ -166,8 +166,12 @@ def builtin(name: str, architecture: str, suits: str) -> Callable[[Factory], Fac
     return register(name)
 
 
-builtin("mlp-small", "MLP, one hidden layer of 32", "tiny inputs (8×8); the demo's student")(lambda shape, classes: MLP(shape, classes, [32]))
-builtin("mlp", "MLP, one hidden layer of 128", "the default student: any input, fast on a CPU")(lambda shape, classes: MLP(shape, classes, [128]))
+builtin("mlp-small", "MLP, one hidden layer of 32", "tiny inputs (8×8); the demo's student")(
+    lambda shape, classes: MLP(shape, classes, [32])
+)
+builtin("mlp", "MLP, one hidden layer of 128", "the default student: any input, fast on a CPU")(
+    lambda shape, classes: MLP(shape, classes, [128])
+)
 builtin("mlp-large", "MLP, two hidden layers of 512", "any input, when mlp underfits")(
     lambda shape, classes: MLP(shape, classes, [512, 512])
 )
@@ -204,9 +208,10 @@ def describe_students(input_shape: Sequence[int] = LIST_SHAPE, num_classes: int 
             params = "-"
         rows.append((name, architecture, params, suits))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(
-        f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}".rstrip() for row in rows
-    ) + "\nor module:factory, your own (see README § Students)"
+    return (
+        "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}".rstrip() for row in rows)
+        + "\nor module:factory, your own (see README § Students)"
+    )
 
 
 def resolve(spec: str, origin: Origin = COMMAND_LINE) -> Factory:

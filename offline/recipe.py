@@ -83,9 +83,7 @@ class Recipe:
         given = ", ".join("--" + knob.replace("_", "-") for knob in self.given)
         chosen = [knob for knob in self.KNOBS if knob not in self.given]
         why = (
-            f"epochs for about {self.rule.steps:,} steps on {self.samples:,} samples"
-            if "epochs" in chosen
-            else f"{self.samples:,} samples"
+            f"epochs for about {self.rule.steps:,} steps on {self.samples:,} samples" if "epochs" in chosen else f"{self.samples:,} samples"
         )
         return (
             f"recipe: lr {self.lr:g}, {self.epochs} epochs ({self.steps:,} steps), batch {self.batch_size}, "

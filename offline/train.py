@@ -333,9 +333,11 @@ def announce(run: Run, log: Any) -> list[str]:
     for warning in setup_warnings:
         log(printable(f"warning: {warning}"))
     if meta.temperature_rule == "serving" and cfg.temperature != meta.serving_temperature:
-        # Such a cache stores T_s*log(mean of the members' probabilities at T_s): exact only at T_s.
+        # Such a cache stores T_s*log(q) for a combination q of the members' probabilities at T_s
+        # (their mean, or the specialists' combination): exact only at T_s.
+        kind = "a generalist with specialists" if meta.teacher_name.startswith("ensemble-specialists") else "an arithmetic-mean ensemble"
         log(
-            f"warning: this cache holds an arithmetic-mean ensemble served at T={meta.serving_temperature:g}; its soft targets "
+            f"warning: this cache holds {kind} served at T={meta.serving_temperature:g}; its soft targets "
             f"are exact only at that temperature, and --temperature is {cfg.temperature:g}"
         )
     return setup_warnings
@@ -397,7 +399,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
         record = train_epoch(run, epoch, objective)
         run.history.append(record)
         if dist.is_main:
-            Checkpoint.capture(run.student, run.optimizer, run.scheduler, dist.device, epoch + 1, run.history, cfg).save(run.checkpoint_path)
+            Checkpoint.capture(run.student, run.optimizer, run.scheduler, dist.device, epoch + 1, run.history, cfg).save(
+                run.checkpoint_path
+            )
             with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
         if dist.world_size > 1:

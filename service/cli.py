@@ -222,7 +222,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
-    from .loading import TeacherError, parse_normalize
+    from .contract import TeacherError, parse_normalize
     from .runtime import TeacherService
     from .teacher import load_teacher
 

@@ -456,7 +456,9 @@ def push_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--data", required=True, metavar="SOURCE", help="transfer set: .npz, .npy, image folder, Parquet file or folder, "
                    "Hugging Face save_to_disk folder")  # fmt: skip
-    p.add_argument("--model", default="teacher", help="the model's name in the service's URLs (teacher-serve --model-name; default: teacher)")
+    p.add_argument(
+        "--model", default="teacher", help="the model's name in the service's URLs (teacher-serve --model-name; default: teacher)"
+    )
     p.add_argument("--batch-size", type=_positive_int, default=256, help="samples per request (default: 256)")
     p.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (default: 4)")
     p.add_argument(

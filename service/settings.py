@@ -58,7 +58,9 @@ class ServeSettings(BaseSettings):
     cache: Path = Field(description="cache directory (created if missing)")
     weights: Annotated[list[str], NoDecode] = Field(default_factory=list, description="weights for the SPECs that need them, in order")
     ensemble: Literal["geometric", "arithmetic", "specialists"] = "geometric"
-    specialist_top_n: int = Field(1, ge=1, le=1 << 16, description="specialists run where their cluster meets the generalist's top N classes")
+    specialist_top_n: int = Field(
+        1, ge=1, le=1 << 16, description="specialists run where their cluster meets the generalist's top N classes"
+    )
     temperature: float = Field(4.0, gt=0, allow_inf_nan=False, description="serving temperature T")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -209,7 +211,7 @@ def _agrees(name: str, given: Any, recorded: Any) -> bool:
         except TypeError:
             return False
     if name == "normalize":
-        from .loading import parse_normalize
+        from .contract import parse_normalize
 
         try:
             mean, std = parse_normalize(given)

@@ -27,8 +27,9 @@ import torch
 
 from ..offline.cache import CacheMeta
 from ..offline.models import describe_error
+from .contract import Overrides, TeacherError, torch_dtype
 from .ensemble import DEFAULT_TOP_N, ENSEMBLE_MODES, Combiner, CombinerError, combiner_for
-from .loading import Member, Overrides, TeacherError, load_members, spec_forms, torch_dtype
+from .loading import Member, load_members, spec_forms
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_BATCH = 2
@@ -276,7 +277,9 @@ def check_roles(members: Sequence[Member], ensemble: str) -> None:
         if len(members) < 2:
             raise TeacherError("--ensemble specialists needs a generalist (the first --teacher) and at least one specialist")
         if members[0].cluster is not None:
-            raise TeacherError(f"{members[0].spec}: the generalist (the first --teacher) is a specialist, on classes {_classes(members[0].cluster)}")
+            raise TeacherError(
+                f"{members[0].spec}: the generalist (the first --teacher) is a specialist, on classes {_classes(members[0].cluster)}"
+            )
         for member in members[1:]:
             if member.cluster is None:
                 raise TeacherError(

@@ -242,7 +242,11 @@ def test_a_specialist_run_from_a_generalist_records_its_cluster(generalist, tmp_
     assert f"init: from {generalist['pt']} (mlp-small): every weight; the classifier's rows" in printed
     record = torch.load(out / "student.pt", weights_only=True)
     assert record["arch"] == "mlp-small" and record["num_classes"] == 3
-    assert {k: v for k, v in record["specialist"].items() if k != "prior_shift"} == {"classes": [0, 1], "head": "dustbin", "classes_total": 6}
+    assert {k: v for k, v in record["specialist"].items() if k != "prior_shift"} == {
+        "classes": [0, 1],
+        "head": "dustbin",
+        "classes_total": 6,
+    }
     model = models.build(record["arch"], record["input_shape"], record["num_classes"])
     model.load_state_dict(record["state_dict"])
     metrics = json.loads((out / "metrics.json").read_text())

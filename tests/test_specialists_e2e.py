@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BIN
-from test_specialist import C, T_S, write_cache
+from test_specialist import T_S, C, write_cache
 
 from kdcache.offline.cache import CacheReader
 from kdcache.service.client import TeacherClient
@@ -50,7 +50,9 @@ def test_teacher_serve_answers_the_combination_of_a_generalist_and_its_specialis
     args = [a for spec in specs for a in ("--teacher", spec)]
     x = np.random.default_rng(1).random((12, 4), dtype=np.float32)
     served = tmp_path / "served"
-    with ServeProcess([*args, "--ensemble", "specialists", "--cache", str(served), "--device", "cpu", "--temperature", str(T_S)], tmp_path / "serve.log") as server:
+    with ServeProcess(
+        [*args, "--ensemble", "specialists", "--cache", str(served), "--device", "cpu", "--temperature", str(T_S)], tmp_path / "serve.log"
+    ) as server:
         server.wait_ready()
         with TeacherClient(server.url) as client:
             answer = client.infer(x, ids=[f"x{i}" for i in range(len(x))], outputs=("soft_targets",))

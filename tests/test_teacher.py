@@ -16,8 +16,8 @@ import torch
 from kdcache.offline import models, train
 from kdcache.offline.cache import CacheMeta, Preprocessing
 from kdcache.service.cli import load_settings, serve_main
+from kdcache.service.contract import InputContract, TeacherError, parse_normalize
 from kdcache.service.ensemble import ArithmeticMean, GeometricMean, SingleMember
-from kdcache.service.loading import InputContract, TeacherError, parse_normalize
 from kdcache.service.teacher import load_teacher
 
 SHAPE = (8, 8)

@@ -19,7 +19,8 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "kd-cache"
 # How a cache's soft targets depend on the distillation temperature T: "any" when
 # softmax(stored / T) is the teacher's soft target at every T (one teacher, or the geometric
-# ensemble), "serving" when it is exact only at the serving temperature (the arithmetic ensemble).
+# ensemble), "serving" when it is exact only at the serving temperature (the arithmetic ensemble,
+# a generalist with specialists).
 TEMPERATURE_RULES = ("any", "serving")
 TARGET_CHUNK_BYTES = 1 << 20
 MIN_CHUNK_ROWS = 16
