@@ -138,11 +138,11 @@ NEWTON_STEPS = 100  # at most; 0 to 6 in practice
 CONVERGED = 1e-13  # |sum_g M_g - 1| at which the search stops
 
 
-def specialist_log_probs(z: torch.Tensor, classes: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A specialist's logits [b, K+1] (dustbin head) or [b, C] (full head) → its log-probabilities
-    over its K classes and the dustbin, [b, K+1] float64, at ``temperature``."""
+def specialist_log_probs(z: torch.Tensor, classes: torch.Tensor, temperature: float, head: str = "dustbin") -> torch.Tensor:
+    """A specialist's logits [b, K+1] (``dustbin`` head) or [b, C] (``full`` head) → its
+    log-probabilities over its K classes and the dustbin, [b, K+1] float64, at ``temperature``."""
     log_p = torch.log_softmax(z.double() / temperature, dim=-1)
-    if z.shape[-1] == len(classes) + 1:
+    if head == "dustbin":
         return log_p
     outside = log_p.index_fill(-1, classes, float("-inf")).logsumexp(dim=-1, keepdim=True)
     return torch.cat([log_p.index_select(-1, classes), outside], dim=-1)
@@ -215,12 +215,15 @@ class Specialists(Combiner):
     ensemble = "specialists"
     temperature_rule = "serving"
 
-    def __init__(self, clusters: Sequence[Sequence[int]], serving_temperature: float, top_n: int = DEFAULT_TOP_N) -> None:
+    def __init__(
+        self, clusters: Sequence[Sequence[int]], serving_temperature: float, top_n: int = DEFAULT_TOP_N, heads: Sequence[str | None] = ()
+    ) -> None:
         if not clusters:
             raise CombinerError("--ensemble specialists needs a generalist (the first --teacher) and at least one specialist")
         if top_n < 1:
             raise CombinerError(f"--specialist-top-n must be at least 1, got {top_n}")
         self.clusters = tuple(tuple(int(c) for c in cluster) for cluster in clusters)
+        self.heads: list[str | None] = list(heads) or [None] * len(self.clusters)  # None: told by the width, in classes()
         self.serving_temperature = float(serving_temperature)
         self.top_n = int(top_n)
         self.num_classes: int | None = None
@@ -241,11 +244,7 @@ class Specialists(Combiner):
                 )
             if len(set(cluster)) >= num_classes:
                 raise CombinerError(f"{spec}: its cluster holds all {num_classes} classes; a specialist's cluster must leave some out")
-            if width not in (len(cluster) + 1, num_classes):
-                raise CombinerError(
-                    f"{spec}: returns {width} logits, but its cluster has {len(cluster)} classes: expected {len(cluster) + 1} "
-                    f"(the cluster and a dustbin) or {num_classes} (the full softmax); the head does not match the cluster"
-                )
+            self.heads[i - 1] = self._head(spec, cluster, width, num_classes, self.heads[i - 1])
             for c in cluster:
                 holder = owner.setdefault(c, i)
                 if holder != i:
@@ -254,6 +253,29 @@ class Specialists(Combiner):
                     )
         self.num_classes = num_classes
         return num_classes
+
+    @staticmethod
+    def _head(spec: str, cluster: Sequence[int], width: int, num_classes: int, head: str | None) -> str:
+        """A specialist's head: as its student.pt records it (checked against its width), else
+        told by its width, K + 1 (dustbin) or C (full), which cannot tell them apart when K + 1 = C."""
+        widths = {"dustbin": len(cluster) + 1, "full": num_classes}
+        if head is None and widths["dustbin"] == widths["full"] == width:
+            raise CombinerError(
+                f"{spec}: its {width} outputs fit both a dustbin head on {len(cluster)} classes and the full softmax; "
+                "serve its student.pt, which records the head"
+            )
+        fits = [name for name, expected in widths.items() if expected == width]
+        if (head is not None and head not in fits) or not fits:
+            expected = (
+                f"{widths[head]} for its {head} head"
+                if head in widths
+                else f"{widths['dustbin']} (the cluster and a dustbin) or {num_classes} (the full softmax)"
+            )
+            raise CombinerError(
+                f"{spec}: returns {width} logits, but its cluster has {len(cluster)} classes: expected {expected}; "
+                "the head does not match the cluster"
+            )
+        return head or fits[0]
 
     def combine(self, logits: Sequence[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError("specialists run only where they are active: use forward")
@@ -282,7 +304,7 @@ class Specialists(Combiner):
             if len(rows) == 0:
                 continue
             classes = cluster_classes[m]
-            log_p = specialist_log_probs(run(m + 1, x.index_select(0, rows)), classes, t)
+            log_p = specialist_log_probs(run(m + 1, x.index_select(0, rows)), classes, t, self.heads[m] or "dustbin")
             index = (rows[:, None], classes)
             log_a[index] = torch.logaddexp(log_a[index], log_p[:, :-1])
             dustbin[rows, m] = log_p[:, -1].exp()
@@ -305,14 +327,20 @@ class Specialists(Combiner):
 
 
 def combiner_for(
-    members: int, ensemble: str, serving_temperature: float, clusters: Sequence[Sequence[int] | None] = (), top_n: int = DEFAULT_TOP_N
+    members: int,
+    ensemble: str,
+    serving_temperature: float,
+    clusters: Sequence[Sequence[int] | None] = (),
+    top_n: int = DEFAULT_TOP_N,
+    heads: Sequence[str | None] = (),
 ) -> Combiner:
     """The combiner for ``members`` models under the ``--ensemble`` mode (ignored for one).
     ``clusters``: each member's cluster (None for one that is not a specialist), for
     ``specialists``, where member 0 is the generalist and every other member a specialist."""
     if ensemble == "specialists":
         clusters = list(clusters) or [None] * members
-        return Specialists([c for c in clusters[1:] if c is not None], serving_temperature, top_n)
+        heads = list(heads) or [None] * members
+        return Specialists([c for c in clusters[1:] if c is not None], serving_temperature, top_n, heads[1:])
     if members == 1:
         return SingleMember()
     if ensemble == "geometric":

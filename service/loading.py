@@ -71,6 +71,7 @@ class Member:
     exported: bool  # a torch.export program: moved to a device with move_to_device_pass, never .eval()'d
     cluster: tuple[int, ...] | None = None  # a specialist's classes (its student.pt's, or SPEC#CLASSES)
     cluster_total: int | None = None  # the classes C of the cache it was trained on, where its student.pt says
+    cluster_head: str | None = None  # dustbin or full, where its student.pt says (else told by its width)
 
     def on_device(self, device: torch.device) -> Member:
         """This member with its module on ``device``, in inference mode."""
@@ -255,16 +256,17 @@ def _from_student_record(where: str, payload: Any, options: Overrides, model_spe
     origin = COMMAND_LINE if model_spec is not None else Origin(where, trust_code)
     module = _build(where, arch, contract.input_shape, declared["num_classes"], origin)
     _load_weights(where, module, state)
-    cluster, total = _specialist_record(where, record, declared["num_classes"])
-    return replace(_member(where, arch, module, contract, declared["num_classes"]), cluster=cluster, cluster_total=total)
+    cluster, total, head = _specialist_record(where, record, declared["num_classes"])
+    member = _member(where, arch, module, contract, declared["num_classes"])
+    return replace(member, cluster=cluster, cluster_total=total, cluster_head=head)
 
 
-def _specialist_record(where: str, record: Mapping[str, Any], width: int) -> tuple[tuple[int, ...] | None, int | None]:
+def _specialist_record(where: str, record: Mapping[str, Any], width: int) -> tuple[tuple[int, ...] | None, int | None, str | None]:
     """The cluster and class count that a specialist's student.pt records (``offline-distill
     --specialist``), checked against its output width: K + 1 for a dustbin head, C for a full one."""
     entry = record.get("specialist")
     if entry is None:
-        return None, None
+        return None, None, None
     try:
         if not isinstance(entry, Mapping):
             raise ClusterError(f"{where}: its 'specialist' entry is not a mapping")
@@ -281,7 +283,7 @@ def _specialist_record(where: str, record: Mapping[str, Any], width: int) -> tup
             f"{where}: a specialist on {len(classes)} classes with a {head!r} head must have {expected.get(head, '?')} outputs, "
             f"but has {width}; the head does not match the cluster"
         )
-    return classes, total
+    return classes, total, head
 
 
 def _build(where: str, model_spec: str, input_shape: tuple[int, ...], num_classes: int, origin: Origin = COMMAND_LINE) -> nn.Module:

@@ -257,7 +257,9 @@ def load_teacher(
     members = [member.on_device(resolved_device) for member in load_members(specs, weights, options, trust_code)]
     check_roles(members, ensemble)
     try:
-        combiner = combiner_for(len(members), ensemble, temperature, [m.cluster for m in members], specialist_top_n)
+        combiner = combiner_for(
+            len(members), ensemble, temperature, [m.cluster for m in members], specialist_top_n, [m.cluster_head for m in members]
+        )
     except CombinerError as exc:
         raise TeacherError(str(exc)) from None
     teacher = Teacher(members, combiner, serving_temperature=temperature, device=resolved_device, compute_dtype=compute_dtype)

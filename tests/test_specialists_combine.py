@@ -125,7 +125,7 @@ def test_the_combiner_serves_a_stationary_point_and_runs_specialists_only_where_
         specialists = []
         for m, cluster in enumerate(CLUSTERS):
             active = torch.isin(top, torch.tensor(cluster)).any(dim=-1)
-            log_pm = specialist_log_probs(members[m + 1](x), torch.tensor(cluster), temperature)
+            log_pm = specialist_log_probs(members[m + 1](x), torch.tensor(cluster), temperature, combiner.heads[m])
             specialists.append((cluster, log_pm, active.double()))
             assert members[m + 1].seen - len(x) == int(active.sum())  # the forward ran it on the active rows only
     # float32 storage of v = T log q: the gradient is then as small as that rounding allows.
@@ -145,3 +145,23 @@ def test_the_combiner_serves_a_stationary_point_and_runs_specialists_only_where_
 def test_bad_specialists_are_refused(clusters: tuple, widths: list[int], message: str) -> None:
     with pytest.raises(CombinerError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         Specialists(clusters, 1.0).classes(["g", *(f"s{i}" for i in range(len(clusters)))], widths)
+
+
+def test_a_full_head_on_all_but_one_class_is_read_as_full_not_as_a_dustbin() -> None:
+    """K + 1 = C outputs fit both heads: the recorded head decides (here full: output j is class
+    j, and the dustbin is class 9's probability); unrecorded, the width cannot tell and is refused."""
+    cluster = tuple(c for c in range(C) if c != 6)  # 9 classes: a dustbin head would also be 10 wide
+    generalist, specialist = Fixed(C, 0), Fixed(C, 1)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(CombinerError, match="fit both a dustbin head"):
+        Specialists((cluster,), 1.0).classes(["g", "s"], [C, C])
+    combiner = Specialists((cluster,), 1.0, heads=["full"])
+    combiner.classes(["g", "s"], [C, C])
+    members = [generalist, specialist]
+    log_q = combiner.forward(lambda i, inputs: members[i](inputs), 2, x).double()
+    with torch.no_grad():
+        log_pg = torch.log_softmax(generalist(x).double(), dim=-1)
+        log_pm = torch.log_softmax(specialist(x).double(), dim=-1)
+    pooled = torch.cat([log_pm[:, list(cluster)], log_pm[:, [6]]], dim=-1)  # class j's own output, and class 6 as the dustbin
+    active = torch.isin(generalist(x).argmax(-1), torch.tensor(cluster)).double()
+    assert gradient(log_q, log_pg, [(cluster, pooled, active)]).abs().max() < 1e-5
