@@ -94,27 +94,27 @@ def distil_from(
     return float(json.loads((out / "metrics.json").read_text())["eval_accuracy"])
 
 
-def forward_seconds(teacher: Teacher, x: np.ndarray) -> float:
+def forward_seconds(teacher: Teacher, x: np.ndarray, batch: int = COST_BATCH) -> float:
     started = time.perf_counter()
-    for part in np.array_split(x, max(1, len(x) // COST_BATCH)):
+    for part in np.array_split(x, max(1, len(x) // batch)):
         teacher.forward(part)
     return time.perf_counter() - started
 
 
-def cost(alone: Teacher, combined: Teacher, x: np.ndarray, repeats: int) -> dict[str, Any]:
-    """Per-sample forward time, the two teachers alternated ``repeats`` times; the medians."""
+def cost(alone: Teacher, combined: Teacher, x: np.ndarray, repeats: int, batch: int = COST_BATCH) -> dict[str, Any]:
+    """Per-sample forward time at ``batch``, the two teachers alternated ``repeats`` times; the medians."""
     for teacher in (alone, combined):
-        forward_seconds(teacher, x)  # warm-up
+        forward_seconds(teacher, x, batch)  # warm-up
     combined.combiner.samples = combined.combiner.specialist_runs = 0
     times: dict[str, list[float]] = {"alone": [], "combined": []}
     for _ in range(repeats):
-        times["alone"].append(forward_seconds(alone, x) / len(x))
-        times["combined"].append(forward_seconds(combined, x) / len(x))
+        times["alone"].append(forward_seconds(alone, x, batch) / len(x))
+        times["combined"].append(forward_seconds(combined, x, batch) / len(x))
     active = combined.combiner.specialist_runs / max(1, combined.combiner.samples)
     alone_s, combined_s = statistics.median(times["alone"]), statistics.median(times["combined"])
     return {
         "alone_us_per_sample": alone_s * 1e6, "combined_us_per_sample": combined_s * 1e6, "ratio": combined_s / alone_s,
-        "mean_active": active, "bound": 1 + active, "met": combined_s / alone_s <= 1 + active,
+        "mean_active": active, "bound": 1 + active, "met": combined_s / alone_s <= 1 + active, "batch": batch,
     }  # fmt: skip
 
 
@@ -136,7 +136,11 @@ def random_members(
     return alone, load_teacher(specs, weights=weights, ensemble="specialists", **options)
 
 
-COST_MEMBERS = {"cnn-large": (1, 28, 28), "resnet": (3, 32, 32)}  # --cost-only: arch → sample shape
+COST_MEMBERS = ["cnn-large@1x28x28", "resnet@3x32x32"]  # --cost-only: arch@sample shape
+
+
+def member_shapes(texts: list[str]) -> dict[str, tuple[int, ...]]:
+    return {text: tuple(int(d) for d in text.partition("@")[2].split("x")) for text in texts}
 
 
 def cost_only(args: Any) -> dict[str, Any]:
@@ -144,10 +148,11 @@ def cost_only(args: Any) -> dict[str, Any]:
     {0..4} and {5..8} (class 9 in none), the generalist's top 1."""
     clusters, costs = [[0, 1, 2, 3, 4], [5, 6, 7, 8]], {}
     with harness.workdir("kd-specialists-cost-", args.tmpdir, args.keep) as root:
-        for arch, shape in COST_MEMBERS.items():
-            x = np.random.default_rng(0).integers(0, 256, (COST_BATCH * 8, *shape), dtype=np.uint8)
-            costs[arch] = cost(*random_members(root, arch, shape, clusters, 10, args.device), x, args.cost_repeats)
-            harness.say(f"{arch}: {costs[arch]}")
+        for name, shape in member_shapes(args.cost_members).items():
+            x = np.random.default_rng(0).integers(0, 256, (args.cost_batch * 8, *shape), dtype=np.uint8)
+            members = random_members(root, name.partition("@")[0], shape, clusters, 10, args.device)
+            costs[name] = cost(*members, x, args.cost_repeats, args.cost_batch)
+            harness.say(f"{name}: {costs[name]}")
     return {"environment": harness.environment(args.device), "device": args.device, "clusters": clusters, "cost": costs}
 
 
@@ -244,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost-arch", default="cnn-large", help="members of the second cost row, random weights on 28×28 uint8")
     p.add_argument("--cost-only", action="store_true", help="only the cost, of random-weight cnn-large and resnet members")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where --cost-only's teachers run")
+    p.add_argument("--cost-members", nargs="+", default=COST_MEMBERS, help="--cost-only's members: ARCH@CxHxW, random weights")
+    p.add_argument("--cost-batch", type=int, default=COST_BATCH, help="--cost-only's batch size")
     p.add_argument("--cost-repeats", type=int, help=f"timed passes per teacher (default {FULL['cost_repeats']})")
     args = harness.parse(p, argv, QUICK, FULL)
     started = time.perf_counter()
