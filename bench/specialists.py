@@ -4,13 +4,14 @@ does serving it cost?
 
 1. The problem's teacher (``demo.sweep.prepare``) fills ``cache/`` on the transfer set; the
    validation and test splits are written beside it.
-2. ``cache-inspect cache/ --clusters K --json > clusters.json``.
+2. Per clustering method: ``cache-inspect cache/ --clusters K --cluster-method M --json``.
 3. Per seed: the generalist, ``offline-distill --cache cache/ --student S`` at the defaults; per
-   head and cluster k, ``offline-distill --cache cache/ --specialist @clusters.json:k
+   method, head and cluster k, ``offline-distill --cache cache/ --specialist @clusters-M.json:k
    --specialist-head HEAD --init generalist/student.pt``.
 4. The teachers, loaded as ``teacher-serve`` loads them (``service.teacher.load_teacher``): the
-   generalist alone and with its specialists, for each head and ``--specialist-top-n`` N, scored
-   on validation and test. The head and N are chosen on validation (the mean over seeds).
+   generalist alone and with its specialists, for each method, head and
+   ``--specialist-top-n`` N, scored on validation and test. The method, head and N are chosen on
+   validation (the mean over seeds).
 5. Students: each teacher (the generalist alone, and with the chosen specialists) serves the
    transfer set at T_s = 4, the student's default T, into a cache; the same student and recipe
    are distilled from each, and scored on test.
@@ -37,35 +38,38 @@ from kdcache.demo.sweep import prepare
 from kdcache.offline.cache import CacheWriter
 from kdcache.service.teacher import Teacher, load_teacher
 
-QUICK = {"seeds": 1, "clusters": 2, "top_n": [1, 2], "heads": ["dustbin"], "cost_repeats": 3}
-FULL = {"seeds": 3, "clusters": 2, "top_n": [1, 2, 3], "heads": ["dustbin", "full"], "cost_repeats": 10}
+QUICK = {"seeds": 1, "clusters": 2, "top_n": [1, 2], "heads": ["dustbin"], "methods": ["spectral"], "cost_repeats": 3}
+FULL = {"seeds": 3, "clusters": 2, "top_n": [1, 2], "heads": ["dustbin", "full"], "methods": ["spectral", "covariance"], "cost_repeats": 10}
 STUDENT_T = 4.0  # the distilled students' temperature (offline-distill's default on full logits), and T_s for their caches
 COST_BATCH = 256
 
 
-def train_runs(root: Path, cache: Path, clusters: int, seed: int, args: Any) -> dict[str, Any]:
-    """The generalist and, per head, its specialists for one seed."""
+def train_runs(root: Path, cache: Path, clusterings: dict[str, Any], seed: int, args: Any) -> dict[str, Any]:
+    """The generalist and, per clustering method and head, its specialists for one seed."""
     common = ["--student", args.student, "--seed", str(seed), "--no-progress", "--no-export"]
     generalist = root / f"generalist-{seed}"
     harness.tool("offline-distill", "--cache", str(cache), "--out", str(generalist), *common, log=root / f"generalist-{seed}.log")
     runs: dict[str, Any] = {"generalist": generalist / "student.pt", "specialists": {}}
-    for head in args.heads:
-        paths = []
-        for k in range(clusters):
-            out = root / f"specialist-{head}-{k}-{seed}"
-            harness.tool(
-                "offline-distill", "--cache", str(cache), "--specialist", f"@{root / 'clusters.json'}:{k}", "--specialist-head", head,
-                "--init", str(generalist / "student.pt"), "--out", str(out), *common, log=out.with_suffix(".log"),
-            )  # fmt: skip
-            paths.append(out / "student.pt")
-        runs["specialists"][head] = paths
+    for method, clustering in clusterings.items():
+        for head in args.heads:
+            paths = []
+            for k in range(len(clustering["clusters"])):
+                out = root / f"specialist-{method}-{head}-{k}-{seed}"
+                harness.tool(
+                    "offline-distill", "--cache", str(cache), "--specialist", f"@{root / f'clusters-{method}.json'}:{k}",
+                    "--specialist-head", head, "--init", str(generalist / "student.pt"), "--out", str(out), *common,
+                    log=out.with_suffix(".log"),
+                )  # fmt: skip
+                paths.append(out / "student.pt")
+            runs["specialists"][f"{method}, {head}"] = paths
     return runs
 
 
-def load(runs: dict[str, Any], head: str | None, top_n: int, temperature: float = 1.0) -> Teacher:
-    specs = [str(runs["generalist"])] + ([str(p) for p in runs["specialists"][head]] if head else [])
+def load(runs: dict[str, Any], variant: str | None, top_n: int, temperature: float = 1.0) -> Teacher:
+    """The generalist alone (``variant`` None), or with the specialists of one "method, head"."""
+    specs = [str(runs["generalist"])] + ([str(p) for p in runs["specialists"][variant]] if variant else [])
     return load_teacher(
-        specs, ensemble="specialists" if head else "geometric", temperature=temperature, device="cpu", specialist_top_n=top_n
+        specs, ensemble="specialists" if variant else "geometric", temperature=temperature, device="cpu", specialist_top_n=top_n
     )
 
 
@@ -121,19 +125,22 @@ def cost(alone: Teacher, combined: Teacher, x: np.ndarray, repeats: int, batch: 
 def random_members(
     root: Path, arch: str, shape: tuple[int, ...], clusters: list[list[int]], classes: int, device: str = "cpu"
 ) -> tuple[Teacher, Teacher]:
-    """A generalist alone and with specialists, all ``arch`` with random weights (the cost does
-    not depend on them), taking uint8 inputs of ``shape``."""
+    """A generalist alone and with dustbin-head specialists, all ``arch`` with random weights
+    (the cost does not depend on them), saved as student.pt records for uint8 inputs of ``shape``."""
     from kdcache.offline import models
+    from kdcache.offline.cache import CacheMeta, Preprocessing
 
-    weights = []
     torch.manual_seed(0)
-    for i, width in enumerate([classes] + [len(c) + 1 for c in clusters]):
-        weights.append(str(root / f"random-{arch}-{i}.pt"))
-        torch.save(models.build(arch, shape, width).state_dict(), weights[-1])
-    specs = [arch] + [f"{arch}#{','.join(map(str, c))}" for c in clusters]
-    options = {"temperature": 1.0, "device": device, "input_shape": shape, "input_dtype": "uint8", "input_scale": 1 / 255}
-    alone = load_teacher(specs[:1], weights=weights[:1], **options)
-    return alone, load_teacher(specs, weights=weights, ensemble="specialists", **options)
+    specs = []
+    for i, cluster in enumerate([None, *clusters]):
+        width = classes if cluster is None else len(cluster) + 1
+        meta = CacheMeta("0" * 64, "random", width, shape, "uint8", preprocessing=Preprocessing(scale=1 / 255))
+        specialist = None if cluster is None else {"classes": list(cluster), "head": "dustbin", "classes_total": classes}
+        record = models.student_record(arch, models.build(arch, shape, width), meta, temperature=1.0, alpha=1.0, specialist=specialist)
+        specs.append(str(root / f"random-{arch.replace(':', '-')}-{'x'.join(map(str, shape))}-{i}.pt"))
+        torch.save(record, specs[-1])
+    alone = load_teacher(specs[:1], temperature=1.0, device=device)
+    return alone, load_teacher(specs, ensemble="specialists", temperature=1.0, device=device)
 
 
 COST_MEMBERS = ["cnn-large@1x28x28", "resnet@3x32x32"]  # --cost-only: arch@sample shape
@@ -165,16 +172,19 @@ def run(args: Any) -> dict[str, Any]:
         prepared = prepare(problem, root)
         prepared.update(test=str(root / args.problem / "test.npz"), validation=str(root / args.problem / "validation.npz"))
         cache = Path(prepared["cache"])
-        inspect = harness.tool("cache-inspect", str(cache), "--clusters", str(args.clusters), "--json")
-        (root / "clusters.json").write_text(inspect.stdout)
-        clustering = json.loads(inspect.stdout)
-        harness.say(f"clusters: {clustering['clusters']} (confusion covered {clustering['covered']:.1%})")
+        clusterings = {}
+        for method in args.methods:
+            inspect = harness.tool("cache-inspect", str(cache), "--clusters", str(args.clusters), "--cluster-method", method, "--json")
+            (root / f"clusters-{method}.json").write_text(inspect.stdout)
+            clusterings[method] = json.loads(inspect.stdout)
+            harness.say(f"{method} clusters: {clusterings[method]['clusters']} (confusion covered {clusterings[method]['covered']:.1%})")
         x, y = problem.splits["train"]
-        arms = [("generalist", None, 1)] + [(f"{head}, top {n}", head, n) for head in args.heads for n in args.top_n]
+        variants = [f"{method}, {head}" for method in args.methods for head in args.heads]
+        arms = [("generalist", None, 1)] + [(f"{variant}, top {n}", variant, n) for variant in variants for n in args.top_n]
         scores: dict[str, dict[str, list[float]]] = {name: {"validation": [], "test": [], "active": []} for name, _, _ in arms}
         seeds: list[dict[str, Any]] = []
         for seed in range(args.seeds):
-            runs = train_runs(root, cache, len(clustering["clusters"]), seed, args)
+            runs = train_runs(root, cache, clusterings, seed, args)
             for name, head, n in arms:
                 teacher = load(runs, head, n)
                 for split in ("validation", "test"):
@@ -185,21 +195,21 @@ def run(args: Any) -> dict[str, Any]:
             harness.say(f"seed {seed}: " + ", ".join(f"{name} {s['test'][-1]:.4f}" for name, s in scores.items()))
         mean = {name: {k: statistics.fmean(v) for k, v in s.items()} for name, s in scores.items()}
         chosen = max((name for name, _, _ in arms[1:]), key=lambda name: mean[name]["validation"])
-        _, head, top_n = next(arm for arm in arms if arm[0] == chosen)
+        _, variant, top_n = next(arm for arm in arms if arm[0] == chosen)
         students: dict[str, list[float]] = {"generalist": [], chosen: []}
         for seed, runs in enumerate(seeds):
             students["generalist"].append(distil_from(load(runs, None, 1, STUDENT_T), prepared, root, "generalist", seed, args, x, y))
-            students[chosen].append(distil_from(load(runs, head, top_n, STUDENT_T), prepared, root, "specialists", seed, args, x, y))
+            students[chosen].append(distil_from(load(runs, variant, top_n, STUDENT_T), prepared, root, "specialists", seed, args, x, y))
         test_x = np.load(prepared["test"])["inputs"]
-        costs = {"digits": cost(load(seeds[0], None, 1), load(seeds[0], head, top_n), test_x, args.cost_repeats)}
+        costs = {"digits": cost(load(seeds[0], None, 1), load(seeds[0], variant, top_n), test_x, args.cost_repeats)}
         shape, fake = (1, 28, 28), np.random.default_rng(0).integers(0, 256, (COST_BATCH * 4, 1, 28, 28), dtype=np.uint8)
         costs[args.cost_arch] = cost(
-            *random_members(root, args.cost_arch, shape, clustering["clusters"], problem.classes), fake, args.cost_repeats
+            *random_members(root, args.cost_arch, shape, clusterings[args.methods[0]]["clusters"], problem.classes), fake, args.cost_repeats
         )
         return {
             "environment": harness.environment(), "problem": prepared["problem"], "teacher": prepared["teacher"],
             "teacher_accuracy": prepared["teacher_accuracy"], "student": args.student, "seeds": args.seeds,
-            "clusters": clustering, "teachers": {"per_seed": scores, "mean": mean}, "chosen": {"arm": chosen, "head": head, "top_n": top_n},
+            "clusters": clusterings, "teachers": {"per_seed": scores, "mean": mean}, "chosen": {"arm": chosen, "variant": variant, "top_n": top_n},
             "students": {"per_seed": students, "mean": {k: statistics.fmean(v) for k, v in students.items()}}, "cost": costs,
         }  # fmt: skip
 
@@ -215,7 +225,9 @@ def report(result: dict[str, Any]) -> None:
         result["problem"],
         f"teacher {result['teacher']}, student {result['student']}, {result['seeds']} seed(s)",
     )
-    print(f"clusters: {result['clusters']['clusters']} (confusion covered {result['clusters']['covered']:.1%})\n")
+    for method, clustering in result["clusters"].items():
+        print(f"{method} clusters: {clustering['clusters']} (confusion covered {clustering['covered']:.1%})")
+    print()
     mean = result["teachers"]["mean"]
     harness.table(
         [("teacher", "<"), ("validation", ">"), ("test", ">"), ("specialists per sample", ">")],
@@ -246,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clusters", type=int, help=f"K for cache-inspect --clusters (default {FULL['clusters']})")
     p.add_argument("--top-n", type=int, nargs="+", help=f"the --specialist-top-n values tried (default {FULL['top_n']})")
     p.add_argument("--heads", nargs="+", choices=("dustbin", "full"), help=f"the heads tried (default {FULL['heads']})")
+    p.add_argument(
+        "--methods", nargs="+", choices=("spectral", "covariance"), help=f"the clustering methods tried (default {FULL['methods']})"
+    )
     p.add_argument("--cost-arch", default="cnn-large", help="members of the second cost row, random weights on 28×28 uint8")
     p.add_argument("--cost-only", action="store_true", help="only the cost, of random-weight cnn-large and resnet members")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where --cost-only's teachers run")

@@ -289,8 +289,14 @@ def inspect_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clusters", type=int, metavar="K",
         help="instead of the summary, propose K disjoint clusters of confusable classes for specialists (Hinton et al. 2015, "
-        "section 5): K-means on the columns of the covariance of every cached prediction at the serving temperature; with "
-        "--json, the clusters file that @FILE:k names (offline-distill --specialist)",
+        "section 5), from every cached prediction at the serving temperature; with --json, the clusters file that @FILE:k "
+        "names (offline-distill --specialist)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cluster-method", choices=("spectral", "covariance"), default="spectral",
+        help="spectral: spectral clustering of the classes' confusion (the mass predictions share); covariance: the paper's "
+        "K-means on the columns of the predictions' covariance, which tends to give one large cluster and single classes "
+        "(default: spectral)",
     )  # fmt: skip
     p.add_argument(
         "--trust-code", action="store_true",
@@ -408,7 +414,7 @@ def inspect_clusters(args: argparse.Namespace) -> int:
     def body() -> int:
         try:
             reader = CacheReader(args.directory, verify_checksums=args.verify, report_bad_label_names=True)
-            result = cluster_classes(reader, args.clusters, progress=True)
+            result = cluster_classes(reader, args.clusters, method=args.cluster_method, progress=True)
         except CacheError as exc:
             return fail("cache-inspect", str(exc), code=1)
         if reader.label_names_problem:

@@ -9,10 +9,20 @@ and summed in float64, so memory is O(C²) whatever the cache's size:
     M   = E[p pᵀ]                 (C × C; off its diagonal, how often two classes share mass)
     Cov = M − E[p] E[p]ᵀ
 
-As in the paper, K-means runs on the C columns of Cov (points in R^C): classes predicted together
-have similar columns. K-means++ starts from a fixed seed, several restarts keep the lowest
-inertia, and a cluster left empty is re-seeded from the point farthest from its centre, so the
-answer is deterministic and has K non-empty clusters.
+Two methods (``--cluster-method``):
+
+* ``covariance``, the paper's: K-means on the C columns of Cov (points in R^C): classes predicted
+  together have similar columns. With a confident teacher each column is dominated by its own
+  class's variance, and the answer tends to be one large cluster and K - 1 single classes
+  (docs/benchmarks.md § Specialists).
+* ``spectral`` (the default): normalised spectral clustering (Ng, Jordan and Weiss 2001) of the
+  classes as a graph whose edge weights are the confusion A = M off its diagonal, symmetrised:
+  the K leading eigenvectors of D^-1/2 A D^-1/2, rows normalised, then K-means. It groups the
+  classes that share mass with each other, which is what a specialist needs.
+
+K-means++ starts from a fixed seed, several restarts keep the lowest inertia, and a cluster left
+empty is re-seeded from the point farthest from its centre, so the answer is deterministic and
+has K non-empty clusters.
 
 What a cluster is worth is the confusion it covers: the total confusion is Σ_{i≠j} M_ij, and a
 cluster S covers Σ_{i≠j ∈ S} M_ij of it. The clusters are reported largest share first, their
@@ -183,6 +193,26 @@ def kmeans(points: np.ndarray, k: int, seed: int = SEED, restarts: int = RESTART
     return best
 
 
+def spectral_points(moment: np.ndarray, k: int) -> np.ndarray:
+    """The classes as points for K-means: rows of the K leading eigenvectors of the normalised
+    confusion affinity D^-1/2 A D^-1/2 (A = M off its diagonal, symmetrised), each row scaled
+    to unit length. A class that shares no mass with any other gets a zero row."""
+    affinity = np.asarray(moment, dtype=np.float64).copy()
+    np.fill_diagonal(affinity, 0.0)
+    affinity = (affinity + affinity.T) / 2
+    scale = 1 / np.sqrt(np.maximum(affinity.sum(axis=1), 1e-300))
+    _, vectors = np.linalg.eigh(affinity * scale[:, None] * scale[None, :])
+    points = vectors[:, -k:]
+    return points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-300)
+
+
+CLUSTER_METHODS = {
+    "spectral": lambda sums, k: spectral_points(sums.second_moment(), k),
+    "covariance": lambda sums, k: sums.covariance(),
+}
+DEFAULT_METHOD = "spectral"
+
+
 def coverage(moment: np.ndarray, clusters: list[tuple[int, ...]]) -> tuple[list[float], float]:
     """Each cluster's share of the total confusion Σ_{i≠j} M_ij, and their sum (0 when the
     predictions are one-hot and there is no confusion to cover)."""
@@ -205,6 +235,7 @@ class Clustering:
     predictions: int  # samples × views
     temperature: float  # T_s
     num_classes: int
+    method: str  # CLUSTER_METHODS
     names: list[list[str | None]] | None  # per cluster, where the cache records label names
 
     def to_json(self, directory: str) -> dict[str, Any]:
@@ -212,7 +243,9 @@ class Clustering:
         out: dict[str, Any] = {"clusters": [list(c) for c in self.clusters]}
         if self.names is not None:
             out["names"] = self.names
-        out.update(confusion=self.shares, covered=self.covered, temperature=self.temperature, predictions=self.predictions)
+        out.update(
+            confusion=self.shares, covered=self.covered, method=self.method, temperature=self.temperature, predictions=self.predictions
+        )
         out["cache"] = directory
         return out
 
@@ -226,7 +259,7 @@ class Clustering:
         views = f" ({self.samples:,} samples × {self.predictions // self.samples} views)" if self.predictions != self.samples else ""
         lines = [
             f"clusters         {len(self.clusters)} of {self.num_classes} classes, from {self.predictions:,} predictions{views} "
-            f"at T={self.temperature:g} (K-means on the columns of their covariance)"
+            f"at T={self.temperature:g} ({METHOD_TEXT[self.method]})"
         ]
         width = len(str(len(self.clusters) - 1))
         for index, (cluster, share) in enumerate(zip(self.clusters, self.shares, strict=True)):
@@ -238,7 +271,15 @@ class Clustering:
         return lines
 
 
-def cluster_classes(reader: Any, k: int, *, progress: bool = False, seed: int = SEED, restarts: int = RESTARTS) -> Clustering:
+METHOD_TEXT = {
+    "spectral": "spectral clustering of their confusion",
+    "covariance": "K-means on the columns of their covariance",
+}
+
+
+def cluster_classes(
+    reader: Any, k: int, *, method: str = DEFAULT_METHOD, progress: bool = False, seed: int = SEED, restarts: int = RESTARTS
+) -> Clustering:
     """K disjoint clusters of confusable classes from every published row of ``reader`` (a
     ``CacheReader``). ClusteringError for K outside [1, C], more than ``MAX_CLASSES`` classes or
     a cache without published samples; CacheError for damaged rows."""
@@ -250,8 +291,10 @@ def cluster_classes(reader: Any, k: int, *, progress: bool = False, seed: int = 
         raise ClusteringError(f"--clusters K must be between 1 and {classes}, the cache's classes; got {k}")
     if reader.num_samples == 0:
         raise ClusteringError(f"{reader.directory}: no published samples to cluster")
+    if method not in CLUSTER_METHODS:
+        raise ClusteringError(f"--cluster-method must be one of {', '.join(CLUSTER_METHODS)}, got {method!r}")
     sums = confusion_sums(reader, progress=progress)
-    labels = kmeans(sums.covariance(), k, seed=seed, restarts=restarts)
+    labels = kmeans(CLUSTER_METHODS[method](sums, k), k, seed=seed, restarts=restarts)
     clusters = [tuple(int(c) for c in np.flatnonzero(labels == j)) for j in range(k)]
     shares, _ = coverage(sums.second_moment(), clusters)
     order = sorted(range(k), key=lambda j: (-shares[j], clusters[j][0]))
@@ -260,8 +303,20 @@ def cluster_classes(reader: Any, k: int, *, progress: bool = False, seed: int = 
     names = None if label_names is None else [[label_names[c] if c < len(label_names) else None for c in cluster] for cluster in clusters]
     return Clustering(
         clusters=clusters, shares=shares, covered=float(sum(shares)), samples=reader.num_samples, predictions=sums.count,
-        temperature=meta.serving_temperature, num_classes=classes, names=names,
+        temperature=meta.serving_temperature, num_classes=classes, method=method, names=names,
     )  # fmt: skip
 
 
-__all__ = ["MAX_CLASSES", "Clustering", "ClusteringError", "ConfusionSums", "cluster_classes", "confusion_sums", "coverage", "kmeans"]
+__all__ = [
+    "CLUSTER_METHODS",
+    "DEFAULT_METHOD",
+    "MAX_CLASSES",
+    "spectral_points",
+    "Clustering",
+    "ClusteringError",
+    "ConfusionSums",
+    "cluster_classes",
+    "confusion_sums",
+    "coverage",
+    "kmeans",
+]

@@ -63,13 +63,14 @@ def predictions(directory) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+@pytest.mark.parametrize("method", ["spectral", "covariance"])
 @pytest.mark.parametrize(("layout", "views"), [("full", 1), ("topk:3", 1), ("sampled:64", 1), ("full", 3)])
-def test_the_confusable_groups_are_recovered_from_every_layout_and_from_views(tmp_path, monkeypatch, layout, views):
+def test_the_confusable_groups_are_recovered_from_every_layout_and_from_views(tmp_path, monkeypatch, layout, views, method):
     cache = write_cache(tmp_path / "c", teacher_logits(300, views=views), layout)  # 5 shards
     clustered = []  # the matrix whose columns K-means is given
     monkeypatch.setattr(clustering, "kmeans", lambda points, k, **kw: clustered.append(points) or kmeans(points, k, **kw))
-    result = cluster_classes(CacheReader(cache), 5)
-    assert result.clusters == EXPECTED
+    result = cluster_classes(CacheReader(cache), 5, method=method)
+    assert result.clusters == EXPECTED and result.method == method
     assert result.samples == 300 and result.predictions == 300 * views and result.temperature == T and result.names is None
     assert result.shares[0] > result.shares[1] > 0.05 and result.covered == pytest.approx(sum(result.shares))
     # The same figures as numpy's on the same predictions: the covariance (the paper's), and M's shares.
@@ -77,12 +78,18 @@ def test_the_confusable_groups_are_recovered_from_every_layout_and_from_views(tm
     sums = confusion_sums(CacheReader(cache))
     assert sums.count == len(p)
     assert np.allclose(sums.covariance(), np.cov(p, rowvar=False, bias=True), atol=1e-12)
-    assert np.allclose(clustered[0], np.cov(p, rowvar=False, bias=True), atol=1e-12)
     moment = p.T @ p / len(p)
     off = moment - np.diag(np.diag(moment))
     assert result.shares == pytest.approx([off[np.ix_(c, c)].sum() / off.sum() for c in EXPECTED], abs=1e-9)
-    direct = kmeans(np.cov(p, rowvar=False, bias=True), 5)
-    assert sorted(tuple(np.flatnonzero(direct == j)) for j in range(5)) == sorted(EXPECTED)
+    if method == "covariance":
+        assert np.allclose(clustered[0], np.cov(p, rowvar=False, bias=True), atol=1e-12)
+        direct = kmeans(np.cov(p, rowvar=False, bias=True), 5)
+        assert sorted(tuple(np.flatnonzero(direct == j)) for j in range(5)) == sorted(EXPECTED)
+    else:  # the rows of the 5 leading eigenvectors of D^-1/2 A D^-1/2, unit length (compared sign-free, as U Uᵀ)
+        degree = off.sum(axis=1)
+        _, vectors = np.linalg.eigh(off / np.sqrt(np.outer(degree, degree)))
+        rows = vectors[:, -5:] / np.linalg.norm(vectors[:, -5:], axis=1, keepdims=True)
+        assert np.allclose(clustered[0] @ clustered[0].T, rows @ rows.T, atol=1e-8)
 
 
 def test_kmeans_is_deterministic_and_never_leaves_a_cluster_empty(tmp_path):
@@ -108,7 +115,7 @@ def test_json_is_a_clusters_file_and_names_appear(tmp_path, capsys):
     assert out.err == ""
     assert document["clusters"] == [list(c) for c in EXPECTED]
     assert document["names"] == [[NAMES[c] for c in cluster] for cluster in EXPECTED]
-    assert set(document) == {"clusters", "names", "confusion", "covered", "temperature", "predictions", "cache"}
+    assert set(document) == {"clusters", "names", "confusion", "covered", "method", "temperature", "predictions", "cache"}
     assert document["temperature"] == T and document["predictions"] == 200 and document["cache"] == str(cache)
     assert document["covered"] == pytest.approx(sum(document["confusion"]))
     path = tmp_path / "clusters.json"
