@@ -99,9 +99,9 @@ def distill_parser() -> argparse.ArgumentParser:
         "samples are the cluster's, and --init starts it from a generalist",
     )  # fmt: skip
     p.add_argument(
-        "--specialist-head", choices=HEADS, default=HEADS[0],
-        help="a specialist's outputs: dustbin, the cluster's K classes and one for all the others (K+1), trained on the teacher's "
-        "distribution pooled the same way; full, the C-way softmax (section 6.1)",
+        "--specialist-head", choices=HEADS, default="full",
+        help="a specialist's outputs: full, the C-way softmax (section 6.1); dustbin, the cluster's K classes and one for all the "
+        "others (K+1), trained on the teacher's distribution pooled the same way (default: full, chosen on validation)",
     )  # fmt: skip
     recipe = "default: the recipe's, printed at the start and recorded in metrics.json"
     p.add_argument(

@@ -3,8 +3,9 @@ sections 5 and 6.1), and a run that starts from another run's student (``--init`
 
 ``offline-distill --specialist CLASSES [--specialist-head dustbin|full] --init student.pt``:
 
-* The head. ``dustbin`` (the default): K + 1 outputs, output j < K is class ``classes[j]`` and
-  output K is "any other class"; ``full``: the C-way softmax, as section 6.1 proposes.
+* The head. ``full`` (the default, chosen on validation): the C-way softmax, as section 6.1
+  proposes; ``dustbin``: K + 1 outputs, output j < K is class ``classes[j]`` and output K is
+  "any other class".
 * The batches. A sample belongs to the cluster when its label (>= 0, as ``--label-fraction``
   keeps it) is in the cluster, else when the teacher's top class is (from the decoded stored
   targets). One pre-pass over the labels and targets (``membership``) gives the cluster
@@ -50,7 +51,7 @@ from .warmstart import load_generalist, read_init, settle_arch
 if TYPE_CHECKING:
     from .train import TrainConfig
 
-DEFAULT_HEAD = HEADS[0]
+DEFAULT_HEAD = "full"  # chosen on validation: docs/benchmarks.md § Specialists
 REPEAT_SALT = 0x5BEC  # beside (seed, epoch, shard): the enrichment's draws
 PREPASS_VALUES = 1 << 22  # decoded target values per block of the membership pre-pass
 SHOWN_CLASSES = 16  # the log line names at most this many of the cluster's classes

@@ -229,7 +229,18 @@ def test_a_specialist_run_from_a_generalist_records_its_cluster(generalist, tmp_
     out = tmp_path / "s0"
     assert (
         distill(
-            "--cache", generalist["cache"], "--specialist", "0,1", "--init", generalist["pt"], "--out", out, "--eval", generalist["eval"]
+            "--cache",
+            generalist["cache"],
+            "--specialist",
+            "0,1",
+            "--specialist-head",
+            "dustbin",
+            "--init",
+            generalist["pt"],
+            "--out",
+            out,
+            "--eval",
+            generalist["eval"],
         )
         == 0
     )
@@ -316,7 +327,10 @@ ERRORS = {
         lambda g: ["--specialist", f"@{overlapping_clusters(g['root'])}:0"],
         "overlapping clusters: class 1 is in both cluster 0 and cluster 1",
     ),
-    "mse with a dustbin": (lambda g: ["--specialist", "0,1", "--loss", "mse"], "--loss mse matches the teacher's logits"),
+    "mse with a dustbin": (
+        lambda g: ["--specialist", "0,1", "--specialist-head", "dustbin", "--loss", "mse"],
+        "--loss mse matches the teacher's logits",
+    ),
     "init of another input contract": (
         lambda g: ["--specialist", "0,1", "--init", other_shape_record(g["root"])],
         "a student from another input contract: it takes [8] float32",
@@ -334,7 +348,12 @@ ERRORS = {
 @pytest.mark.parametrize("case", sorted(ERRORS))
 def test_a_bad_specialist_or_init_is_one_line_and_writes_nothing(case, generalist, tmp_path, capsys):
     if case == "init from a specialist" and not (generalist["root"] / "spec" / "student.pt").exists():
-        assert distill("--cache", generalist["cache"], "--specialist", "0,1", "--out", generalist["root"] / "spec") == 0
+        assert (
+            distill(
+                "--cache", generalist["cache"], "--specialist", "0,1", "--specialist-head", "dustbin", "--out", generalist["root"] / "spec"
+            )
+            == 0
+        )
     make_args, expected = ERRORS[case]
     args = make_args(generalist)
     capsys.readouterr()
@@ -349,7 +368,12 @@ def test_the_enriched_prior_is_undone_in_the_saved_head(generalist, tmp_path):
     outputs outside the cluster carries log((1 - f) / f), so that a sample's probabilities are
     the cache's mix again (the final bias differs from the last checkpoint's by exactly that)."""
     out = tmp_path / "s"
-    assert distill("--cache", generalist["cache"], "--specialist", "0,1", "--init", generalist["pt"], "--out", out) == 0
+    assert (
+        distill(
+            "--cache", generalist["cache"], "--specialist", "0,1", "--specialist-head", "dustbin", "--init", generalist["pt"], "--out", out
+        )
+        == 0
+    )
     record = torch.load(out / "student.pt", weights_only=True)
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     f = json.loads((out / "metrics.json").read_text())["specialist"]["cluster_fraction"]

@@ -13,14 +13,30 @@ import numpy as np
 import pytest
 import torch
 from conftest import BIN
-from test_specialist import T_S, C, write_cache
+from test_specialist import SHAPE, T_S, C
 
-from kdcache.offline.cache import CacheReader
+from kdcache.offline.cache import CacheMeta, CacheReader, CacheWriter
 from kdcache.service.client import TeacherClient
 from kdcache.service.launch import ServeProcess
 from kdcache.service.teacher import load_teacher
 
 pytestmark = pytest.mark.slow
+
+
+def write_cache(directory, rows: int = 300):
+    """Inputs whose class (i % C) shows in them, and a teacher that confuses classes 0-2 among
+    themselves and 3-5 among themselves."""
+    rng = np.random.default_rng(0)
+    top = np.arange(rows) % C
+    x = rng.random((rows, *SHAPE), dtype=np.float32)
+    x[:, 0] += top
+    logits = rng.normal(size=(rows, C)).astype(np.float32)
+    logits[np.arange(rows), top] += 4.0
+    logits[np.arange(rows)[:, None], (top // 3 * 3)[:, None] + np.arange(3)] += 2.0
+    meta = CacheMeta("e" * 64, "t", C, SHAPE, "float32", serving_temperature=T_S)
+    with CacheWriter(directory, meta) as writer:
+        writer.append([f"s{i}" for i in range(rows)], x, logits, top)
+    return directory
 
 
 def tool(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -41,7 +57,9 @@ def runs(tmp_path_factory):
         args = ("--specialist", f"@{root / 'clusters.json'}:{k}", "--init", root / "generalist" / "student.pt")
         done = tool("offline-distill", "--cache", cache, *args, "--out", root / f"s{k}", *common)
         assert done.returncode == 0, done.stderr
-    return root, json.loads(inspect.stdout)["clusters"]
+    clusters = json.loads(inspect.stdout)["clusters"]
+    assert sorted(map(sorted, clusters)) == [[0, 1, 2], [3, 4, 5]]  # the confusable groups
+    return root, clusters
 
 
 def test_teacher_serve_answers_the_combination_of_a_generalist_and_its_specialists(runs, tmp_path):
