@@ -411,6 +411,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     if corrected:
         log(corrected)
     summary = run_summary(cfg, run.student, run.meta, run.readers, run.history, dist, run.label_names)
+    if corrected and run.eval_set is not None and dist.is_main:  # the saved head's accuracy, not the last epoch's
+        summary["eval_accuracy_before_prior"] = summary["eval_accuracy"]
+        summary["eval_accuracy"] = evaluate(run.student, *run.eval_set, run.meta, dist.device)
     summary["recipe"] = run.recipe.to_dict()
     summary["warnings"] = setup_warnings
     summary.update(run.start.summary())
