@@ -125,7 +125,8 @@ class Server(ServeProcess):
     def __init__(self, teacher: Path, cache: Path, log_path: Path, args: argparse.Namespace, batch_size: int, ack: str) -> None:
         serve_args = [
             "--teacher", str(teacher), "--cache", str(cache), "--device", args.device, "--dtype", args.dtype,
-            "--max-batch", str(batch_size), "--max-delay-ms", str(args.max_delay_ms), "--ack", ack, "--log-level", "warning",
+            "--max-batch", str(args.server_max_batch or batch_size), "--max-delay-ms", str(args.max_delay_ms), "--ack", ack,
+            "--log-level", "warning",
         ]  # fmt: skip
         command = None  # teacher-serve
         if args.name_threads or args.switch_interval is not None:
@@ -653,6 +654,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256, help="raw forward batch = the server's --max-batch (its default)")
     p.add_argument("--request-size", type=int, default=None, help="samples per request (default: the batch size, as teacher-push)")
+    p.add_argument(
+        "--server-max-batch", type=int, default=None,
+        help="the server's --max-batch when it should differ from --batch-size: e.g. its default 256, with one client sending "
+        "--batch-size samples per request (default: --batch-size)",
+    )  # fmt: skip
     p.add_argument("--clients", type=int, default=4, help="client threads, one request in flight each (teacher-push's --concurrency)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="compute dtype, both sides")

@@ -259,6 +259,7 @@ def create_app(service: TeacherService) -> FastAPI:
             raise ServerBusy(
                 f"the server holds {bodies.held >> 20} MiB of request bodies (--max-inflight-mb {settings.max_inflight_mb:g}); retry later"
             )
+        service.batcher.enter()  # until it leaves, a forming batch may wait for this request's samples
         try:
             check_model(name, version)
             payload, headers = await service.handle(await read_body(request), request.headers.get(HEADER_LENGTH))
@@ -268,6 +269,7 @@ def create_app(service: TeacherService) -> FastAPI:
             log.exception("inference failed")
             raise InternalError(f"internal error: {type(exc).__name__}: {exc}") from None
         finally:
+            service.batcher.leave()
             bodies.give(held)
         return Response(payload, headers=headers)
 

@@ -3,6 +3,10 @@
 Requests put their cache misses on the queue as jobs of at most ``max_batch`` samples. A
 batching task on the event loop takes the first waiting job, adds more until the batch holds
 ``max_batch`` samples or ``max_delay`` has passed since it started, and hands the batch to the
+worker thread. It waits only while another request could still join: the route counts the
+requests it is handling (``enter``/``leave``), and when every one of them has already queued
+its samples, the batch runs at once (one client sending requests one after another never waits
+out ``max_delay``). The batch goes to the
 worker thread (a one-thread executor, so the model is only ever touched by that thread). At
 most two batches are in flight: one running and one formed and waiting, so the worker never
 waits for the event loop; a third batch is formed only when a slot frees, from everything that
@@ -67,10 +71,18 @@ class Job:
     labels: np.ndarray
     store: bool
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    request: Pending | None = None
 
     @property
     def size(self) -> int:
         return len(self.inputs)
+
+
+@dataclass
+class Pending:
+    """One request's jobs not yet answered: when the last is, the request can join no batch."""
+
+    jobs: int
 
 
 @dataclass
@@ -108,6 +120,8 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._queued_bytes = 0
         self._queued_samples = 0
+        self._handling = 0  # requests the route is handling (enter/leave)
+        self._submitted = 0  # of them, those whose jobs are queued or running
 
     # -- lifecycle (event loop) -------------------------------------------------------------
     def start(self) -> None:
@@ -132,6 +146,16 @@ class Batcher:
         return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # -- requests (event loop) --------------------------------------------------------------
+    def enter(self) -> None:
+        """A request has arrived: until it leaves or queues its samples, a batch may wait for it."""
+        self._handling += 1
+
+    def leave(self) -> None:
+        self._handling -= 1
+
+    def _others_may_join(self) -> bool:
+        return self._handling > self._submitted
+
     def submit(self, inputs: np.ndarray, ids: np.ndarray, labels: np.ndarray, store: bool) -> list[Job]:
         """Queue samples for the teacher, split into jobs of at most ``max_batch``."""
         if self._queue is None or self._task is None:
@@ -140,9 +164,11 @@ class Batcher:
         if self._queued_bytes and self._queued_bytes + nbytes > self.max_queue_bytes:
             raise QueueFull(f"the teacher's queue is full ({self._queued_samples} samples waiting)")
         jobs = []
+        request = Pending(-(-len(inputs) // self.max_batch))
         for start in range(0, len(inputs), self.max_batch):
             part = slice(start, start + self.max_batch)
-            jobs.append(Job(inputs[part], ids[part], labels[part], store))
+            jobs.append(Job(inputs[part], ids[part], labels[part], store, request=request))
+        self._submitted += 1
         for job in jobs:
             self._queue.put_nowait(job)
         self._account(len(inputs), nbytes)
@@ -180,7 +206,7 @@ class Batcher:
                     job = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or not self._others_may_join():
                         break
                     try:
                         job = await asyncio.wait_for(self._queue.get(), remaining)
@@ -201,6 +227,10 @@ class Batcher:
         error = done.exception()
         results = None if error is not None else done.result()
         for index, job in enumerate(batch):
+            if job.request is not None:
+                job.request.jobs -= 1
+                if job.request.jobs == 0:
+                    self._submitted -= 1
             if not job.future.done():
                 if error is not None:
                     job.future.set_exception(error)

@@ -345,6 +345,38 @@ def test_batcher_bounds_the_queue_by_bytes():
     run(body())
 
 
+def test_a_batch_runs_at_once_when_no_other_request_can_join_and_waits_for_one_that_can():
+    """One client sending requests one after another never waits out --max-delay-ms (60 s here:
+    the first wait_for would time out); a request the route is still handling is waited for, and
+    joins the batch."""
+    sizes: list[int] = []
+
+    def forward(x):
+        sizes.append(len(x))
+        return np.zeros((len(x), 2), np.float32)
+
+    def ids(n, start=0):
+        return np.arange(start, start + n).astype(str).astype(object)
+
+    async def body():
+        batcher = Batcher(forward, store=None, max_batch=4, max_delay_s=60.0)
+        batcher.start()
+        batcher.enter()  # one request, alone
+        (job,) = batcher.submit(np.zeros((2, 8), np.uint8), ids(2), np.full(2, -1), False)
+        await asyncio.wait_for(job.future, 10)
+        batcher.leave()
+        batcher.enter(), batcher.enter()  # two requests: the second is still being read when the first queues
+        (first,) = batcher.submit(np.zeros((2, 8), np.uint8), ids(2, 2), np.full(2, -1), False)
+        await asyncio.sleep(0.05)
+        assert not first.future.done()  # waiting for the second
+        (second,) = batcher.submit(np.zeros((2, 8), np.uint8), ids(2, 4), np.full(2, -1), False)
+        await asyncio.wait_for(asyncio.gather(first.future, second.future), 10)
+        assert sizes == [2, 4]
+        await batcher.stop()
+
+    run(body())
+
+
 @pytest.mark.parametrize("ensemble", ["geometric", "arithmetic"])
 def test_ensemble_soft_targets_and_the_trainer_reproduces_them(tmp_path, digits_teacher, digits_teacher_pt, second_teacher_pt, ensemble):
     x = digits_teacher["x_test"][:30]
