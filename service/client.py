@@ -261,7 +261,8 @@ class TeacherClient:
         outputs: Sequence[str] | None = ("soft_targets",),
         binary: bool = True,
     ) -> InferResult:
-        """One request. ``outputs=None`` asks for every output the model has."""
+        """One request. ``outputs=None`` asks for every output the model has, ``()`` for none
+        (the answer's parameters only: cache hits and misses)."""
         result, _ = self._infer(inputs, ids=ids, labels=labels, temperature=temperature, store=store, outputs=outputs, binary=binary)
         return result
 
@@ -292,7 +293,9 @@ class TeacherClient:
                 parameters["temperature"] = float(temperature)
             if label_names is not None:
                 parameters["label_names"] = list(label_names)
-            requested = None if outputs is None else [RequestedOutput(name, binary) for name in outputs]
+            if outputs is not None and not outputs:
+                parameters["no_outputs"] = True  # an empty list would mean every output (v2)
+            requested = None if not outputs else [RequestedOutput(name, binary) for name in outputs]
             body, headers = encode_request(tensors, parameters=parameters, outputs=requested, binary=binary)
         except ValueError as exc:  # ids, labels or an input dtype the protocol cannot carry
             raise ClientError(f"bad request data: {exc}") from None
@@ -380,7 +383,7 @@ class TeacherClient:
 
         def send(batch: PushBatch) -> tuple[InferResult, int]:
             return self._infer(
-                batch.inputs, ids=batch.ids, labels=batch.labels, temperature=temperature, store=True, outputs=("soft_targets",),
+                batch.inputs, ids=batch.ids, labels=batch.labels, temperature=temperature, store=True, outputs=(),
                 binary=True, label_names=label_names,
             )  # fmt: skip
 

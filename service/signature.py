@@ -64,6 +64,11 @@ OUTPUTS = (
 PARAMETERS = {  # JSON schemas of the request parameters; others are ignored
     "temperature": {"type": "number", "exclusiveMinimum": 0, "description": "softmax temperature of soft_targets"},
     "store": {"type": "boolean", "description": "append the samples to the cache (default true)"},
+    "no_outputs": {
+        "type": "boolean",
+        "description": "answer no output tensor, only the parameters (cache_hits, cache_misses): what teacher-push uses. "
+        "Without it, a request that lists no outputs gets them all, as the v2 protocol says (default false)",
+    },
     "binary_data_output": {"type": "boolean"},  # read by the codec: outputs in binary unless asked otherwise
     "label_names": {
         "type": "array",
@@ -184,7 +189,14 @@ def validate(request: DecodedRequest, spec: ModelSpec) -> InferBatch:
     if label_names is not None and labels is not None and int(labels.max()) >= len(label_names):
         raise ProtocolError(422, "label", f"value {int(labels.max())} has no name: label_names names {len(label_names)} labels")
 
-    if request.outputs is None:
+    no_outputs = request.parameters.get("no_outputs", False)
+    if not isinstance(no_outputs, bool):
+        raise ProtocolError(422, "no_outputs", f"must be true or false, got {no_outputs!r}")
+    if no_outputs and request.outputs:
+        raise ProtocolError(422, "no_outputs", "is true, but the request lists outputs; send one or the other")
+    if no_outputs:
+        outputs = []
+    elif request.outputs is None:
         outputs = [RequestedOutput(name, request.binary_output_default) for name in OUTPUT_NAMES]
     else:
         for out in request.outputs:

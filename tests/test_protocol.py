@@ -274,7 +274,7 @@ def test_model_metadata_and_openapi_come_from_one_declaration():
     assert tensor["datatype"]["enum"] == [*DATATYPES, "BYTES"]
     assert tensor["name"]["examples"] == [t.name for t in INPUTS] and tensor["name"]["description"] == "input (required), id or label"
     assert schema["properties"]["outputs"]["items"]["properties"]["name"]["enum"] == [t.name for t in OUTPUTS]
-    assert list(schema["properties"]["parameters"]["properties"]) == ["temperature", "store", "binary_data_output", "label_names"]
+    assert list(schema["properties"]["parameters"]["properties"]) == ["temperature", "store", "no_outputs", "binary_data_output", "label_names"]
 
 
 def test_datatype_of_and_error_body():

@@ -354,3 +354,26 @@ def test_push_source_numbers_a_folder_of_some_classes_as_teacher_push_does(tmp_p
     assert server.stop() == 0
     stored = rows(cache)
     assert (stored["dog/dogs.png"][0], stored["dog/both.png"][0], stored["cat/both.png"][0]) == (1, 1, 0)
+
+
+@pytest.mark.slow
+def test_push_asks_for_no_output_and_gets_none_back(gray_server):
+    """teacher-push uses only the hit and miss counts of each answer (its parameters): it asks
+    for no output tensor, so none is computed or sent back (issue 22)."""
+    from kdcache.service.client import TeacherClient
+
+    server, _ = gray_server
+    results = []
+    with TeacherClient(server.url) as client:
+        infer = client._infer
+
+        def recording(*args, **kwargs):
+            result, retries = infer(*args, **kwargs)
+            results.append((kwargs["outputs"], result))
+            return result, retries
+
+        client._infer = recording
+        x = np.random.default_rng(3).integers(0, 256, (5, *SHAPE[1:]), dtype=np.uint8)[:, None]
+        summary = client.push(x, batch_size=2, progress=False)
+    assert (summary.samples, summary.cache_misses) == (5, 5) and len(results) == 3
+    assert all(outputs == () and result.soft_targets is None and result.logits is None for outputs, result in results)

@@ -170,6 +170,12 @@ def test_bad_requests_are_rejected_and_write_nothing(tmp_path, digits_teacher_pt
         ),
         "negative temperature": (422, encode_request([("input", good)], parameters={"temperature": -1}), "temperature"),
         "store not bool": (422, encode_request([("input", good)], parameters={"store": "yes"}), "store"),
+        "no_outputs not bool": (422, encode_request([("input", good)], parameters={"no_outputs": 1}), "no_outputs"),
+        "no_outputs and outputs": (
+            422,
+            encode_request([("input", good)], parameters={"no_outputs": True}, outputs=[RequestedOutput("logits", True)]),
+            "no_outputs",
+        ),
     }
 
     async def body():
