@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--students", nargs="+", help=f"students (default {' '.join(FULL['students'])})")
     p.add_argument("--scale", type=float, help="share of digits-28's splits to use (default 1)")
     p.add_argument("--teacher-epochs", type=int, help=f"teacher epochs (default {FULL['teacher_epochs']})")
-    args = harness.parse(p, argv, QUICK, FULL)
-    started = time.perf_counter()
-    result = run(args)
-    result["seconds"] = time.perf_counter() - started
-    harness.emit(result, args.json, report)
-    return 0
+    return harness.timed_main(harness.parse(p, argv, QUICK, FULL), run, report)
 
 
 if __name__ == "__main__":

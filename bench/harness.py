@@ -160,6 +160,18 @@ def emit(result: dict[str, Any], as_json: bool, report: Callable[[dict[str, Any]
         report(result)
 
 
+def timed_main(
+    args: argparse.Namespace, run: Callable[[argparse.Namespace], dict[str, Any]], report: Callable[[dict[str, Any]], None]
+) -> int:
+    """A benchmark's main after parsing: ``run(args)``, its wall seconds added as ``seconds``,
+    then ``emit``."""
+    started = time.perf_counter()
+    result = run(args)
+    result["seconds"] = time.perf_counter() - started
+    emit(result, args.json, report)
+    return 0
+
+
 @contextlib.contextmanager
 def workdir(prefix: str, tmpdir: str | None = None, keep: bool = False) -> Iterator[Path]:
     """A fresh temporary directory, removed afterwards unless ``keep``."""

@@ -267,12 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cost-members", nargs="+", default=COST_MEMBERS, help="--cost-only's members: ARCH@CxHxW, random weights")
     p.add_argument("--cost-batch", type=int, default=COST_BATCH, help="--cost-only's batch size")
     p.add_argument("--cost-repeats", type=int, help=f"timed passes per teacher (default {FULL['cost_repeats']})")
-    args = harness.parse(p, argv, QUICK, FULL)
-    started = time.perf_counter()
-    result = run(args)
-    result["seconds"] = time.perf_counter() - started
-    harness.emit(result, args.json, report)
-    return 0
+    return harness.timed_main(harness.parse(p, argv, QUICK, FULL), run, report)
 
 
 if __name__ == "__main__":

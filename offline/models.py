@@ -30,6 +30,7 @@ import hashlib
 import inspect
 import json
 import math
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -326,6 +327,24 @@ def student_record(
         "alpha": alpha,
         **({"specialist": dict(specialist)} if specialist is not None else {}),
     }
+
+
+class UnreadableFile(ValueError):
+    """A file ``load_data`` cannot read as data; the message says why, without the path."""
+
+
+def load_data(path: str | Path, map_location: Any = "cpu", hint: str = "") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, dicts, lists, strings and numbers only,
+    never a pickled object. UnreadableFile for a file holding Python objects (``hint``, e.g. what
+    to save instead, goes in that message) or not readable by torch.load at all."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # Python objects beyond plain data: never unpickled
+        raise UnreadableFile(
+            f"holds Python objects that torch.load(weights_only=True) refuses{hint} ({describe_error(exc)[:160]})"
+        ) from None
+    except Exception as exc:
+        raise UnreadableFile(f"not readable by torch.load ({describe_error(exc)})") from None
 
 
 def read_student_record(where: str, record: Any) -> Mapping[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -63,13 +62,9 @@ class Checkpoint:
     @classmethod
     def load(cls, path: Path, device: torch.device) -> Checkpoint:
         try:
-            state = torch.load(path, map_location=device, weights_only=True)
-        except pickle.UnpicklingError as exc:  # Python objects beyond plain data: never unpickled
-            raise CheckpointError(
-                f"{path}: holds Python objects that torch.load(weights_only=True) refuses ({models.describe_error(exc)[:160]})"
-            ) from None
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not readable by torch.load ({models.describe_error(exc)})") from None
+            state = models.load_data(path, device)
+        except models.UnreadableFile as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: not a checkpoint written by offline-distill (holds {type(state).__name__})")
         return cls(**{f.name: state.get(f.name) for f in fields(cls)})

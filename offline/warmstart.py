@@ -7,7 +7,6 @@ A specialist starts from a generalist this way (``specialist.py`` makes its dust
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,13 +45,9 @@ def read_init(path: str, meta: CacheMeta) -> Mapping[str, Any]:
     if not Path(path).is_file():
         raise InitError(f"--init {path}: no such file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # Python objects beyond plain data: never unpickled
-        raise InitError(
-            f"--init {path}: holds Python objects that torch.load(weights_only=True) refuses ({describe_error(exc)[:160]})"
-        ) from None
-    except Exception as exc:
-        raise InitError(f"--init {path}: not readable by torch.load ({describe_error(exc)})") from None
+        payload = models.load_data(path)
+    except models.UnreadableFile as exc:
+        raise InitError(f"--init {path}: {exc}") from None
     if not isinstance(payload, Mapping) or payload.get("format") != models.STUDENT_FORMAT:
         raise InitError(f"--init {path}: not a student.pt written by offline-distill (no format {models.STUDENT_FORMAT!r})")
     try:

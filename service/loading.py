@@ -32,7 +32,6 @@ only with ``trust_code`` (``--trust-code``); a built-in ARCH needs no consent.
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,14 +100,9 @@ def _torch_load(path: str, role: str) -> Any:
     if not Path(path).is_file():
         raise TeacherError(f"{path}: no such file ({role})")
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        raise TeacherError(
-            f"{path}: holds Python objects that torch.load(weights_only=True) refuses (a pickled nn.Module?); "
-            f"save model.state_dict() instead ({describe_error(exc)[:160]})"
-        ) from None
-    except Exception as exc:
-        raise TeacherError(f"{path}: not readable by torch.load ({describe_error(exc)})") from None
+        return models.load_data(path, hint=" (a pickled nn.Module?); save model.state_dict() instead")
+    except models.UnreadableFile as exc:
+        raise TeacherError(f"{path}: {exc}") from None
 
 
 def _state_dict_of(where: str, payload: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
