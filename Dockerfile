@@ -44,7 +44,7 @@ RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
 # --eval read image folders, Parquet and Hugging Face datasets in the container too.
 COPY pyproject.toml /src/
 RUN touch /src/README.md \
-    && mkdir -p /src/offline/cache/sources /src/service /src/demo \
+    && mkdir -p /src/offline/cache /src/offline/sources /src/offline/lm /src/service /src/demo \
     && pip install --constraint "$VIRTUAL_ENV/torch-constraint.txt" "/src[data]" \
     && rm -rf /src
 

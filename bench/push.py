@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from bench import harness
-from kdcache.offline.cache.sources import SampleSpec, open_source
+from kdcache.offline.sources import SampleSpec, open_source
 from kdcache.service.client import TeacherClient
 from kdcache.service.launch import ServeProcess
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .cache import CacheMeta, CacheReader, read_transfer_set
-from .cache.sources import SampleSpec, detect_kind, fit_shape, open_source
+from .sources import SampleSpec, detect_kind, fit_shape, open_source
 
 
 class EvalSetError(Exception):

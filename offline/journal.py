@@ -12,15 +12,19 @@ time everything it holds has been published.
 
 Record layout, little-endian::
 
-    magic   4 bytes   b"KDJ1"
+    magic   4 bytes   b"KDJ2"
     crc32   uint32    of the payload
     length  uint64    payload bytes
     payload           uint32 header length, a JSON header {"n", "ids"}, then the raw bytes of
-                      inputs [n, *input_shape] (cache input dtype), the teacher's logits [n, C]
-                      ([n, V, C] for a cache of V views; float32) and labels [n] (int64)
+                      inputs [n, *input_shape] (cache input dtype), each field of the cache's
+                      target layout in ``layout.fields`` order (its row shape and dtype) and
+                      labels [n] (int64)
 
-The journal holds what the teacher produced, before the cache's target layout encodes it:
-replay appends it through ``CacheWriter.append``, which encodes it as any new batch.
+The journal holds the targets as the shard will, encoded (on the teacher's device, by the
+service): a sample costs the journal what it costs the cache, plus its id (top-k of 50,000
+classes: 16 values, not 50,000 float32 logits), and replay appends the fields as they are
+(``CacheWriter.append_encoded``). A journal of an earlier version (b"KDJ1", float32 logits
+[n, C] in place of the fields) is still replayed, encoded then.
 
 A record is valid only if it is complete and its checksum matches. A crash can tear only the
 last record (records are appended by one thread, in order), and that record was never
@@ -46,7 +50,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,7 +59,8 @@ from .cache.storage import fsync_path
 
 JOURNAL_NAME = ".journal"
 COMPACTING_NAME = ".journal.compacting"  # keep_last's new journal, before it is renamed over the old
-MAGIC = b"KDJ1"
+MAGIC = b"KDJ2"
+LEGACY_MAGIC = b"KDJ1"  # float32 logits in place of the encoded fields
 _HEAD = struct.Struct("<4sIQ")
 _LEN = struct.Struct("<I")
 
@@ -63,40 +68,49 @@ _LEN = struct.Struct("<I")
 class JournalRecord(NamedTuple):
     ids: list[str]
     inputs: np.ndarray
-    teacher_logits: np.ndarray
+    fields: dict[str, np.ndarray]  # the target layout's fields, encoded
     labels: np.ndarray
 
 
-def encode_record(meta: CacheMeta, ids: list[str], inputs: np.ndarray, teacher_logits: np.ndarray, labels: np.ndarray) -> bytes:
+def encode_record(meta: CacheMeta, ids: list[str], inputs: np.ndarray, fields: dict[str, np.ndarray], labels: np.ndarray) -> bytes:
     n = len(ids)
     header = json.dumps({"n": n, "ids": ids}, separators=(",", ":")).encode()
+    spec = meta.layout.fields(meta.num_classes)
     payload = b"".join(
         (
             _LEN.pack(len(header)),
             header,
             np.ascontiguousarray(inputs, dtype=meta.input_dtype).tobytes(),
-            np.ascontiguousarray(teacher_logits, dtype=np.float32).tobytes(),
+            *(np.ascontiguousarray(fields[name], dtype=dtype).tobytes() for name, (_, dtype) in spec.items()),
             np.ascontiguousarray(labels, dtype=np.int64).tobytes(),
         )
     )
     return _HEAD.pack(MAGIC, zlib.crc32(payload), len(payload)) + payload
 
 
-def _decode_payload(meta: CacheMeta, payload: memoryview) -> JournalRecord:
+def _take(payload: memoryview, offset: int, dtype: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    count = int(np.prod(shape, dtype=np.int64))
+    array = np.frombuffer(payload, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return array, offset + array.nbytes
+
+
+def _decode_payload(meta: CacheMeta, payload: memoryview, legacy: bool = False) -> JournalRecord:
     (header_len,) = _LEN.unpack_from(payload, 0)
     header = json.loads(bytes(payload[_LEN.size : _LEN.size + header_len]))
     n, ids = int(header["n"]), [str(v) for v in header["ids"]]
-    offset = _LEN.size + header_len
-    input_count = n * int(np.prod(meta.input_shape, dtype=np.int64))
-    inputs = np.frombuffer(payload, dtype=meta.input_dtype, count=input_count, offset=offset).reshape(n, *meta.input_shape)
-    offset += inputs.nbytes
-    per_sample = meta.teacher_output_shape()
-    logits = np.frombuffer(payload, dtype=np.float32, count=n * int(np.prod(per_sample)), offset=offset).reshape(n, *per_sample)
-    offset += logits.nbytes
-    labels = np.frombuffer(payload, dtype=np.int64, count=n, offset=offset)
-    if offset + labels.nbytes != len(payload) or len(ids) != n:
+    inputs, offset = _take(payload, _LEN.size + header_len, meta.input_dtype, (n, *meta.input_shape))
+    if legacy:
+        logits, offset = _take(payload, offset, np.float32, (n, *meta.teacher_output_shape()))
+    else:
+        fields = {}
+        for name, (shape, dtype) in meta.layout.fields(meta.num_classes).items():
+            fields[name], offset = _take(payload, offset, dtype, (n, *shape))
+    labels, offset = _take(payload, offset, np.int64, (n,))
+    if offset != len(payload) or len(ids) != n:
         raise ValueError("record size does not match its header")
-    return JournalRecord(ids, inputs, logits, labels)
+    if legacy:
+        fields = meta.layout.encode(logits, meta.draw_seeds(ids))
+    return JournalRecord(ids, inputs, fields, labels)
 
 
 def read_journal(path: Path, meta: CacheMeta) -> tuple[list[JournalRecord], int, int]:
@@ -109,13 +123,13 @@ def read_journal(path: Path, meta: CacheMeta) -> tuple[list[JournalRecord], int,
     while offset + _HEAD.size <= len(data):
         magic, crc, length = _HEAD.unpack_from(data, offset)
         end = offset + _HEAD.size + length
-        if magic != MAGIC or end > len(data):
+        if magic not in (MAGIC, LEGACY_MAGIC) or end > len(data):
             break
         payload = data[offset + _HEAD.size : end]
         if zlib.crc32(payload) != crc:
             break
         try:
-            records.append(_decode_payload(meta, payload))
+            records.append(_decode_payload(meta, payload, legacy=magic == LEGACY_MAGIC))
         except (ValueError, KeyError, TypeError) as exc:
             raise CacheError(f"{path}: journal record at byte {offset} does not match the cache ({exc})") from None
         offset = end
@@ -130,7 +144,7 @@ def pending_samples(directory: Path, meta: CacheMeta) -> int:
 
 class Unpublished(NamedTuple):
     ids: list[str]
-    teacher_logits: np.ndarray  # float32 [n, C] ([n, V, C] with views), as the service stored them
+    fields: dict[str, np.ndarray]  # the target layout's fields, as the service stored them
     labels: np.ndarray
 
 
@@ -141,7 +155,7 @@ def unpublished(directory: Path, meta: CacheMeta, published_ids: Iterable[np.nda
     shards: the scan stops at the first shard that holds none of them."""
     records, _, _ = read_journal(Path(directory) / JOURNAL_NAME, meta)
     if not records:
-        return Unpublished([], np.empty((0, *meta.teacher_output_shape()), np.float32), np.empty(0, np.int64))
+        return Unpublished([], meta.layout.empty(meta.num_classes), np.empty(0, np.int64))
     ids = np.array([sample_id for record in records for sample_id in record.ids], dtype=str)
     keep = np.zeros(len(ids), dtype=bool)
     keep[np.unique(ids, return_index=True)[1]] = True
@@ -152,7 +166,7 @@ def unpublished(directory: Path, meta: CacheMeta, published_ids: Iterable[np.nda
         keep &= ~published
     return Unpublished(
         ids[keep].tolist(),
-        np.concatenate([record.teacher_logits for record in records])[keep],
+        {name: np.concatenate([record.fields[name] for record in records])[keep] for name in records[0].fields},
         np.concatenate([record.labels for record in records])[keep],
     )
 
@@ -213,7 +227,8 @@ class Journal:
         end = _HEAD.size + length
         if skip:
             record = _decode_payload(meta, tail[_HEAD.size : end])
-            head = encode_record(meta, record.ids[skip:], record.inputs[skip:], record.teacher_logits[skip:], record.labels[skip:])
+            fields = {name: values[skip:] for name, values in record.fields.items()}
+            head = encode_record(meta, record.ids[skip:], record.inputs[skip:], fields, record.labels[skip:])
         else:
             head = bytes(tail[:end])
         compacting = self.path.parent / COMPACTING_NAME

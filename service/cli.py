@@ -86,6 +86,12 @@ def serve_parser() -> argparse.ArgumentParser:
     a("--port", type=int, help="port (default 8000)")
     a("--device", choices=("auto", "cpu", "cuda"), help="where the teacher runs (default auto: cuda when available)")
     a("--max-batch", type=int, metavar="N", help="samples per teacher forward pass (default 256)")
+    a(
+        "--max-batch-tokens",
+        type=int,
+        metavar="N",
+        help="a language model's tokens per forward pass, sequences x the longest of them; a request over it is refused (default 8192)",
+    )
     a("--max-delay-ms", type=float, metavar="MS", help="how long a batch waits to fill (default 5)")
     a("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="compute dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
     a("--ack", choices=("durable", "buffered"), help="durable: answer once on disk; buffered: answer before the write (default durable)")

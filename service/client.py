@@ -30,9 +30,21 @@ from tqdm import tqdm
 
 from ..offline.cache import CacheError, normalize_ids, read_transfer_set
 from ..offline.cache.label_names import merge_label_names
-from ..offline.cache.sources import DEFAULT_MAX_PIXELS, ON_ERROR, RESIZE_MODES, SampleSpec, Source, fit_inputs, open_source
 from ..offline.cache.transfer_set import DEFAULT_MAX_NPZ_MB
 from ..offline.malloc import return_large_blocks
+from ..offline.sources import (
+    DEFAULT_MAX_PIXELS,
+    ON_ERROR,
+    RESIZE_MODES,
+    TEXT_OPTIONS,
+    SampleSpec,
+    Source,
+    SourceBatch,
+    TokenSpec,
+    fit_inputs,
+    is_token_npz,
+    open_source,
+)
 from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request, numpy_dtype
 
 RETRY_STATUSES = (429, 503)
@@ -82,6 +94,8 @@ class PushBatch:
     inputs: np.ndarray
     ids: Any  # None: the server keys the samples by their content
     labels: Any  # None: unknown
+    input_name: str = "input"  # a language model's: input_ids
+    extra: list[tuple[str, np.ndarray]] = field(default_factory=list)  # more named input tensors (lengths)
 
 
 def describe_skipped(skipped: Sequence[tuple[str, str]], limit: int = 3) -> str:
@@ -126,9 +140,68 @@ def retry_after_seconds(value: str | None) -> float | None:
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
 
-def sample_spec_of(metadata: dict[str, Any], where: str) -> SampleSpec:
+def is_language_model(metadata: dict[str, Any]) -> bool:
+    """Whether v2 model metadata describes a language-model teacher: ``"task": "lm"`` in its
+    parameters, or an input named ``input_ids``."""
+    parameters = metadata.get("parameters")
+    inputs = metadata.get("inputs")
+    if isinstance(parameters, dict) and parameters.get("task") == "lm":
+        return True
+    return isinstance(inputs, list) and any(isinstance(t, dict) and t.get("name") == "input_ids" for t in inputs)
+
+
+def token_spec_of(metadata: dict[str, Any], where: str) -> TokenSpec:
+    """What a language-model teacher takes, from its v2 model metadata: ``input_ids`` INT64
+    [-1, L], and the parameters ``vocab_size`` V and ``sequence_length`` L (else the shape's L)."""
+    try:
+        tensor = next(t for t in metadata["inputs"] if t["name"] == "input_ids")
+        parameters = metadata.get("parameters") or {}
+        vocab_size = int(parameters["vocab_size"])
+        seq_len = int(parameters.get("sequence_length") or tensor["shape"][1])
+        datatype = tensor["datatype"]
+    except (KeyError, TypeError, ValueError, IndexError, StopIteration, AttributeError) as exc:
+        raise ClientError(f"{where}: language-model metadata lacks the input_ids tensor or vocab_size ({exc!r:.200})") from None
+    if datatype != "INT64" or seq_len < 1 or vocab_size < 1:
+        raise ClientError(f"{where}: input_ids is {datatype} of length {seq_len}, vocab_size {vocab_size}: expected INT64 and both >= 1")
+    return TokenSpec(seq_len=seq_len, vocab_size=vocab_size)
+
+
+def length_input_of(metadata: dict[str, Any]) -> str | None:
+    """The input a language model takes sequence lengths by: ``lengths``, else ``attention_mask``, else None."""
+    names = {t.get("name") for t in metadata.get("inputs") or [] if isinstance(t, dict)}
+    return next((name for name in ("lengths", "attention_mask") if name in names), None)
+
+
+def token_batch_size(batch_size: int, width: int, metadata: dict[str, Any]) -> int:
+    """``batch_size`` sequences, or fewer where the model's ``max_batch_tokens`` parameter (the
+    tokens one request may cost: sequences x the longest) would refuse that many ``width`` long."""
+    budget = (metadata.get("parameters") or {}).get("max_batch_tokens")
+    if type(budget) is not int or budget < 1:
+        return batch_size
+    return max(1, min(batch_size, budget // max(1, width)))
+
+
+def token_batch(batch: SourceBatch, length_input: str | None, where: str) -> PushBatch:
+    """A token source's batch as a request carries it: ``input_ids`` [B, l] INT64, and, when a
+    row is shorter than l, ``lengths`` [B] (or an ``attention_mask`` [B, l] of 1s then 0s)."""
+    extra = []
+    if batch.lengths is not None:
+        if length_input is None:
+            raise ClientError(f"{where}: the model takes neither lengths nor attention_mask, and a sequence is shorter than the others")
+        lengths = batch.lengths.astype(np.int64)
+        if length_input == "lengths":
+            extra.append(("lengths", lengths))
+        else:
+            extra.append(("attention_mask", (np.arange(batch.inputs.shape[1]) < lengths[:, None]).astype(np.int64)))
+    return PushBatch(batch.inputs.astype(np.int64, copy=False), batch.ids, None, input_name="input_ids", extra=extra)
+
+
+def sample_spec_of(metadata: dict[str, Any], where: str) -> SampleSpec | TokenSpec:
     """What one sample must be, from v2 model metadata: the input tensor's shape (less the batch
-    axis) and datatype, and the class count of the soft_targets output (its last axis)."""
+    axis) and datatype, and the class count of the soft_targets output (its last axis); for a
+    language model (``is_language_model``), its ``token_spec_of``."""
+    if is_language_model(metadata):
+        return token_spec_of(metadata, where)
     try:
         tensor = next(t for t in metadata["inputs"] if t["name"] == "input")
         shape = tuple(int(dim) for dim in tensor["shape"][1:])
@@ -244,8 +317,9 @@ class TeacherClient:
             raise ClientError(f"{self.url}{self._model_path}: model metadata is not a JSON object")
         return metadata
 
-    def sample_spec(self) -> SampleSpec:
-        """What one sample must be for this model (``sample_spec_of`` its metadata)."""
+    def sample_spec(self) -> SampleSpec | TokenSpec:
+        """What one sample must be for this model (``sample_spec_of`` its metadata): a
+        ``TokenSpec`` for a language model."""
         return sample_spec_of(self.metadata(), f"{self.url}{self._model_path}")
 
     # -- inference ------------------------------------------------------------------------------
@@ -277,9 +351,11 @@ class TeacherClient:
         outputs: Sequence[str] | None,
         binary: bool,
         label_names: list[str] | None = None,
+        input_name: str = "input",
+        extra: Sequence[tuple[str, np.ndarray]] = (),
     ) -> tuple[InferResult, int]:
         inputs = np.asarray(inputs)
-        tensors: list[tuple[str, np.ndarray]] = [("input", inputs)]
+        tensors: list[tuple[str, np.ndarray]] = [(input_name, inputs), *extra]
         try:
             if ids is not None:
                 tensors.append(("id", normalize_ids(ids, len(inputs))))
@@ -348,18 +424,26 @@ class TeacherClient:
     def push_source(
         self, source: Source, *, batch_size: int = 256, concurrency: int = 4, temperature: float | None = None, progress: bool = True
     ) -> PushSummary:
-        """Stream a ``Source`` (kdcache.offline.cache.sources) to the service as ``push`` sends
+        """Stream a ``Source`` (kdcache.offline.sources) to the service as ``push`` sends
         arrays: the source decodes batch by batch, so at most the window of requests in flight
         is held, never the whole set. Every request carries the source's ``label_names``, which
         the service records in the cache's manifest (and refuses when they conflict with the
         recorded ones); a source of some of the recorded classes is numbered as the cache numbers
-        them first (``numbered_as_recorded``). The summary lists the items the source skipped."""
+        them first (``numbered_as_recorded``). The summary lists the items the source skipped. A
+        token source (a ``TokenSpec``) is sent as ``input_ids`` with ``lengths`` (``token_batch``),
+        in batches the model's token budget allows (``token_batch_size``)."""
         _check_push_options(batch_size, concurrency)
         if source.label_names is not None:
             source = numbered_as_recorded(source, (self.metadata().get("parameters") or {}).get("label_names"))
-        batches = (PushBatch(batch.inputs, batch.ids, batch.labels) for batch in source.batches(batch_size))
+        if isinstance(source.spec, TokenSpec):
+            metadata = self.metadata()
+            length_input = length_input_of(metadata)
+            batch_size = token_batch_size(batch_size, getattr(source, "width", 1), metadata)
+            batches = (token_batch(batch, length_input, f"{self.url}{self._model_path}") for batch in source.batches(batch_size))
+        else:
+            batches = (PushBatch(batch.inputs, batch.ids, batch.labels) for batch in source.batches(batch_size))
         summary = self._push(
-            batches, len(source), concurrency=concurrency, temperature=temperature, progress=progress,
+            batches, source.total(), concurrency=concurrency, temperature=temperature, progress=progress,
             label_names=source.label_names, skipped=source.skipped,
         )  # fmt: skip
         summary.skipped = list(source.skipped)
@@ -368,7 +452,7 @@ class TeacherClient:
     def _push(
         self,
         batches: Iterator[PushBatch],
-        total: int,
+        total: int | None,  # None: unknown (text, counted as it is tokenized)
         *,
         concurrency: int,
         temperature: float | None,
@@ -384,7 +468,7 @@ class TeacherClient:
         def send(batch: PushBatch) -> tuple[InferResult, int]:
             return self._infer(
                 batch.inputs, ids=batch.ids, labels=batch.labels, temperature=temperature, store=True, outputs=(),
-                binary=True, label_names=label_names,
+                binary=True, label_names=label_names, input_name=batch.input_name, extra=batch.extra,
             )  # fmt: skip
 
         with tqdm(total=total, unit="sample", desc="push", disable=not progress, file=sys.stderr) as bar:
@@ -451,14 +535,16 @@ def push_parser() -> argparse.ArgumentParser:
         description="Send a transfer set to a teacher service, which caches the teacher's outputs: an .npz (inputs, optional "
         "labels and ids, read whole), an .npy, a folder of images (one sub-folder per class: the labels), Parquet "
         "files or a saved Hugging Face dataset (these decoded as they stream), each fitted to the model's input shape and "
-        "dtype. Safe to re-run: samples cached already come back as hits.",
+        "dtype. A language-model teacher takes token sequences instead: an .npz of input_ids (optional lengths and ids), or "
+        "a .txt, .jsonl or Parquet text tokenized with --tokenizer and packed into --seq-len tokens. Safe to re-run: samples "
+        "cached already come back as hits.",
     )  # each help states its default: the service imports no CLI helper from offline/ (tests/test_boundaries.py)
     p.add_argument(
         "--url", default="http://127.0.0.1:8000",
         help="the service, e.g. http://gpu-host:8000 (default: http://127.0.0.1:8000, where teacher-serve listens unless told otherwise)",
     )  # fmt: skip
     p.add_argument("--data", required=True, metavar="SOURCE", help="transfer set: .npz, .npy, image folder, Parquet file or folder, "
-                   "Hugging Face save_to_disk folder")  # fmt: skip
+                   "Hugging Face save_to_disk folder; for a language model, an .npz of input_ids or .txt, .jsonl, Parquet text")  # fmt: skip
     p.add_argument(
         "--model", default="teacher", help="the model's name in the service's URLs (teacher-serve --model-name; default: teacher)"
     )
@@ -484,21 +570,44 @@ def push_parser() -> argparse.ArgumentParser:
                    f"its header (a JPEG's at the scale it decodes at); a larger one is a bad item (default: {DEFAULT_MAX_PIXELS:,})")  # fmt: skip
     p.add_argument("--max-npz-mb", type=_positive_int, default=DEFAULT_MAX_NPZ_MB, help="an .npz is read whole: the most MiB "
                    f"its inputs, labels or ids may take (default: {DEFAULT_MAX_NPZ_MB}; an .npy is memory-mapped instead)")  # fmt: skip
+    # Text for a language-model teacher (its metadata has "task": "lm"); None when not given, so other teachers refuse them.
+    p.add_argument("--tokenizer", metavar="DIR", help="text (.txt, .jsonl, Parquet) for a language-model teacher: the Hugging "
+                   "Face tokenizer directory (its tokenizer.json) to tokenize it with; needs pip install 'kdcache[lm]'")  # fmt: skip
+    p.add_argument("--text-column", metavar="NAME", help="JSONL/Parquet text: the field or column holding each document (default: text)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="text: tokens per packed sequence, at most the model's "
+                   "(default: the model's sequence_length)")  # fmt: skip
     return p
 
 
 SOURCE_OPTIONS = ("resize", "input_column", "label_column", "id_column", "on_error", "workers", "max_pixels")
+IMAGE_OPTIONS = ("resize", "input_column", "label_column", "id_column", "workers", "max_pixels")  # not for token sequences
 
 
-def open_push_source(client: TeacherClient, args: argparse.Namespace) -> Source:
+def _flags(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
+
+
+def _refuse_misplaced_options(args: argparse.Namespace, spec: SampleSpec | TokenSpec, url: str) -> None:
+    """A language model refuses the image and column options; other models refuse the text ones."""
+    if isinstance(spec, TokenSpec) and (misplaced := _flags(args, IMAGE_OPTIONS)):
+        raise ClientError(f"{' '.join(misplaced)}: for images and arrays; {url} serves a language model, which takes token sequences")
+    if not isinstance(spec, TokenSpec) and (misplaced := _flags(args, TEXT_OPTIONS)):
+        raise ClientError(f"{' '.join(misplaced)}: for text and a language-model teacher; {url} takes fixed-shape inputs")
+
+
+def open_push_source(client: TeacherClient, args: argparse.Namespace, spec: SampleSpec | TokenSpec | None = None) -> Source:
     """``--data`` opened as a source fitted to the model's metadata (``push_source`` numbers its
-    classes as the cache does)."""
-    options = {name: getattr(args, name) for name in SOURCE_OPTIONS if getattr(args, name) is not None}
+    classes as the cache does): token sequences for a language model, which refuses the image
+    and column options, as other models refuse the text ones."""
+    spec = client.sample_spec() if spec is None else spec
+    _refuse_misplaced_options(args, spec, client.url)
+    names = SOURCE_OPTIONS + (TEXT_OPTIONS if isinstance(spec, TokenSpec) else ())
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
     def warn(message: str) -> None:
         tqdm.write(f"teacher-push: warning: {message}", file=sys.stderr)
 
-    return open_source(args.data, client.sample_spec(), warn=warn, **options)
+    return open_source(args.data, spec, warn=warn, max_npz_mb=args.max_npz_mb, **options)
 
 
 def push_main(argv: Sequence[str] | None = None) -> int:
@@ -519,20 +628,27 @@ def push_main(argv: Sequence[str] | None = None) -> int:
             "temperature": args.temperature,
             "progress": not args.no_progress,
         }
-        transfer = None  # an .npz, read whole
+        transfer = None  # an .npz of inputs, read whole (one of input_ids is a source: its checks need the model's)
         if Path(args.data).suffix.lower() == ".npz":
-            given = [f"--{name.replace('_', '-')}" for name in SOURCE_OPTIONS if getattr(args, name) is not None]
+            given = _flags(args, SOURCE_OPTIONS)
             if given:
                 raise ClientError(f"{' '.join(given)}: an .npz is read whole (inputs, labels, ids); these options are for other sources")
-            transfer = read_transfer_set(args.data, max_bytes=args.max_npz_mb << 20)
+            if not is_token_npz(args.data):
+                transfer = read_transfer_set(args.data, max_bytes=args.max_npz_mb << 20)
         elif not Path(args.data).exists():  # before asking the server for the model's metadata
             raise CacheError(f"{args.data}: no such file or directory")
         with TeacherClient(args.url, args.model, api_key=api_key, timeout=args.timeout, max_retries=args.max_retries) as client:
+            spec = client.sample_spec()
+            _refuse_misplaced_options(args, spec, client.url)
+            if transfer is not None and isinstance(spec, TokenSpec):
+                raise ClientError(
+                    f"{args.data}: an .npz of inputs; {client.url} serves a language model: give an .npz of input_ids, or text with --tokenizer"
+                )
             if transfer is not None:
-                inputs = fit_inputs(transfer["inputs"], client.sample_spec(), args.data)  # as .npy and every other source
+                inputs = fit_inputs(transfer["inputs"], spec, args.data)  # as .npy and every other source
                 summary = client.push(inputs, ids=transfer.get("ids"), labels=transfer.get("labels"), **push)
             else:
-                summary = client.push_source(open_push_source(client, args), **push)
+                summary = client.push_source(open_push_source(client, args, spec), **push)
         print(f"teacher-push: {summary.line()}")
         return 0
 

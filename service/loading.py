@@ -2,13 +2,15 @@
 options that override what a file declares. Everything here happens on the CPU; ``teacher``
 moves the members to the serving device.
 
-A teacher is named by one or more ``--teacher SPEC``, each of four kinds:
+A teacher is named by one or more ``--teacher SPEC``, each of five kinds:
 
     FILE.pt2          a ``torch.export`` program, exported with a dynamic batch dimension. One
                       written by offline-distill (``student.pt2``) carries its input contract in the
                       extra file ``kd_input_spec.json``; any other takes the shape of one sample from
                       the program when only its batch dimension is dynamic, and needs ``input_shape``
                       when others are too (input dtype float32 and identity preprocessing unless given).
+    hf:DIR            a ``transformers`` causal language model directory (``service.lm``): token
+                      ids [B, L] in, logits [B, L, V] out; the cache keeps per-token targets.
     FILE.pt           a ``student.pt`` written by offline-distill: architecture, weights and contract.
     ARCH + weights    a built-in architecture of ``offline.models`` (``mlp-teacher``, ``resnet``, ...)
                       with a ``student.pt`` or a plain state_dict.
@@ -44,10 +46,11 @@ from ..offline import models
 from ..offline.cache.clusters import ClusterError, check_cluster, parse_classes
 from ..offline.cache.trust import COMMAND_LINE, Origin
 from ..offline.models import describe_error
+from . import lm
 from .contract import InputContract, Overrides, TeacherError, _declared_contract
 
 SPEC_FORMS = (
-    "a torch.export program (FILE.pt2), a student.pt written by offline-distill (FILE.pt), "
+    "a torch.export program (FILE.pt2), a student.pt written by offline-distill (FILE.pt), a transformers causal LM directory (hf:DIR), "
     "a built-in architecture ({archs}) with a weights file, or module:factory (a callable taking (input_shape, num_classes) "
     "or no arguments, returning an nn.Module) with a weights file"
 )
@@ -71,6 +74,7 @@ class Member:
     cluster: tuple[int, ...] | None = None  # a specialist's classes (its student.pt's, or SPEC#CLASSES)
     cluster_total: int | None = None  # the classes C of the cache it was trained on, where its student.pt says
     cluster_head: str | None = None  # dustbin or full, where its student.pt says (else told by its width)
+    tokenizer: str | None = None  # a language model's tokenizer fingerprint (hf:DIR with a tokenizer)
 
     def on_device(self, device: torch.device) -> Member:
         """This member with its module on ``device``, in inference mode."""
@@ -343,7 +347,10 @@ def _classes_text(classes: Sequence[int]) -> str:
 
 
 def spec_kind(spec: str) -> str:
-    """``exported``, ``student`` or ``model`` (an ARCH or module:factory, which takes a weights file)."""
+    """``exported``, ``student``, ``hf`` (a transformers causal LM directory) or ``model`` (an
+    ARCH or module:factory, which takes a weights file)."""
+    if spec.startswith(lm.PREFIX):
+        return "hf"
     if spec.endswith(".pt2"):
         return "exported"
     if spec.endswith(".pt"):
@@ -375,6 +382,12 @@ def load_members(specs: Sequence[str], weights: Sequence[str], options: Override
     for spec, kind, given in zip(specs, kinds, given_clusters, strict=True):
         if kind == "exported":
             member = _load_exported(spec, options)
+        elif kind == "hf":
+            module, fingerprint, contract, vocab, tokenizer = lm.load_hf(spec, options)
+            member = Member(
+                spec=spec, name=Path(spec[len(lm.PREFIX) :]).name, module=module, fingerprint=fingerprint, contract=contract,
+                declared_classes=vocab, exported=False, tokenizer=tokenizer,
+            )  # fmt: skip
         elif kind == "student":
             member = _from_student_record(spec, _torch_load(spec, "student.pt"), options, model_spec=None, trust_code=trust_code)
         else:

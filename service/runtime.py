@@ -27,7 +27,7 @@ from .batcher import Batcher
 from .metrics import Metrics
 from .protocol import DecodedRequest, ProtocolError, decode_request, encode_response
 from .settings import ServeSettings
-from .signature import InferBatch, ModelSpec, model_metadata, validate
+from .signature import DENSE_LIMIT, InferBatch, ModelSpec, model_metadata, validate
 from .store import CacheStore
 
 log = logging.getLogger("teacher-serve")
@@ -64,31 +64,22 @@ class TeacherService:
         self.api_key = api_key
         self.metrics = metrics
         self.metrics.cache_samples.set(store.num_samples)
+        meta = store.meta
+        self.tokens = meta.task == "lm"
         self.batcher = Batcher(
-            teacher.forward,
+            self._encode,
             store=store,
-            max_batch=settings.max_batch,
+            layout=meta.layout,
+            max_batch=settings.max_batch_tokens if self.tokens else settings.max_batch,
             max_delay_s=settings.max_delay_ms / 1000,
             max_queue_bytes=settings.max_queue_bytes,
-            layout=store.meta.layout,
-            view_seeds=self._view_seeds if store.meta.has_views else None,
+            view_seeds=self._view_seeds if meta.has_views else None,
+            draw_seeds=meta.draw_seeds if meta.layout.randomized else None,
             metrics=metrics,
             # Once, after the first samples computed: a teacher fed inputs it was not trained on says so here.
-            watch=SoftTargetWatch(store.meta.serving_temperature, lambda warning: log.warning("warning: %s", warning)),
+            watch=None if self.tokens else SoftTargetWatch(meta.serving_temperature, lambda warning: log.warning("warning: %s", warning)),
         )
-        contract = teacher.contract
-        layout = store.meta.layout
-        self.spec = ModelSpec(
-            input_shape=tuple(contract.input_shape),
-            input_dtype=contract.input_dtype,
-            num_classes=teacher.num_classes,
-            temperature=settings.temperature,
-            max_samples=max(
-                1, settings.max_queue_bytes // max(1, int(np.prod(contract.input_shape)) * np.dtype(contract.input_dtype).itemsize)
-            ),
-            views=store.meta.views_per_id,
-            **_fixed_temperature(store.meta.temperature_rule, layout),
-        )
+        self.spec = _model_spec(settings, teacher, meta)
         self.ready = False
         self._warmup: asyncio.Task | None = None
         # The label names of every request admitted so far, recorded or about to be: a request is
@@ -117,7 +108,7 @@ class TeacherService:
 
     async def _warm_up(self) -> None:
         try:
-            await self.batcher.run_in_worker(self.teacher.warmup, self.settings.max_batch)
+            await self.batcher.run_in_worker(self.teacher.warmup, self.batcher.max_batch)
         except Exception:
             log.exception("teacher warm-up failed; the service stays not ready")
             return
@@ -137,6 +128,8 @@ class TeacherService:
             "temperature": self.settings.temperature,
             "ack": self.settings.ack,
             "max_batch": self.settings.max_batch,
+            **({"task": "lm", "vocab_size": self.spec.num_classes, "sequence_length": self.spec.sequence_length,
+                "max_batch_tokens": self.settings.max_batch_tokens} if self.tokens else {}),
             "cache_samples": self.store.num_samples,
             "teacher": self.teacher.describe(),
             "label_names": self.store.label_names,
@@ -161,17 +154,36 @@ class TeacherService:
         batch = validate(decoded, self.spec)
         if not self.ready:
             raise ServiceUnavailable("the teacher is still warming up")
-        logits, hits = await self._logits(batch)
-        n = len(logits)
+        fields, hits = await self._targets(batch)
+        n = len(batch.inputs)
         self.metrics.samples.inc(n)
         self.metrics.cache_hits.inc(hits)
         self.metrics.cache_misses.inc(n - hits)
-        outputs = []
-        for requested in batch.outputs:
-            values = soft_targets(logits, batch.temperature) if requested.name == "soft_targets" else logits
-            outputs.append((requested.name, values, requested.binary))
         parameters = {"cache_hits": hits, "cache_misses": n - hits, "temperature": batch.temperature, "stored": batch.store}
-        return encode_response(self.settings.model_name, decoded.id, parameters, outputs)
+        return encode_response(self.settings.model_name, decoded.id, parameters, self._outputs(batch, fields))
+
+    def _encode(self, inputs: np.ndarray, views: np.ndarray | None, draws: np.ndarray | None, lengths: np.ndarray | None) -> dict:
+        """The batcher's call, on the worker thread: the layout's fields, encoded on the teacher's device."""
+        return self.teacher.encode(inputs, self.store.meta.layout, views, draws, lengths)
+
+    def _outputs(self, batch: InferBatch, fields: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray, bool]]:
+        """The requested outputs: the layout's fields as stored, or the dense ones decoded from
+        them (what a cache hit answers, fresh or not). A language model's keep the request's
+        sequence axis."""
+        outputs, logits = [], None
+        for requested in batch.outputs:
+            if requested.name in ("soft_targets", "logits"):
+                if logits is None:
+                    logits = self.store.meta.layout.decode(fields)
+                    if self.tokens:
+                        logits = logits[:, : batch.width]
+                values = soft_targets(logits.copy(), batch.temperature) if requested.name == "soft_targets" else logits
+            else:
+                values = fields[requested.name]
+                if self.tokens and values.ndim > 1:
+                    values = values[:, : batch.width]
+            outputs.append((requested.name, np.ascontiguousarray(values), requested.binary))
+        return outputs
 
     def _check_label_names(self, batch: InferBatch) -> list[str] | None:
         """The label names the cache will know once ``batch`` is admitted (None: no change), or
@@ -201,40 +213,47 @@ class TeacherService:
         meta = self.store.meta
         return view_seeds(meta.view_salt, ids, meta.views_per_id)
 
-    async def _logits(self, batch: InferBatch) -> tuple[np.ndarray, int]:
-        """The stored logits of every sample, [n, C] ([n, V, C] with views), and how many came
-        from the cache."""
+    def _content_ids(self, batch: InferBatch) -> np.ndarray:
+        """The sha256 of each sample's bytes; of a token sequence's ids and its length (padding is zeros)."""
+        if batch.lengths is None:
+            return content_ids(batch.inputs)
+        return content_ids(np.concatenate([batch.inputs, batch.lengths[:, None].astype(np.int64)], axis=1))
+
+    async def _targets(self, batch: InferBatch) -> tuple[dict[str, np.ndarray], int]:
+        """The stored target fields of every sample (the layout's), and how many came from the cache."""
         n = len(batch.inputs)
         ids = batch.ids
         if ids is None:
-            ids = (
-                await run_in_threadpool(content_ids, batch.inputs) if batch.inputs.nbytes > INLINE_BODY_BYTES else content_ids(batch.inputs)
-            )
+            ids = await run_in_threadpool(self._content_ids, batch) if batch.inputs.nbytes > INLINE_BODY_BYTES else self._content_ids(batch)
         labels = batch.labels if batch.labels is not None else np.full(n, -1, dtype=np.int64)
 
         if self.store.known(ids):
-            rows, hit_logits = await asyncio.wrap_future(self.store.lookup(ids))
+            rows, hit_fields = await asyncio.wrap_future(self.store.lookup(ids))
         else:
-            rows, hit_logits = np.full(n, -1, dtype=np.int64), None
+            rows, hit_fields = np.full(n, -1, dtype=np.int64), None
         miss = rows < 0
         misses = int(miss.sum())
         # No await from the check of the label names to their claim: the request is refused
         # (422, or 503 from a full queue) before anything of it is queued or recorded.
         label_names = self._check_label_names(batch)
         if misses:
+            lengths = None if batch.lengths is None else batch.lengths[miss] if misses < n else batch.lengths
             if misses == n:
-                jobs = self.batcher.submit(batch.inputs, ids, labels, batch.store)
+                jobs = self.batcher.submit(batch.inputs, ids, labels, batch.store, lengths)
             else:
-                jobs = self.batcher.submit(batch.inputs[miss], ids[miss], labels[miss], batch.store)
+                jobs = self.batcher.submit(batch.inputs[miss], ids[miss], labels[miss], batch.store, lengths)
         if label_names is not None:  # admitted: claimed now, durable before the answer
             self._admitted_label_names = label_names
             await self._record_label_names(batch.label_names)
-        logits = np.empty((n, *self.store.meta.teacher_output_shape()), dtype=np.float32)
+        meta = self.store.meta
+        fields = {name: np.empty((n, *shape), dtype=dtype) for name, (shape, dtype) in meta.layout.fields(meta.num_classes).items()}
         if misses < n:
-            logits[~miss] = hit_logits
+            for name, values in hit_fields.items():
+                fields[name][~miss] = values
         if misses:
             results = await asyncio.gather(*(job.future for job in jobs))
-            logits[miss] = results[0].logits if len(results) == 1 else np.concatenate([r.logits for r in results])
+            for name in fields:
+                fields[name][miss] = results[0].fields[name] if len(results) == 1 else np.concatenate([r.fields[name] for r in results])
             writes = {id(r.write): r.write for r in results if r.write is not None}
             if writes:
                 if self.settings.ack == "durable":
@@ -242,7 +261,7 @@ class TeacherService:
                 else:
                     for write in writes.values():
                         write.add_done_callback(self._log_buffered_failure)
-        return logits, n - misses
+        return fields, n - misses
 
     def _log_buffered_failure(self, write: Any) -> None:
         if write.exception() is not None:
@@ -259,6 +278,26 @@ def _fixed_temperature(rule: str, layout: Any) -> dict[str, Any]:
     if rule == "serving":
         return {"fixed_temperature": True}
     return {}
+
+
+def _model_spec(settings: ServeSettings, teacher: Any, meta: Any) -> ModelSpec:
+    """What requests are checked against: the teacher's input contract and the cache's layout."""
+    contract, layout = teacher.contract, meta.layout
+    fields = tuple((name, shape, dtype.name) for name, (shape, dtype) in layout.fields(meta.num_classes).items())
+    sample_bytes = int(np.prod(contract.input_shape)) * np.dtype(contract.input_dtype).itemsize
+    return ModelSpec(
+        input_shape=tuple(contract.input_shape),
+        input_dtype=contract.input_dtype,
+        num_classes=teacher.num_classes,
+        temperature=settings.temperature,
+        max_samples=max(1, settings.max_queue_bytes // max(1, sample_bytes + layout.row_bytes(meta.num_classes))),
+        views=meta.views_per_id,
+        task=meta.task,
+        fields=() if layout.name == "full" else fields,
+        dense=layout.name == "full" or meta.num_classes <= DENSE_LIMIT,
+        max_tokens=settings.max_batch_tokens,
+        **_fixed_temperature(meta.temperature_rule, layout),
+    )
 
 
 def _target_seed(settings: ServeSettings) -> int:

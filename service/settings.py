@@ -67,6 +67,9 @@ class ServeSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch: int = Field(256, ge=1, le=65536, description="samples per teacher forward pass")
+    max_batch_tokens: int = Field(
+        8192, ge=1, le=1 << 24, description="a language model's tokens per forward pass: sequences x the longest of them"
+    )
     max_delay_ms: float = Field(5.0, ge=0, le=10_000, description="how long a batch waits to fill")
     ack: Literal["durable", "buffered"] = "durable"
     api_key_env: str | None = Field(None, description="environment variable holding the bearer token")

@@ -6,7 +6,7 @@ Every cache operation of the service goes through ``CacheStore``'s single thread
   group of such batches is in it, makes them durable with one ``fdatasync`` (group commit)
   before writing them to the open shard with ``CacheWriter.append``. The returned future
   resolves after that, so a request acknowledged in ``durable`` mode survives ``kill -9``.
-* ``lookup`` finds which ids the cache already has and reads their logits back.
+* ``lookup`` finds which ids the cache already has and reads their stored target fields back.
 * ``record_label_names`` merges a request's label names into the manifest's ``label_names``
   (``CacheWriter.record_label_names``); the future resolves once the manifest holding them is
   durable, or fails with ``CacheError`` when they conflict with the recorded ones.
@@ -71,7 +71,7 @@ def _replay(writer: CacheWriter, directory: Path, meta: CacheMeta) -> Recovery:
     records, _, torn = read_journal(directory / JOURNAL_NAME, meta)
     recovery = Recovery(journal_samples=sum(len(record.ids) for record in records), torn_bytes=torn)
     for record in records:
-        recovery.restored_samples += writer.append(np.array(record.ids, dtype=object), record.inputs, record.teacher_logits, record.labels)
+        recovery.restored_samples += writer.append_encoded(np.array(record.ids, dtype=object), record.inputs, record.fields, record.labels)
     writer.flush_shard()
     return recovery
 
@@ -114,18 +114,18 @@ class CacheStore:
         self._thread.start()
 
     # -- called from any thread -------------------------------------------------------------
-    def write(self, ids: np.ndarray, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> Future:
+    def write(self, ids: np.ndarray, inputs: np.ndarray, fields: dict[str, np.ndarray], labels: np.ndarray) -> Future:
         """Queue a batch for the cache; the future gives the rows newly stored. Blocks while
         ``max_pending`` batches wait, which pushes back on the batcher and so on clients."""
         if self._closed or self.broken is not None:
             raise StoreError(f"the cache writer is {'stopped' if self._closed else 'broken: ' + str(self.broken)}", status=503)
-        task = _Task("write", (ids, inputs, logits, labels))
+        task = _Task("write", (ids, inputs, fields, labels))
         self._write_slots.acquire()
         self._tasks.put(task)
         return task.future
 
     def lookup(self, ids: np.ndarray) -> Future:
-        """The future gives (rows, logits of the rows >= 0): rows[i] is -1 for a miss. Never
+        """The future gives (rows, the target fields of the rows >= 0): rows[i] is -1 for a miss. Never
         blocks, so the event loop may call it."""
         task = _Task("lookup", (ids,))
         self._tasks.put(task)
@@ -205,7 +205,7 @@ class CacheStore:
         try:
             (ids,) = task.args
             rows = self.writer.lookup(ids)
-            task.future.set_result((rows, self.writer.read_logits(rows[rows >= 0])))
+            task.future.set_result((rows, self.writer.read_fields(rows[rows >= 0])))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
             task.future.set_exception(exc)
 
@@ -226,7 +226,7 @@ class CacheStore:
         try:
             self._check_space(sum(len(t.args[0]) for t in writes))
             for task in writes:
-                ids, inputs, logits, labels = task.args
+                ids, inputs, fields, labels = task.args
                 ids = normalize_ids(ids, len(inputs))
                 new = np.zeros(len(ids), dtype=bool)
                 for i, sample_id in enumerate(ids):
@@ -235,9 +235,10 @@ class CacheStore:
                         new[i] = True
                 if new.any():
                     if not new.all():
-                        ids, inputs, logits, labels = ids[new], inputs[new], logits[new], labels[new]
-                    self.journal.append(encode_record(self.meta, ids.tolist(), inputs, logits, labels), len(ids))
-                batches.append((ids, inputs, logits, labels) if new.any() else None)
+                        ids, inputs, labels = ids[new], inputs[new], labels[new]
+                        fields = {name: values[new] for name, values in fields.items()}
+                    self.journal.append(encode_record(self.meta, ids.tolist(), inputs, fields, labels), len(ids))
+                batches.append((ids, inputs, fields, labels) if new.any() else None)
             if self.durable:
                 self.journal.sync()
                 faults.crash_point(faults.JOURNAL_SYNCED)
@@ -248,7 +249,7 @@ class CacheStore:
         try:
             for batch in batches:
                 if batch is not None:
-                    stored += self.writer.append(*batch)
+                    stored += self.writer.append_encoded(*batch)
             self._checkpoint()
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

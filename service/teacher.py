@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..offline.cache import CacheMeta
+from ..offline.cache import CacheMeta, TargetLayout
 from ..offline.models import describe_error
+from . import lm
 from .contract import Overrides, TeacherError, torch_dtype
 from .ensemble import DEFAULT_TOP_N, ENSEMBLE_MODES, Combiner, CombinerError, combiner_for
 from .loading import Member, load_members, spec_forms
@@ -81,6 +82,10 @@ class Teacher:
         self.compute_dtype = compute_dtype
         self.contract = self.members[0].contract
         self._input_dtype = torch_dtype(self.contract.input_dtype)
+        # A causal language model (hf:DIR, or int64 token ids in and [B, L, V] out): one row per
+        # token sequence, with targets per token.
+        self.task = "lm" if self.members[0].tokenizer is not None or self.contract.input_dtype == lm.TOKEN_DTYPE else "classify"
+        self.tokenizer = self.members[0].tokenizer
         self.name = combiner.name([m.name for m in self.members])
         self.fingerprint = combiner.fingerprint([m.fingerprint for m in self.members])
         self.num_classes = self._probe()
@@ -118,32 +123,60 @@ class Teacher:
             inputs = np.array(inputs, order="C")
         return torch.from_numpy(inputs)
 
-    def forward(self, inputs: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, inputs: np.ndarray, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> np.ndarray:
         """``[B, *input_shape]`` in the contract's dtype → float32 ``[B, C]``, the logits to store;
         when serving views, ``seeds`` [B, V] gives each sample's view seeds and the logits are
-        ``[B, V, C]`` (``[B, C]`` for one view): the V·B views go through the teacher together."""
+        ``[B, V, C]`` (``[B, C]`` for one view): the V·B views go through the teacher together.
+        A language model's are ``[B, L', V]``, L' the longest of ``lengths``."""
+        with torch.inference_mode():
+            stored = self._stored(inputs, seeds, lengths)
+            return np.ascontiguousarray(stored.float().cpu().numpy(), dtype=np.float32)
+
+    def encode(
+        self, inputs: np.ndarray, layout: TargetLayout, seeds: np.ndarray | None = None, draws: np.ndarray | None = None,
+        lengths: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """The stored fields of ``layout`` for a batch, encoded on the teacher's device right after
+        the forward pass (``TargetLayout.encode_tensor``): only they cross to the host. ``draws``
+        are the rows' draw seeds, for a randomized layout; ``lengths`` the token counts of a
+        language model's sequences."""
+        with torch.inference_mode():
+            stored = self._stored(inputs, seeds, lengths)
+            return layout.encode_tensor(stored, draws, lengths)
+
+    def _check_inputs(self, inputs: np.ndarray, seeds: np.ndarray | None) -> None:
         shape, dtype = self.contract.input_shape, self.contract.input_dtype
         if not isinstance(inputs, np.ndarray) or inputs.shape[1:] != shape or inputs.ndim != len(shape) + 1:
             got = list(inputs.shape) if isinstance(inputs, np.ndarray) else type(inputs).__name__
             raise ValueError(f"inputs are {got}, the teacher expects [B, {', '.join(map(str, shape))}]")
         if inputs.dtype != np.dtype(dtype):
             raise ValueError(f"inputs are {inputs.dtype}, the teacher expects {dtype}")
-        out_shape = (self.views, self.num_classes) if self.views > 1 else (self.num_classes,)
-        if len(inputs) == 0:
-            return np.zeros((0, *out_shape), dtype=np.float32)
         if self.augment is not None and (seeds is None or np.shape(seeds) != (len(inputs), self.views)):
             raise ValueError(f"this teacher serves {self.views} view(s) per sample: give seeds [{len(inputs)}, {self.views}]")
-        with torch.inference_mode():
-            x = self._inputs_on_device(inputs)
-            if self.augment is not None:
-                view_seeds = torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.int64)).to(self.device)
-                x = torch.cat([self.augment(x, view_seeds[:, v]) for v in range(self.views)])  # view-major, [V·B, ...]
-            x = self.contract.preprocessing.apply(x)
-            stored = self.combiner.forward(self._run, len(self.members), x)
-            if self.augment is not None:
-                stored = stored.reshape(self.views, len(inputs), self.num_classes).transpose(0, 1).reshape(len(inputs), *out_shape)
-            stored = stored.cpu()
-        return np.ascontiguousarray(stored.numpy(), dtype=np.float32)
+
+    def _stored(self, inputs: np.ndarray, seeds: np.ndarray | None, lengths: np.ndarray | None) -> torch.Tensor:
+        """The logits to store, on the device (in inference mode)."""
+        self._check_inputs(inputs, seeds)
+        if self.task == "lm":
+            longest = self.contract.input_shape[0] if lengths is None or not len(inputs) else int(np.max(lengths))
+            inputs = inputs[:, :longest]  # right padding: the positions after the longest sequence change nothing
+            out_shape: tuple[int, ...] = (longest, self.num_classes)
+        else:
+            out_shape = (self.views, self.num_classes) if self.views > 1 else (self.num_classes,)
+        if len(inputs) == 0:
+            return torch.zeros((0, *out_shape), dtype=torch.float32, device=self.device)
+        x = self._inputs_on_device(inputs)
+        if self.augment is not None:
+            view_seeds = torch.from_numpy(np.ascontiguousarray(seeds, dtype=np.int64)).to(self.device)
+            x = torch.cat([self.augment(x, view_seeds[:, v]) for v in range(self.views)])  # view-major, [V·B, ...]
+        stored = self.combiner.forward(self._run, len(self.members), self._prepare(x))
+        if self.augment is not None:
+            stored = stored.reshape(self.views, len(inputs), self.num_classes).transpose(0, 1).reshape(len(inputs), *out_shape)
+        return stored
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A language model takes its token ids as they are; other teachers the contract's preprocessing."""
+        return x if self.task == "lm" else self.contract.preprocessing.apply(x)
 
     def member_labels(self) -> list[str]:
         """Each member as messages name it: its spec, with its position where two specs are the same."""
@@ -155,16 +188,19 @@ class Teacher:
         member = self.members[i]
         with self._autocast():
             z = member.module(x)
-        if z.shape != (len(x), self.widths[i]):
-            raise TeacherError(f"{member.spec}: returned {list(z.shape)} for a batch of {len(x)}, expected [{len(x)}, {self.widths[i]}]")
+        expected = (len(x), *x.shape[1:2], self.widths[i]) if self.task == "lm" else (len(x), self.widths[i])
+        if z.shape != expected:
+            raise TeacherError(f"{member.spec}: returned {list(z.shape)} for inputs {list(x.shape)}, expected {list(expected)}")
         return z
 
     def _probe(self) -> int:
-        """One forward of zeros per member: it must run on the contract's shape and return [B, C]."""
+        """One forward of zeros per member: it must run on the contract's shape and return [B, C]
+        ([B, L, V] for a language model)."""
         zeros = torch.zeros(PROBE_BATCH, *self.contract.input_shape, dtype=self._input_dtype, device=self.device)
+        rank = 3 if self.task == "lm" else 2
         widths: list[int] = []
         with torch.inference_mode():
-            x = self.contract.preprocessing.apply(zeros)
+            x = self._prepare(zeros)
             for member in self.members:
                 try:
                     with self._autocast():
@@ -173,10 +209,11 @@ class Teacher:
                     batch = f"[{PROBE_BATCH}, {', '.join(map(str, self.contract.input_shape))}]"
                     hint = " (exported with a fixed batch size? export with a dynamic batch dimension)" if member.exported else ""
                     raise TeacherError(f"{member.spec}: forward pass on inputs {batch} failed{hint} ({describe_error(exc)})") from None
-                if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != PROBE_BATCH:
+                if not isinstance(out, torch.Tensor) or out.dim() != rank or out.shape[0] != PROBE_BATCH:
                     got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                    raise TeacherError(f"{member.spec}: returns {got} for a batch of {PROBE_BATCH}, expected logits [{PROBE_BATCH}, C]")
-                produced = int(out.shape[1])
+                    form = f"[{PROBE_BATCH}, L, V] per token" if rank == 3 else f"[{PROBE_BATCH}, C]"
+                    raise TeacherError(f"{member.spec}: returns {got} for a batch of {PROBE_BATCH}, expected logits {form}")
+                produced = int(out.shape[-1])
                 if member.declared_classes is not None and member.declared_classes != produced:
                     raise TeacherError(f"{member.spec}: declares {member.declared_classes} classes but returns {produced} logits")
                 widths.append(produced)
@@ -189,7 +226,8 @@ class Teacher:
     def warmup(self, batch_size: int) -> None:
         """A few forwards of zeros at the serving batch size, so that the first request does not pay
         for CUDA context set-up, kernel selection and the caching allocator's first growth."""
-        zeros = np.zeros((max(1, batch_size), *self.contract.input_shape), dtype=self.contract.input_dtype)
+        rows = max(1, batch_size // self.contract.input_shape[0]) if self.task == "lm" else max(1, batch_size)
+        zeros = np.zeros((rows, *self.contract.input_shape), dtype=self.contract.input_dtype)
         seeds = np.arange(len(zeros) * self.views, dtype=np.int64).reshape(len(zeros), self.views) if self.augment is not None else None
         for _ in range(WARMUP_PASSES):
             self.forward(zeros, seeds)
@@ -202,7 +240,7 @@ class Teacher:
             input_shape=self.contract.input_shape, input_dtype=self.contract.input_dtype, preprocessing=self.contract.preprocessing,
             serving_temperature=self.serving_temperature, temperature_rule=self.combiner.temperature_rule, logits_dtype=logits_dtype,
             views_per_id=self.views, augment=self.augment.describe() if self.augment is not None else None, view_salt=self.view_salt,
-            logits_layout=targets, target_seed=target_seed,
+            logits_layout=targets, target_seed=target_seed, task=self.task, tokenizer_fingerprint=self.tokenizer,
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
@@ -218,6 +256,8 @@ class Teacher:
             "dtype": str(self.compute_dtype).removeprefix("torch."),
             "contract": self.contract.to_dict(),
             "temperature": self.serving_temperature,
+            "task": self.task,
+            **({"vocab_size": self.num_classes, "tokenizer_fingerprint": self.tokenizer} if self.task == "lm" else {}),
         }
 
     def __repr__(self) -> str:

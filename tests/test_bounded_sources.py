@@ -24,7 +24,7 @@ from conftest import BIN
 from PIL import Image, ImageFile
 
 from kdcache.offline.cache import CacheError, read_transfer_set
-from kdcache.offline.cache.sources import PixelBudget, SampleSpec, SourceError, open_source
+from kdcache.offline.sources import PixelBudget, SampleSpec, SourceError, open_source
 
 RGB16 = SampleSpec((3, 16, 16), "uint8", 4)
 GRAY8 = SampleSpec((1, 8, 8), "uint8")

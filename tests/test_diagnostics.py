@@ -223,8 +223,8 @@ def test_cache_inspect_counts_the_journals_pending_samples(tmp_path, capsys):
     ids = [f"s{i}" for i in range(36, 100)]  # s36..s39 are published already
     for part in (slice(0, 30), slice(30, 64)):
         rows = slice(36 + part.start, 36 + part.stop)
-        journal.append(encode_record(meta, ids[part], np.zeros((len(ids[part]), 4), np.float32), logits[rows], labels[rows]), 30)
-    journal.append(encode_record(meta, ["s50"], np.zeros((1, 4), np.float32), logits[50:51], labels[50:51]), 1)  # a repeat
+        journal.append(encode_record(meta, ids[part], np.zeros((len(ids[part]), 4), np.float32), meta.layout.encode(logits[rows]), labels[rows]), 30)
+    journal.append(encode_record(meta, ["s50"], np.zeros((1, 4), np.float32), meta.layout.encode(logits[50:51]), labels[50:51]), 1)  # a repeat
     journal.sync()
     journal.close()
     summary = inspect_json(tmp_path / "c", capsys)
@@ -244,7 +244,7 @@ def test_a_cache_whose_samples_are_all_in_the_journal(tmp_path, capsys):
     logits, labels = teacher_outputs(30)
     meta = write_cache(tmp_path / "c", logits[:0], labels[:0])
     journal = Journal(tmp_path / "c")
-    journal.append(encode_record(meta, [f"j{i}" for i in range(30)], np.zeros((30, 4), np.float32), logits, labels), 30)
+    journal.append(encode_record(meta, [f"j{i}" for i in range(30)], np.zeros((30, 4), np.float32), meta.layout.encode(logits), labels), 30)
     journal.close()
     summary = inspect_json(tmp_path / "c", capsys)
     assert (summary["samples"], summary["published_samples"], summary["journal_samples"]) == (30, 0, 30)

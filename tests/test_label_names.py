@@ -37,8 +37,8 @@ from hypothesis import strategies as st
 
 from kdcache.offline.cache import CacheError, CacheMeta, CacheReader, CacheWriter
 from kdcache.offline.cache.label_names import MAX_NAME_CHARS, MAX_TOTAL_CHARS, check_label_names, describe_label_names, printable
-from kdcache.offline.cache.sources import SampleSpec, SourceError, open_source
 from kdcache.offline.cli import distill_main, inspect_main
+from kdcache.offline.sources import SampleSpec, SourceError, open_source
 from kdcache.service.app import create_app
 from kdcache.service.launch import ServeProcess
 from kdcache.service.runtime import TeacherService
@@ -124,10 +124,10 @@ class GatedTeacher:
         self.gate.set()
         self.entered = threading.Event()
 
-    def forward(self, inputs):
+    def encode(self, *args, **kwargs):
         self.entered.set()
         self.gate.wait(30)
-        return self.teacher.forward(inputs)
+        return self.teacher.encode(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.teacher, name)
@@ -218,7 +218,7 @@ def test_a_request_refused_with_503_records_no_label_names(tmp_path, teacher_pt)
     503 (queue full) still wrote them into the manifest. Now they are recorded only once the
     request is admitted, and a refused request does not even claim them."""
     cache = tmp_path / "cache"
-    sample_bytes = int(np.prod(SHAPE)) * 4
+    sample_bytes = int(np.prod(SHAPE)) * 4 + CLASSES * 4  # the queue counts inputs and the targets they become
 
     async def body():
         # 8 samples fill the queue; max_batch 2: a request of 8 leaves jobs queued behind the gate.

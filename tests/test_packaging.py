@@ -22,7 +22,7 @@ def test_an_install_adds_only_the_kdcache_import_name(tmp_path):
     assert top_level == ["kdcache"]
     assert sorted(p.name for p in (target / "kdcache").iterdir() if p.name != "__pycache__") == ["demo", "offline", "service"]
     assert (target / "kdcache" / "offline" / "cache" / "writer.py").exists()
-    assert (target / "kdcache" / "offline" / "cache" / "sources" / "images.py").exists()  # a sub-package, listed in pyproject
+    assert (target / "kdcache" / "offline" / "sources" / "images.py").exists()  # a sub-package, listed in pyproject
     # The installed copy imports on its own, from a directory without the sources.
     code = (
         "import kdcache.service.app, kdcache.service.client, kdcache.offline.train, kdcache.demo.digits;print(kdcache.service.app.__file__)"

@@ -29,7 +29,7 @@ from kdcache.service.protocol import (
     error_body,
     parse_header_length,
 )
-from kdcache.service.signature import INPUTS, OUTPUTS, ModelSpec, model_metadata, request_schema, validate
+from kdcache.service.signature import FIELD_OUTPUTS, OUTPUTS, ModelSpec, model_metadata, request_schema, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ModelSpec(input_shape=(8, 8), input_dtype="uint8", num_classes=10, temperature=1.0, max_samples=16)
@@ -272,8 +272,11 @@ def test_model_metadata_and_openapi_come_from_one_declaration():
     schema = request_schema()
     tensor = schema["properties"]["inputs"]["items"]["properties"]
     assert tensor["datatype"]["enum"] == [*DATATYPES, "BYTES"]
-    assert tensor["name"]["examples"] == [t.name for t in INPUTS] and tensor["name"]["description"] == "input (required), id or label"
-    assert schema["properties"]["outputs"]["items"]["properties"]["name"]["enum"] == [t.name for t in OUTPUTS]
+    assert tensor["name"]["examples"] == ["input", "id", "label", "input_ids", "lengths", "attention_mask"]
+    assert tensor["name"]["description"] == (
+        "input (required: a classifier), id, label, input_ids (required: a language model), lengths or attention_mask"
+    )
+    assert schema["properties"]["outputs"]["items"]["properties"]["name"]["enum"] == [t.name for t in OUTPUTS] + list(FIELD_OUTPUTS)
     assert list(schema["properties"]["parameters"]["properties"]) == ["temperature", "store", "no_outputs", "binary_data_output", "label_names"]
 
 

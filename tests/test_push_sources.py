@@ -31,8 +31,8 @@ from PIL import Image
 from kdcache.offline import models
 from kdcache.offline.cache import CacheMeta, CacheReader, Preprocessing
 from kdcache.offline.cache.manifest import load_manifest
-from kdcache.offline.cache.sources import SampleSpec
 from kdcache.offline.cache.storage import LocalStorage
+from kdcache.offline.sources import SampleSpec
 from kdcache.service.app import create_app
 from kdcache.service.client import ClientError, push_main, sample_spec_of
 from kdcache.service.launch import ServeProcess
@@ -338,7 +338,7 @@ def test_an_npz_without_the_channel_axis_is_fitted_as_the_same_npy_is(tmp_path, 
 def test_push_source_numbers_a_folder_of_some_classes_as_teacher_push_does(tmp_path, gray_server):
     """The README's example, ``client.push_source(open_source(path, client.sample_spec()))``, on a
     folder holding only the second of the cache's classes."""
-    from kdcache.offline.cache.sources import open_source
+    from kdcache.offline.sources import open_source
     from kdcache.service.client import TeacherClient
 
     for folder, classes in (("both", ("cat", "dog")), ("dogs", ("dog",))):

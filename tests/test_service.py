@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdcache.offline.cache import CacheError, CacheReader
+from kdcache.offline.cache import CacheError, CacheReader, make_layout
 from kdcache.offline.journal import JOURNAL_NAME
 from kdcache.offline.losses import distillation_loss
 from kdcache.service.app import create_app
@@ -25,6 +25,7 @@ from kdcache.service.store import CacheStore
 from kdcache.service.teacher import load_teacher
 
 T = 4.0
+FULL = make_layout("full")
 
 
 def run(coro):
@@ -291,10 +292,10 @@ class GatedTeacher:
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    def forward(self, inputs):
+    def encode(self, *args, **kwargs):
         self.entered.set()
         self.gate.wait(30)
-        return self.teacher.forward(inputs)
+        return self.teacher.encode(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.teacher, name)
@@ -316,8 +317,8 @@ def test_full_queue_answers_503_and_health_stays_up_during_a_long_batch(tmp_path
     x = digits_teacher["x_train"]
 
     async def body():
-        # The queue holds 4 KiB of inputs: 64 digits.
-        async with serving(tmp_path, [digits_teacher_pt], teacher=gated, max_batch=16, max_queue_mb=4 / 1024) as (service, client):
+        # The queue holds 6.5 KiB of inputs and their targets: 64 digits (64 bytes and 10 float32 logits each).
+        async with serving(tmp_path, [digits_teacher_pt], teacher=gated, max_batch=16, max_queue_mb=6.5 / 1024) as (service, client):
             gated.gate.set()
             await infer(client, x[:1])  # warm
             first = await gated.hold(infer(client, x[:64], ids=np.arange(64)))
@@ -338,14 +339,14 @@ def test_full_queue_answers_503_and_health_stays_up_during_a_long_batch(tmp_path
 
 def test_batcher_bounds_the_queue_by_bytes():
     async def body():
-        batcher = Batcher(lambda x: np.zeros((len(x), 2), np.float32), store=None, max_batch=4, max_queue_bytes=100)
+        batcher = Batcher(lambda x, *_: {"logits": np.zeros((len(x), 2), np.float32)}, store=None, layout=FULL, max_batch=4, max_queue_bytes=100)
         batcher.start()
         first = batcher.submit(np.zeros((10, 8), np.uint8), np.arange(10).astype(str).astype(object), np.full(10, -1), False)
         assert len(first) == 3  # split into jobs of at most max_batch
         with pytest.raises(QueueFull):
             batcher.submit(np.zeros((10, 8), np.uint8), np.arange(10).astype(str).astype(object), np.full(10, -1), False)
         results = await asyncio.gather(*(job.future for job in first))
-        assert [len(r.logits) for r in results] == [4, 4, 2]
+        assert [len(r.fields["logits"]) for r in results] == [4, 4, 2]
         await batcher.stop()
 
     run(body())
@@ -357,15 +358,15 @@ def test_a_batch_runs_at_once_when_no_other_request_can_join_and_waits_for_one_t
     joins the batch."""
     sizes: list[int] = []
 
-    def forward(x):
+    def encode(x, *_):
         sizes.append(len(x))
-        return np.zeros((len(x), 2), np.float32)
+        return {"logits": np.zeros((len(x), 2), np.float32)}
 
     def ids(n, start=0):
         return np.arange(start, start + n).astype(str).astype(object)
 
     async def body():
-        batcher = Batcher(forward, store=None, max_batch=4, max_delay_s=60.0)
+        batcher = Batcher(encode, store=None, layout=FULL, max_batch=4, max_delay_s=60.0)
         batcher.start()
         batcher.enter()  # one request, alone
         (job,) = batcher.submit(np.zeros((2, 8), np.uint8), ids(2), np.full(2, -1), False)
@@ -431,8 +432,8 @@ def test_store_takes_each_id_once_even_within_one_write(tmp_path, digits_teacher
     x = np.zeros((3, 8, 8), np.uint8)
     x[2] += 1
     logits = np.zeros((3, 10), np.float32)
-    first = store.write(np.array(["a", "b", "a"], dtype=object), x, logits, np.full(3, -1))
-    second = store.write(np.array(["b", "c"], dtype=object), x[:2], logits[:2], np.full(2, -1))
+    first = store.write(np.array(["a", "b", "a"], dtype=object), x, {"logits": logits}, np.full(3, -1))
+    second = store.write(np.array(["b", "c"], dtype=object), x[:2], {"logits": logits[:2]}, np.full(2, -1))
     assert first.result(10) == 2 and second.result(10) == 1
     store.close()
     assert sorted(CacheReader(tmp_path / "cache").read(("ids",))["ids"]) == ["a", "b", "c"]

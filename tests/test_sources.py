@@ -1,4 +1,4 @@
-"""Transfer-set sources (offline/cache/sources/) on real files: image folders written with
+"""Transfer-set sources (offline/sources/) on real files: image folders written with
 Pillow, Parquet written with pyarrow, a directory written by Hugging Face ``datasets``, .npy and
 .npz; and ``offline-distill --eval`` on an image folder."""
 
@@ -17,9 +17,9 @@ import pytest
 from conftest import BIN
 from PIL import Image
 
-from kdcache.offline.cache import sources
+from kdcache.offline import sources
 from kdcache.offline.cache.ids import content_ids
-from kdcache.offline.cache.sources import SampleSpec, SourceError, detect_kind, open_source
+from kdcache.offline.sources import SampleSpec, SourceError, detect_kind, open_source
 
 RGB10 = SampleSpec((3, 10, 10), "uint8", num_classes=2)
 BILINEAR = Image.Resampling.BILINEAR
@@ -432,8 +432,8 @@ def test_the_module_loads_neither_torch_nor_hdf5_nor_its_readers_until_a_kind_ne
     import sys
 
     code = (
-        "import sys, kdcache.offline.cache.sources as s; s.SampleSpec((3, 4, 4), 'uint8');"
-        "print(sorted(m for m in ('torch', 'h5py', 'PIL', 'pyarrow') if m in sys.modules))"
+        "import sys, kdcache.offline.sources as s; s.SampleSpec((3, 4, 4), 'uint8');"
+        "print(sorted(m for m in ('torch', 'h5py', 'PIL', 'pyarrow', 'tokenizers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

@@ -17,7 +17,7 @@ META = CacheMeta("e" * 64, "store-teacher", 5, (4,), "float32")
 def batch(start: int, n: int) -> tuple:
     rng = np.random.default_rng(start)
     ids = np.array([f"s{i}" for i in range(start, start + n)], dtype=object)
-    return ids, rng.random((n, 4), dtype=np.float32), rng.normal(size=(n, 5)).astype(np.float32), np.full(n, -1)
+    return ids, rng.random((n, 4), dtype=np.float32), {"logits": rng.normal(size=(n, 5)).astype(np.float32)}, np.full(n, -1)
 
 
 def test_a_full_journal_publishes_a_full_shard_not_a_full_shard_and_a_splinter(tmp_path):

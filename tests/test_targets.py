@@ -268,8 +268,8 @@ def test_a_cache_refuses_appends_in_another_layout(tmp_path):
 
 
 def test_journal_replay_and_any_batching_give_the_same_sampled_targets(tmp_path):
-    """The journal holds the teacher's raw logits; replay encodes them as a live write would, and
-    the draws depend on the ids, not on how the samples were batched."""
+    """The journal holds the encoded targets and replay appends them as they are; the draws depend
+    on the ids, not on how the samples were batched."""
     from kdcache.offline.cache import CacheReader
     from kdcache.offline.journal import Journal, encode_record
     from kdcache.service.store import CacheStore
@@ -281,7 +281,7 @@ def test_journal_replay_and_any_batching_give_the_same_sampled_targets(tmp_path)
     (tmp_path / "replayed").mkdir()
     journal = Journal(tmp_path / "replayed")
     for part in (slice(0, 7), slice(7, 30)):
-        journal.append(encode_record(meta, ids[part], x[part], v[part], y[part]), len(ids[part]))
+        journal.append(encode_record(meta, ids[part], x[part], meta.layout.encode(v[part], meta.draw_seeds(ids[part])), y[part]), len(ids[part]))
     journal.sync()
     journal.close()
     store = CacheStore(tmp_path / "replayed", meta)

@@ -14,8 +14,14 @@ from typing import Any
 import numpy as np
 
 from .layout import TargetLayout, make_layout, parse_targets
+from .rng import draw_seeds
+from .tokens import PerToken
 
-SCHEMA_VERSION = 1
+# 2: token caches (task "lm"), whose rows an older reader would misread as samples.
+SCHEMA_VERSION = 2
+# What a row is: one sample of a classifier (``classify``), or one token sequence of a causal
+# language model (``lm``: inputs [L] token ids, targets per token, ``tokens.PerToken``).
+TASKS = ("classify", "lm")
 FORMAT_NAME = "kd-cache"
 # How a cache's soft targets depend on the distillation temperature T: "any" when
 # softmax(stored / T) is the teacher's soft target at every T (one teacher, or the geometric
@@ -97,6 +103,9 @@ class CacheMeta:
     view_salt: int = 0
     # The salt of a sampled layout's draws (``rng.draw_seeds``); recorded only for such a cache.
     target_seed: int = 0
+    task: str = "classify"
+    # A language model's tokenizer (sha256 of its files), which the token ids mean something in.
+    tokenizer_fingerprint: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -125,6 +134,13 @@ class CacheMeta:
             temperature=self.serving_temperature,
             seed=self.target_seed,
         )
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "lm":
+            if len(self.input_shape) != 1 or np.dtype(self.input_dtype).kind not in "iu" or self.has_views:
+                raise ValueError(f"a token cache holds [L] integer token ids per row and no views, got {list(self.input_shape)} {self.input_dtype}")
+            layout = PerToken(layout, self.input_shape[0])
+            layout.check(self.num_classes)
         object.__setattr__(self, "logits_layout", layout.spec)
         object.__setattr__(self, "layout", layout)
         if self.temperature_rule not in TEMPERATURE_RULES:
@@ -158,6 +174,10 @@ class CacheMeta:
             del out["augment"], out["view_salt"]
         if not self.layout.randomized:
             del out["target_seed"]
+        if self.task == "classify":  # a classifier's cache records what it always did
+            del out["task"]
+        if self.tokenizer_fingerprint is None:
+            del out["tokenizer_fingerprint"]
         out["temperature"] = out.pop("serving_temperature")
         out["input_shape"] = list(self.input_shape)
         out["preprocessing"] = self.preprocessing.to_dict()
@@ -195,6 +215,8 @@ class CacheMeta:
                 augment=raw.get("augment"),
                 view_salt=int(raw.get("view_salt", 0)),
                 target_seed=int(raw.get("target_seed", 0)),
+                task=str(raw.get("task", "classify")),
+                tokenizer_fingerprint=None if raw.get("tokenizer_fingerprint") is None else str(raw["tokenizer_fingerprint"]),
                 schema_version=version,
             )
         except CacheError:
@@ -210,6 +232,13 @@ class CacheMeta:
                 return f"{name} is {theirs!r}, expected {mine!r}"
         return None
 
+    def draw_seeds(self, ids: Sequence[str]) -> np.ndarray | None:
+        """The draw seeds of a randomized layout for ``ids`` ([B], [B, V] with views); None for another layout."""
+        if not self.layout.randomized:
+            return None
+        seeds = draw_seeds(self.target_seed, ids, self.views_per_id)
+        return seeds if self.views_per_id > 1 else seeds[:, 0]
+
     def input_row_bytes(self) -> int:
         return int(np.prod(self.input_shape, dtype=np.int64)) * np.dtype(self.input_dtype).itemsize
 
@@ -219,7 +248,10 @@ class CacheMeta:
         return self.input_row_bytes() + 8 + seeds + self.layout.row_bytes(self.num_classes)
 
     def teacher_output_shape(self) -> tuple[int, ...]:
-        """One sample's teacher logits as the writer takes them: [V, C] with views, else [C]."""
+        """One sample's teacher logits as the writer takes them: [V, C] with views, [L, C] for a
+        token sequence, else [C]."""
+        if self.task == "lm":
+            return (self.input_shape[0], self.num_classes)
         return (self.views_per_id, self.num_classes) if self.views_per_id > 1 else (self.num_classes,)
 
     def chunk_rows(self) -> int:
@@ -243,7 +275,7 @@ class CacheMeta:
 # writer and the cache it appends to; one definition for the reader, the writer and open_caches.
 SHARD_FIELDS = (
     "teacher_fingerprint", "num_classes", "input_shape", "input_dtype", "logits_dtype", "logits_layout",
-    "views_per_id", "augment", "view_salt", "layout",
+    "views_per_id", "augment", "view_salt", "layout", "task", "tokenizer_fingerprint",
 )  # fmt: skip
 WRITER_FIELDS = SHARD_FIELDS + ("preprocessing",)
 # Samples of caches that differ in these cannot share a batch, each for its own reason (open_caches
@@ -255,5 +287,6 @@ MIX_REASONS = {
     "input_dtype": "inputs of different dtypes cannot share a batch",
     "views_per_id": "a batch replays one of each sample's views, so the caches must hold as many per sample",
     "augment": "a batch's views are replayed with one augmentation policy",
+    "task": "token sequences and samples cannot share a batch",
     "logits_layout": "each target layout has its own soft term; cache-convert re-encodes a cache of full logits into another layout",
 }

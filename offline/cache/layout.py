@@ -74,9 +74,18 @@ class TargetLayout(ABC):
         """Each dataset this layout stores: its row shape and dtype, in column order."""
 
     @abstractmethod
-    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The teacher's float32 logits [B, C] → the stored fields, B rows each. ``seeds``
-        ([B] int64) are the rows' draw seeds, for a randomized layout."""
+        ([B] int64) are the rows' draw seeds, for a randomized layout; ``lengths`` ([B]) the
+        rows' token counts, for a per-token layout (``tokens.PerToken``); others ignore it."""
+
+    def encode_tensor(self, logits: Any, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``encode`` of a torch tensor of logits on the teacher's device: the layouts below
+        encode there, so that only the encoded fields cross to the host (top-k of 50,000
+        classes: 16 of them). The fields come back as numpy arrays, as ``encode`` gives them.
+        This default copies the logits to the host and encodes there."""
+        host_seeds = None if seeds is None else np.asarray(seeds)
+        return self.encode(logits.float().cpu().numpy(), host_seeds, lengths)
 
     @abstractmethod
     def decode(self, fields: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -129,8 +138,13 @@ class FullLogits(TargetLayout):
     def fields(self, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return {"logits": ((num_classes,), self.dtype)}
 
-    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
         return {"logits": np.asarray(logits).astype(self.dtype, copy=False)}
+
+    def encode_tensor(self, logits: Any, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        from .device import encode_full  # float16 rounds on the device: half the copy
+
+        return encode_full(self, logits)
 
     def decode(self, fields: Mapping[str, np.ndarray]) -> np.ndarray:
         return np.asarray(fields["logits"], dtype=np.float32)
@@ -201,7 +215,13 @@ class TopK(_Sparse):
             "tail_logmass": ((), np.dtype(np.float32)),
         }
 
-    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def encode_tensor(self, logits: Any, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """On the logits' device: ``torch.topk``, and the tail's log-mass summed directly (``device.encode_topk``)."""
+        from .device import encode_topk
+
+        return encode_topk(self, logits)
+
+    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
         logits = np.asarray(logits, dtype=np.float32)
         rows, classes = logits.shape
         k = self.size
@@ -311,7 +331,13 @@ class Sampled(_Sparse):
         first = np.arange(rows, dtype=np.int64)[:, None] * classes
         return np.clip(np.searchsorted(cdf, targets, side="right") - first, 0, classes - 1)
 
-    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def encode_tensor(self, logits: Any, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """On the logits' device: the same Philox draws as ``encode`` (``device.encode_sampled``)."""
+        from .device import encode_sampled
+
+        return encode_sampled(self, logits, seeds)
+
+    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
         if seeds is None:
             raise ValueError("sampled targets need one draw seed per row")
         logits = np.asarray(logits)
@@ -384,10 +410,16 @@ class PerView(TargetLayout):
         batch = len(next(iter(fields.values())))
         return {name: np.reshape(values, (batch * self.views, *np.shape(values)[2:])) for name, values in fields.items()}
 
-    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def encode(self, logits: np.ndarray, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
         batch, views, classes = np.shape(logits)
         flat_seeds = None if seeds is None else np.reshape(seeds, batch * views)
         flat = self.inner.encode(np.reshape(logits, (batch * views, classes)), flat_seeds)
+        return {name: values.reshape(batch, views, *values.shape[1:]) for name, values in flat.items()}
+
+    def encode_tensor(self, logits: Any, seeds: np.ndarray | None = None, lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        batch, views, classes = logits.shape
+        flat_seeds = None if seeds is None else np.reshape(seeds, batch * views)
+        flat = self.inner.encode_tensor(logits.reshape(batch * views, classes), flat_seeds)
         return {name: values.reshape(batch, views, *values.shape[1:]) for name, values in flat.items()}
 
     def decode(self, fields: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -31,6 +31,8 @@ SHARD_ATTRS = (
     "augment",
     "view_salt",
     "target_seed",  # of a sampled layout only (CacheMeta.to_dict leaves it out otherwise)
+    "task",  # of a token cache only, with its tokenizer's fingerprint
+    "tokenizer_fingerprint",
     "chunk_rows",
     "created_at",
 )

@@ -54,9 +54,11 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, ma
         return np.lib.format.read_array(member, allow_pickle=False)
 
 
-def read_transfer_set(path: str | os.PathLike[str], *, max_bytes: int | None = DEFAULT_MAX_NPZ_MB << 20) -> dict[str, np.ndarray]:
-    """Load ``inputs`` (required), ``labels`` and ``ids`` (optional) from an ``.npz`` file; each
-    must need at most ``max_bytes`` (None: no bound). Other members are not read."""
+def read_npz_members(
+    path: str | os.PathLike[str], names: tuple[str, ...], *, required: str, max_bytes: int | None = DEFAULT_MAX_NPZ_MB << 20
+) -> dict[str, np.ndarray]:
+    """The members ``names`` of an ``.npz`` that has them (``required`` must be there), each
+    checked as ``read_transfer_set`` checks its own; other members are not read."""
     path = Path(path)
     if not path.is_file():
         raise CacheError(f"{path}: no such file")
@@ -64,13 +66,21 @@ def read_transfer_set(path: str | os.PathLike[str], *, max_bytes: int | None = D
     try:
         with zipfile.ZipFile(path) as archive:
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-            if "inputs" not in members:
-                raise CacheError(f"{path}: has no 'inputs' array (found: {', '.join(sorted(members)) or 'nothing'})")
-            for name in MEMBERS:
+            if required not in members:
+                raise CacheError(f"{path}: has no {required!r} array (found: {', '.join(sorted(members)) or 'nothing'})")
+            for name in names:
                 if name in members:
                     arrays[name] = _read_member(archive, members[name], f"{path}: {name}", max_bytes)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
         raise CacheError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    return arrays
+
+
+def read_transfer_set(path: str | os.PathLike[str], *, max_bytes: int | None = DEFAULT_MAX_NPZ_MB << 20) -> dict[str, np.ndarray]:
+    """Load ``inputs`` (required), ``labels`` and ``ids`` (optional) from an ``.npz`` file; each
+    must need at most ``max_bytes`` (None: no bound). Other members are not read."""
+    path = Path(path)
+    arrays = read_npz_members(path, MEMBERS, required="inputs", max_bytes=max_bytes)
     n = len(arrays["inputs"])
     if arrays["inputs"].ndim < 2:
         raise CacheError(f"{path}: inputs must be [N, ...], got shape {list(arrays['inputs'].shape)}")

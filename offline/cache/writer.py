@@ -25,7 +25,7 @@ from .keys import RowIndex
 from .label_names import check_label_names, merge_label_names
 from .manifest import MANIFEST_NAME, SHARD_PATTERN, ShardInfo, load_manifest, manifest_bytes, now, shard_name
 from .reader import open_storage, read_rows
-from .rng import draw_seeds, view_seeds
+from .rng import view_seeds
 from .shard import STRING_DTYPE, ShardHandle, decode_ids, encode_attrs, read_shard_meta
 from .storage import Storage
 
@@ -175,50 +175,67 @@ class CacheWriter:
 
     def read_logits(self, rows: np.ndarray) -> np.ndarray:
         """The stored targets of global ``rows`` (from ``lookup``), decoded by the layout into
-        float32 logits [len(rows), C]. Rows still in the open shard are read from it, so a
-        sample answers as a cache hit as soon as it is appended, before its shard is published."""
+        float32 logits [len(rows), C] ([len(rows), V, C] with views, [.., L, C] for tokens)."""
+        return self.layout.decode(self.read_fields(rows))
+
+    def read_fields(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The stored target fields of global ``rows`` (from ``lookup``), as the layout keeps
+        them. Rows still in the open shard are read from it, so a sample answers as a cache hit
+        as soon as it is appended, before its shard is published."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), *self.meta.teacher_output_shape()), dtype=np.float32)
+        spec = self.layout.fields(self.meta.num_classes)
+        out = {name: np.zeros((len(rows), *shape), dtype=dtype) for name, (shape, dtype) in spec.items()}
         if len(rows) == 0:
             return out
         published = self._rows.published
         if rows.min() < 0 or rows.max() >= published + self._open_rows:
-            raise ValueError("read_logits: row out of range")
-        names = list(self.layout.fields(self.meta.num_classes))
+            raise ValueError("read_fields: row out of range")
+        names = list(spec)
         starts = np.array([0] + [s.num_samples for s in self._shards], dtype=np.int64).cumsum()
         shard_of = np.searchsorted(starts, rows, side="right") - 1
         for shard in np.unique(shard_of):
             where = np.flatnonzero(shard_of == shard)
             local = rows[where] - starts[shard]
-            if shard < len(self._shards):
-                out[where] = self._published_targets(int(shard), local, names)
-            else:
-                out[where] = self._open_targets(local, names)
+            part = self._published_targets(int(shard), local, names) if shard < len(self._shards) else self._open_targets(local, names)
+            for name in names:
+                out[name][where] = part[name]
         return out
 
-    def append(self, ids: Any, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray | None = None) -> int:
-        """Append a batch of the teacher's float32 ``logits`` ([B, C], or [B, V, C] for the V
-        views of a cache with views), encoded by the cache's layout. ``inputs`` are the raw
-        samples (a cache with views stores them once, with the seeds of their views). Ids
-        already in the cache are skipped. Returns the rows written."""
+    def append(
+        self, ids: Any, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray | None = None, lengths: np.ndarray | None = None
+    ) -> int:
+        """Append a batch of the teacher's float32 ``logits`` ([B, C]; [B, V, C] for the V views
+        of a cache with views; [B, L, C] for token sequences, with their ``lengths``), encoded
+        here by the cache's layout. ``inputs`` are the raw samples (a cache with views stores
+        them once, with the seeds of their views). Ids already in the cache are skipped.
+        Returns the rows written. The service encodes on the teacher's device instead and
+        calls ``append_encoded``."""
+        inputs = np.asarray(inputs)
+        norm_ids = normalize_ids(ids, len(inputs))
+        logits = np.asarray(logits)
+        if logits.shape != (len(inputs), *self.meta.teacher_output_shape()):
+            raise ValueError(f"logits have shape {list(logits.shape)}, expected {[len(inputs), *self.meta.teacher_output_shape()]}")
+        if not np.isfinite(logits).all():
+            raise ValueError("logits contain NaN or Inf")
+        fields = self.layout.encode(logits, self.meta.draw_seeds(norm_ids), lengths)
+        return self.append_encoded(norm_ids, inputs, fields, labels)
+
+    def append_encoded(self, ids: Any, inputs: np.ndarray, fields: dict[str, np.ndarray], labels: np.ndarray | None = None) -> int:
+        """Append a batch whose targets the layout has encoded already (``fields``: each of
+        ``layout.fields``, B rows): what the service's teacher computes on its device, and
+        what its journal holds. Ids already in the cache are skipped. Returns the rows written."""
         inputs = np.asarray(inputs)
         n = len(inputs)
         norm_ids = normalize_ids(ids, n)
-        logits = np.asarray(logits)
         labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels)
-        self._validate_batch(norm_ids, inputs, logits, labels)
+        self._validate_batch(norm_ids, inputs, fields, labels)
         keep = ~self._rows.contains(norm_ids)
         if not keep.any():
             return 0
         rows: Rows = {"ids": norm_ids, "inputs": inputs, "labels": labels.astype(np.int64)}
         if self.meta.has_views:
             rows["view_seeds"] = view_seeds(self.meta.view_salt, norm_ids, self.meta.views_per_id)
-        draws = (
-            draw_seeds(self.meta.target_seed, norm_ids, self.meta.views_per_id).reshape(logits.shape[:-1])
-            if self.layout.randomized
-            else None
-        )
-        rows.update(self.layout.encode(logits, draws))
+        rows.update(fields)
         if not keep.all():
             rows = {name: values[keep] for name, values in rows.items()}
         total, written = len(rows["ids"]), 0
@@ -296,38 +313,46 @@ class CacheWriter:
         self._handles = {}
         self._lease.release()
 
-    def _published_targets(self, shard: int, local: np.ndarray, names: list[str]) -> np.ndarray:
+    def _published_targets(self, shard: int, local: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = ShardHandle(self._shards[shard].path)
         lo, hi = int(local.min()), int(local.max()) + 1
         block = handle.read(lo, hi, names)
-        return self.layout.decode({name: values[local - lo] for name, values in block.items()})
+        return {name: values[local - lo] for name, values in block.items()}
 
-    def _open_targets(self, local: np.ndarray, names: list[str]) -> np.ndarray:
+    def _open_targets(self, local: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         assert self._h5 is not None
-        out = np.empty((len(local), *self.meta.teacher_output_shape()), dtype=np.float32)
+        spec = self.layout.fields(self.meta.num_classes)
+        out = {name: np.empty((len(local), *spec[name][0]), dtype=spec[name][1]) for name in names}
         written = local < self._written_rows
         if written.any():
             part = local[written]
             lo, hi = int(part.min()), int(part.max()) + 1
-            out[written] = self.layout.decode({name: self._h5[name][lo:hi][part - lo] for name in names})
+            for name in names:
+                out[name][written] = self._h5[name][lo:hi][part - lo]
         if not written.all():
-            staged = {name: np.concatenate([rows[name] for rows in self._staged]) for name in names}
             index = local[~written] - self._written_rows
-            out[~written] = self.layout.decode({name: values[index] for name, values in staged.items()})
+            for name in names:
+                out[name][~written] = np.concatenate([rows[name] for rows in self._staged])[index]
         return out
 
-    def _validate_batch(self, ids: np.ndarray, inputs: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> None:
+    def _validate_batch(self, ids: np.ndarray, inputs: np.ndarray, fields: dict[str, np.ndarray], labels: np.ndarray) -> None:
         n, meta = len(ids), self.meta
         if tuple(inputs.shape[1:]) != meta.input_shape:
             raise ValueError(f"inputs have sample shape {list(inputs.shape[1:])}, cache expects {list(meta.input_shape)}")
         if inputs.dtype != np.dtype(meta.input_dtype):
             raise ValueError(f"inputs are {inputs.dtype}, cache expects {meta.input_dtype}")
-        if logits.shape != (n, *meta.teacher_output_shape()):
-            raise ValueError(f"logits have shape {list(logits.shape)}, expected {[n, *meta.teacher_output_shape()]}")
-        if not np.isfinite(logits).all():
-            raise ValueError("logits contain NaN or Inf")
+        expected = self.layout.fields(meta.num_classes)
+        if set(fields) != set(expected):
+            raise ValueError(f"targets have fields {sorted(fields)}, the {meta.logits_layout} layout stores {sorted(expected)}")
+        for name, (shape, dtype) in expected.items():
+            values = fields[name]
+            if values.shape != (n, *shape) or values.dtype != dtype:
+                raise ValueError(f"{name} is {list(values.shape)} {values.dtype}, expected {[n, *shape]} {dtype}")
+        problem = self.layout.problem(fields)
+        if problem is not None:
+            raise ValueError(f"targets hold {problem}")
         if labels.shape != (n,) or labels.dtype.kind not in "iu":
             raise ValueError(f"labels must be {n} integers, got shape {list(labels.shape)} of {labels.dtype}")
         if ((labels < -1) | (labels >= meta.num_classes)).any():

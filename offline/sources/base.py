@@ -1,5 +1,6 @@
-"""What every kind of transfer set shares: the spec it is fitted to, its options and batches,
-the ``Source`` base class, and fitting arrays to the teacher's shape and dtype.
+"""What every kind of transfer set shares: the spec it is fitted to (``SampleSpec``, or
+``TokenSpec`` for a language-model teacher), its options and batches, the ``Source`` base class,
+and fitting arrays to the teacher's shape and dtype.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..contract import CacheError
-from ..label_names import check_label_names
-from ..manifest import MANIFEST_NAME
+from ..cache.contract import CacheError
+from ..cache.label_names import check_label_names
+from ..cache.manifest import MANIFEST_NAME
+from ..cache.transfer_set import DEFAULT_MAX_NPZ_MB
 
 RESIZE_MODES = ("short-side", "stretch")
 ON_ERROR = ("stop", "skip")
@@ -53,11 +55,25 @@ class SampleSpec:
         object.__setattr__(self, "input_dtype", dtype.name)
 
 
+@dataclass(frozen=True)
+class TokenSpec:
+    """What a language-model teacher takes, from its model metadata: token sequences (int64 ids
+    in [0, ``vocab_size``)) of at most ``seq_len`` tokens."""
+
+    seq_len: int
+    vocab_size: int
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1 or self.vocab_size < 1:
+            raise ValueError(f"seq_len and vocab_size must be at least 1, got {self.seq_len} and {self.vocab_size}")
+
+
 @dataclass
 class SourceBatch:
     ids: list[str]
-    inputs: np.ndarray  # [B, *input_shape], input_dtype
+    inputs: np.ndarray  # [B, *input_shape], input_dtype; token sources: [B, l] int64, 0 beyond each length
     labels: np.ndarray  # [B] int64, -1 = unknown
+    lengths: np.ndarray | None = None  # token sources: [B] int64, tokens in each row; None: every row is full
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -80,6 +96,11 @@ class SourceOptions:
     warn: Callable[[str], None] = _warn_stderr
     label_names: tuple[str, ...] | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_npz_mb: int = DEFAULT_MAX_NPZ_MB
+    # token sources (a TokenSpec): text
+    text_column: str | None = None
+    tokenizer: str | None = None
+    seq_len: int | None = None
 
 
 class Source(ABC):
@@ -92,10 +113,11 @@ class Source(ABC):
 
     kind: ClassVar[str]
     path: Path
+    spec: Any  # SampleSpec, or TokenSpec for the token kinds
     label_names: list[str] | None
     skipped: list[tuple[str, str]]
 
-    def __init__(self, path: Path, spec: SampleSpec, options: SourceOptions) -> None:
+    def __init__(self, path: Path, spec: Any, options: SourceOptions) -> None:
         self.path, self.spec, self.options = path, spec, options
         self.label_names = None
         self.skipped = []
@@ -122,6 +144,11 @@ class Source(ABC):
     @abstractmethod
     def __len__(self) -> int:
         """The samples listed, known before reading them."""
+
+    def total(self) -> int | None:
+        """The samples a pass yields at most, for a progress bar: ``len(self)``, or None where
+        only reading tells (text, whose sequences are counted once tokenized)."""
+        return len(self)
 
     @abstractmethod
     def _chunks(self, batch_size: int) -> Iterator[SourceBatch]:
@@ -170,26 +197,32 @@ class Source(ABC):
 
 
 def _concat(batches: list[SourceBatch]) -> SourceBatch:
+    """One batch of several; lengths are kept only where every part has them (a token source's
+    chunks always do, all of one width)."""
     if len(batches) == 1:
         return batches[0]
+    lengths = [b.lengths for b in batches]
     return SourceBatch(
         ids=[i for b in batches for i in b.ids],
         inputs=np.concatenate([b.inputs for b in batches]),
         labels=np.concatenate([b.labels for b in batches]),
+        lengths=None if any(n is None for n in lengths) else np.concatenate(lengths),
     )
 
 
 def _split(batch: SourceBatch, count: int) -> tuple[SourceBatch, SourceBatch]:
+    n = batch.lengths
     return (
-        SourceBatch(batch.ids[:count], batch.inputs[:count], batch.labels[:count]),
-        SourceBatch(batch.ids[count:], batch.inputs[count:], batch.labels[count:]),
+        SourceBatch(batch.ids[:count], batch.inputs[:count], batch.labels[:count], None if n is None else n[:count]),
+        SourceBatch(batch.ids[count:], batch.inputs[count:], batch.labels[count:], None if n is None else n[count:]),
     )
 
 
 def _select(batch: SourceBatch, keep: np.ndarray) -> SourceBatch:
     if keep.all():
         return batch
-    return SourceBatch([i for i, k in zip(batch.ids, keep, strict=True) if k], batch.inputs[keep], batch.labels[keep])
+    ids = [i for i, k in zip(batch.ids, keep, strict=True) if k]
+    return SourceBatch(ids, batch.inputs[keep], batch.labels[keep], None if batch.lengths is None else batch.lengths[keep])
 
 
 def _shape_text(shape: Sequence[int]) -> str:

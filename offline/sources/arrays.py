@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ids import content_ids
-from ..transfer_set import read_transfer_set
+from ..cache.ids import content_ids
+from ..cache.transfer_set import read_transfer_set
 from .base import SampleSpec, Source, SourceBatch, SourceError, SourceOptions, _dtype_can_fit, _select, _shape_text, fit_inputs, fit_shape
 
 
@@ -26,7 +26,7 @@ class NpzSource(Source):
     def __init__(self, path: Path, spec: SampleSpec, options: SourceOptions) -> None:
         super().__init__(path, spec, options)
         self._column_options_unused()
-        arrays = read_transfer_set(path)
+        arrays = read_transfer_set(path, max_bytes=options.max_npz_mb << 20)
         self.inputs = fit_inputs(arrays["inputs"], spec, str(path))
         n = len(self.inputs)
         self.labels = arrays.get("labels", np.full(n, -1, dtype=np.int64))

@@ -26,6 +26,21 @@ The kinds, in the order they are asked:
 
 A cache directory (it has ``manifest.json``) is not a source: no kind claims it.
 
+For a language-model teacher the spec is a ``TokenSpec`` (its ``seq_len`` L and ``vocab_size``
+V) and the kinds are the token kinds, asked in this order (``TOKEN_KINDS``):
+
+    token-npz     an ``.npz`` with ``input_ids`` [N, L'] (integers, L' <= L), optional ``lengths``
+                  [N] (1..L'; without them every row is L' tokens) and ``ids`` (``tokens``)
+    text          a ``.txt`` file, one document (``text``)
+    jsonl         a ``.jsonl`` file, one object a line, its ``text_column`` (default ``text``)
+    text-parquet  a ``.parquet`` file or folder with the string column ``text_column``
+
+Text is tokenized with ``tokenizer`` (a Hugging Face tokenizer directory; the ``lm`` extra) and
+packed into sequences of ``seq_len`` tokens (default: L). A token source's batches are
+``input_ids`` as wide as their longest sequence (0 beyond each length), with ``lengths`` where a
+row is shorter; its ids are ``ids`` or the sha256 of each sequence's tokens; tokens outside
+[0, V) are refused before any batch (a tokenizer with more than V tokens, when it opens).
+
 Images (files, or encoded bytes in a column: Hugging Face's Image feature is a struct of
 ``bytes`` and ``path``) are decoded with Pillow, converted to the teacher's channels (1: "L",
 3: "RGB"; grayscale for a 3-channel teacher and colour for a 1-channel one are converted with one
@@ -67,7 +82,8 @@ this package imports neither h5py nor torch.
 The package, one module a job: ``base`` (the spec, options, ``Source``, fitting arrays),
 ``listing`` (folders: links, loops, names that are not UTF-8), ``images`` (decoding under a pixel
 limit; the image-folder kind), ``columns`` (Arrow columns, nested lists), ``tables`` (Parquet,
-Hugging Face), ``arrays`` (npz, npy).
+Hugging Face), ``arrays`` (npz, npy), ``tokens`` (token sequences; the token npz), ``text``
+(tokenizing and packing text).
 """
 
 from __future__ import annotations
@@ -76,7 +92,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..manifest import MANIFEST_NAME
+from ..cache.manifest import MANIFEST_NAME
+from ..cache.transfer_set import DEFAULT_MAX_NPZ_MB
 from .arrays import NpySource, NpzSource
 from .base import (
     DEFAULT_MAX_PIXELS,
@@ -88,6 +105,7 @@ from .base import (
     SourceBatch,
     SourceError,
     SourceOptions,
+    TokenSpec,
     _is_cache,
     _warn_stderr,
     fit_inputs,
@@ -95,22 +113,29 @@ from .base import (
 )
 from .images import IMAGE_SUFFIXES, ImageFolderSource, ImageLayout, PixelBudget
 from .tables import HFDatasetSource, ParquetSource
+from .text import LM_INSTALL_HINT, TextSource, load_tokenizer
+from .text import TEXT_KINDS as _TEXT_KINDS
+from .tokens import TokenNpzSource, TokenSource, is_token_npz, sequence_ids
 
 # Asked in this order: the first kind whose detect() says yes opens the path.
 SOURCE_KINDS: list[type[Source]] = [NpzSource, NpySource, HFDatasetSource, ParquetSource, ImageFolderSource]
+TOKEN_KINDS: list[type[Source]] = [TokenNpzSource, *_TEXT_KINDS]  # for a TokenSpec
+TEXT_OPTIONS = ("text_column", "tokenizer", "seq_len")
 
 
-def detect_kind(path: str | os.PathLike[str]) -> type[Source] | None:
-    """The kind that would open ``path``, or None (a cache directory is never a source)."""
+def detect_kind(path: str | os.PathLike[str], spec: SampleSpec | TokenSpec | None = None) -> type[Source] | None:
+    """The kind that would open ``path`` for ``spec`` (a ``TokenSpec``: the token kinds), or
+    None (a cache directory is never a source)."""
     path = Path(path)
     if path.is_dir() and _is_cache(path):
         return None
-    return next((kind for kind in SOURCE_KINDS if kind.detect(path)), None)
+    kinds = TOKEN_KINDS if isinstance(spec, TokenSpec) else SOURCE_KINDS
+    return next((kind for kind in kinds if kind.detect(path)), None)
 
 
 def open_source(
     path: str | os.PathLike[str],
-    spec: SampleSpec,
+    spec: SampleSpec | TokenSpec,
     *,
     resize: str = "short-side",
     input_column: str | None = None,
@@ -121,6 +146,10 @@ def open_source(
     warn: Callable[[str], None] = _warn_stderr,
     label_names: Sequence[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_npz_mb: int = DEFAULT_MAX_NPZ_MB,
+    text_column: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    seq_len: int | None = None,
 ) -> Source:
     """Open the transfer set at ``path`` as the first kind in ``SOURCE_KINDS`` that detects it.
 
@@ -131,7 +160,9 @@ def open_source(
     (default: printed to stderr). ``label_names``: the class names labels must index (e.g. those a
     cache recorded); sources that name their classes are mapped through them. ``max_pixels``:
     the most pixels an image may decode into (a JPEG at the reduced scale it is decoded at);
-    checked from the header, a larger image is a bad item.
+    checked from the header, a larger image is a bad item. ``max_npz_mb``: the most MiB an
+    ``.npz`` member may take (it is read whole). ``text_column``, ``tokenizer``, ``seq_len``:
+    text, for a ``TokenSpec`` only (the module docstring).
     """
     path = Path(path)
     if resize not in RESIZE_MODES:
@@ -142,26 +173,39 @@ def open_source(
         raise SourceError(f"workers must be at least 1, got {workers}")
     if max_pixels < 1:
         raise SourceError(f"max_pixels must be at least 1, got {max_pixels}")
+    if seq_len is not None and seq_len < 1:
+        raise SourceError(f"seq_len must be at least 1, got {seq_len}")
+    tokens = isinstance(spec, TokenSpec)
+    text = {"text_column": text_column, "tokenizer": tokenizer, "seq_len": seq_len}
+    if not tokens and any(value is not None for value in text.values()):
+        given = ", ".join(f"{name}={value!r}" for name, value in text.items() if value is not None)
+        raise SourceError(f"{path}: {given} applies to text for a language-model teacher, not to a teacher of fixed-shape inputs")
     if not path.exists():
         raise SourceError(f"{path}: no such file or directory")
     if path.is_dir() and _is_cache(path):
         raise SourceError(f"{path}: a cache directory (it has {MANIFEST_NAME}), not a transfer set")
-    kind = detect_kind(path)
+    kind = detect_kind(path, spec)
     if kind is None:
-        kinds = ", ".join(k.kind for k in SOURCE_KINDS)
-        raise SourceError(
-            f"{path}: not a transfer set this can read ({kinds}): an .npz, .npy or .parquet file, or a folder of images, Parquet files or a saved Hugging Face dataset"
+        kinds = ", ".join(k.kind for k in (TOKEN_KINDS if tokens else SOURCE_KINDS))
+        what = (
+            "an .npz of input_ids, or a .txt, .jsonl or .parquet file (or a folder of Parquet files) of text"
+            if tokens
+            else "an .npz, .npy or .parquet file, or a folder of images, Parquet files or a saved Hugging Face dataset"
         )
+        raise SourceError(f"{path}: not a transfer set this can read ({kinds}): {what}")
     options = SourceOptions(
         resize=resize, input_column=input_column, label_column=label_column, id_column=id_column, on_error=on_error,
         workers=workers, warn=warn, label_names=None if label_names is None else tuple(str(n) for n in label_names),
-        max_pixels=max_pixels,
+        max_pixels=max_pixels, max_npz_mb=max_npz_mb, text_column=text_column,
+        tokenizer=None if tokenizer is None else str(tokenizer), seq_len=seq_len,
     )  # fmt: skip
     return kind(path, spec, options)
 
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "INSTALL_HINT", "ON_ERROR", "RESIZE_MODES", "SOURCE_KINDS", "HFDatasetSource",
-    "ImageFolderSource", "ImageLayout", "NpySource", "NpzSource", "ParquetSource", "PixelBudget", "SampleSpec", "Source",
-    "SourceBatch", "SourceError", "SourceOptions", "detect_kind", "fit_inputs", "fit_shape", "open_source",
+    "DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "INSTALL_HINT", "LM_INSTALL_HINT", "ON_ERROR", "RESIZE_MODES", "SOURCE_KINDS",
+    "TEXT_OPTIONS", "TOKEN_KINDS", "HFDatasetSource", "ImageFolderSource", "ImageLayout", "NpySource", "NpzSource",
+    "ParquetSource", "PixelBudget", "SampleSpec", "Source", "SourceBatch", "SourceError", "SourceOptions", "TextSource",
+    "TokenNpzSource", "TokenSource", "TokenSpec", "detect_kind", "fit_inputs", "fit_shape", "is_token_npz", "load_tokenizer",
+    "open_source", "sequence_ids",
 ]  # fmt: skip
