@@ -1,5 +1,5 @@
 """teacher-serve --targets topk:K|sampled:N, end to end: a real server writes a compressed cache
-directly, answers dense soft targets computed from the full logits, keeps its draw seed across
+directly, answers dense soft targets decoded from what it keeps (fresh or as a cache hit), keeps its draw seed across
 restarts, refuses another layout on the same cache, and offline-distill trains on the cache
 with no further option."""
 
@@ -66,15 +66,15 @@ def test_serve_writes_a_compressed_cache_and_answers_dense_soft_targets(tmp_path
             hit = client.infer(x[:2], ids=ids[:2], outputs=("soft_targets",))
     with torch.no_grad():
         teacher_logits = model(torch.from_numpy(x)).numpy()
-    expected = torch.softmax(torch.from_numpy(teacher_logits[:2]) / T, -1).numpy()
     assert fresh.cache_hits == 0 and hit.cache_hits == 2
-    np.testing.assert_allclose(fresh.soft_targets, expected, atol=1e-6)  # dense, from the full logits
-    np.testing.assert_allclose(hit.soft_targets.sum(-1), 1.0, rtol=1e-5)  # dense, from what the cache keeps
-
     reader = CacheReader(cache)
+    layout = reader.meta.layout
+    # Dense, decoded from the fields encoded on the teacher's device: what a later hit answers.
+    kept = layout.decode(layout.encode(teacher_logits[:2], draw_seeds(9, ["new-0", "new-1"], 1)[:, 0]))
+    np.testing.assert_allclose(fresh.soft_targets, torch.softmax(torch.from_numpy(kept) / T, -1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(hit.soft_targets.sum(-1), 1.0, rtol=1e-5)
     assert reader.meta.logits_layout == targets and reader.meta.serving_temperature == T
     assert reader.meta.target_seed == (9 if targets.startswith("sampled") else 0)  # recorded only where draws use it
-    layout = reader.meta.layout
     stored = reader.read(("ids", *layout.fields(CLASSES)))
     order = np.argsort(stored["ids"].astype(str))
     rows = [ids.index(i) for i in stored["ids"][order] if i in ids]

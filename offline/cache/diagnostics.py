@@ -108,7 +108,13 @@ class SoftTargetAccumulator:
 
     def add_stored(self, layout: TargetLayout, fields: Mapping[str, np.ndarray], labels: np.ndarray | None = None) -> None:
         """Rows of a cache's stored target fields, decoded by its layout; this accumulator's
-        temperature must be one at which the layout's targets hold (T_s for a sparse layout)."""
+        temperature must be one at which the layout's targets hold (T_s for a sparse layout).
+        A token cache's rows count each valid token as one target (``PerToken.valid_tokens``)."""
+        tokens = getattr(layout, "valid_tokens", None)
+        if tokens is not None:
+            inner, flat = tokens(fields)
+            self.add(inner.decode(flat))
+            return
         self.add(layout.decode(fields), labels)
 
     def _add_rows(self, logits: np.ndarray, labels: np.ndarray) -> None:

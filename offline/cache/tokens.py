@@ -112,12 +112,16 @@ class PerToken(TargetLayout):
 
     def decode(self, fields: Mapping[str, np.ndarray]) -> np.ndarray:
         """[B, L, V] float32 logits; padding positions are zeros."""
-        lengths = np.asarray(fields["lengths"])
-        mask = valid_mask(lengths, self.length)
-        flat = self.inner.decode({name: np.asarray(values)[mask] for name, values in fields.items() if name != "lengths"})
+        mask = valid_mask(np.asarray(fields["lengths"]), self.length)
+        flat = self.inner.decode(self.valid_tokens(fields)[1])
         out = np.zeros((*mask.shape, flat.shape[-1]), dtype=np.float32)
         out[mask] = flat
         return out
+
+    def valid_tokens(self, fields: Mapping[str, np.ndarray]) -> tuple[TargetLayout, dict[str, np.ndarray]]:
+        """The inner layout and its fields of every valid token, [T, ...] in row-major order."""
+        mask = valid_mask(np.asarray(fields["lengths"]), self.length)
+        return self.inner, {name: np.asarray(values)[mask] for name, values in fields.items() if name != "lengths"}
 
     def served(self, logits: np.ndarray) -> np.ndarray:
         return np.asarray(logits, dtype=np.float32)
@@ -136,8 +140,7 @@ class PerToken(TargetLayout):
         lengths = np.asarray(fields["lengths"], dtype=np.int64)
         if lengths.size and (lengths.min() < 1 or lengths.max() > self.length):
             return f"a sequence length outside [1, {self.length}]"
-        mask = valid_mask(lengths, self.length)
-        return self.inner.problem({name: np.asarray(values)[mask] for name, values in fields.items() if name != "lengths"})
+        return self.inner.problem(self.valid_tokens(fields)[1])
 
     def _key(self) -> tuple[Any, ...]:
         return (self.inner, self.length)
