@@ -421,6 +421,19 @@ def write_teacher(path: Path, arch: str, shape: Sequence[int], classes: int, *, 
     return Teacher(path, model, meta.preprocessing)
 
 
+def write_lm_teacher(directory: Path, vocab: int, context: int, *, layers: int, dim: int, heads: int, seed: int = 0) -> Teacher:
+    """A random-weight ``transformers`` GPT-2 saved in ``directory`` (``save_pretrained``), which
+    ``teacher-serve --teacher hf:DIR`` loads; its ``path`` is that spec."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=context, n_embd=dim, n_layer=layers, n_head=heads,
+                                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.save_pretrained(directory)
+    return Teacher(Path(f"hf:{directory}"), model, Preprocessing())
+
+
 # ---------------------------------------------------------------------------------------------
 # Training as offline-distill trains
 

@@ -11,6 +11,13 @@ windows, rounds, CPU shares, the thread-naming shim and the GPU runs work: docs/
     .venv/bin/python -m bench.service --quick            # < 90 s on 2 cores
     .venv/bin/python -m bench.service                    # a few minutes on 2 cores
     .venv/bin/python -m bench.service --sweep --json
+    .venv/bin/python -m bench.service --lm --targets topk:16     # a GPT-2 teacher, tokens/s
+
+``--lm`` serves a random-weight ``transformers`` GPT-2 (``--lm-config``) with ``--teacher
+hf:DIR``: requests of ``--batch-size`` sequences of ``--seq-len`` token ids, a server batch of
+``--batch-size`` x ``--seq-len`` tokens (``--max-batch-tokens``); samples are sequences, so the
+ratios are the tokens/s ratios. ``--targets`` is the server's layout; the encoding, on the
+teacher's device, is part of the service side.
 """
 
 from __future__ import annotations
@@ -55,6 +62,14 @@ INFER = "/v2/models/teacher/infer"
 STOP_TIMEOUT = 120.0
 
 
+def pool_of(args: argparse.Namespace, batch: int) -> list[np.ndarray]:
+    """The distinct input batches: uint8 samples, or a language model's token ids."""
+    if args.lm:
+        rng = np.random.default_rng(args.seed)
+        return [rng.integers(0, args.lm_config[3], (batch, args.seq_len), dtype=np.int64) for _ in range(POOL)]
+    return input_pool(tuple(args.input_shape), batch, args.seed)
+
+
 def input_pool(shape: tuple[int, ...], batch: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (batch, *shape), dtype=np.uint8) for _ in range(POOL)]
@@ -75,7 +90,7 @@ def raw_forward(
     from kdcache.service.teacher import load_teacher
 
     teacher = load_teacher([str(teacher_path)], device=args.device, dtype=args.dtype)
-    pool = input_pool(tuple(args.input_shape), batch_size, args.seed)
+    pool = pool_of(args, batch_size)
     sync = harness.synchronizer(teacher.device)
 
     def run() -> dict[str, Any]:
@@ -126,8 +141,11 @@ class Server(ServeProcess):
         serve_args = [
             "--teacher", str(teacher), "--cache", str(cache), "--device", args.device, "--dtype", args.dtype,
             "--max-batch", str(args.server_max_batch or batch_size), "--max-delay-ms", str(args.max_delay_ms), "--ack", ack,
-            "--log-level", "warning",
+            "--log-level", "warning", "--targets", args.targets,
         ]  # fmt: skip
+        if args.lm:
+            tokens = (args.server_max_batch or batch_size) * args.seq_len
+            serve_args += ["--input-shape", str(args.seq_len), "--max-batch-tokens", str(tokens)]
         command = None  # teacher-serve
         if args.name_threads or args.switch_interval is not None:
             interval = [] if args.switch_interval is None else ["--switch-interval", str(args.switch_interval)]
@@ -165,22 +183,27 @@ class RequestPlan:
 
 
 def plan_requests(
-    run: str, pool: list[np.ndarray], request_size: int, count: int, classes: int, seed: int, store: bool = True
+    run: str, pool: list[np.ndarray], request_size: int, count: int, classes: int, seed: int, store: bool = True, tokens: bool = False
 ) -> RequestPlan:
+    """Pre-encoded requests; ``tokens``: a language model's (``input_ids``, no labels)."""
     rng = np.random.default_rng(seed)
     labels = [rng.integers(0, classes, request_size).astype(np.int64) for _ in range(POOL)]
-    outputs = [RequestedOutput("soft_targets", True)]  # what teacher-push asks for
-    parameters = {"store": store}
+    name = "input_ids" if tokens else "input"
+
+    def tensors_of(k: int, ids: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        return [(name, pool[k][:request_size]), ("id", ids)] + ([] if tokens else [("label", labels[k])])
+
+    outputs: list[RequestedOutput] = []  # teacher-push asks for no output
+    parameters = {"store": store, "no_outputs": True}
 
     def ids_of(request: int) -> np.ndarray:
         return normalize_ids([f"{run}-{request:0{ID_WIDTH}d}-{row:06d}" for row in range(request_size)], request_size)
 
     templates = []
     for k in range(POOL):
-        tensors = [("input", pool[k][:request_size]), ("id", ids_of(k)), ("label", labels[k])]
-        body, headers = encode_request(tensors, parameters=parameters, outputs=outputs, binary=True)
+        body, headers = encode_request(tensors_of(k, ids_of(k)), parameters=parameters, outputs=outputs, binary=True)
         id_bytes = serialize_bytes(ids_of(k))
-        label_bytes = labels[k].astype("<i8").tobytes()
+        label_bytes = b"" if tokens else labels[k].astype("<i8").tobytes()
         cut = len(body) - len(label_bytes) - len(id_bytes)
         # The binary tensors follow the JSON header in input, id, label order; fixed-width ids
         # keep every size in the header the same, so only the id chunk changes per request.
@@ -196,8 +219,7 @@ def plan_requests(
         all_ids.append(ids)
     # One exact check that a patched body is the body the client would have sent.
     check = encode_request(
-        [("input", pool[1 % POOL][:request_size]), ("id", all_ids[min(1, count - 1)]), ("label", labels[1 % POOL])],
-        parameters=parameters, outputs=outputs, binary=True,
+        tensors_of(1 % POOL, all_ids[min(1, count - 1)]), parameters=parameters, outputs=outputs, binary=True,
     )[0] if count > 1 else b"".join(bodies[0])  # fmt: skip
     assert b"".join(bodies[min(1, count - 1)]) == check, "pre-encoded body differs from encode_request's"
     return RequestPlan(bodies, all_headers, all_ids, request_size)
@@ -335,8 +357,10 @@ def service_run(
 ) -> dict[str, Any]:
     request_size = args.request_size or batch_size
     timed = max(preset["min_requests"], math.ceil(preset["seconds"] * raw_rate / request_size))
-    pool = input_pool(tuple(args.input_shape), max(request_size, 1), args.seed)
-    plan = plan_requests(tag, pool, request_size, preset["warmup_requests"] + timed, args.classes, args.seed, store=not args.no_store)
+    pool = pool_of(args, max(request_size, 1))
+    plan = plan_requests(
+        tag, pool, request_size, preset["warmup_requests"] + timed, args.classes, args.seed, store=not args.no_store, tokens=args.lm
+    )
     cache = root / f"cache-{tag}"
     server = Server(teacher, cache, root / f"serve-{tag}.log", args, batch_size, ack)
     try:
@@ -687,6 +711,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ingest", action="store_true",
         help="only measure the protocol layer's ingest rate (MB/s of request body) against a bare endpoint that discards bodies (< 20 s)",
     )  # fmt: skip
+    p.add_argument("--targets", default="full", help="the server's --targets: full, topk:K or sampled:N")
+    p.add_argument("--lm", action="store_true", help="a transformers GPT-2 teacher (hf:DIR) and token requests instead of --teacher-arch")
+    p.add_argument("--lm-config", type=int, nargs=4, default=[4, 256, 4, 8192], metavar=("LAYERS", "DIM", "HEADS", "VOCAB"),
+                   help="with --lm: the GPT-2's layers, width, heads and vocabulary")  # fmt: skip
+    p.add_argument("--seq-len", type=int, default=128, help="with --lm: tokens per sequence (all full length)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /v2/health/ready")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -719,7 +748,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.ingest:
             harness.emit({"env": harness.environment(args.device), "ingest": ingest(root, args)}, args.json, print_ingest)
             return 0
-        teacher = harness.write_teacher(root / "student.pt", args.teacher_arch, args.input_shape, args.classes, seed=args.seed)
+        if args.lm:
+            layers, dim, heads, vocab = args.lm_config
+            teacher = harness.write_lm_teacher(root / "gpt2", vocab, args.seq_len, layers=layers, dim=dim, heads=heads, seed=args.seed)
+            args.teacher_arch, args.classes, args.input_shape = f"gpt2 {layers}x{dim} V={vocab}", vocab, [args.seq_len]
+        else:
+            teacher = harness.write_teacher(root / "student.pt", args.teacher_arch, args.input_shape, args.classes, seed=args.seed)
         harness.say(
             f"teacher {args.teacher_arch} ({teacher.params:,} parameters) in {teacher.path}; torch {torch.get_num_threads()} threads"
         )

@@ -35,13 +35,20 @@ def encode_full(layout: FullLogits, logits: torch.Tensor) -> dict[str, np.ndarra
 
 
 def encode_topk(layout: TopK, logits: torch.Tensor) -> dict[str, np.ndarray]:
-    """``torch.topk`` (largest first), and the tail's log-mass at T_s as the log-sum-exp of the
-    other classes minus that of all: summed directly, so a tiny tail keeps its digits."""
+    """``torch.topk`` (largest first), and the tail's log-mass at T_s, summed directly (so a tiny
+    tail keeps its digits): one pass of exp((v - max) / T_s) over the classes, the top K zeroed,
+    the rest summed. Rows whose tail underflows float32 take the log-sum-exp in float64."""
     z = logits.float()
     values, top = torch.topk(z, layout.size, dim=-1)
-    scaled = z / layout.temperature
-    total = torch.logsumexp(scaled, dim=-1)
-    tail = torch.logsumexp(scaled.scatter_(-1, top, -torch.inf), dim=-1) - total
+    weights = (z - values[..., :1]).mul_(1.0 / layout.temperature).exp_()
+    head = weights.gather(-1, top).sum(dim=-1)
+    rest = weights.scatter_(-1, top, 0.0).sum(dim=-1)
+    tail = torch.log(rest) - torch.log(rest + head)
+    underflow = rest == 0
+    if bool(underflow.any()):
+        scaled = z[underflow].double() / layout.temperature
+        total = torch.logsumexp(scaled, dim=-1)
+        tail[underflow] = (torch.logsumexp(scaled.scatter_(-1, top[underflow], -torch.inf), dim=-1) - total).float()
     classes = z.shape[-1]
     return {
         "topk_values": values.to(_torch_dtype(layout.dtype)).cpu().numpy(),
