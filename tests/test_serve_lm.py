@@ -153,3 +153,33 @@ def test_done_when_serve_push_and_a_cache_of_per_token_targets(tmp_path, gpt_dir
         assert (stored["tail_logmass"][i, :n] < 0).all() and not stored["inputs"][i, n:].any()
     inspect = json.loads(subprocess.run([str(BIN / "cache-inspect"), str(cache), "--json"], capture_output=True, text=True, check=True).stdout)
     assert inspect["task"] == "lm" and inspect["tokens"] == int(lengths.sum())
+
+
+def test_batches_are_cut_by_a_token_budget():
+    """--max-batch-tokens: a batch costs its rows times its longest sequence; a request of long
+    sequences is split into jobs that fit, and short ones merge up to the budget."""
+    from kdcache.offline.cache import make_layout
+    from kdcache.service.batcher import Batcher
+
+    shapes: list[tuple[int, int]] = []
+
+    def encode(inputs, views, draws, lengths):
+        shapes.append((len(inputs), int(lengths.max())))
+        return {"logits": np.zeros((len(inputs), 2), np.float32)}
+
+    def ids(n, start):
+        return np.arange(start, start + n).astype(str).astype(object)
+
+    async def body():
+        batcher = Batcher(encode, store=None, layout=make_layout("full"), max_batch=40, max_delay_s=60.0)
+        batcher.start()  # every job is queued before the batching task first runs
+        tokens = np.zeros((2, 16), np.int64)
+        jobs = [batcher.submit(tokens, ids(2, 2 * i), np.full(2, -1), False, np.array([10, 4])) for i in range(3)]
+        long = batcher.submit(np.zeros((5, 16), np.int64), ids(5, 10), np.full(5, -1), False, np.array([16] * 5))
+        assert len(long) == 3  # 2 + 2 + 1 rows of 16 tokens under a budget of 40
+        await asyncio.wait_for(asyncio.gather(*(job.future for group in [*jobs, long] for job in group)), 30)
+        await batcher.stop()
+
+    asyncio.run(body())
+    assert shapes[:2] == [(4, 10), (2, 10)] and shapes[2:] == [(2, 16), (2, 16), (1, 16)]
+    assert all(rows * longest <= 40 for rows, longest in shapes)
