@@ -50,6 +50,7 @@ SPLIT_SEED = 0  # a stratified 70/30 split; tests/digits.py uses this one too
 INPUT_SCALE = 1 / 16  # digits pixels are 0..16: sent as uint8, scaled on the teacher's device
 
 PROG = "distill-demo"
+TASKS = ("digits", "lm")  # distill-demo --task: this module's demo, or demo/lm.py's
 # The console scripts this demo drives, and their entry points (used when the scripts are not
 # installed next to this interpreter, e.g. `python -m kdcache.demo.digits` from a plain checkout).
 TOOLS = {
@@ -203,6 +204,11 @@ def demo_parser() -> argparse.ArgumentParser:
         "cache with and without the teacher's soft targets, and compare them on the test split.",
         formatter_class=HelpFormatter,
     )
+    p.add_argument(
+        "--task", choices=TASKS, default="digits",
+        help="digits: this demo; lm: a GPT-2 teacher and a small GPT student on the Python standard library's source "
+        "(its options: distill-demo --task lm --help)",
+    )  # fmt: skip
     p.add_argument("--out", default="demo-out", metavar="DIR", help="where the teacher, cache, runs, summary.json and curves.png go")
     p.add_argument("--json", action="store_true", help="print only the summary JSON on stdout")
     p.add_argument("--seeds", type=int, default=SEEDS, help="student seeds per arm")
@@ -526,7 +532,19 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def task_of(argv: Sequence[str]) -> str:
+    """The ``--task`` in ``argv`` (``digits`` without one); a bad one ends the program like any bad option."""
+    p = argparse.ArgumentParser(prog=PROG, add_help=False)
+    p.add_argument("--task", choices=TASKS, default="digits")
+    return p.parse_known_args(argv)[0].task
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if task_of(argv) == "lm":
+        from .lm import main as lm_main
+
+        return lm_main(argv)
     args = parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
