@@ -20,7 +20,6 @@ from ..offline.cache import CacheError
 from ..offline.cache.layout import make_layout
 from ..offline.cache.trust import TRUST_HELP, UntrustedCode
 from ..offline.malloc import tune_malloc
-from . import lm
 from .settings import ENV_PREFIX, CacheConflict, ServeSettings, option_name, recorded_meta, take_from_cache
 
 PROG = "teacher-serve"
@@ -254,7 +253,9 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             PROG, f"--augment {settings.augment} needs --views V with V >= 2: with one view the cache would hold a single "
             "augmented copy of each sample and never the original; give --views (e.g. 8), or omit --augment",
         )  # fmt: skip
-    if "temperature" not in settings.model_fields_set and all(spec.startswith(lm.PREFIX) for spec in settings.teacher):
+    from .lm import PREFIX  # here, not at the top: teacher-push imports this module, and service.lm imports torch
+
+    if "temperature" not in settings.model_fields_set and all(spec.startswith(PREFIX) for spec in settings.teacher):
         # A language model's default: at T = 4 its per-token targets were near uniform and the demo's
         # distilled student tied the cross-entropy one (234.8 vs 235.1 perplexity); at 1 it won (206.0).
         settings = settings.model_copy(update={"temperature": LM_TEMPERATURE})

@@ -139,6 +139,8 @@ def test_done_when_serve_push_and_a_cache_of_per_token_targets(tmp_path, gpt_dir
                 capture_output=True, text=True, timeout=300,
             )  # fmt: skip
             assert push.returncode == 0, push.stderr
+            if attempt == 1:
+                assert "40 hits, 0 misses" in push.stdout + push.stderr, push.stdout + push.stderr
         assert server.stop() == 0
     reader = CacheReader(cache)
     meta = reader.meta
