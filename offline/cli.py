@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from .cache import CacheError, CacheReader
 from .cache.clusters import CLASSES_FORMS, HEADS
 from .cache.diagnostics import SoftTargetStats, soft_target_warnings
@@ -18,7 +20,10 @@ from .cache.layout import TopK
 from .cache.reader import read_rows
 from .cache.trust import TRUST_HELP, UntrustedCode
 from .cli_help import HelpFormatter
+from .dataset import DEFAULT_SHUFFLE_BYTES
 from .journal import unpublished
+from .lm.defaults import DEFAULT_STUDENT as LM_STUDENT
+from .lm.defaults import LM_RULE
 from .malloc import tune_malloc
 from .recipe import DEFAULT_RULE, SCHEDULES, WARMUP_SHARE
 
@@ -84,8 +89,14 @@ def distill_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cache", nargs="+", required=True, metavar="DIR", help="one or more cache directories")
     p.add_argument(
+        "--task", choices=TASKS, default=None,
+        help="classify, a classifier's cache; lm, a language model's token cache (default: the cache's task, from its metadata)",
+    )  # fmt: skip
+    p.add_argument(
         "--student", default=None,
-        help="a built-in student (see --list-students) or module:factory (default: mlp, or the arch of --init's student.pt)",
+        help="a built-in student (see --list-students) or module:factory; for --task lm, gpt:layers=L,dim=D,heads=H[,dropout=P] "
+        f"(a small GPT with the cache's vocabulary and context) or hf:CONFIG_DIR (a transformers config: fresh weights) "
+        f"(default: mlp, or the arch of --init's student.pt; {LM_STUDENT} for --task lm)",
     )  # fmt: skip
     p.add_argument("--list-students", action=ListStudents, help="print the built-in students and exit")
     p.add_argument(
@@ -106,10 +117,18 @@ def distill_parser() -> argparse.ArgumentParser:
     recipe = "default: the recipe's, printed at the start and recorded in metrics.json"
     p.add_argument(
         "--epochs", type=int, default=None, help=f"passes over the cache ({recipe}: enough for about {DEFAULT_RULE.steps:,} steps, "
-        f"{DEFAULT_RULE.min_epochs} to {DEFAULT_RULE.max_epochs} epochs)",
+        f"{DEFAULT_RULE.min_epochs} to {DEFAULT_RULE.max_epochs} epochs; --task lm: about {LM_RULE.steps:,} steps, {LM_RULE.min_epochs} to "
+        f"{LM_RULE.max_epochs} epochs)",
     )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=None, help=f"samples per step ({recipe}: {DEFAULT_RULE.batch_size})")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({recipe}: {DEFAULT_RULE.lr:g})")
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help=f"samples per step ({recipe}: {DEFAULT_RULE.batch_size}; --task lm: {LM_RULE.batch_size} sequences)",
+    )  # fmt: skip
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({recipe}: {DEFAULT_RULE.lr:g}; --task lm: {LM_RULE.lr:g})")
+    p.add_argument(
+        "--max-steps", type=int, default=None, metavar="N",
+        help="--task lm: stop after N optimiser steps in all, the schedule fitted to them (without it, every step of the epochs)",
+    )  # fmt: skip
     p.add_argument(
         "--schedule", choices=SCHEDULES, default=None,
         help=f"the learning rate over the steps: warmup-cosine (a linear warm-up over {WARMUP_SHARE:.0%}% of them, then cosine to 0), "
@@ -120,14 +139,15 @@ def distill_parser() -> argparse.ArgumentParser:
         "--temperature",
         type=float,
         default=None,
-        help="distillation temperature T (default 4; a cache of topk or sampled targets is defined at its serving "
-        "temperature, the only T it takes)",
+        help="distillation temperature T (default 4, and the serving temperature for --task lm; a cache of topk or sampled "
+        "targets is defined at its serving temperature, the only T it takes)",
     )
     p.add_argument(
         "--alpha",
         type=float,
         default=None,
-        help=f"weight of the soft term; 0 trains on the labels alone ({recipe}: {DEFAULT_RULE.alpha:g})",
+        help=f"weight of the soft term; 0 trains on the labels alone, or for --task lm on the next-token cross-entropy alone "
+        f"({recipe}: {DEFAULT_RULE.alpha:g}; --task lm: {LM_RULE.alpha:g})",
     )
     p.add_argument(
         "--label-fraction", type=float, default=1.0, metavar="F",
@@ -146,7 +166,9 @@ def distill_parser() -> argparse.ArgumentParser:
         "--eval",
         dest="eval_path",
         metavar="SOURCE",
-        help="held-out inputs and labels: a transfer set (.npz, .npy, image folder, Parquet, Hugging Face dataset) or a cache directory",
+        help="held-out inputs and labels: a transfer set (.npz, .npy, image folder, Parquet, Hugging Face dataset) or a cache directory; "
+        "for --task lm, an .npz of input_ids [N, L'] (and lengths [N]) for the perplexity, or a token cache directory for the "
+        "perplexity and the top-1 agreement with its teacher",
     )
     p.add_argument(
         "--out", default="runs/distill", metavar="RUN_DIR", help="where the student, checkpoint.pt, metrics.json and curves.png go"
@@ -164,7 +186,19 @@ def distill_parser() -> argparse.ArgumentParser:
         default=None,
         help="DataLoader worker processes reading the shards (default: 0 for caches under 256 MiB, else 2)",
     )
-    p.add_argument("--shuffle-buffer", type=int, default=16384, help="rows in each worker's shuffle window")
+    p.add_argument(
+        "--shuffle-mb", type=float, default=DEFAULT_SHUFFLE_BYTES >> 20, metavar="MB",
+        help="each worker's shuffle window, in MiB of cache rows (the cache's bytes per row decide how many; at least one batch)",
+    )  # fmt: skip
+    p.add_argument(
+        "--shuffle-buffer", type=int, default=None, metavar="ROWS",
+        help="the shuffle window in rows instead of --shuffle-mb (what it was before the window was counted in bytes)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-vocab-padding", action="store_true",
+        help="--task lm: accept a student whose vocabulary differs from the cache's when every token id and target index the "
+        "cache stores is below the smaller of the two (checked by reading the whole cache)",
+    )  # fmt: skip
     p.add_argument("--allow-mixed-teachers", action="store_true", help="train on caches written by different teachers")
     p.add_argument("--skip-corrupt", action="store_true", help="warn about corrupt shards and train without them")
     # On by default: the cheap checks (sizes, HDF5 structure) cannot see a flipped or zeroed
@@ -185,6 +219,7 @@ def distill_parser() -> argparse.ArgumentParser:
 
 def distill_main(argv: Sequence[str] | None = None) -> int:
     from .cache.views import PolicyError
+    from .lm.student import StudentError
     from .models import ModelSpecError
     from .train import TrainConfig, TrainError, train
 
@@ -192,6 +227,8 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()  # before DataLoader workers fork and pin-memory threads start
 
     def body() -> int:
+        if settle_task(args) == "lm":
+            return distill_lm(args)
         train(
             TrainConfig(
                 caches=args.cache, student=args.student, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -201,11 +238,58 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
                 workers=args.workers, shuffle_buffer=args.shuffle_buffer, allow_mixed_teachers=args.allow_mixed_teachers,
                 skip_corrupt=args.skip_corrupt, verify_checksums=args.verify_checksums, progress=not args.no_progress, export=not args.no_export,
                 trust_code=args.trust_code, specialist=args.specialist, specialist_head=args.specialist_head, init=args.init,
+                shuffle_bytes=shuffle_bytes(args),
             )
         )  # fmt: skip
         return 0
 
-    return run_cli("offline-distill", body, (CacheError, TrainError, ModelSpecError, PolicyError, UntrustedCode))
+    return run_cli("offline-distill", body, (CacheError, TrainError, ModelSpecError, PolicyError, UntrustedCode, StudentError))
+
+
+TASKS = ("classify", "lm")
+# Options of one task only: (the option, its dest, the value that means "not given").
+CLASSIFY_ONLY = (
+    ("--init", "init", None), ("--specialist", "specialist", None), ("--specialist-head", "specialist_head", "full"),
+    ("--label-fraction", "label_fraction", 1.0), ("--label-seed", "label_seed", 0), ("--loss", "loss", "kl"),
+)  # fmt: skip
+LM_ONLY = (("--max-steps", "max_steps", None), ("--allow-vocab-padding", "allow_vocab_padding", False))
+
+
+def shuffle_bytes(args: argparse.Namespace) -> int:
+    return int(args.shuffle_mb * (1 << 20))
+
+
+def settle_task(args: argparse.Namespace) -> str:
+    """``--task``, or the first cache's; a task the cache is not of, or an option of the other
+    task, is refused in one line (TrainError)."""
+    from .train import TrainError
+
+    cache_task = CacheReader(args.cache[0], check_files=False).meta.task  # the manifest only: the trainer checks the shards
+    task = args.task or cache_task
+    if task != cache_task:
+        kinds = {"classify": "a classifier's cache (task classify)", "lm": "a language model's token cache (task lm)"}
+        raise TrainError(f"--task {task}: {args.cache[0]} is {kinds[cache_task]}; train it with --task {cache_task}")
+    for option, dest, unset in LM_ONLY if task == "classify" else CLASSIFY_ONLY:
+        if getattr(args, dest) != unset:
+            raise TrainError(f"{option} does not apply to --task {task}")
+    return task
+
+
+def distill_lm(args: argparse.Namespace) -> int:
+    """``offline-distill --task lm`` (offline/lm/train.py)."""
+    from .lm.train import LMConfig, train_lm
+
+    train_lm(
+        LMConfig(
+            caches=args.cache, student=args.student, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+            schedule=args.schedule, temperature=args.temperature, topk_tail=args.topk_tail, weight_decay=args.weight_decay,
+            max_steps=args.max_steps, eval_path=args.eval_path, out=args.out, seed=args.seed, device=args.device, resume=args.resume,
+            workers=args.workers, shuffle_buffer=args.shuffle_buffer, shuffle_bytes=shuffle_bytes(args),
+            allow_vocab_padding=args.allow_vocab_padding, allow_mixed_teachers=args.allow_mixed_teachers, skip_corrupt=args.skip_corrupt,
+            verify_checksums=args.verify_checksums, progress=not args.no_progress,
+        )
+    )  # fmt: skip
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +307,8 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
     samples = published + len(journal.ids)
     labelled = round(reader.label_coverage() * published) + int((journal.labels >= 0).sum())
     accumulator = reader.soft_target_stats()  # at the serving temperature, over a bounded sample
-    accumulator.add(journal.teacher_logits, journal.labels)  # stored as the service answers them (TargetLayout.served)
+    if journal.ids:
+        accumulator.add_stored(meta.layout, journal.fields, journal.labels)  # as a cache hit answers them
     soft_targets = accumulator.stats()
     target_bytes = meta.layout.row_bytes(meta.num_classes)
     full_bytes = 4 * meta.num_classes * meta.views_per_id  # what full float32 logits of every view take
@@ -259,6 +344,24 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
         "warnings": soft_target_warnings(soft_targets),
         "label_names": reader.label_names,
         "unlisted_files": reader.unlisted_files(),
+        **(token_summary(reader, journal.fields) if meta.task == "lm" else {}),
+    }
+
+
+def token_summary(reader: CacheReader, journal_fields: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A token cache's own figures: its vocabulary, its sequence length, the tokens it holds
+    (published and in the journal) and the bytes each published token costs."""
+    meta = reader.meta
+    published = sum(int(read_rows(info, ("lengths",))["lengths"].sum()) for info in reader.shards)
+    pending = int(np.asarray(journal_fields["lengths"], dtype=np.int64).sum())
+    return {
+        "task": "lm",
+        "vocab_size": meta.num_classes,
+        "sequence_length": meta.input_shape[0],
+        "tokenizer_fingerprint": meta.tokenizer_fingerprint,
+        "tokens": published + pending,
+        "published_tokens": published,
+        "bytes_per_token": reader.total_bytes / published if published else None,
     }
 
 
@@ -349,7 +452,14 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
                 f"samples          {summary['samples']:,}"
                 + (f" ({summary['published_samples']:,} in published shards, {journal:,} in the journal)" if journal else "")
             )
-            print(f"classes          {summary['num_classes']}")
+            if summary.get("task") == "lm":
+                bpt = summary["bytes_per_token"]
+                print(
+                    f"tokens           {summary['tokens']:,} in sequences of up to {summary['sequence_length']:,}, "
+                    f"vocabulary {summary['vocab_size']:,}" + (f", {bpt:,.1f} bytes/token" if bpt else "")
+                )
+            else:
+                print(f"classes          {summary['num_classes']}")
             print(printable(f"teacher          {summary['teacher_name']}  {summary['teacher_fingerprint']}"))
             print(
                 f"inputs           {summary['input_shape']} {summary['input_dtype']}, "

@@ -11,6 +11,10 @@ Each epoch:
 3. A worker cuts its range into chunk-aligned blocks, visits the blocks in a random order, and
    pushes them through a bounded shuffle buffer: whenever the buffer holds ``shuffle_buffer``
    rows, it is permuted and emitted as whole batches; the remainder stays for the next fill.
+   The bound is set in bytes (``shuffle_bytes``, default 64 MiB, turned into rows by the
+   cache's bytes per row, ``CacheMeta.row_bytes``), so that a row of 128 tokens with their
+   top-k targets and a row of one 8x8 image get the same memory; ``shuffle_buffer`` gives it
+   in rows instead. Either way it holds at least one batch.
    With ``repeats`` (``Repeats``), each row enters the buffer as many times as
    ``repeats.counts(shard, epoch)`` says (0: left out this epoch), a specialist's enrichment.
 
@@ -35,7 +39,8 @@ from .cache import CacheError, CacheMeta, CacheReader, ShardHandle, ShardInfo
 from .cache.contract import MIX_REASONS
 
 DEFAULT_BLOCK_BYTES = 4 << 20
-DEFAULT_SHUFFLE_BUFFER = 16384
+DEFAULT_SHUFFLE_BUFFER = 16384  # rows, for callers that give the bound in rows (the benchmarks)
+DEFAULT_SHUFFLE_BYTES = 64 << 20  # each worker's shuffle window, unless given in rows
 MAX_OPEN_FILES = 4
 
 
@@ -139,6 +144,14 @@ def keeps_label(ids: Sequence[str], fraction: float, seed: int) -> np.ndarray:
     return (seeds >> np.int64(11)).astype(np.float64) / float(1 << 52) < fraction
 
 
+def shuffle_rows(meta: CacheMeta, shuffle_bytes: int = DEFAULT_SHUFFLE_BYTES, shuffle_buffer: int | None = None) -> int:
+    """The rows of a shuffle window: ``shuffle_buffer`` when given, else as many rows of this
+    cache as ``shuffle_bytes`` holds (``CacheMeta.row_bytes``), and at least one."""
+    if shuffle_buffer is not None:
+        return max(1, int(shuffle_buffer))
+    return max(1, int(shuffle_bytes) // max(1, meta.row_bytes()))
+
+
 def _dist_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -155,6 +168,8 @@ class ShardStream(IterableDataset):
     cache raises UntrustedCode, with nothing imported. ``repeats``: each row enters the shuffle
     buffer ``repeats.counts(shard, epoch)[row]`` times (``Repeats``; ``num_batches`` counts
     them). ``transform``: applied to each batch's numpy columns last, before they become tensors.
+    The shuffle window holds ``shuffle_bytes`` of rows, or ``shuffle_buffer`` rows when given
+    (``shuffle_rows``), and at least one batch.
     """
 
     def __init__(
@@ -165,7 +180,8 @@ class ShardStream(IterableDataset):
         batch_size: int,
         shuffle: bool = True,
         seed: int = 0,
-        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+        shuffle_buffer: int | None = None,
+        shuffle_bytes: int = DEFAULT_SHUFFLE_BYTES,
         block_rows: int | None = None,
         drop_last: bool = False,
         with_ids: bool = False,
@@ -187,7 +203,7 @@ class ShardStream(IterableDataset):
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.shuffle_buffer = max(shuffle_buffer, batch_size) if shuffle else batch_size
+        self.shuffle_buffer = max(shuffle_rows(meta, shuffle_bytes, shuffle_buffer), batch_size) if shuffle else batch_size
         chunk = meta.chunk_rows()
         self.block_rows = block_rows or chunk * max(1, DEFAULT_BLOCK_BYTES // max(1, chunk * meta.row_bytes()))
         self.drop_last = drop_last
@@ -267,7 +283,8 @@ class ShardStream(IterableDataset):
         # per-block arrays to concatenate), and the rows left over after the whole batches of
         # one fill move to its front. It can hold a full shuffle window plus one block (as
         # read, and with its rows repeated).
-        capacity = self.shuffle_buffer + max((max(b.stop - b.start, self._rows(b, epoch)) for b in blocks), default=0)
+        rows = [max(b.stop - b.start, self._rows(b, epoch)) for b in blocks]
+        capacity = min(self.shuffle_buffer + max(rows, default=0), sum(rows))  # never more than the epoch's rows
         buffer: dict[str, np.ndarray] = {}
         fill = 0
         try:

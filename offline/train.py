@@ -31,7 +31,7 @@ from . import models, outputs
 from .cache import CacheError, CacheMeta, CacheReader
 from .cache.diagnostics import soft_target_warnings
 from .cache.label_names import describe_label_names, merge_label_names, printable
-from .dataset import ShardStream, open_caches
+from .dataset import DEFAULT_SHUFFLE_BYTES, ShardStream, open_caches
 from .evaluate import EvalSetError, evaluate, evaluate_ece, load_eval_set
 from .losses import LOSS_KINDS, TOPK_TAILS, Objective
 from .outputs import CHECKPOINT_NAME, Checkpoint, CheckpointError, export_program, run_summary, save_atomic, student_record, write_outputs
@@ -74,7 +74,8 @@ class TrainConfig:
     topk_tail: str = "bucket"
     weight_decay: float = 0.0
     workers: int | None = None  # None: default_workers(the caches' bytes)
-    shuffle_buffer: int = 16384
+    shuffle_buffer: int | None = None  # rows in the shuffle window; None: shuffle_bytes decides
+    shuffle_bytes: int = DEFAULT_SHUFFLE_BYTES
     allow_mixed_teachers: bool = False
     skip_corrupt: bool = False
     verify_checksums: bool = False
@@ -107,6 +108,7 @@ class TrainConfig:
             raise TrainError(f"--loss must be kl or mse, got {self.loss!r}")
         if self.workers is not None and self.workers < 0:
             raise TrainError(f"--workers must be >= 0, got {self.workers}")
+        check_shuffle(self.shuffle_bytes, self.shuffle_buffer)
 
     def for_caches(self, metas: Sequence[CacheMeta]) -> TrainConfig:
         """This config with its temperature settled for these caches. Full logits take any T
@@ -145,6 +147,14 @@ class TrainConfig:
     def objective(self, meta: CacheMeta) -> Objective:
         assert self.temperature is not None and self.alpha is not None, "for_caches and with_recipe settle them"
         return Objective(self.temperature, self.alpha, self.loss, targets=meta.layout.name, tail=self.topk_tail)
+
+
+def check_shuffle(shuffle_bytes: int, shuffle_buffer: int | None) -> None:
+    """``--shuffle-mb`` and ``--shuffle-buffer``, as both tasks take them."""
+    if not shuffle_bytes > 0:
+        raise TrainError(f"--shuffle-mb must be > 0, got {shuffle_bytes / (1 << 20):g}")
+    if shuffle_buffer is not None and shuffle_buffer < 1:
+        raise TrainError(f"--shuffle-buffer must be >= 1 row, got {shuffle_buffer}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +283,7 @@ def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
     eval_set = start.eval_set(load_eval_set(cfg.eval_path, meta, label_names=label_names)) if cfg.eval_path else None
     # Before anything is written: a cache whose policy is code is refused here without --trust-code.
     stream = ShardStream.from_readers(
-        readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+        readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, shuffle_bytes=cfg.shuffle_bytes,
         skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
         label_fraction=cfg.label_fraction, label_seed=cfg.label_seed, trust_code=cfg.trust_code,
         repeats=start.enrichment, transform=start.transform,
