@@ -2,21 +2,21 @@
 sweep on a validation split of the transfer set, never on an eval or test split.
 
 Setup (the demo's, ``distill-demo --task lm``, scaled down to fit 2 CPU cores): the
-``python-stdlib`` corpus (demo/corpora.py), a byte-level BPE tokenizer trained on its train
-split, sequences of ``--seq-len`` tokens; the train split's sequences are split by a seeded
-permutation into the transfer set (90%) and the validation set (10%). A GPT-2 teacher
-(demo/lm.py's ``build_teacher`` and ``train_lm``) trains on the transfer set; its top-16 targets
-over the transfer set go to a cache written with ``CacheWriter`` (what ``teacher-serve --targets
-topk:16`` stores). Each run is ``offline-distill --task lm`` (in this process) of the default
-student on that cache, with ``--eval`` the validation set; a stage varies one setting around the
-best so far: alpha, then lr, then the batch size at a fixed number of tokens, then the steps.
+``python-stdlib`` corpus's train documents (demo/corpora.py; its test split is never read), in a
+seeded order, cut into validation documents (``--validation-bytes``), the transfer set's
+(``--transfer-bytes``) and the rest, which only the teacher trains on: a real teacher knows more
+than the transfer set holds, and the validation documents are held out of both. A byte-level BPE
+tokenizer, sequences of ``--seq-len`` tokens, a GPT-2 teacher (demo/lm.py's ``build_teacher`` and
+``train_lm``), and its top-16 targets over the transfer set in a cache written with
+``CacheWriter`` (what ``teacher-serve --targets topk:16`` stores). Each run is ``offline-distill
+--task lm`` (in this process) of the default student on that cache, ``--eval`` the validation
+set; a stage varies one setting around the best so far: alpha, then lr, then the batch size at a
+fixed number of tokens, then the steps.
 
-    .venv/bin/python -m bench.lm_sweep --out /tmp/lm-sweep      # about 25 minutes on 2 shared cores
+    .venv/bin/python -m bench.lm_sweep --out /tmp/lm-sweep
 
-Result (validation perplexity, one seed; python-stdlib, 600,000 train bytes, vocabulary 1,024,
-64-token sequences; teacher GPT-2 4x256, 300 steps; student gpt:layers=2,dim=128,heads=4): see
-the table this script prints; the figures of the run that chose the defaults are in
-offline/lm/defaults.py.
+About an hour on 2 CPU cores shared with other work (the teacher about 15 minutes; a run of 400
+steps 0.5 to 5 minutes); the figures that chose the defaults are in offline/lm/defaults.py.
 """
 
 from __future__ import annotations
