@@ -118,7 +118,7 @@ def confusion_sums(reader: Any, progress: bool = False) -> ConfusionSums:
             rows = len(next(iter(block.values())))
             problem = layout.problem(block)
             if problem:
-                raise CacheError(f"{info.path}: {problem} in rows {start}:{start + rows} (cache-inspect --verify checks the shard)")
+                raise CacheError(f"{info.where}: {problem} in rows {start}:{start + rows} (cache-inspect --verify checks the shard)")
             sums.add(layout.decode(block))
             bar.update(rows)
     return sums

@@ -152,7 +152,7 @@ def source_blocks(reader: CacheReader) -> Iterator[tuple[str, dict[str, np.ndarr
         try:
             for start in range(0, info.num_samples, step):
                 stop = min(start + step, info.num_samples)
-                yield f"{info.path} rows {start}:{stop}", handle.read(start, stop, names), stop == info.num_samples
+                yield f"{info.where} rows {start}:{stop}", handle.read(start, stop, names), stop == info.num_samples
         finally:
             handle.close()
 

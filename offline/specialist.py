@@ -157,7 +157,7 @@ def membership(
                     )
                     if problem:
                         raise CacheError(
-                            f"{info.path}: {problem} in rows {start}:{stop} (the shard is corrupt; cache-inspect --verify checks it)"
+                            f"{info.where}: {problem} in rows {start}:{stop} (the shard is corrupt; cache-inspect --verify checks it)"
                         )
                 except CacheError:
                     if not skip_corrupt:

@@ -21,16 +21,43 @@ from pathlib import Path
 from typing import Any
 
 from .contract import FORMAT_NAME, SCHEMA_VERSION, CacheError, CacheMeta
-from .label_names import check_label_names
+from .label_names import check_label_names, merge_label_names
 from .storage import Storage
 
 MANIFEST_NAME = "manifest.json"
-SHARD_PATTERN = re.compile(r"^shard-(\d{6,})\.h5$")
-TMP_PATTERN = re.compile(r"^\.shard-(\d{6,})\.h5\.tmp$")
+_WRITER = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
+WRITER_ID = re.compile(rf"^{_WRITER}$")
+SHARD_PATTERN = re.compile(rf"^shard-(?:(?P<writer>{_WRITER})-)?(?P<index>\d{{6,}})\.h5$")
+TMP_PATTERN = re.compile(rf"^\.shard-(?:{_WRITER}-)?\d{{6,}}\.h5\.tmp$")
+INDEX_PATTERN = re.compile(rf"^manifest(?:-(?P<writer>{_WRITER}))?\.json$")
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.h5"
+def check_writer_id(writer: str | None) -> str | None:
+    """A writer id names files, so it is a short run of letters, digits, '.', '_' and '-'."""
+    if writer is not None and not WRITER_ID.match(writer):
+        raise CacheError(f"writer id {writer!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return writer
+
+
+def shard_name(index: int, writer: str | None = None) -> str:
+    return f"shard-{index:06d}.h5" if writer is None else f"shard-{writer}-{index:06d}.h5"
+
+
+def index_name(writer: str | None = None) -> str:
+    """The manifest of one writer: ``manifest.json`` for a cache's unnamed writer (every cache
+    written before writer ids), ``manifest-ID.json`` for writer ``ID``."""
+    return MANIFEST_NAME if writer is None else f"manifest-{writer}.json"
+
+
+def shard_writer(name: str) -> str | None:
+    match = SHARD_PATTERN.match(name)
+    return match.group("writer") if match else None
+
+
+def ids_name(shard: str) -> str:
+    """The shard's id digests (``keys.id_digests``, in row order): what a reader of a cache with
+    several writers needs to read each id once without downloading the shards."""
+    return f"{shard[: -len('.h5')]}.ids"
 
 
 def now() -> str:
@@ -49,8 +76,14 @@ class ShardInfo:
 
     @property
     def path(self) -> Path:
-        """Where the shard is: a local path, or the backend's name for it."""
-        return self.storage.local_path(self.name) or Path(self.storage.where(self.name))
+        """A local file that HDF5 can open: the shard itself, or on a remote cache its download,
+        checked against ``sha256`` (``Storage.fetch``)."""
+        return self.storage.fetch(self.name, self.sha256, self.bytes)
+
+    @property
+    def where(self) -> str:
+        """How messages name the shard."""
+        return self.storage.where(self.name)
 
     def to_manifest(self) -> dict[str, Any]:
         return {"name": self.name, "num_samples": self.num_samples, "sha256": self.sha256, "bytes": self.bytes}
@@ -75,15 +108,52 @@ class Manifest:
     label_names: list[str] | None = None
     # Why the manifest's label_names were set aside (load_manifest(report_bad_label_names=True)).
     label_names_problem: str | None = None
+    writers: int = 1  # the writers' manifests merged into this one (load_namespace)
 
 
-def load_manifest(storage: Storage, *, report_bad_label_names: bool = False) -> Manifest:
-    """The manifest, checked; a CacheError naming the file when it is missing or malformed.
-    With ``report_bad_label_names``, label names that break the rules (label_names.py) are set
-    aside and described in ``label_names_problem`` instead (``cache-inspect`` shows the rest)."""
-    where = storage.where(MANIFEST_NAME)
+def index_names(storage: Storage) -> list[str]:
+    """The manifests of a cache's writers: ``manifest.json`` first (the unnamed writer), then
+    ``manifest-ID.json`` by writer id. This order is the namespace's order."""
+    names = [name for name in storage.list() if INDEX_PATTERN.match(name)]
+    return sorted(names, key=lambda name: (name != MANIFEST_NAME, name))
+
+
+def load_namespace(storage: Storage, *, report_bad_label_names: bool = False) -> Manifest:
+    """The whole cache as one manifest: every writer's manifest (``index_names``), merged. Their
+    metadata must agree as a shard's must (``SHARD_FIELDS``); their shards follow one another in
+    the namespace's order; label names merge. A cache with one manifest reads as before."""
+    from .contract import SHARD_FIELDS
+
     try:
-        raw_bytes = storage.read_bytes(MANIFEST_NAME)
+        names = index_names(storage)
+    except (FileNotFoundError, NotADirectoryError):
+        names = []  # load_manifest says what is wrong
+    if len(names) <= 1:
+        return load_manifest(storage, names[0] if names else MANIFEST_NAME, report_bad_label_names=report_bad_label_names)
+    parts = [load_manifest(storage, name, report_bad_label_names=report_bad_label_names) for name in names]
+    first = parts[0]
+    label_names, problem = first.label_names, first.label_names_problem
+    for name, part in zip(names[1:], parts[1:], strict=True):
+        mismatch = first.meta.mismatch(part.meta, SHARD_FIELDS)
+        if mismatch:
+            raise CacheError(f"{storage.where(name)}: disagrees with {storage.where(names[0])}: {mismatch}")
+        if part.label_names is not None:
+            label_names = merge_label_names(label_names, part.label_names, storage.where(name))
+        problem = problem or part.label_names_problem
+    etag = hashlib.sha256("".join(f"{name}:{part.etag}" for name, part in zip(names, parts, strict=True)).encode()).hexdigest()
+    provenance = next((part.provenance for part in parts if part.provenance is not None), None)
+    shards = [info for part in parts for info in part.shards]
+    return Manifest(first.meta, shards, etag, provenance, label_names, problem, writers=len(parts))
+
+
+def load_manifest(storage: Storage, name: str = MANIFEST_NAME, *, report_bad_label_names: bool = False) -> Manifest:
+    """One writer's manifest, checked; a CacheError naming the file when it is missing or
+    malformed. With ``report_bad_label_names``, label names that break the rules
+    (label_names.py) are set aside and described in ``label_names_problem`` instead
+    (``cache-inspect`` shows the rest)."""
+    where = storage.where(name)
+    try:
+        raw_bytes = storage.read_bytes(name)
     except FileNotFoundError:
         try:
             stray = sorted(name for name in storage.list() if SHARD_PATTERN.match(name))

@@ -11,14 +11,55 @@ import numpy as np
 
 from .contract import SHARD_FIELDS, CacheError
 from .diagnostics import SoftTargetAccumulator, sample_size
-from .manifest import MANIFEST_NAME, SHARD_PATTERN, TMP_PATTERN, ShardInfo, load_manifest
+from .ids import DIGEST_BYTES, id_digests
+from .manifest import MANIFEST_NAME, SHARD_PATTERN, TMP_PATTERN, ShardInfo, ids_name, load_namespace
+from .remote import FsspecStorage, is_url
 from .shard import ShardHandle, read_shard_meta
 from .storage import LocalStorage, Storage
 
 
 def open_storage(location: str | os.PathLike[str] | Storage) -> Storage:
-    """A cache's storage from a directory (or an existing ``Storage``)."""
-    return location if isinstance(location, Storage) else LocalStorage(location)
+    """A cache's storage from a directory, an fsspec URL (``s3://bucket/prefix``: ``remote``),
+    or an existing ``Storage``."""
+    if isinstance(location, Storage):
+        return location
+    if is_url(location):
+        return FsspecStorage(str(location))
+    return LocalStorage(location)
+
+
+def read_digests(info: ShardInfo) -> np.ndarray:
+    """The id digests of a shard's rows ([N, 2] uint64): its ``.ids`` sidecar, or, for a shard
+    written before sidecars, digests of the ids read from the shard."""
+    try:
+        raw = info.storage.read_bytes(ids_name(info.name))
+        digests = np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2) if len(raw) % DIGEST_BYTES == 0 else None
+        if digests is not None and len(digests) == info.num_samples:
+            return digests
+    except FileNotFoundError:
+        pass
+    return id_digests(read_rows(info, ("ids",))["ids"])
+
+
+def duplicate_rows(shards: Sequence[ShardInfo]) -> dict[int, np.ndarray]:
+    """Rows to skip so that each id is read once: for each shard with any, a boolean mask of
+    its rows whose id an earlier shard (in the namespace's order) or an earlier row holds. Two
+    writers of one cache can both store an id; the first in that order wins, always."""
+    parts = [read_digests(info) for info in shards]
+    if not parts:
+        return {}
+    everything = np.concatenate(parts)
+    keys = everything.view([("hi", np.uint64), ("lo", np.uint64)]).ravel()
+    _, first = np.unique(keys, return_index=True)
+    keep = np.zeros(len(keys), dtype=bool)
+    keep[first] = True
+    out, offset = {}, 0
+    for shard, part in enumerate(parts):
+        skip = ~keep[offset : offset + len(part)]
+        offset += len(part)
+        if skip.any():
+            out[shard] = skip
+    return out
 
 
 def read_rows(info: ShardInfo, fields: Sequence[str]) -> dict[str, np.ndarray]:
@@ -75,8 +116,9 @@ class CacheReader:
         report_bad_label_names: bool = False,
     ) -> None:
         self.storage = open_storage(directory)
-        self.directory = Path(self.storage.location)
-        manifest = load_manifest(self.storage, report_bad_label_names=report_bad_label_names)
+        self.directory: Path | str = getattr(self.storage, "directory", self.storage.location)  # a URL for a remote cache
+        manifest = load_namespace(self.storage, report_bad_label_names=report_bad_label_names)
+        self.writers = manifest.writers
         self.meta = manifest.meta
         self.manifest_sha256 = manifest.etag  # of the manifest this reader opened
         self.provenance = manifest.provenance
@@ -89,31 +131,41 @@ class CacheReader:
                 if verify_checksums:
                     problem = checksum_problem(info, progress)
                     if problem:
-                        raise CacheError(f"{info.path}: {problem}")
-                if check_files:
+                        raise CacheError(f"{info.where}: {problem}")
+                if check_files and not self.storage.remote:  # a remote shard is checked when it is fetched
                     self._check_shard(info)
                 self.shards.append(info)
             except CacheError as exc:
                 if not skip_corrupt:
                     raise
                 self.skipped.append((info.name, str(exc)))
+        self._duplicates: dict[int, np.ndarray] | None = None if self.writers > 1 else {}
+
+    def duplicates(self) -> dict[int, np.ndarray]:
+        """``duplicate_rows`` of this cache's shards (by position in ``shards``): empty for a
+        cache with one writer, which stores each id once; else read from the ``.ids`` sidecars
+        once, on first use."""
+        if self._duplicates is None:
+            self._duplicates = duplicate_rows(self.shards)
+        return self._duplicates
 
     def _check_shard(self, info: ShardInfo) -> None:
         try:
             size = info.storage.size(info.name)
         except FileNotFoundError:
-            raise CacheError(f"{info.path}: listed in the manifest but missing") from None
+            raise CacheError(f"{info.where}: listed in the manifest but missing") from None
         if size != info.bytes:
-            raise CacheError(f"{info.path}: {size} bytes on disk, manifest says {info.bytes} (truncated or replaced?)")
+            raise CacheError(f"{info.where}: {size} bytes on disk, manifest says {info.bytes} (truncated or replaced?)")
         meta, n = read_shard_meta(info.path)
         if n != info.num_samples:
-            raise CacheError(f"{info.path}: holds {n} samples, manifest says {info.num_samples}")
+            raise CacheError(f"{info.where}: holds {n} samples, manifest says {info.num_samples}")
         problem = self.meta.mismatch(meta, SHARD_FIELDS)
         if problem:
-            raise CacheError(f"{info.path}: {problem} (from the manifest)")
+            raise CacheError(f"{info.where}: {problem} (from the manifest)")
 
     @property
     def num_samples(self) -> int:
+        """Rows in the shards; a sample two writers both stored counts twice (``duplicates``)."""
         return sum(s.num_samples for s in self.shards)
 
     @property
@@ -126,7 +178,7 @@ class CacheReader:
         for info in self.shards:
             problem = checksum_problem(info, progress)
             if problem:
-                problems.append((str(info.path), problem))
+                problems.append((info.where, problem))
         return problems
 
     def unlisted_files(self) -> list[str]:
@@ -137,10 +189,12 @@ class CacheReader:
     def read(self, fields: Sequence[str] = ("ids", "inputs", "labels", "logits")) -> dict[str, np.ndarray]:
         """Everything, in shard order. For small caches and tests; training streams instead."""
         parts: dict[str, list[np.ndarray]] = {name: [] for name in fields}
-        for info in self.shards:
+        duplicates = self.duplicates()
+        for position, info in enumerate(self.shards):
             block = read_rows(info, fields)
+            skip = duplicates.get(position)
             for name in fields:
-                parts[name].append(block[name])
+                parts[name].append(block[name] if skip is None else block[name][~skip])
         columns = self.meta.columns()
         empty = {name: np.empty((0, *shape), dtype=dtype) for name, (shape, dtype) in columns.items()}
         return {name: np.concatenate(parts[name]) if parts[name] else empty[name] for name in fields}
@@ -198,7 +252,7 @@ class CacheReader:
                 problem = meta.layout.problem(targets)  # damage the cheap checks at open cannot see; decoding it could fail
                 if problem and not skip_corrupt:
                     raise CacheError(
-                        f"{info.path}: {problem} in rows {start}:{start + len(block['labels'])} (cache-inspect --verify checks the shard)"
+                        f"{info.where}: {problem} in rows {start}:{start + len(block['labels'])} (cache-inspect --verify checks the shard)"
                     )
                 if not problem:
                     accumulator.add_stored(meta.layout, targets, block["labels"])

@@ -40,6 +40,7 @@ class Storage(ABC):
     """A flat namespace of files that make up one cache."""
 
     location: str  # the directory or URL, for messages
+    remote = False  # whether a shard must be fetched (downloaded) before HDF5 opens it
 
     def where(self, name: str) -> str:
         """How messages name a file of this cache."""
@@ -75,12 +76,22 @@ class Storage(ABC):
         """Remove what an interrupted ``put`` of ``name`` left."""
 
     @abstractmethod
-    def lease(self) -> WriterLease:
-        """Take the writer lease, or raise CacheError when another writer holds it."""
+    def lease(self, writer: str | None = None, token: str | None = None) -> WriterLease:
+        """Take the lease of writer id ``writer`` (None: the cache's one unnamed writer), or
+        raise CacheError when another process holds it. ``token`` names the holder across
+        restarts (the service's spool), so a restarted writer takes over its own stale lease."""
 
     def local_path(self, name: str) -> Path | None:
         """A path that HDF5 can open directly, when the backend has one."""
         return None
+
+    def fetch(self, name: str, sha256: str, size: int) -> Path:
+        """A local file of the shard ``name`` (whose bytes should hash to ``sha256``) that HDF5
+        can open: the file itself on a local backend, a checked download on a remote one."""
+        path = self.local_path(name)
+        if path is None:  # pragma: no cover - remote backends override fetch
+            raise CacheError(f"{self.where(name)}: this storage cannot fetch files")
+        return path
 
     def exists(self, name: str) -> bool:
         try:
@@ -187,12 +198,14 @@ class LocalStorage(Storage):
     def discard_partial(self, name: str) -> None:
         (self.directory / f".{name}.tmp").unlink(missing_ok=True)
 
-    def lease(self) -> WriterLease:
+    def lease(self, writer: str | None = None, token: str | None = None) -> WriterLease:
         self.directory.mkdir(parents=True, exist_ok=True)
-        handle = open(self.directory / LOCK_NAME, "a+")  # noqa: SIM115 - held for the writer's life
+        name = LOCK_NAME if writer is None else f".writer-{writer}.lock"
+        handle = open(self.directory / name, "a+")  # noqa: SIM115 - held for the writer's life
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise CacheError(f"{self.directory}: another writer holds {LOCK_NAME}") from None
+            who = "another writer" if writer is None else f"another process with writer id {writer!r}"
+            raise CacheError(f"{self.directory}: {who} holds {name}") from None
         return _FileLease(handle)

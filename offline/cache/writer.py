@@ -20,10 +20,10 @@ import numpy as np
 
 from . import faults
 from .contract import FORMAT_NAME, WRITER_FIELDS, CacheError, CacheMeta
-from .ids import normalize_ids
+from .ids import id_digests, normalize_ids
 from .keys import RowIndex
 from .label_names import check_label_names, merge_label_names
-from .manifest import MANIFEST_NAME, SHARD_PATTERN, ShardInfo, load_manifest, manifest_bytes, now, shard_name
+from .manifest import SHARD_PATTERN, ShardInfo, check_writer_id, ids_name, index_name, load_manifest, manifest_bytes, now, shard_name
 from .reader import open_storage, read_rows
 from .rng import view_seeds
 from .shard import STRING_DTYPE, ShardHandle, decode_ids, encode_attrs, read_shard_meta
@@ -54,11 +54,17 @@ class CacheWriter:
         compression: str | None = None,
         provenance: dict[str, Any] | None = None,
         label_names: list[str] | None = None,
+        writer_id: str | None = None,
+        lease_token: str | None = None,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be >= 1")
         self.storage = open_storage(directory)
-        self.directory = Path(self.storage.location)
+        self.directory: Path | str = getattr(self.storage, "directory", self.storage.location)
+        # This writer's files: its shards and its manifest are named by its id (manifest.py), so
+        # that several writers share one cache and none ever writes another's files.
+        self.writer_id = check_writer_id(writer_id)
+        self.manifest_name = index_name(writer_id)
         self.meta = meta
         self.layout = meta.layout
         self.max_samples = max_samples
@@ -85,7 +91,7 @@ class CacheWriter:
         # loses the rows of the unpublished open shard.
         self._stage_rows = max(1, min(self._chunk_rows, STAGE_ROWS))
         self._handles: dict[int, ShardHandle] = {}
-        self._lease = self.storage.lease()
+        self._lease = self.storage.lease(writer_id, lease_token)
         try:
             self._recover()
         except BaseException:
@@ -96,33 +102,39 @@ class CacheWriter:
     def _recover(self) -> None:
         storage = self.storage
         recorded_names = None
-        if storage.exists(MANIFEST_NAME):
-            manifest = load_manifest(storage)
-            self._check_compatible(manifest.meta, storage.where(MANIFEST_NAME))
+        if storage.exists(self.manifest_name):
+            manifest = load_manifest(storage, self.manifest_name)
+            self._check_compatible(manifest.meta, storage.where(self.manifest_name))
             listed = manifest.shards
             if self.provenance is None:
                 self.provenance = manifest.provenance
             recorded_names = manifest.label_names
             if recorded_names is not None:
-                self.label_names = merge_label_names(recorded_names, self.label_names or [], storage.where(MANIFEST_NAME))
+                self.label_names = merge_label_names(recorded_names, self.label_names or [], storage.where(self.manifest_name))
         else:
             listed = []
+        # Recovery touches this writer's files only: another writer may be writing its own.
         for name in storage.partial_puts():
-            if SHARD_PATTERN.match(name) or name == MANIFEST_NAME:
+            if self._owns(name) or name == self.manifest_name:
                 storage.discard_partial(name)
         listed_names = {s.name for s in listed}
         adopted = []
         for name in sorted(storage.list()):
-            if SHARD_PATTERN.match(name) and name not in listed_names:
-                meta, n = read_shard_meta(storage.local_path(name))
+            if self._owns(name) and name not in listed_names:  # published, then a crash before the manifest
+                digest, size = storage.sha256(name), storage.size(name)
+                meta, n = read_shard_meta(storage.fetch(name, digest, size))
                 self._check_compatible(meta, name)
-                adopted.append(ShardInfo(storage, name, n, storage.sha256(name), storage.size(name)))
+                adopted.append(ShardInfo(storage, name, n, digest, size))
         self._shards = listed + adopted
         for info in self._shards:
             self._rows.add(read_rows(info, ("ids",))["ids"].tolist())
         self._rows.seal()
-        if adopted or not storage.exists(MANIFEST_NAME) or self.label_names != recorded_names:
+        if adopted or not storage.exists(self.manifest_name) or self.label_names != recorded_names:
             self._write_manifest()
+
+    def _owns(self, name: str) -> bool:
+        match = SHARD_PATTERN.match(name)
+        return match is not None and match.group("writer") == self.writer_id
 
     def _check_compatible(self, existing: CacheMeta, where: str) -> None:
         problem = self.meta.mismatch(existing, WRITER_FIELDS)
@@ -159,7 +171,7 @@ class CacheWriter:
         replace the manifest when that changed them. A CacheError when they conflict with the
         recorded ones (``merge_label_names``) or name more labels than the cache has classes;
         an OSError when the manifest cannot be written. Returns whether the manifest changed."""
-        merged = merge_label_names(self.label_names, self._checked_label_names(names), self.storage.where(MANIFEST_NAME))
+        merged = merge_label_names(self.label_names, self._checked_label_names(names), self.storage.where(self.manifest_name))
         if merged == self.label_names:
             return False
         previous, self.label_names = self.label_names, merged
@@ -271,6 +283,8 @@ class CacheWriter:
             self._drain()
         self._h5.flush()
         image = self._h5.id.get_file_image()
+        if self.writer_id is not None:  # several writers: readers read each id once by these
+            self.storage.put(ids_name(name), id_digests(decode_ids(self._h5["ids"][: self._open_rows])).tobytes())
         self.storage.put(name, image, crash_points=(faults.SHARD_CLOSED, faults.SHARD_RENAMED))
         info = ShardInfo(self.storage, name, self._open_rows, hashlib.sha256(image).hexdigest(), len(image))
         del image
@@ -361,12 +375,16 @@ class CacheWriter:
             raise ValueError("ids must be unique within a batch")
 
     def _next_index(self) -> int:
-        indices = [int(m.group(1)) for name in self.storage.list() if (m := SHARD_PATTERN.match(name))]
+        indices = [
+            int(m.group("index"))
+            for name in self.storage.list()
+            if (m := SHARD_PATTERN.match(name)) and m.group("writer") == self.writer_id
+        ]
         return max(indices, default=-1) + 1
 
     def _open_shard(self, name: str | None = None, rows: int | None = None) -> None:
         meta = self.meta
-        self._open_name = name or shard_name(self._next_index())
+        self._open_name = name or shard_name(self._next_index(), self.writer_id)
         # The open shard lives in memory (HDF5's core driver) and reaches the storage as one
         # plain write when it is published. HDF5 itself never writes to the disk, so a full disk
         # is a clean OSError in flush_shard, never a failed write inside HDF5, which left h5py's
@@ -426,7 +444,7 @@ class CacheWriter:
 
     def _write_manifest(self) -> None:
         self.storage.put(
-            MANIFEST_NAME,
+            self.manifest_name,
             manifest_bytes(self.meta, self._shards, self.provenance, self.label_names),
             crash_points=(faults.MANIFEST_TMP_WRITTEN, faults.MANIFEST_REPLACED),
         )

@@ -73,7 +73,7 @@ def scan_indices(readers: Sequence[CacheReader], meta: CacheMeta, bound: int, *,
                     if problem:
                         row, position, name, value = problem
                         raise VocabularyError(
-                            f"{info.path}: row {start + row}, position {position}: {name} {value} is not below {bound:,}; {sizes}, "
+                            f"{info.where}: row {start + row}, position {position}: {name} {value} is not below {bound:,}; {sizes}, "
                             "and --allow-vocab-padding needs every stored index below the smaller"
                         )
                     bar.update(len(block["lengths"]))
