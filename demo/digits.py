@@ -55,7 +55,7 @@ TASKS = ("digits", "lm")  # distill-demo --task: this module's demo, or demo/lm.
 # installed next to this interpreter, e.g. `python -m kdcache.demo.digits` from a plain checkout).
 TOOLS = {
     "teacher-serve": "service.cli:serve_main",
-    "teacher-push": "service.client:push_main",
+    "teacher-push": "service.push:push_main",
     "offline-distill": "offline.cli:distill_main",
     "cache-convert": "offline.convert:main",
 }

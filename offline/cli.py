@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .cache import CacheError, CacheReader
+from .cache.remote import configure_downloads
 from .cache.clusters import CLASSES_FORMS, HEADS
 from .cache.diagnostics import SoftTargetStats, soft_target_warnings
 from .cache.label_names import describe_label_names, printable
@@ -87,7 +88,19 @@ def distill_parser() -> argparse.ArgumentParser:
         description="Train a student on cached teacher outputs (HDF5 shards). Never loads the teacher.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--cache", nargs="+", required=True, metavar="DIR", help="one or more cache directories")
+    p.add_argument(
+        "--cache", nargs="+", required=True, metavar="DIR",
+        help="one or more caches: directories, or URLs such as s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)",
+    )  # fmt: skip
+    p.add_argument(
+        "--local-cache", metavar="DIR", default=None,
+        help="where the shards of a cache on object storage are downloaded, whole and checked, before training reads them "
+        "(default: kd-shards under the temp directory)",
+    )  # fmt: skip
+    p.add_argument(
+        "--local-cache-gb", type=float, metavar="G", default=None,
+        help="the local cache's budget; the least recently used shards go first (default 16)",
+    )  # fmt: skip
     p.add_argument(
         "--task", choices=TASKS, default=None,
         help="classify, a classifier's cache; lm, a language model's token cache (default: the cache's task, from its metadata)",
@@ -177,7 +190,13 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(
         "--resume", action="store_true",
-        help="continue from RUN_DIR/checkpoint.pt (read as data, weights_only; the student is the one --student names)",
+        help="continue from RUN_DIR/checkpoint.pt (read as data, weights_only; the student is the one --student names), from the "
+        "sample it stopped at, on any number of processes: the order of samples depends on --seed, the caches and the shuffle window alone",
+    )  # fmt: skip
+    p.add_argument(
+        "--checkpoint-every", type=int, default=None, metavar="N",
+        help="also write RUN_DIR/checkpoint.pt after every N-th optimiser step, with the position in the epoch, so that --resume "
+        "continues mid-epoch (without it, after each epoch only)",
     )  # fmt: skip
     p.add_argument("--trust-code", action="store_true", help=TRUST_HELP)
     p.add_argument(
@@ -188,7 +207,8 @@ def distill_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shuffle-mb", type=float, default=DEFAULT_SHUFFLE_BYTES >> 20, metavar="MB",
-        help="each worker's shuffle window, in MiB of cache rows (the cache's bytes per row decide how many; at least one batch)",
+        help="the shuffle window, in MiB of cache rows (the cache's bytes per row decide how many; at least one batch); each "
+        "process holds its share of a window",
     )  # fmt: skip
     p.add_argument(
         "--shuffle-buffer", type=int, default=None, metavar="ROWS",
@@ -227,6 +247,7 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
     tune_malloc()  # before DataLoader workers fork and pin-memory threads start
 
     def body() -> int:
+        configure_downloads(args.local_cache, args.local_cache_gb)
         if settle_task(args) == "lm":
             return distill_lm(args)
         train(
@@ -238,7 +259,7 @@ def distill_main(argv: Sequence[str] | None = None) -> int:
                 workers=args.workers, shuffle_buffer=args.shuffle_buffer, allow_mixed_teachers=args.allow_mixed_teachers,
                 skip_corrupt=args.skip_corrupt, verify_checksums=args.verify_checksums, progress=not args.no_progress, export=not args.no_export,
                 trust_code=args.trust_code, specialist=args.specialist, specialist_head=args.specialist_head, init=args.init,
-                shuffle_bytes=shuffle_bytes(args),
+                shuffle_bytes=shuffle_bytes(args), checkpoint_every=args.checkpoint_every,
             )
         )  # fmt: skip
         return 0
@@ -286,7 +307,7 @@ def distill_lm(args: argparse.Namespace) -> int:
             max_steps=args.max_steps, eval_path=args.eval_path, out=args.out, seed=args.seed, device=args.device, resume=args.resume,
             workers=args.workers, shuffle_buffer=args.shuffle_buffer, shuffle_bytes=shuffle_bytes(args),
             allow_vocab_padding=args.allow_vocab_padding, allow_mixed_teachers=args.allow_mixed_teachers, skip_corrupt=args.skip_corrupt,
-            verify_checksums=args.verify_checksums, progress=not args.no_progress,
+            verify_checksums=args.verify_checksums, progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
         )
     )  # fmt: skip
     return 0

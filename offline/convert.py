@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +35,9 @@ import numpy as np
 
 from .cache import LOGITS_DTYPES, CacheError, CacheMeta, CacheReader, CacheWriter, ShardHandle, make_layout
 from .cache.layout import parse_targets
-from .cache.manifest import now
+from .cache.manifest import MANIFEST_NAME, SHARD_PATTERN, index_names, now
+from .cache.reader import open_storage
+from .cache.remote import is_url
 from .cache.rng import view_seeds
 from .cache.storage import fsync_path
 from .cache.writer import DEFAULT_SHARD_BYTES
@@ -53,7 +56,7 @@ class UsageError(Exception):
 class Conversion:
     """What ``convert_cache`` wrote."""
 
-    directory: Path
+    directory: Path | str  # a URL for a cache on object storage
     meta: CacheMeta
     samples: int
     shards: int
@@ -123,7 +126,7 @@ def provenance_of(reader: CacheReader) -> dict[str, Any]:
     exact version), and SRC's own provenance if it was converted too."""
     meta = reader.meta
     source = {
-        "directory": str(reader.directory.resolve()),
+        "directory": str(reader.directory.resolve()) if isinstance(reader.directory, Path) else reader.directory,
         "manifest_sha256": reader.manifest_sha256,
         "logits_layout": meta.logits_layout,
         "logits_dtype": meta.logits_dtype,
@@ -147,12 +150,17 @@ def source_blocks(reader: CacheReader) -> Iterator[tuple[str, dict[str, np.ndarr
     meta = reader.meta
     names = list(meta.columns())
     step = block_rows(meta)
-    for info in reader.shards:
+    duplicates = reader.duplicates()  # a cache of several writers: each id once
+    for position, info in enumerate(reader.shards):
         handle = ShardHandle(info.path)
+        skip = duplicates.get(position)
         try:
             for start in range(0, info.num_samples, step):
                 stop = min(start + step, info.num_samples)
-                yield f"{info.where} rows {start}:{stop}", handle.read(start, stop, names), stop == info.num_samples
+                rows = handle.read(start, stop, names)
+                if skip is not None:
+                    rows = {name: values[~skip[start:stop]] for name, values in rows.items()}
+                yield f"{info.where} rows {start}:{stop}", rows, stop == info.num_samples
         finally:
             handle.close()
 
@@ -232,14 +240,17 @@ def convert_cache(
     that cannot be read; DST is then left as it was."""
     from tqdm import tqdm
 
-    src, dst = Path(source), Path(destination)
+    if is_url(destination):
+        return _convert_to_url(source, str(destination), targets, logits_dtype, seed, verify_checksums, progress)
+    src, dst = (source if is_url(source) else Path(source)), Path(destination)
     targets = check_targets(targets)
     if logits_dtype is not None and logits_dtype not in LOGITS_DTYPES:
         raise UsageError(f"--logits-dtype must be one of {', '.join(LOGITS_DTYPES)}, got {logits_dtype!r}")
     seed = secrets.randbits(63) if seed is None else int(seed)
     if not 0 <= seed < 1 << 64:
         raise UsageError(f"--seed must be in [0, 2**64), got {seed}")
-    check_destination(src, dst)
+    if isinstance(src, Path):
+        check_destination(src, dst)
     clear_stale_staging(dst)
     # The manifest alone first, so that a conversion that cannot work (K >= C, a sparse SRC) is
     # refused before the checksums are read.
@@ -251,7 +262,7 @@ def convert_cache(
     else:
         reader = CacheReader(src)
     meta = target_meta(reader.meta, str(src), targets, logits_dtype, seed)
-    journal = pending_samples(reader.directory, reader.meta)
+    journal = pending_samples(reader.directory, reader.meta) if isinstance(reader.directory, Path) else 0
     if journal:
         print(
             f"{PROG}: warning: {src}'s journal holds {journal:,} samples not yet in a published shard; they are not converted",
@@ -274,8 +285,9 @@ def convert_cache(
                     writer.flush_shard()  # one shard of DST per shard of SRC
                 bar.update(len(rows["ids"]))
         shards = writer.shards
-        if sum(info.num_samples for info in shards) != reader.num_samples:
-            raise CacheError(f"{staging}: holds {sum(info.num_samples for info in shards)} samples, {src} {reader.num_samples}")
+        expected = reader.num_samples - sum(int(skip.sum()) for skip in reader.duplicates().values())
+        if sum(info.num_samples for info in shards) != expected:
+            raise CacheError(f"{staging}: holds {sum(info.num_samples for info in shards)} samples, {src} {expected}")
         try:
             os.rename(staging, dst)  # onto a missing or an empty directory, atomically
         except OSError as exc:
@@ -286,7 +298,29 @@ def convert_cache(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Conversion(dst, meta, reader.num_samples, len(shards), sum(info.bytes for info in shards), provenance)
+    return Conversion(dst, meta, expected, len(shards), sum(info.bytes for info in shards), provenance)
+
+
+def _convert_to_url(
+    source: str | os.PathLike[str], destination: str, targets: str, logits_dtype: str | None, seed: int | None,
+    verify_checksums: bool, progress: bool,
+) -> Conversion:  # fmt: skip
+    """Convert into a local staging directory, then upload its shards and, last, its manifest:
+    readers see nothing of DST until the whole cache is there."""
+    storage = open_storage(destination)
+    storage.check()
+    if index_names(storage) or any(SHARD_PATTERN.match(name) for name in storage.list()):
+        raise UsageError(f"{destination}: already holds a cache; DST must be a new or an empty prefix")
+    with tempfile.TemporaryDirectory(prefix="cache-convert-") as tmp:
+        local = convert_cache(
+            source, Path(tmp) / "dst", targets, logits_dtype=logits_dtype, seed=seed, verify_checksums=verify_checksums, progress=progress
+        )
+        staged = Path(local.directory)
+        names = sorted(p.name for p in staged.iterdir() if SHARD_PATTERN.match(p.name))
+        for name in names:
+            storage.put_file(name, staged / name)
+        storage.put_file(MANIFEST_NAME, staged / MANIFEST_NAME)
+    return replace(local, directory=destination)
 
 
 def describe(conversion: Conversion) -> str:

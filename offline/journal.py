@@ -58,6 +58,13 @@ from .cache import CacheError, CacheMeta
 from .cache.storage import fsync_path
 
 JOURNAL_NAME = ".journal"
+
+
+def journal_name(writer: str | None = None) -> str:
+    """The journal of writer id ``writer`` in its spool (the cache's unnamed writer: ``.journal``)."""
+    return JOURNAL_NAME if writer is None else f".journal-{writer}"
+
+
 COMPACTING_NAME = ".journal.compacting"  # keep_last's new journal, before it is renamed over the old
 MAGIC = b"KDJ2"
 LEGACY_MAGIC = b"KDJ1"  # float32 logits in place of the encoded fields
@@ -176,8 +183,8 @@ class Journal:
     ``write``; ``sync`` makes everything written so far durable. It knows where each record it
     appended starts, so that ``keep_last`` can drop the samples published since."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path = Path(directory) / JOURNAL_NAME
+    def __init__(self, directory: Path, name: str = JOURNAL_NAME) -> None:
+        self.path = Path(directory) / name
         (self.path.parent / COMPACTING_NAME).unlink(missing_ok=True)  # a keep_last a crash cut short
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.bytes = os.fstat(self._fd).st_size

@@ -21,6 +21,7 @@ from ..offline.cache.layout import make_layout
 from ..offline.cache.trust import TRUST_HELP, UntrustedCode
 from ..offline.malloc import tune_malloc
 from .settings import ENV_PREFIX, CacheConflict, ServeSettings, option_name, recorded_meta, take_from_cache
+from .spool import resolve_writer
 
 PROG = "teacher-serve"
 LM_TEMPERATURE = 1.0  # the serving temperature of an hf: language model when none is given or recorded
@@ -80,7 +81,19 @@ def serve_parser() -> argparse.ArgumentParser:
     a(
         "--cache",
         metavar="DIR",
-        help="cache directory, created if missing; an existing cache also gives every option it records that is not given (required)",
+        help="cache directory, created if missing, or a URL such as s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL); an "
+        "existing cache also gives every option it records that is not given (required)",
+    )
+    a(
+        "--writer-id",
+        metavar="ID",
+        help="this replica's name among the writers of one cache: its shards and manifest carry it (default: none on a local "
+        "directory, which then has one writer; on a URL the spool's, else the host name and a random suffix)",
+    )
+    a(
+        "--spool",
+        metavar="DIR",
+        help="local directory of the journal (default: a local cache's own directory; for a URL, under the temp dir)",
     )
     a("--temperature", type=float, metavar="T", help="serving temperature (default: the cache's, else 1 for an hf: language model, else 4)")
     a("--host", help="address to bind (default 127.0.0.1)")
@@ -212,6 +225,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(argv)
     except ValidationError as exc:
         return fail(PROG, describe_validation(exc))
+    try:
+        settings = resolve_writer(settings)
+    except CacheError as exc:
+        return fail(PROG, str(exc))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     api_key = None
@@ -335,7 +352,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     if store.close_error is not None:
         return fail(
             PROG, f"could not publish the cache at shutdown ({type(store.close_error).__name__}: {store.close_error}); "
-            f"the acknowledged samples stay in {settings.cache}/.journal for the next start", code=1,
+            f"the acknowledged samples stay in {store.journal.path} for the next start", code=1,
         )  # fmt: skip
     return 0
 

@@ -1,56 +1,47 @@
-"""A Python client for the teacher service, and ``teacher-push``, which sends a transfer set to it.
+"""A Python client for the teacher service: v2 requests and responses, at one URL or spread over replicas.
 
 The client speaks the same v2 protocol as ``tritonclient.http`` (binary tensors by default), with
 the codec from ``service.protocol``. It retries what a restarting or busy server answers (429 and
 503, honouring ``Retry-After``; refused connections and timeouts) and nothing else: any other
 error status becomes a one-line ``ClientError`` carrying the server's message.
 
+Given several replicas of the service (each its own ``teacher-serve``), it sends each request to
+the next replica in turn, and a request one replica failed (those failures, or any 5xx) to
+another at once; a replica that fails is set aside for a while, longer each time in a row. A 4xx
+is the request's own fault wherever it goes: it fails at once, as with one URL.
+
 Pushing is resumable by design: the server keys every sample by its id (or, without ids, by a
-hash of its input bytes), so pushing the same transfer set again turns into cache hits.
+hash of its input bytes), so pushing the same transfer set again turns into cache hits. The push
+loop (``push``, ``push_source``) lives with the ``teacher-push`` command, in ``service.push``.
 """
 
 from __future__ import annotations
 
-import argparse
 import email.utils
-import os
 import random
-import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 import numpy as np
-from tqdm import tqdm
 
-from ..offline.cache import CacheError, normalize_ids, read_transfer_set
-from ..offline.cache.label_names import merge_label_names
-from ..offline.cache.transfer_set import DEFAULT_MAX_NPZ_MB
-from ..offline.malloc import return_large_blocks
-from ..offline.sources import (
-    DEFAULT_MAX_PIXELS,
-    ON_ERROR,
-    RESIZE_MODES,
-    TEXT_OPTIONS,
-    SampleSpec,
-    Source,
-    SourceBatch,
-    TokenSpec,
-    fit_inputs,
-    is_token_npz,
-    open_source,
-)
+from ..offline.cache import normalize_ids
+from ..offline.sources import SampleSpec, Source, TokenSpec
 from .protocol import HEADER_LENGTH, ProtocolError, RequestedOutput, decode_response, encode_request, numpy_dtype
+
+if TYPE_CHECKING:
+    from .push import PushSummary
 
 RETRY_STATUSES = (429, 503)
 BACKOFF_BASE_S = 0.25
 BACKOFF_CAP_S = 10.0
 RETRY_AFTER_CAP_S = 60.0
+SET_ASIDE_BASE_S = 0.5  # a replica's first failure in a row sets it aside this long, each next one twice as long
+SET_ASIDE_CAP_S = 30.0
 
 
 class ClientError(Exception):
@@ -65,62 +56,7 @@ class InferResult:
     cache_hits: int
     cache_misses: int
     parameters: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class PushSummary:
-    samples: int
-    cache_hits: int
-    cache_misses: int
-    seconds: float
-    requests: int
-    retries: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item, reason) the source could not read
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
-
-    def line(self) -> str:
-        return (
-            f"{self.samples} samples, {self.cache_hits} hits, {self.cache_misses} misses, {self.seconds:.1f} s, "
-            f"{self.samples_per_s:.0f} samples/s ({self.requests} requests, {self.retries} retries)"
-            + (f", {len(self.skipped)} skipped: {describe_skipped(self.skipped)}" if self.skipped else "")
-        )
-
-
-@dataclass
-class PushBatch:
-    inputs: np.ndarray
-    ids: Any  # None: the server keys the samples by their content
-    labels: Any  # None: unknown
-    input_name: str = "input"  # a language model's: input_ids
-    extra: list[tuple[str, np.ndarray]] = field(default_factory=list)  # more named input tensors (lengths)
-
-
-def describe_skipped(skipped: Sequence[tuple[str, str]], limit: int = 3) -> str:
-    """The first ``limit`` skipped items with their reasons, and how many more."""
-    named = "; ".join(f"{item} ({_one_line(reason, 120)})" for item, reason in skipped[:limit])
-    return named + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
-
-
-def numbered_as_recorded(source: Source, recorded: Any) -> Source:
-    """``source``, or ``source`` numbered by the class names a cache records (``recorded``, from the
-    model metadata) where its own names conflict with them but are all among them (a folder of
-    some of the classes), so that only real conflicts reach the service, which refuses them."""
-    if source.label_names is None or not isinstance(recorded, list) or not recorded:
-        return source
-    try:
-        merge_label_names(recorded, source.label_names, "")
-    except CacheError:
-        if set(source.label_names) <= set(recorded):
-            return source.numbered_by(recorded)
-    return source
-
-
-def _check_push_options(batch_size: int, concurrency: int) -> None:
-    if batch_size < 1 or concurrency < 1:
-        raise ClientError(f"batch_size and concurrency must be at least 1, got {batch_size} and {concurrency}")
+    replica_url: str = ""  # the replica that answered
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -166,36 +102,6 @@ def token_spec_of(metadata: dict[str, Any], where: str) -> TokenSpec:
     return TokenSpec(seq_len=seq_len, vocab_size=vocab_size)
 
 
-def length_input_of(metadata: dict[str, Any]) -> str | None:
-    """The input a language model takes sequence lengths by: ``lengths``, else ``attention_mask``, else None."""
-    names = {t.get("name") for t in metadata.get("inputs") or [] if isinstance(t, dict)}
-    return next((name for name in ("lengths", "attention_mask") if name in names), None)
-
-
-def token_batch_size(batch_size: int, width: int, metadata: dict[str, Any]) -> int:
-    """``batch_size`` sequences, or fewer where the model's ``max_batch_tokens`` parameter (the
-    tokens one request may cost: sequences x the longest) would refuse that many ``width`` long."""
-    budget = (metadata.get("parameters") or {}).get("max_batch_tokens")
-    if type(budget) is not int or budget < 1:
-        return batch_size
-    return max(1, min(batch_size, budget // max(1, width)))
-
-
-def token_batch(batch: SourceBatch, length_input: str | None, where: str) -> PushBatch:
-    """A token source's batch as a request carries it: ``input_ids`` [B, l] INT64, and, when a
-    row is shorter than l, ``lengths`` [B] (or an ``attention_mask`` [B, l] of 1s then 0s)."""
-    extra = []
-    if batch.lengths is not None:
-        if length_input is None:
-            raise ClientError(f"{where}: the model takes neither lengths nor attention_mask, and a sequence is shorter than the others")
-        lengths = batch.lengths.astype(np.int64)
-        if length_input == "lengths":
-            extra.append(("lengths", lengths))
-        else:
-            extra.append(("attention_mask", (np.arange(batch.inputs.shape[1]) < lengths[:, None]).astype(np.int64)))
-    return PushBatch(batch.inputs.astype(np.int64, copy=False), batch.ids, None, input_name="input_ids", extra=extra)
-
-
 def sample_spec_of(metadata: dict[str, Any], where: str) -> SampleSpec | TokenSpec:
     """What one sample must be, from v2 model metadata: the input tensor's shape (less the batch
     axis) and datatype, and the class count of the soft_targets output (its last axis); for a
@@ -215,17 +121,67 @@ def sample_spec_of(metadata: dict[str, Any], where: str) -> SampleSpec | TokenSp
     return SampleSpec(input_shape=shape, input_dtype=dtype.name, num_classes=num_classes)
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+class Replica:
+    """One URL of the service: its connection pool, and until when it is set aside after failing."""
+
+    def __init__(self, url: str, http: httpx.Client) -> None:
+        self.url = url
+        self.http = http
+        self.failures = 0  # in a row
+        self.aside_until = 0.0  # time.monotonic()
+
+
+class Replicas:
+    """The replicas of one service, taken in turn (round-robin per request); safe to share between threads."""
+
+    def __init__(self, replicas: Sequence[Replica]) -> None:
+        self.all = list(replicas)
+        self._turn = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def pick(self, avoid: Collection[Replica] = (), turn: int | None = None) -> Replica:
+        """The next replica in turn (or from number ``turn``) that is neither set aside nor in
+        ``avoid``; when each one outside ``avoid`` is set aside, the one back soonest. ``avoid``
+        must leave one."""
+        now = time.monotonic()
+        if turn is None:
+            with self._lock:
+                turn = self._turn
+                self._turn += 1
+        in_turn = [self.all[(turn + i) % len(self.all)] for i in range(len(self.all))]
+        allowed = [replica for replica in in_turn if replica not in avoid]
+        return next((replica for replica in allowed if replica.aside_until <= now), None) or min(allowed, key=lambda r: r.aside_until)
+
+    def is_aside(self, replica: Replica) -> bool:
+        return replica.aside_until > time.monotonic()
+
+    def failed(self, replica: Replica) -> None:
+        with self._lock:
+            replica.failures += 1
+            aside = min(SET_ASIDE_CAP_S, SET_ASIDE_BASE_S * 2 ** min(replica.failures - 1, 16))
+            replica.aside_until = time.monotonic() + aside
+
+    def answered(self, replica: Replica) -> None:
+        with self._lock:
+            replica.failures = 0
+            replica.aside_until = 0.0
+
+
 class TeacherClient:
-    """One connection pool to one model of a teacher service; safe to share between threads."""
+    """Connection pools to one model of a teacher service, at one URL or at each of its replicas
+    (``url`` a list); safe to share between threads."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         model: str = "teacher",
         *,
         api_key: str | None = None,
@@ -233,9 +189,11 @@ class TeacherClient:
         max_retries: int = 8,
         transport: httpx.BaseTransport | None = None,  # tests pass an httpx.MockTransport
     ) -> None:
-        if "://" not in url:
-            url = f"http://{url}"
-        self.url = url.rstrip("/")
+        urls = list(dict.fromkeys((u if "://" in u else f"http://{u}").rstrip("/") for u in ([url] if isinstance(url, str) else url)))
+        if not urls:
+            raise ClientError("no URL given for the teacher service")
+        self.urls = urls
+        self.url = ", ".join(urls)  # for messages: the URL, or every replica's
         self.model = model
         self.max_retries = max_retries
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -243,7 +201,9 @@ class TeacherClient:
         # equal timeouts a request can go out on a connection the server is closing (seen as
         # ReadError under load, bench/flood.py).
         limits = httpx.Limits(keepalive_expiry=2.0)
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport, limits=limits)
+        self._replicas = Replicas(
+            [Replica(u, httpx.Client(base_url=u, headers=headers, timeout=timeout, transport=transport, limits=limits)) for u in urls]
+        )
         self._model_path = f"/v2/models/{quote(model, safe='')}"
         self._sleep = time.sleep
         self._random = random.Random()
@@ -256,49 +216,69 @@ class TeacherClient:
         delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**retry)
         return delay * (0.5 + 0.5 * self._random.random())
 
-    def _error_line(self, path: str, response: httpx.Response) -> str:
+    def _error_message(self, response: httpx.Response) -> str:
         try:
             message = response.json()["error"]
         except Exception:  # not our JSON error body: a proxy's page, an empty body
             message = response.text or response.reason_phrase
-        return f"{self.url}{path}: HTTP {response.status_code}: {_one_line(str(message))}"
+        return f"HTTP {response.status_code}: {one_line(str(message))}"
 
     def _request(
-        self, method: str, path: str, *, content: bytes | None = None, headers: dict[str, str] | None = None
-    ) -> tuple[httpx.Response, int]:
-        """The response (status < 400) and how many retries it took; ClientError otherwise."""
+        self, method: str, path: str, *, content: bytes | None = None, headers: dict[str, str] | None = None, turn: int | None = None
+    ) -> tuple[httpx.Response, int, str]:
+        """The response (status < 400), how many retries it took and the URL of the replica that
+        answered; ClientError otherwise. A retry goes to the next replica in turn at once, or,
+        when none is free, after a backoff (or the ``Retry-After`` of the replica asked again).
+        After ``max_retries`` only a replica this request has not failed on yet is asked."""
         retries = 0
+        errors: dict[Replica, str] = {}  # the last error of each replica that failed this request
+        lasting: set[Replica] = set()  # those whose 5xx a retry there would not change
+        replica = self._replicas.pick(turn=turn)
         while True:
             try:
-                response = self._http.request(method, path, content=content, headers=headers)
+                response = replica.http.request(method, path, content=content, headers=headers)
             except httpx.TransportError as exc:  # refused, reset, timed out: the server may be restarting
-                if retries >= self.max_retries:
-                    raise ClientError(
-                        f"{self.url}{path}: cannot reach the server ({type(exc).__name__}: {_one_line(str(exc)) or 'no details'}) "
-                        f"after {retries} retries"
-                    ) from None
-                delay = self._backoff(retries)
+                errors[replica] = f"cannot reach the server ({type(exc).__name__}: {one_line(str(exc)) or 'no details'})"
+                retry_after, unreachable = None, True
             else:
-                if response.status_code not in RETRY_STATUSES:
-                    if response.status_code >= 400:
-                        raise ClientError(self._error_line(path, response))
-                    return response, retries
-                if retries >= self.max_retries:
-                    raise ClientError(f"{self._error_line(path, response)} (gave up after {retries} retries)")
-                delay = retry_after_seconds(response.headers.get("Retry-After"))
-                if delay is None:
-                    delay = self._backoff(retries)
+                status = response.status_code
+                if status < 400:
+                    self._replicas.answered(replica)
+                    return response, retries, replica.url
+                if status not in RETRY_STATUSES and (status < 500 or len(self._replicas) == 1):
+                    raise ClientError(f"{replica.url}{path}: {self._error_message(response)}")
+                errors[replica] = self._error_message(response)
+                if status not in RETRY_STATUSES:
+                    lasting.add(replica)
+                retry_after, unreachable = retry_after_seconds(response.headers.get("Retry-After")), False
+            self._replicas.failed(replica)
+            avoid = set(errors) if retries >= self.max_retries else lasting
+            if len(avoid) == len(self._replicas):
+                raise ClientError(self._give_up_line(path, errors, retries, unreachable=unreachable))
+            following = self._replicas.pick(avoid)
+            if following is replica or self._replicas.is_aside(following):
+                self._sleep(self._backoff(retries) if retry_after is None or following is not replica else retry_after)
             retries += 1
-            self._sleep(delay)
+            replica = following
+
+    def _give_up_line(self, path: str, errors: dict[Replica, str], retries: int, *, unreachable: bool) -> str:
+        if len(self._replicas) == 1:
+            ((replica, error),) = errors.items()
+            return f"{replica.url}{path}: {error} " + (f"after {retries} retries" if unreachable else f"(gave up after {retries} retries)")
+        named = "; ".join(f"{replica.url}: {error}" for replica, error in errors.items())
+        return f"{path}: every replica failed, after {retries} retries: {named}"
 
     # -- health and metadata --------------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Whether the model answers ready now (no retries)."""
-        try:
-            return self._http.get(f"{self._model_path}/ready").status_code == 200
-        except httpx.TransportError:
-            return False
+        """Whether the model answers ready now (no retries), at one replica at least."""
+        for replica in self._replicas.all:
+            try:
+                if replica.http.get(f"{self._model_path}/ready").status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+        return False
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -307,20 +287,25 @@ class TeacherClient:
                 raise ClientError(f"{self.url}: model {self.model!r} not ready after {timeout:g} s")
             self._sleep(0.25)
 
-    def metadata(self) -> dict[str, Any]:
-        response, _ = self._request("GET", self._model_path)
+    def _metadata(self) -> tuple[dict[str, Any], str]:
+        """The model metadata, and where it came from (the answering replica's URL and path)."""
+        response, _, url = self._request("GET", self._model_path)
+        where = f"{url}{self._model_path}"
         try:
             metadata = response.json()
         except ValueError:
-            raise ClientError(f"{self.url}{self._model_path}: model metadata is not JSON") from None
+            raise ClientError(f"{where}: model metadata is not JSON") from None
         if not isinstance(metadata, dict):
-            raise ClientError(f"{self.url}{self._model_path}: model metadata is not a JSON object")
-        return metadata
+            raise ClientError(f"{where}: model metadata is not a JSON object")
+        return metadata, where
+
+    def metadata(self) -> dict[str, Any]:
+        return self._metadata()[0]
 
     def sample_spec(self) -> SampleSpec | TokenSpec:
         """What one sample must be for this model (``sample_spec_of`` its metadata): a
         ``TokenSpec`` for a language model."""
-        return sample_spec_of(self.metadata(), f"{self.url}{self._model_path}")
+        return sample_spec_of(*self._metadata())
 
     # -- inference ------------------------------------------------------------------------------
 
@@ -353,6 +338,7 @@ class TeacherClient:
         label_names: list[str] | None = None,
         input_name: str = "input",
         extra: Sequence[tuple[str, np.ndarray]] = (),
+        turn: int | None = None,  # the replica to ask first: number ``turn`` in turn (``Replicas.pick``)
     ) -> tuple[InferResult, int]:
         inputs = np.asarray(inputs)
         tensors: list[tuple[str, np.ndarray]] = [(input_name, inputs), *extra]
@@ -377,17 +363,17 @@ class TeacherClient:
             raise ClientError(f"bad request data: {exc}") from None
 
         path = f"{self._model_path}/infer"
-        response, retries = self._request("POST", path, content=body, headers=headers)
+        response, retries, url = self._request("POST", path, content=body, headers=headers, turn=turn)
         try:
             header, arrays = decode_response(response.content, response.headers.get(HEADER_LENGTH))
         except ProtocolError as exc:
-            raise ClientError(f"{self.url}{path}: malformed response ({exc})") from None
+            raise ClientError(f"{url}{path}: malformed response ({exc})") from None
         parameters = header.get("parameters") or {}
         try:
             hits, misses = int(parameters.get("cache_hits", 0)), int(parameters.get("cache_misses", 0))
         except (TypeError, ValueError):
-            raise ClientError(f"{self.url}{path}: cache_hits/cache_misses are not integers in the response") from None
-        return InferResult(arrays.get("soft_targets"), arrays.get("logits"), hits, misses, parameters), retries
+            raise ClientError(f"{url}{path}: cache_hits/cache_misses are not integers in the response") from None
+        return InferResult(arrays.get("soft_targets"), arrays.get("logits"), hits, misses, parameters, url), retries
 
     def push(
         self,
@@ -402,114 +388,25 @@ class TeacherClient:
     ) -> PushSummary:
         """Send every sample of in-memory arrays (store=true) in batches from ``concurrency``
         threads; stops at the first request that fails for good. Re-pushing what is cached
-        already costs only hits."""
-        _check_push_options(batch_size, concurrency)
-        inputs = np.asarray(inputs)
-        count = len(inputs)
-        try:
-            ids = None if ids is None else normalize_ids(ids, count)
-        except ValueError as exc:
-            raise ClientError(f"ids: {exc}") from None
-        labels = None if labels is None else np.asarray(labels)
-        batches = (
-            PushBatch(
-                inputs[start : start + batch_size],
-                None if ids is None else ids[start : start + batch_size],
-                None if labels is None else labels[start : start + batch_size],
-            )
-            for start in range(0, count, batch_size)
+        already costs only hits. The loop is ``service.push.push_arrays``."""
+        from .push import push_arrays  # teacher-push's module, which imports this one
+
+        return push_arrays(
+            self, inputs, ids=ids, labels=labels, batch_size=batch_size, concurrency=concurrency, temperature=temperature, progress=progress
         )
-        return self._push(batches, count, concurrency=concurrency, temperature=temperature, progress=progress)
 
     def push_source(
         self, source: Source, *, batch_size: int = 256, concurrency: int = 4, temperature: float | None = None, progress: bool = True
     ) -> PushSummary:
         """Stream a ``Source`` (kdcache.offline.sources) to the service as ``push`` sends
-        arrays: the source decodes batch by batch, so at most the window of requests in flight
-        is held, never the whole set. Every request carries the source's ``label_names``, which
-        the service records in the cache's manifest (and refuses when they conflict with the
-        recorded ones); a source of some of the recorded classes is numbered as the cache numbers
-        them first (``numbered_as_recorded``). The summary lists the items the source skipped. A
-        token source (a ``TokenSpec``) is sent as ``input_ids`` with ``lengths`` (``token_batch``),
-        in batches the model's token budget allows (``token_batch_size``)."""
-        _check_push_options(batch_size, concurrency)
-        if source.label_names is not None:
-            source = numbered_as_recorded(source, (self.metadata().get("parameters") or {}).get("label_names"))
-        if isinstance(source.spec, TokenSpec):
-            metadata = self.metadata()
-            length_input = length_input_of(metadata)
-            batch_size = token_batch_size(batch_size, getattr(source, "width", 1), metadata)
-            batches = (token_batch(batch, length_input, f"{self.url}{self._model_path}") for batch in source.batches(batch_size))
-        else:
-            batches = (PushBatch(batch.inputs, batch.ids, batch.labels) for batch in source.batches(batch_size))
-        summary = self._push(
-            batches, source.total(), concurrency=concurrency, temperature=temperature, progress=progress,
-            label_names=source.label_names, skipped=source.skipped,
-        )  # fmt: skip
-        summary.skipped = list(source.skipped)
-        return summary
+        arrays, holding at most the window of requests in flight (``service.push.push_source``)."""
+        from .push import push_source  # teacher-push's module, which imports this one
 
-    def _push(
-        self,
-        batches: Iterator[PushBatch],
-        total: int | None,  # None: unknown (text, counted as it is tokenized)
-        *,
-        concurrency: int,
-        temperature: float | None,
-        progress: bool,
-        label_names: list[str] | None = None,
-        skipped: Sequence[Any] = (),  # grows while ``batches`` runs; counted on the progress bar
-    ) -> PushSummary:
-        """The one push loop: a bounded window of requests in flight, filled from ``batches``
-        on this thread as requests complete (so a source decodes while the server works)."""
-        summary = PushSummary(samples=0, cache_hits=0, cache_misses=0, seconds=0.0, requests=0, retries=0)
-        started = time.perf_counter()
-
-        def send(batch: PushBatch) -> tuple[InferResult, int]:
-            return self._infer(
-                batch.inputs, ids=batch.ids, labels=batch.labels, temperature=temperature, store=True, outputs=(),
-                binary=True, label_names=label_names, input_name=batch.input_name, extra=batch.extra,
-            )  # fmt: skip
-
-        with tqdm(total=total, unit="sample", desc="push", disable=not progress, file=sys.stderr) as bar:
-            pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher-push")
-            pending: dict[Future[tuple[InferResult, int]], int] = {}
-            counted_skips = 0
-
-            def submit_next() -> bool:
-                batch = next(batches, None)
-                if batch is None:
-                    return False
-                pending[pool.submit(send, batch)] = len(batch.inputs)
-                return True
-
-            try:
-                # A bounded window of batches in flight: enough to keep every worker busy.
-                while len(pending) < 2 * concurrency and submit_next():
-                    pass
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        samples = pending.pop(future)
-                        result, retries = future.result()
-                        summary.samples += samples
-                        summary.cache_hits += result.cache_hits
-                        summary.cache_misses += result.cache_misses
-                        summary.requests += 1
-                        summary.retries += retries
-                        bar.update(samples + len(skipped) - counted_skips)
-                        counted_skips = len(skipped)
-                        postfix = {"hits": summary.cache_hits, "misses": summary.cache_misses}
-                        bar.set_postfix(**postfix, **({"skipped": counted_skips} if counted_skips else {}), refresh=False)
-                        submit_next()
-                bar.update(len(skipped) - counted_skips)
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-        summary.seconds = time.perf_counter() - started
-        return summary
+        return push_source(self, source, batch_size=batch_size, concurrency=concurrency, temperature=temperature, progress=progress)
 
     def close(self) -> None:
-        self._http.close()
+        for replica in self._replicas.all:
+            replica.http.close()
 
     def __enter__(self) -> TeacherClient:
         return self
@@ -518,141 +415,4 @@ class TeacherClient:
         self.close()
 
 
-# ---------------------------------------------------------------------------------------------
-# teacher-push
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def push_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="teacher-push",
-        description="Send a transfer set to a teacher service, which caches the teacher's outputs: an .npz (inputs, optional "
-        "labels and ids, read whole), an .npy, a folder of images (one sub-folder per class: the labels), Parquet "
-        "files or a saved Hugging Face dataset (these decoded as they stream), each fitted to the model's input shape and "
-        "dtype. A language-model teacher takes token sequences instead: an .npz of input_ids (optional lengths and ids), or "
-        "a .txt, .jsonl or Parquet text tokenized with --tokenizer and packed into --seq-len tokens. Safe to re-run: samples "
-        "cached already come back as hits.",
-    )  # each help states its default: the service imports no CLI helper from offline/ (tests/test_boundaries.py)
-    p.add_argument(
-        "--url", default="http://127.0.0.1:8000",
-        help="the service, e.g. http://gpu-host:8000 (default: http://127.0.0.1:8000, where teacher-serve listens unless told otherwise)",
-    )  # fmt: skip
-    p.add_argument("--data", required=True, metavar="SOURCE", help="transfer set: .npz, .npy, image folder, Parquet file or folder, "
-                   "Hugging Face save_to_disk folder; for a language model, an .npz of input_ids or .txt, .jsonl, Parquet text")  # fmt: skip
-    p.add_argument(
-        "--model", default="teacher", help="the model's name in the service's URLs (teacher-serve --model-name; default: teacher)"
-    )
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="samples per request (default: 256)")
-    p.add_argument("--concurrency", type=_positive_int, default=4, help="requests in flight (default: 4)")
-    p.add_argument(
-        "--temperature", type=float, default=None, help="temperature of the soft targets (default: the service's serving temperature)"
-    )
-    p.add_argument("--api-key-env", metavar="VAR", default=None, help="environment variable holding the API key")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
-    p.add_argument("--max-retries", type=int, default=8, help="per request, on 429/503 and connection failures (default: 8)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    # Source options: None when not given, so that an .npz (read whole) can refuse them.
-    p.add_argument("--resize", choices=RESIZE_MODES, default=None, help="images: scale the short side to fit and center-crop "
-                   "(short-side, the default), or stretch to the model's size")  # fmt: skip
-    p.add_argument("--input-column", metavar="NAME", help="Parquet/Hugging Face: the inputs (default: image, img or pixel_values)")
-    p.add_argument("--label-column", metavar="NAME", help="Parquet/Hugging Face: the labels (default: label or labels)")
-    p.add_argument("--id-column", metavar="NAME", help="Parquet/Hugging Face: the ids (default: id, else FILE:ROW)")
-    p.add_argument("--on-error", choices=ON_ERROR, default=None, help="a bad item (an image that does not decode, a label out "
-                   "of range): stop at it (the default) or skip it and name it in the summary")  # fmt: skip
-    p.add_argument("--workers", type=_positive_int, default=None, help="image-decoding threads (default: the CPU count)")
-    p.add_argument("--max-pixels", type=_positive_int, default=None, help="images: the most pixels one may decode into, read from "
-                   f"its header (a JPEG's at the scale it decodes at); a larger one is a bad item (default: {DEFAULT_MAX_PIXELS:,})")  # fmt: skip
-    p.add_argument("--max-npz-mb", type=_positive_int, default=DEFAULT_MAX_NPZ_MB, help="an .npz is read whole: the most MiB "
-                   f"its inputs, labels or ids may take (default: {DEFAULT_MAX_NPZ_MB}; an .npy is memory-mapped instead)")  # fmt: skip
-    # Text for a language-model teacher (its metadata has "task": "lm"); None when not given, so other teachers refuse them.
-    p.add_argument("--tokenizer", metavar="DIR", help="text (.txt, .jsonl, Parquet) for a language-model teacher: the Hugging "
-                   "Face tokenizer directory (its tokenizer.json) to tokenize it with; needs pip install 'kdcache[lm]'")  # fmt: skip
-    p.add_argument("--text-column", metavar="NAME", help="JSONL/Parquet text: the field or column holding each document (default: text)")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="text: tokens per packed sequence, at most the model's "
-                   "(default: the model's sequence_length)")  # fmt: skip
-    return p
-
-
-SOURCE_OPTIONS = ("resize", "input_column", "label_column", "id_column", "on_error", "workers", "max_pixels")
-IMAGE_OPTIONS = ("resize", "input_column", "label_column", "id_column", "workers", "max_pixels")  # not for token sequences
-
-
-def _flags(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
-    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
-
-
-def _refuse_misplaced_options(args: argparse.Namespace, spec: SampleSpec | TokenSpec, url: str) -> None:
-    """A language model refuses the image and column options; other models refuse the text ones."""
-    if isinstance(spec, TokenSpec) and (misplaced := _flags(args, IMAGE_OPTIONS)):
-        raise ClientError(f"{' '.join(misplaced)}: for images and arrays; {url} serves a language model, which takes token sequences")
-    if not isinstance(spec, TokenSpec) and (misplaced := _flags(args, TEXT_OPTIONS)):
-        raise ClientError(f"{' '.join(misplaced)}: for text and a language-model teacher; {url} takes fixed-shape inputs")
-
-
-def open_push_source(client: TeacherClient, args: argparse.Namespace, spec: SampleSpec | TokenSpec | None = None) -> Source:
-    """``--data`` opened as a source fitted to the model's metadata (``push_source`` numbers its
-    classes as the cache does): token sequences for a language model, which refuses the image
-    and column options, as other models refuse the text ones."""
-    spec = client.sample_spec() if spec is None else spec
-    _refuse_misplaced_options(args, spec, client.url)
-    names = SOURCE_OPTIONS + (TEXT_OPTIONS if isinstance(spec, TokenSpec) else ())
-    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-
-    def warn(message: str) -> None:
-        tqdm.write(f"teacher-push: warning: {message}", file=sys.stderr)
-
-    return open_source(args.data, spec, warn=warn, max_npz_mb=args.max_npz_mb, **options)
-
-
-def push_main(argv: Sequence[str] | None = None) -> int:
-    from .cli import run_cli
-
-    args = push_parser().parse_args(argv)
-    return_large_blocks()  # a decoding thread keeps no image's memory once done with it
-
-    def body() -> int:
-        api_key = None
-        if args.api_key_env:
-            api_key = os.environ.get(args.api_key_env)
-            if not api_key:
-                raise ClientError(f"--api-key-env: environment variable {args.api_key_env} is not set")
-        push = {
-            "batch_size": args.batch_size,
-            "concurrency": args.concurrency,
-            "temperature": args.temperature,
-            "progress": not args.no_progress,
-        }
-        transfer = None  # an .npz of inputs, read whole (one of input_ids is a source: its checks need the model's)
-        if Path(args.data).suffix.lower() == ".npz":
-            given = _flags(args, SOURCE_OPTIONS)
-            if given:
-                raise ClientError(f"{' '.join(given)}: an .npz is read whole (inputs, labels, ids); these options are for other sources")
-            if not is_token_npz(args.data):
-                transfer = read_transfer_set(args.data, max_bytes=args.max_npz_mb << 20)
-        elif not Path(args.data).exists():  # before asking the server for the model's metadata
-            raise CacheError(f"{args.data}: no such file or directory")
-        with TeacherClient(args.url, args.model, api_key=api_key, timeout=args.timeout, max_retries=args.max_retries) as client:
-            spec = client.sample_spec()
-            _refuse_misplaced_options(args, spec, client.url)
-            if transfer is not None and isinstance(spec, TokenSpec):
-                raise ClientError(
-                    f"{args.data}: an .npz of inputs; {client.url} serves a language model: give an .npz of input_ids, or text with --tokenizer"
-                )
-            if transfer is not None:
-                inputs = fit_inputs(transfer["inputs"], spec, args.data)  # as .npy and every other source
-                summary = client.push(inputs, ids=transfer.get("ids"), labels=transfer.get("labels"), **push)
-            else:
-                summary = client.push_source(open_push_source(client, args, spec), **push)
-        print(f"teacher-push: {summary.line()}")
-        return 0
-
-    return run_cli("teacher-push", body, (CacheError, ClientError))
-
-
-__all__ = ["ClientError", "InferResult", "PushSummary", "TeacherClient", "push_main", "retry_after_seconds"]
+__all__ = ["ClientError", "InferResult", "TeacherClient", "retry_after_seconds", "sample_spec_of"]

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from ..offline.cache import CacheError, LocalStorage, content_ids
+from ..offline.cache import CacheError, content_ids
 from ..offline.cache.diagnostics import SoftTargetWatch
 from ..offline.cache.label_names import merge_label_names
-from ..offline.cache.manifest import load_manifest
+from ..offline.cache.manifest import load_namespace
+from ..offline.cache.reader import open_storage
 from ..offline.cache.rng import view_seeds
 from .batcher import Batcher
 from .metrics import Metrics
@@ -93,7 +94,7 @@ class TeacherService:
         metrics = Metrics()
         meta = teacher.cache_meta(settings.logits_dtype, settings.targets, _target_seed(settings))
         store = CacheStore(
-            settings.cache, meta, durable=settings.ack == "durable",
+            settings.cache, meta, spool=settings.spool, writer_id=settings.writer_id, durable=settings.ack == "durable",
             max_shard_samples=settings.shard_samples, max_shard_bytes=int(settings.shard_mb * (1 << 20)), on_write=metrics.observe_write,
         )  # fmt: skip
         try:
@@ -128,8 +129,16 @@ class TeacherService:
             "temperature": self.settings.temperature,
             "ack": self.settings.ack,
             "max_batch": self.settings.max_batch,
-            **({"task": "lm", "vocab_size": self.spec.num_classes, "sequence_length": self.spec.sequence_length,
-                "max_batch_tokens": self.settings.max_batch_tokens} if self.tokens else {}),
+            **(
+                {
+                    "task": "lm",
+                    "vocab_size": self.spec.num_classes,
+                    "sequence_length": self.spec.sequence_length,
+                    "max_batch_tokens": self.settings.max_batch_tokens,
+                }
+                if self.tokens
+                else {}
+            ),
             "cache_samples": self.store.num_samples,
             "teacher": self.teacher.describe(),
             "label_names": self.store.label_names,
@@ -306,6 +315,6 @@ def _target_seed(settings: ServeSettings) -> int:
     if settings.target_seed is not None:
         return settings.target_seed
     try:
-        return load_manifest(LocalStorage(settings.cache)).meta.target_seed
-    except CacheError:  # no cache yet (or one the writer will refuse with its own message)
+        return load_namespace(open_storage(settings.cache)).meta.target_seed
+    except (CacheError, OSError):  # no cache yet (or one the writer will refuse with its own message)
         return 0

@@ -8,10 +8,11 @@ line too (``3,32,32`` or ``3 32 32``)."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -55,7 +56,16 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     teacher: Annotated[list[str], NoDecode] = Field(min_length=1, description="teacher SPEC; several make an ensemble")
-    cache: Path = Field(description="cache directory (created if missing)")
+    cache: Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v)] = Field(
+        min_length=1, description="cache directory (created if missing), or a URL such as s3://bucket/prefix"
+    )
+    writer_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="this replica's name in a cache that several write (default: none on a local cache; on a URL the spool's, else host-random)",
+    )  # fmt: skip
+    spool: Path | None = Field(
+        None, description="local directory of the journal (default: a local cache's own; a URL's: under the temp dir)"
+    )
     weights: Annotated[list[str], NoDecode] = Field(default_factory=list, description="weights for the SPECs that need them, in order")
     ensemble: Literal["geometric", "arithmetic", "specialists"] = "geometric"
     specialist_top_n: int = Field(
@@ -136,17 +146,21 @@ def option_name(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
-def recorded_meta(directory: Path) -> CacheMeta | None:
-    """The metadata of the cache in ``directory``, or None where there is no manifest yet (a new
-    cache, or one whose manifest a writer rebuilds from its shards). A CacheError for a manifest
-    that cannot be read."""
-    from ..offline.cache import LocalStorage
-    from ..offline.cache.manifest import MANIFEST_NAME, load_manifest
+def recorded_meta(cache: str) -> CacheMeta | None:
+    """The metadata of the cache at ``cache`` (a directory or a URL), or None where no writer has
+    written a manifest yet (a new cache, or one whose manifest a writer rebuilds from its
+    shards). A CacheError for a manifest that cannot be read, or a store that cannot be reached."""
+    from ..offline.cache.manifest import index_names, load_namespace
+    from ..offline.cache.reader import open_storage
 
-    storage = LocalStorage(directory)
-    if not directory.is_dir() or not storage.exists(MANIFEST_NAME):
+    storage = open_storage(cache)
+    if storage.remote:
+        storage.check()  # a bad endpoint, credentials or bucket, named before the teacher loads
+    elif not Path(cache).is_dir():
         return None
-    return load_manifest(storage).meta
+    if not index_names(storage):
+        return None
+    return load_namespace(storage).meta
 
 
 _FACTORY = object()  # a module:factory policy, which is code: imported when named on the command line, or with --trust-code

@@ -40,7 +40,10 @@ from typing import Any
 import numpy as np
 
 from ..offline.cache import CacheMeta, CacheWriter, faults, normalize_ids
-from ..offline.journal import JOURNAL_NAME, Journal, encode_record, read_journal
+from ..offline.cache.reader import open_storage
+from ..offline.cache.storage import Storage
+from ..offline.journal import Journal, encode_record, journal_name, read_journal
+from .spool import Spool
 
 
 class StoreError(Exception):
@@ -67,8 +70,8 @@ class _Task:
     future: Future = field(default_factory=Future)
 
 
-def _replay(writer: CacheWriter, directory: Path, meta: CacheMeta) -> Recovery:
-    records, _, torn = read_journal(directory / JOURNAL_NAME, meta)
+def _replay(writer: CacheWriter, journal: Path, meta: CacheMeta) -> Recovery:
+    records, _, torn = read_journal(journal, meta)
     recovery = Recovery(journal_samples=sum(len(record.ids) for record in records), torn_bytes=torn)
     for record in records:
         recovery.restored_samples += writer.append_encoded(np.array(record.ids, dtype=object), record.inputs, record.fields, record.labels)
@@ -79,9 +82,11 @@ def _replay(writer: CacheWriter, directory: Path, meta: CacheMeta) -> Recovery:
 class CacheStore:
     def __init__(
         self,
-        directory: str | Path,
+        cache: str | Path | Storage,
         meta: CacheMeta,
         *,
+        spool: Path | None = None,
+        writer_id: str | None = None,
         durable: bool = True,
         max_shard_samples: int = 65536,
         max_shard_bytes: int = 512 << 20,
@@ -91,18 +96,34 @@ class CacheStore:
         """Opens the cache (taking its lock; raises ``CacheError`` for a cache of another
         teacher) and folds in what a crash left in the journal. ``on_write(stored, seconds,
         cache_samples)`` is called from the writer thread after each group, for metrics: the
-        samples newly stored, the group's time, the samples the cache now holds."""
-        self.directory = Path(directory)
+        samples newly stored, the group's time, the samples the cache now holds.
+
+        ``spool`` is the local directory of the journal (and of nothing else: the open shard is
+        in memory): by default a local cache's own directory; a cache on object storage needs
+        one (``Spool``). ``writer_id`` names this writer's files in the cache (manifest.py)."""
+        self.storage = open_storage(cache)
+        local = self.storage.local_path("")
+        if spool is None and local is None:
+            raise ValueError("a cache on object storage needs a local spool directory")
+        self.spool = Spool(Path(spool if spool is not None else local), writer_id)
+        self.directory = self.spool.directory  # where the journal is, for messages
+        self._space_paths = [self.spool.directory] + ([local] if local is not None else [])
         self.meta = meta
         self.durable = durable
-        self._writer_options = {"max_samples": max_shard_samples, "max_bytes": max_shard_bytes}
-        self.writer = CacheWriter(self.directory, meta, **self._writer_options)
+        self._writer_options = {"max_samples": max_shard_samples, "max_bytes": max_shard_bytes, "writer_id": writer_id}
+        self._journal_path = self.spool.directory / journal_name(writer_id)
         try:
-            self.recovery = _replay(self.writer, self.directory, meta)
-            self.journal = Journal(self.directory)
+            self.writer = CacheWriter(self.storage, meta, lease_token=self.spool.token, **self._writer_options)
+        except BaseException:
+            self.spool.release()
+            raise
+        try:
+            self.recovery = _replay(self.writer, self._journal_path, meta)
+            self.journal = Journal(self.spool.directory, journal_name(writer_id))
             self.journal.truncate(0)
         except BaseException:
             self.writer.abort()
+            self.spool.release()
             raise
         self._tasks: queue.Queue[_Task] = queue.Queue()
         self._write_slots = threading.BoundedSemaphore(max_pending)
@@ -279,9 +300,12 @@ class CacheStore:
         meta = self.meta
         chunk = meta.chunk_rows() * meta.row_bytes()
         needed = 2 * samples * (meta.row_bytes() + 64) + 2 * chunk + (1 << 20)
-        stats = os.statvfs(self.directory)
-        if stats.f_bavail * stats.f_frsize < needed:
-            raise OSError(errno.ENOSPC, f"{stats.f_bavail * stats.f_frsize} bytes free, a group of {samples} samples needs {needed}")
+        for path in self._space_paths:
+            stats = os.statvfs(path)
+            if stats.f_bavail * stats.f_frsize < needed:
+                raise OSError(
+                    errno.ENOSPC, f"{path}: {stats.f_bavail * stats.f_frsize} bytes free, a group of {samples} samples needs {needed}"
+                )
 
     def _checkpoint(self) -> None:
         if self.journal.bytes == 0:
@@ -299,8 +323,8 @@ class CacheStore:
 
     def _reopen(self) -> None:
         self.writer.abort()
-        self.writer = CacheWriter(self.directory, self.meta, **self._writer_options)
-        _replay(self.writer, self.directory, self.meta)
+        self.writer = CacheWriter(self.storage, self.meta, lease_token=self.spool.token, **self._writer_options)
+        _replay(self.writer, self._journal_path, self.meta)
         self.journal.truncate(0)
 
     def _fail(self, writes: list[_Task], exc: BaseException, journal_start: int | None) -> None:
@@ -322,7 +346,8 @@ class CacheStore:
             self.writer.close()
             self.journal.truncate(0)
             self.journal.close()
-            (self.directory / JOURNAL_NAME).unlink(missing_ok=True)
+            self._journal_path.unlink(missing_ok=True)
+            self.spool.release()
             stop.future.set_result(None)
         except BaseException as exc:  # noqa: BLE001
             stop.future.set_exception(exc)

@@ -21,7 +21,7 @@ COMMANDS = {
     "cache-inspect": ("kdcache.offline.cli", "inspect_parser", "inspect_main"),
     "cache-convert": ("kdcache.offline.convert", "parser", "main"),
     "teacher-serve": ("kdcache.service.cli", "serve_parser", "serve_main"),
-    "teacher-push": ("kdcache.service.client", "push_parser", "push_main"),
+    "teacher-push": ("kdcache.service.push", "push_parser", "push_main"),
     "distill-demo": ("kdcache.demo.digits", "demo_parser", "main"),
     "python -m kdcache.demo.sweep": ("kdcache.demo.sweep", "sweep_parser", "main"),
 }

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import kdcache.service.client as client_module
+import kdcache.service.push as push_module
 from kdcache.offline.cache import content_ids
-from kdcache.service.client import ClientError, TeacherClient, push_main, retry_after_seconds
+from kdcache.service.client import ClientError, TeacherClient, retry_after_seconds
 from kdcache.service.protocol import (
     HEADER_LENGTH,
     ProtocolError,
@@ -25,6 +26,7 @@ from kdcache.service.protocol import (
     encode_response,
     error_body,
 )
+from kdcache.service.push import push_main
 from kdcache.service.signature import ModelSpec, model_metadata, validate
 
 SPEC = ModelSpec(input_shape=(8, 8), input_dtype="uint8", num_classes=10, temperature=1.0, max_samples=64)
@@ -301,7 +303,7 @@ def transfer_npz(tmp_path):
 @pytest.fixture
 def fake_service(monkeypatch):
     fake = FakeTeacher()
-    monkeypatch.setattr(client_module, "TeacherClient", functools.partial(TeacherClient, transport=httpx.MockTransport(fake)))
+    monkeypatch.setattr(push_module, "TeacherClient", functools.partial(TeacherClient, transport=httpx.MockTransport(fake)))
     return fake
 
 

@@ -34,9 +34,10 @@ from kdcache.offline.cache.manifest import load_manifest
 from kdcache.offline.cache.storage import LocalStorage
 from kdcache.offline.sources import SampleSpec
 from kdcache.service.app import create_app
-from kdcache.service.client import ClientError, push_main, sample_spec_of
+from kdcache.service.client import ClientError, sample_spec_of
 from kdcache.service.launch import ServeProcess
 from kdcache.service.protocol import encode_request
+from kdcache.service.push import push_main
 from kdcache.service.runtime import TeacherService
 from kdcache.service.settings import ServeSettings
 from kdcache.service.signature import ModelSpec, model_metadata

@@ -17,9 +17,10 @@ import pytest
 
 from kdcache.offline.sources import SampleSpec, SourceError, TokenSpec, detect_kind, open_source, sequence_ids
 from kdcache.offline.sources import text as text_module
-from kdcache.service import client as client_module
-from kdcache.service.client import ClientError, TeacherClient, push_main, sample_spec_of, token_batch_size
+from kdcache.service import push as push_module
+from kdcache.service.client import ClientError, TeacherClient, sample_spec_of
 from kdcache.service.protocol import HEADER_LENGTH, decode_request, encode_response
+from kdcache.service.push import push_main, token_batch_size
 
 SPEC = TokenSpec(seq_len=8, vocab_size=1000)
 LINES = [
@@ -296,7 +297,7 @@ def test_the_token_spec_comes_from_a_language_models_metadata():
 
 def test_teacher_push_sends_input_ids_and_lengths_and_a_repush_is_all_hits(tmp_path, tokenizer_dir, monkeypatch, capsys):
     fake = FakeLM()
-    monkeypatch.setattr(client_module, "TeacherClient", functools.partial(TeacherClient, transport=httpx.MockTransport(fake)))
+    monkeypatch.setattr(push_module, "TeacherClient", functools.partial(TeacherClient, transport=httpx.MockTransport(fake)))
     (tmp_path / "corpus.txt").write_text("\n".join(LINES) + "\n")
     argv = ["--url", "http://h:1", "--data", str(tmp_path / "corpus.txt"), "--tokenizer", str(tokenizer_dir), "--seq-len", "5"]
     assert push_main([*argv, "--no-progress"]) == 0
@@ -321,7 +322,7 @@ def test_teacher_push_sends_input_ids_and_lengths_and_a_repush_is_all_hits(tmp_p
 
 def test_teacher_push_sends_an_npz_of_input_ids(tmp_path, monkeypatch, capsys):
     fake = FakeLM()
-    monkeypatch.setattr(client_module, "TeacherClient", functools.partial(TeacherClient, transport=httpx.MockTransport(fake)))
+    monkeypatch.setattr(push_module, "TeacherClient", functools.partial(TeacherClient, transport=httpx.MockTransport(fake)))
     np.savez(tmp_path / "t.npz", input_ids=np.arange(1, 13).reshape(3, 4), lengths=np.array([4, 2, 4]), ids=np.array(["a", "b", "c"]))
     assert (
         push_main(["--url", "http://h:1", "--no-progress", "--data", str(tmp_path / "t.npz"), "--batch-size", "2", "--concurrency", "1"])
@@ -347,7 +348,7 @@ def test_teacher_push_sends_an_npz_of_input_ids(tmp_path, monkeypatch, capsys):
 )
 def test_teacher_push_refuses_what_the_model_cannot_take(tmp_path, tokenizer_dir, monkeypatch, capsys, metadata, data, extra, message):
     fake = FakeLM(metadata)
-    monkeypatch.setattr(client_module, "TeacherClient", functools.partial(TeacherClient, transport=httpx.MockTransport(fake)))
+    monkeypatch.setattr(push_module, "TeacherClient", functools.partial(TeacherClient, transport=httpx.MockTransport(fake)))
     (tmp_path / "c.txt").write_text("hello")
     np.savez(tmp_path / "inputs.npz", inputs=np.ones((2, 4), dtype=np.int64))
     np.savez(tmp_path / "t.npz", input_ids=np.ones((2, 10), dtype=np.int64))

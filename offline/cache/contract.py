@@ -138,7 +138,9 @@ class CacheMeta:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.task == "lm":
             if len(self.input_shape) != 1 or np.dtype(self.input_dtype).kind not in "iu" or self.has_views:
-                raise ValueError(f"a token cache holds [L] integer token ids per row and no views, got {list(self.input_shape)} {self.input_dtype}")
+                raise ValueError(
+                    f"a token cache holds [L] integer token ids per row and no views, got {list(self.input_shape)} {self.input_dtype}"
+                )
             layout = PerToken(layout, self.input_shape[0])
             layout.check(self.num_classes)
         object.__setattr__(self, "logits_layout", layout.spec)

@@ -128,6 +128,9 @@ def load_namespace(storage: Storage, *, report_bad_label_names: bool = False) ->
         names = index_names(storage)
     except (FileNotFoundError, NotADirectoryError):
         names = []  # load_manifest says what is wrong
+    if not names and storage.remote:
+        storage.check()  # a missing bucket, named as such
+        raise CacheError(f"{storage.location}: no cache there (no {MANIFEST_NAME} or manifest-ID.json)")
     if len(names) <= 1:
         return load_manifest(storage, names[0] if names else MANIFEST_NAME, report_bad_label_names=report_bad_label_names)
     parts = [load_manifest(storage, name, report_bad_label_names=report_bad_label_names) for name in names]

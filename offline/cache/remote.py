@@ -278,6 +278,9 @@ class FsspecStorage(Storage):
         self._call(f"uploading {name}", self.fs.pipe_file, self._key(name), bytes(data))
         faults.crash_point(crash_points[1])
 
+    def put_file(self, name: str, path: Path) -> None:
+        self._call(f"uploading {name}", self.fs.put_file, str(path), self._key(name))
+
     def delete(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._call(f"deleting {name}", self.fs.rm_file, self._key(name))

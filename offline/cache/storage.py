@@ -93,6 +93,14 @@ class Storage(ABC):
             raise CacheError(f"{self.where(name)}: this storage cannot fetch files")
         return path
 
+    def put_file(self, name: str, path: Path) -> None:
+        """``put`` the bytes of a local file."""
+        self.put(name, path.read_bytes())
+
+    def check(self) -> None:
+        """Reach the store now, so that a bad location is named at start (remote backends)."""
+        return None  # a local directory is checked where it is used
+
     def exists(self, name: str) -> bool:
         try:
             self.size(name)
