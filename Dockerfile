@@ -41,11 +41,12 @@ RUN python3 -m venv --system-site-packages "$VIRTUAL_ENV" \
 # The dependencies, in a layer that only pyproject.toml invalidates: the project's metadata with
 # empty package folders (pyproject.toml maps kdcache.* to them) and an empty readme installs
 # exactly them, with the data extra (Pillow, pyarrow), so that teacher-push and offline-distill
-# --eval read image folders, Parquet and Hugging Face datasets in the container too.
+# --eval read image folders, Parquet and Hugging Face datasets in the container too, and the s3
+# extra (s3fs), so that replicas write one cache on a bucket (docs/deploy.md).
 COPY pyproject.toml /src/
 RUN touch /src/README.md \
     && mkdir -p /src/offline/cache /src/offline/sources /src/offline/lm /src/service /src/demo \
-    && pip install --constraint "$VIRTUAL_ENV/torch-constraint.txt" "/src[data]" \
+    && pip install --constraint "$VIRTUAL_ENV/torch-constraint.txt" "/src[data,s3]" \
     && rm -rf /src
 
 # The project itself.
