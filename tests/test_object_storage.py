@@ -123,6 +123,32 @@ def test_s3_cache_is_written_read_and_downloaded_whole_within_the_budget(s3, tmp
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_a_writer_id_is_held_by_one_process_on_a_bucket(s3):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kdcache.offline.cache.remote import Lease
+
+    storage = FsspecStorage(f"s3://{BUCKET}/leases")
+    held = Lease(storage, "a")
+    with pytest.raises(CacheError, match="writer id 'a' is in use"):
+        Lease(storage, "a")
+    Lease(storage, "a", token=held.token).release()  # the same spool's token: a restart takes it over
+    held.release()
+
+    def take(_):
+        try:
+            return Lease(storage, "race")
+        except CacheError:
+            return None
+
+    with ThreadPoolExecutor(4) as pool:
+        leases = list(pool.map(take, range(4)))
+    assert sum(lease is not None for lease in leases) == 1  # If-None-Match: one creator wins
+    for lease in leases:
+        if lease is not None:
+            lease.release()
+
+
 def test_a_damaged_or_missing_object_is_named_after_retries(s3, tmp_path):
     import boto3
 

@@ -237,9 +237,7 @@ class FsspecStorage(Storage):
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except FileNotFoundError:
-            raise
-        except CacheError:
+        except (FileNotFoundError, FileExistsError, CacheError):
             raise
         except Exception as exc:  # botocore and aiohttp raise many kinds; one message names the cause
             raise CacheError(describe_error(f"{self.location} ({what})", exc)) from None
@@ -278,6 +276,16 @@ class FsspecStorage(Storage):
         self._call(f"uploading {name}", self.fs.pipe_file, self._key(name), bytes(data))
         faults.crash_point(crash_points[1])
 
+    def create(self, name: str, data: bytes) -> bool:
+        """Upload ``data`` only if ``name`` does not exist (``If-None-Match: *`` on S3); False
+        when it does. A store without conditional writes behaves as ``put``."""
+        options = {"mode": "create"} if self.protocol in ("s3", "s3a") else {}
+        try:
+            self._call(f"creating {name}", self.fs.pipe_file, self._key(name), data, **options)
+        except FileExistsError:  # s3fs's name for 412 Precondition Failed
+            return False
+        return True
+
     def put_file(self, name: str, path: Path) -> None:
         self._call(f"uploading {name}", self.fs.put_file, str(path), self._key(name))
 
@@ -303,21 +311,25 @@ class FsspecStorage(Storage):
 class Lease(WriterLease):
     """A writer id's lease on an object store: ``.lease-ID.json`` with a holder token and a
     time, refreshed every ``LEASE_SECONDS / 4``. Another holder whose lease is fresh is refused;
-    a stale one (a killed process) is taken over. Two processes starting within a second of each
-    other with the same id could both read it free: S3 settles that with a conditional write
-    (``If-None-Match``), which the local test server does not enforce; the spool's ``flock``
-    settles it on one host (docs/architecture.md)."""
+    a stale one (a killed process) is taken over. A free id is taken with a conditional create
+    (``If-None-Match: *``), so of two processes starting at once with the same id one is
+    refused; taking over a stale lease is a plain write (docs/architecture.md)."""
 
     def __init__(self, storage: FsspecStorage, writer: str, token: str | None = None) -> None:
         self.storage, self.name = storage, f".lease-{writer}.json"
         self.token = token or uuid.uuid4().hex
         current = self._read()
-        if current is not None and current.get("token") != self.token and time.time() - float(current.get("time", 0)) < LEASE_SECONDS:
-            raise CacheError(
-                f"{storage.location}: writer id {writer!r} is in use by {current.get('host', '?')} (pid {current.get('pid', '?')}); "
-                "give each replica its own --writer-id"
-            )
-        self._write()
+        if current is None and not storage.create(self.name, self._record()):
+            current = self._read()  # another process created it a moment ago
+            if current is None:
+                current = {"time": time.time()}
+        if current is not None:
+            if current.get("token") != self.token and time.time() - float(current.get("time", 0)) < LEASE_SECONDS:
+                raise CacheError(
+                    f"{storage.location}: writer id {writer!r} is in use by {current.get('host', '?')} "
+                    f"(pid {current.get('pid', '?')}); give each replica its own --writer-id"
+                )
+            self._write()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh, name="lease", daemon=True)
         self._thread.start()
@@ -331,9 +343,11 @@ class Lease(WriterLease):
             return None
         return record if isinstance(record, dict) else None
 
+    def _record(self) -> bytes:
+        return json.dumps({"token": self.token, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}).encode()
+
     def _write(self) -> None:
-        record = {"token": self.token, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
-        self.storage.put(self.name, json.dumps(record).encode())
+        self.storage.put(self.name, self._record())
 
     def _refresh(self) -> None:
         while not self._stop.wait(LEASE_SECONDS / 4):
