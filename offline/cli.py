@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from .cache import CacheError, CacheReader
-from .cache.remote import configure_downloads
 from .cache.clusters import CLASSES_FORMS, HEADS
 from .cache.diagnostics import SoftTargetStats, soft_target_warnings
 from .cache.label_names import describe_label_names, printable
 from .cache.layout import TopK
 from .cache.reader import read_rows
+from .cache.remote import configure_downloads
 from .cache.trust import TRUST_HELP, UntrustedCode
 from .cli_help import HelpFormatter
 from .dataset import DEFAULT_SHUFFLE_BYTES

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,8 +192,23 @@ def test_two_replicas_push_inspect_and_distill_from_the_bucket(s3, tmp_path, dig
 
     url = f"s3://{BUCKET}/c"
     replicas = [
-        Server(tmp_path, ["--teacher", str(digits_teacher_pt), "--cache", url, "--device", "cpu", "--writer-id", name,
-                          "--spool", str(tmp_path / f"spool-{name}"), "--shard-samples", "256"])  # fmt: skip
+        Server(
+            tmp_path,
+            [
+                "--teacher",
+                str(digits_teacher_pt),
+                "--cache",
+                url,
+                "--device",
+                "cpu",
+                "--writer-id",
+                name,
+                "--spool",
+                str(tmp_path / f"spool-{name}"),
+                "--shard-samples",
+                "256",
+            ],
+        )  # fmt: skip
         for name in ("a", "b")
     ]
     try:
