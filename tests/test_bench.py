@@ -106,3 +106,10 @@ def test_push_bench_decodes_and_pushes_every_source():
     summary = measured["summary"]
     assert summary["ingest_samples_per_s"] > 0 and summary["push_png_vs_ingest"] > 0 and summary["decode_jpeg_default_vs_1"] > 0
     assert measured["bytes_per_image"]["png"] > measured["bytes_per_image"]["jpeg"] > 0
+
+
+def test_ids_bench_measures_the_index_and_a_writer_start():
+    result = run_bench("ids", "--ids", "20000", "--dict-ids", "5000", "--start-ids", "20000")
+    index = result["index"][0]
+    assert index["kind"].startswith("RowIndex") and index["ids"] == 20000
+    assert 16 <= index["bytes_per_id"] <= 64  # the bound: 64 bytes per id

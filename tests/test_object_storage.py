@@ -252,5 +252,66 @@ def test_two_replicas_push_inspect_and_distill_from_the_bucket(s3, tmp_path, dig
     assert any((tmp_path / "shards").iterdir())
 
 
+def test_kill_9_of_one_replica_loses_nothing_and_the_other_keeps_answering(s3, tmp_path, digits_teacher, digits_teacher_pt):
+    """Two replicas write one bucket cache under load; one is killed with SIGKILL mid-stream and
+    restarted on its spool: every acknowledged id is then readable exactly once, and the other
+    replica answered every request sent to it."""
+    import threading
+
+    from test_serve_e2e import SERVERS, Server
+
+    from kdcache.service.client import TeacherClient
+
+    url = f"s3://{BUCKET}/kill9"
+
+    def replica(name: str) -> Server:
+        args = ["--teacher", str(digits_teacher_pt), "--cache", url, "--device", "cpu", "--writer-id", name,
+                "--spool", str(tmp_path / f"spool-{name}"), "--shard-samples", "256", "--max-batch", "32"]  # fmt: skip
+        return Server(tmp_path, args)
+
+    x = digits_teacher["x_train"][:768]
+    acked: dict[str, set[int]] = {"a": set(), "b": set()}
+    failures: dict[str, int] = {"a": 0, "b": 0}
+    lock = threading.Lock()
+    try:
+        servers = {"a": replica("a").wait_ready(), "b": replica("b").wait_ready()}
+
+        def client(name: str, worker: int) -> None:
+            with TeacherClient(servers[name].url, max_retries=0, timeout=30) as c:
+                for start in range(worker * 16, len(x), 4 * 16):  # both replicas get every id: duplicates on purpose
+                    index = np.arange(start, min(start + 16, len(x)))
+                    try:
+                        c.infer(x[index], ids=index, outputs=())
+                    except Exception:  # noqa: BLE001 - not acknowledged
+                        with lock:
+                            failures[name] += 1
+                        if name == "a":
+                            return
+                        continue
+                    with lock:
+                        acked[name].update(index.tolist())
+
+        threads = [threading.Thread(target=client, args=(name, w)) for name in ("a", "b") for w in range(2)]
+        for thread in threads:
+            thread.start()
+        while len(acked["a"]) < 160:
+            time.sleep(0.01)
+            assert any(t.is_alive() for t in threads[:2]), "replica a finished before the kill"
+        servers["a"].kill()
+        for thread in threads:
+            thread.join(120)
+        assert failures["b"] == 0 and len(acked["b"]) == len(x) // 2  # b answered every request, throughout
+        restarted = replica("a").wait_ready()
+        assert "recovered the journal" in restarted.output() or not (tmp_path / "spool-a" / ".journal-a").stat().st_size
+        assert restarted.stop() == 0, restarted.output()
+        assert servers["b"].stop() == 0, servers["b"].output()
+    finally:
+        SERVERS.clear()
+    stored = CacheReader(url).read(("ids",))["ids"].tolist()
+    assert len(stored) == len(set(stored))  # each id once, though both replicas stored many
+    missing = (acked["a"] | acked["b"]) - {int(i) for i in stored}
+    assert not missing, f"{len(missing)} acknowledged ids lost, e.g. {sorted(missing)[:5]}"
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

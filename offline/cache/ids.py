@@ -45,16 +45,3 @@ def content_ids(inputs: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(inputs).reshape(len(inputs), -1)
     return np.array([hashlib.sha256(row.tobytes()).hexdigest() for row in flat.view(np.uint8)], dtype=object)
 
-
-DIGEST_BYTES = 16
-
-
-def id_digests(ids: Any) -> np.ndarray:
-    """A 16-byte blake2b digest of each id's UTF-8, as [N, 2] uint64: what a shard's ``.ids``
-    sidecar holds. At 16 bytes, two distinct ids among 10^12 share a digest with odds about
-    10^-15, so a digest stands for its id."""
-    out = np.empty((len(ids), 2), dtype=np.uint64)
-    view = out.view(np.uint8).reshape(len(ids), DIGEST_BYTES)
-    for row, sample_id in enumerate(ids):
-        view[row] = np.frombuffer(hashlib.blake2b(str(sample_id).encode("utf-8"), digest_size=DIGEST_BYTES).digest(), dtype=np.uint8)
-    return out

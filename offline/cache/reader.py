@@ -11,7 +11,7 @@ import numpy as np
 
 from .contract import SHARD_FIELDS, CacheError
 from .diagnostics import SoftTargetAccumulator, sample_size
-from .ids import DIGEST_BYTES, id_digests
+from .keys import DIGEST_BYTES, DIGEST_DTYPE, id_digests
 from .manifest import MANIFEST_NAME, SHARD_PATTERN, TMP_PATTERN, ShardInfo, ids_name, load_namespace
 from .remote import FsspecStorage, is_url
 from .shard import ShardHandle, read_shard_meta
@@ -33,7 +33,7 @@ def read_digests(info: ShardInfo) -> np.ndarray:
     written before sidecars, digests of the ids read from the shard."""
     try:
         raw = info.storage.read_bytes(ids_name(info.name))
-        digests = np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2) if len(raw) % DIGEST_BYTES == 0 else None
+        digests = np.frombuffer(raw, dtype=DIGEST_DTYPE).reshape(-1, 2) if len(raw) % DIGEST_BYTES == 0 else None
         if digests is not None and len(digests) == info.num_samples:
             return digests
     except FileNotFoundError:

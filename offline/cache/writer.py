@@ -20,11 +20,11 @@ import numpy as np
 
 from . import faults
 from .contract import FORMAT_NAME, WRITER_FIELDS, CacheError, CacheMeta
-from .ids import id_digests, normalize_ids
-from .keys import RowIndex
+from .ids import normalize_ids
+from .keys import RowIndex, id_digests
 from .label_names import check_label_names, merge_label_names
 from .manifest import SHARD_PATTERN, ShardInfo, check_writer_id, ids_name, index_name, load_manifest, manifest_bytes, now, shard_name
-from .reader import open_storage, read_rows
+from .reader import open_storage, read_digests, read_rows
 from .rng import view_seeds
 from .shard import STRING_DTYPE, ShardHandle, decode_ids, encode_attrs, read_shard_meta
 from .storage import Storage
@@ -126,8 +126,9 @@ class CacheWriter:
                 self._check_compatible(meta, name)
                 adopted.append(ShardInfo(storage, name, n, digest, size))
         self._shards = listed + adopted
-        for info in self._shards:
-            self._rows.add(read_rows(info, ("ids",))["ids"].tolist())
+        if self._shards:  # a named writer's shards have their digests beside them: no ids to read and hash
+            load = read_digests if self.writer_id is not None else (lambda info: id_digests(read_rows(info, ("ids",))["ids"]))
+            self._rows.add_digests(np.concatenate([load(info) for info in self._shards]))
         self._rows.seal()
         if adopted or not storage.exists(self.manifest_name) or self.label_names != recorded_names:
             self._write_manifest()
