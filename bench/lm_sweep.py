@@ -14,6 +14,7 @@ set; a stage varies one setting around the best so far: alpha, then lr, then the
 fixed number of tokens, then the steps.
 
     .venv/bin/python -m bench.lm_sweep --out /tmp/lm-sweep
+    .venv/bin/python -m bench.lm_sweep --out /tmp/lm-temperature --temperatures 0.5 1 2 4 --steps 800
 
 About an hour on 2 CPU cores shared with other work (the teacher about 15 minutes; a run of 400
 steps 0.5 to 5 minutes); the figures that chose the defaults are in offline/lm/defaults.py.
@@ -32,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from kdcache.offline.lm.defaults import DEFAULT_STUDENT
+from kdcache.offline.lm.defaults import DEFAULT_STUDENT, LM_RULE
 
 TARGETS = "topk:16"
 VALIDATION_SHARE = 0.1
@@ -72,26 +73,42 @@ def prepare(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     teacher = build_teacher(tokenizer.get_vocab_size(), args.seq_len, tokenizer.token_to_id(corpora.EOS))
     teacher = train_lm(teacher, teacher_rows, args.teacher_steps)
-    meta = CacheMeta("0" * 64, "gpt2-sweep-teacher", tokenizer.get_vocab_size(), (args.seq_len,), "int64", logits_layout=TARGETS, task="lm")
-    writer = CacheWriter(out / "cache", meta)
+    # One cache per serving temperature (--temperatures; the sweep's own at T = 1): the same
+    # teacher logits, encoded at each T as teacher-serve --temperature T would store them.
+    writers = {
+        t: CacheWriter(
+            out / cache_name(t),
+            CacheMeta("0" * 64, "gpt2-sweep-teacher", tokenizer.get_vocab_size(), (args.seq_len,), "int64", logits_layout=TARGETS,
+                      task="lm", serving_temperature=t),
+        )
+        for t in args.temperatures or [1.0]
+    }  # fmt: skip
     with torch.no_grad():
         for start in range(0, len(transfer), 64):
             batch = transfer[start : start + 64]
             logits = teacher(input_ids=torch.from_numpy(batch)).logits.float().numpy()
-            writer.append([f"r{start + i}" for i in range(len(batch))], batch, logits, lengths=np.full(len(batch), args.seq_len))
-    writer.close()
+            for writer in writers.values():
+                writer.append([f"r{start + i}" for i in range(len(batch))], batch, logits, lengths=np.full(len(batch), args.seq_len))
+    for writer in writers.values():
+        writer.close()
     return {
         "vocab": tokenizer.get_vocab_size(), "transfer_sequences": len(transfer), "validation_sequences": len(validation),
         "teacher_sequences": len(teacher_rows), "teacher_validation_perplexity": perplexity(teacher, validation),
     }  # fmt: skip
 
 
-def distill(out: Path, name: str, *, alpha: float, lr: float, batch: int, steps: int, student: str) -> dict[str, Any]:
+def cache_name(temperature: float) -> str:
+    return "cache" if temperature == 1.0 else f"cache-t{temperature:g}"
+
+
+def distill(
+    out: Path, name: str, *, alpha: float, lr: float, batch: int, steps: int, student: str, temperature: float = 1.0
+) -> dict[str, Any]:
     from kdcache.offline.cli import distill_main
 
     run = out / "runs" / name
     argv = [
-        "--task", "lm", "--cache", str(out / "cache"), "--student", student, "--eval", str(out / "validation.npz"),
+        "--task", "lm", "--cache", str(out / cache_name(temperature)), "--student", student, "--eval", str(out / "validation.npz"),
         "--out", str(run), "--alpha", str(alpha), "--lr", str(lr), "--batch-size", str(batch), "--epochs", "1000",
         "--max-steps", str(steps), "--device", "cpu", "--no-progress", "--seed", "0",
     ]  # fmt: skip
@@ -102,8 +119,8 @@ def distill(out: Path, name: str, *, alpha: float, lr: float, batch: int, steps:
     if code:
         raise SystemExit(f"offline-distill {' '.join(argv)} failed ({code}):\n{log.getvalue()}")
     metrics = json.loads((run / "metrics.json").read_text())
-    result = {"name": name, "alpha": alpha, "lr": lr, "batch_size": batch, "steps": steps, "seconds": time.perf_counter() - started,
-              "validation_perplexity": metrics["eval_perplexity"]}  # fmt: skip
+    result = {"name": name, "alpha": alpha, "lr": lr, "batch_size": batch, "steps": steps, "temperature": temperature,
+              "seconds": time.perf_counter() - started, "validation_perplexity": metrics["eval_perplexity"]}  # fmt: skip
     print(json.dumps(result), file=sys.stderr, flush=True)
     return result
 
@@ -152,18 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=1500, help="the teacher's AdamW steps (batch 16)")
     p.add_argument("--student", default=DEFAULT_STUDENT, help="the student of every run")
     p.add_argument("--steps", type=int, default=400, help="steps of every run but the last stage's")
+    p.add_argument(
+        "--temperatures", type=float, nargs="+", default=None, metavar="T",
+        help="instead of the sweep: the serving temperature, one cache per T, each distilled at the defaults (LM_RULE) for --steps",
+    )  # fmt: skip
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     data = prepare(out, args)
     print(json.dumps(data), file=sys.stderr, flush=True)
-    results = sweep(out, args.student, args.steps)
+    if args.temperatures:
+        results = [
+            distill(out, f"temperature-{t:g}", alpha=LM_RULE.alpha, lr=LM_RULE.lr, batch=LM_RULE.batch_size, steps=args.steps,
+                    student=args.student, temperature=t)
+            for t in args.temperatures
+        ]  # fmt: skip
+    else:
+        results = sweep(out, args.student, args.steps)
     summary = {"settings": vars(args), "data": data, "runs": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"teacher validation perplexity {data['teacher_validation_perplexity']:.2f}; {data['transfer_sequences']} transfer sequences, "
           f"{data['validation_sequences']} validation sequences")  # fmt: skip
     for r in results:
-        print(f"{r['name']:<14} alpha {r['alpha']:<5} lr {r['lr']:<7g} batch {r['batch_size']:<3} steps {r['steps']:<5} "
+        print(f"{r['name']:<16} alpha {r['alpha']:<5} lr {r['lr']:<7g} batch {r['batch_size']:<3} steps {r['steps']:<5} T {r['temperature']:<4g} "
               f"validation perplexity {r['validation_perplexity']:.3f}  ({r['seconds']:.0f} s)")  # fmt: skip
     return 0
 
