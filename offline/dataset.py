@@ -1,46 +1,57 @@
-"""The streaming dataset: one object that owns the shard → rank → worker split and the shuffle.
+"""The streaming dataset: one object that owns an epoch's order of samples and its split across
+ranks and DataLoader workers.
 
-Each epoch:
+The order of an epoch is global, a function of (seed, epoch, the caches' shards, the shuffle
+window) alone, the same whatever the world size or the number of workers (``plan_epoch``):
 
-1. The shards of all caches are put in an order drawn from (seed, epoch).
-2. Laid end to end in that order they form one sequence of N samples. Rank r of W takes the
-   contiguous range [N·r/W, N·(r+1)/W), and worker k of K takes the same share of its rank's
-   range. Every sample therefore lands in exactly one (rank, worker) per epoch, ranks get
-   counts that differ by at most one, and each range covers whole shards except at its two
-   ends, so a rank reads a set of shards disjoint from the others' but for the boundaries.
-3. A worker cuts its range into chunk-aligned blocks, visits the blocks in a random order, and
-   pushes them through a bounded shuffle buffer: whenever the buffer holds ``shuffle_buffer``
-   rows, it is permuted and emitted as whole batches; the remainder stays for the next fill.
-   The bound is set in bytes (``shuffle_bytes``, default 64 MiB, turned into rows by the
-   cache's bytes per row, ``CacheMeta.row_bytes``), so that a row of 128 tokens with their
-   top-k targets and a row of one 8x8 image get the same memory; ``shuffle_buffer`` gives it
-   in rows instead. Either way it holds at least one batch.
-   With ``repeats`` (``Repeats``), each row enters the buffer as many times as
-   ``repeats.counts(shard, epoch)`` says (0: left out this epoch), a specialist's enrichment.
+1. Each shard is cut into chunk-aligned blocks, and the blocks of all shards are put in an order
+   drawn from (seed, epoch). A block is one contiguous read.
+2. Consecutive blocks form shuffle windows of at least ``shuffle_buffer`` samples. The bound is
+   set in bytes (``shuffle_bytes``, default 64 MiB, turned into rows by the cache's bytes per
+   row, ``CacheMeta.row_bytes``), so that a row of 128 tokens with their top-k targets and a
+   row of one 8x8 image get the same memory; ``shuffle_buffer`` gives it in rows instead.
+   Either way it holds at least one batch. The samples of window w take the positions
+   [first_w, first_w + n_w) of the epoch in an order drawn from (seed, epoch, w). With
+   ``repeats`` (``Repeats``), a row is as many samples as ``repeats.counts(shard, epoch)`` says
+   (0: left out this epoch), a specialist's enrichment.
+3. From position ``start`` on (0, or where a resumed run stopped), the positions are cut into
+   global batches of ``batch_size × world_size`` samples, and rank r takes the r-th slice of
+   each (``Split``). The last global batch, when short, is shared as evenly as possible, lower
+   ranks taking one more: every sample is trained on exactly once per epoch, and a rank may
+   have one batch fewer than rank 0 (DDP's ``join()`` covers it). A run resumed on another
+   world size continues the same order from the same position.
+4. DataLoader worker k of K reads blocks k, k+K, ... of those the rank needs and keeps the
+   rank's samples of each; the training process sorts them by position and cuts the batches
+   (``BatchLoader``, from ``loader()``), so the batches do not depend on K either.
 
-Batches are built from numpy slices, never per sample, and yielded already collated, so the
-DataLoader runs with ``batch_size=None``. HDF5 files are opened lazily inside each worker.
-Memory per worker is bounded by the shuffle buffer plus one block, whatever the cache size.
+A rank's samples are spread over every block of a window, so every rank reads every block: W
+times the reads of a split by shards, the price of an order that does not depend on W. Batches
+are built from numpy slices, never per sample, and yielded already collated. HDF5 files are
+opened lazily inside each worker. Memory is bounded by the rank's samples of one window plus
+the blocks in flight, whatever the cache size.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import CacheError, CacheMeta, CacheReader, ShardHandle, ShardInfo
 from .cache.contract import MIX_REASONS
 
 DEFAULT_BLOCK_BYTES = 4 << 20
 DEFAULT_SHUFFLE_BUFFER = 16384  # rows, for callers that give the bound in rows (the benchmarks)
-DEFAULT_SHUFFLE_BYTES = 64 << 20  # each worker's shuffle window, unless given in rows
+DEFAULT_SHUFFLE_BYTES = 64 << 20  # the shuffle window, unless given in rows
 MAX_OPEN_FILES = 4
 
 
@@ -54,7 +65,7 @@ class Block:
 
 
 class Repeats(Protocol):
-    """How many times each row of a shard enters an epoch's shuffle buffer."""
+    """How many samples each row of a shard is in an epoch."""
 
     def counts(self, shard: int, epoch: int) -> np.ndarray:
         """One count >= 0 per row of ``shards[shard]`` (the stream's list), a pure function of
@@ -63,6 +74,7 @@ class Repeats(Protocol):
 
 
 Columns = dict[str, np.ndarray]
+Batch = dict[str, torch.Tensor | np.ndarray]
 
 
 def open_caches(
@@ -92,42 +104,123 @@ def open_caches(
     return readers, first
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch's global order (``plan_epoch``). ``blocks`` in reading order; block i holds the
+    samples [offsets[i], offsets[i + 1]) of the reading order; window w is the blocks
+    [windows[w], windows[w + 1]), and its samples take the positions ``positions(w)``."""
+
+    blocks: list[Block]
+    offsets: np.ndarray
+    windows: np.ndarray
+    seed: int
+    epoch: int
+    shuffle: bool
+
+    @property
+    def samples(self) -> int:
+        return int(self.offsets[-1])
+
+    def window_of(self, block: int) -> int:
+        return int(np.searchsorted(self.windows, block, side="right")) - 1
+
+    def window_end(self, window: int) -> int:
+        """The position after the last sample of ``window``."""
+        return int(self.offsets[self.windows[window + 1]])
+
+    def positions(self, block: int) -> np.ndarray:
+        """The position in the epoch of each sample of ``block``, in reading order."""
+        window = self.window_of(block)
+        first = int(self.offsets[self.windows[window]])
+        order = _window_order(self.seed, self.epoch, window, self.window_end(window) - first, self.shuffle)
+        return first + order[self.offsets[block] - first : self.offsets[block + 1] - first]
+
+    def blocks_between(self, start: int, stop: int) -> range:
+        """The blocks of the windows that hold positions [start, stop)."""
+        if start >= stop:
+            return range(0)
+        firsts = self.offsets[self.windows]
+        first = int(np.searchsorted(firsts, start, side="right")) - 1
+        last = int(np.searchsorted(firsts, stop - 1, side="right")) - 1
+        return range(int(self.windows[first]), int(self.windows[last + 1]))
+
+
+@functools.lru_cache(maxsize=4)
+def _window_order(seed: int, epoch: int, window: int, samples: int, shuffle: bool) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch, window, 2]).permutation(samples) if shuffle else np.arange(samples)
+    order.flags.writeable = False  # shared by the calls that hit the cache
+    return order
+
+
 def plan_epoch(
     shard_sizes: Sequence[int],
     *,
     epoch: int,
     seed: int,
-    rank: int,
-    world_size: int,
-    worker: int,
-    num_workers: int,
     block_rows: int,
+    window_rows: int,
     shuffle: bool,
-) -> list[Block]:
-    """The blocks that (rank, worker) reads this epoch, in reading order. Pure and cheap."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes)) if shuffle else np.arange(len(shard_sizes))
-    sizes = np.asarray(shard_sizes, dtype=np.int64)[order]
-    total = int(sizes.sum())
-    rank_lo, rank_hi = total * rank // world_size, total * (rank + 1) // world_size
-    span = rank_hi - rank_lo
-    lo, hi = rank_lo + span * worker // num_workers, rank_lo + span * (worker + 1) // num_workers
-    blocks: list[Block] = []
-    offset = 0
-    for shard, size in zip(order.tolist(), sizes.tolist(), strict=True):
-        start, stop = max(lo, offset) - offset, min(hi, offset + size) - offset
-        offset += size
-        if start >= stop:
-            continue
-        cut = start
-        while cut < stop:
-            # Align block ends to multiples of block_rows so blocks start on chunk boundaries.
-            end = min(stop, (cut // block_rows + 1) * block_rows)
-            blocks.append(Block(shard, cut, end))
-            cut = end
+    counts: Callable[[int], np.ndarray] | None = None,
+) -> EpochPlan:
+    """The global order of epoch ``epoch``; pure and cheap, and the same in every rank and worker
+    whatever their numbers. ``counts(shard)``: how many samples each row of the shard is."""
+    blocks = [
+        Block(shard, cut, min(size, cut + block_rows)) for shard, size in enumerate(shard_sizes) for cut in range(0, size, block_rows)
+    ]
     if shuffle:
-        rng = np.random.default_rng([seed, epoch, rank, worker, 1])
-        blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-    return blocks
+        blocks = [blocks[i] for i in np.random.default_rng([seed, epoch]).permutation(len(blocks))]
+    sizes = [b.stop - b.start if counts is None else int(counts(b.shard)[b.start : b.stop].sum()) for b in blocks]
+    windows, filled = [0], 0
+    for index, size in enumerate(sizes[:-1]):
+        filled += size
+        if filled >= window_rows:
+            windows.append(index + 1)
+            filled = 0
+    windows.append(len(blocks))
+    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+    return EpochPlan(blocks, offsets, np.asarray(windows, dtype=np.int64), seed, epoch, shuffle)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How the ranks share an epoch's positions [start, stop): global batches of
+    ``batch_size × world_size`` samples from ``start``, rank r taking the r-th slice of each.
+    The last, when short, is shared as evenly as possible, lower ranks taking one more."""
+
+    start: int
+    stop: int
+    batch_size: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def num_batches(self) -> int:
+        """Global batches: the optimiser steps of the epoch from ``start``."""
+        return max(0, -(-(self.stop - self.start) // self.global_batch))
+
+    def end(self, batch: int) -> int:
+        """The position after global batch ``batch``."""
+        return min(self.stop, self.start + (batch + 1) * self.global_batch)
+
+    def owners(self, positions: np.ndarray) -> np.ndarray:
+        """The rank that takes each position; -1 outside [start, stop)."""
+        offset = np.asarray(positions, dtype=np.int64) - self.start
+        first = offset // self.global_batch * self.global_batch  # of its global batch
+        size = np.minimum(self.global_batch, self.stop - self.start - first)
+        # Of a global batch of m samples, ranks r < m mod W take m // W + 1, the others m // W.
+        share, more = size // self.world_size, size % self.world_size
+        within, larger = offset - first, more * (share + 1)
+        owner = np.where(within < larger, within // (share + 1), more + (within - larger) // np.maximum(share, 1))
+        return np.where((offset >= 0) & (offset < self.stop - self.start), owner, -1)
+
+    def rank_batches(self, rank: int) -> int:
+        """The batches rank ``rank`` takes: every global batch but a last one too short to reach it."""
+        batches = self.num_batches
+        last = self.stop - self.start - (batches - 1) * self.global_batch
+        return batches - int(batches > 0 and last < self.world_size and rank >= last)
 
 
 LABEL_PERSON = b"kdcache-labels"
@@ -160,15 +253,18 @@ def _dist_rank() -> tuple[int, int]:
 
 class ShardStream(IterableDataset):
     """Streams collated batches ``{"inputs", "labels", <the layout's fields>[, "ids"]}`` from
-    cache shards (``{"inputs", "labels", "logits"}`` for full logits).
+    cache shards (``{"inputs", "labels", "logits"}`` for full logits), in the global order of
+    the module's docstring.
 
     ``rank``/``world_size`` default to torch.distributed's when it is initialised. Call
-    ``set_epoch`` before iterating, as with DistributedSampler. ``trust_code``: import the
+    ``set_epoch`` before iterating, as with DistributedSampler. ``loader(num_workers)`` gives
+    the batches read by DataLoader workers, as the trainers read them; iterating the stream
+    itself gives the same batches, read in one process. ``trust_code``: import the
     module:factory augment policy that the manifest names (``--trust-code``); without it such a
-    cache raises UntrustedCode, with nothing imported. ``repeats``: each row enters the shuffle
-    buffer ``repeats.counts(shard, epoch)[row]`` times (``Repeats``; ``num_batches`` counts
-    them). ``transform``: applied to each batch's numpy columns last, before they become tensors.
-    The shuffle window holds ``shuffle_bytes`` of rows, or ``shuffle_buffer`` rows when given
+    cache raises UntrustedCode, with nothing imported. ``repeats``: each row is
+    ``repeats.counts(shard, epoch)[row]`` samples (``Repeats``; ``num_batches`` counts them).
+    ``transform``: applied to each block's numpy columns last, before they are batched. The
+    shuffle window holds ``shuffle_bytes`` of rows, or ``shuffle_buffer`` rows when given
     (``shuffle_rows``), and at least one batch.
     """
 
@@ -203,6 +299,7 @@ class ShardStream(IterableDataset):
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        # At least one rank's batch, not a global one: the window is part of the order, which the world size must not change.
         self.shuffle_buffer = max(shuffle_rows(meta, shuffle_bytes, shuffle_buffer), batch_size) if shuffle else batch_size
         chunk = meta.chunk_rows()
         self.block_rows = block_rows or chunk * max(1, DEFAULT_BLOCK_BYTES // max(1, chunk * meta.row_bytes()))
@@ -224,18 +321,26 @@ class ShardStream(IterableDataset):
         self.repeats, self.transform = repeats, transform
         self._rank, self._world = rank, world_size
         # Shared memory, so that persistent DataLoader workers see set_epoch() from the parent.
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._epoch = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, start
+        self._plan: EpochPlan | None = None
+        self._row_shapes: dict[str, tuple[int, ...]] | None = None
 
     @classmethod
     def from_readers(cls, readers: Sequence[CacheReader], meta: CacheMeta, **kwargs: object) -> ShardStream:
         return cls([s for r in readers for s in r.shards], meta, **kwargs)  # type: ignore[arg-type]
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch[0] = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch`` next, from position ``start``: the samples of it that all
+        ranks together have trained on already (a run resumed mid-epoch; 0 otherwise)."""
+        self._epoch[0], self._epoch[1] = epoch, start
 
     @property
     def epoch(self) -> int:
         return int(self._epoch[0])
+
+    @property
+    def start(self) -> int:
+        return int(self._epoch[1])
 
     @property
     def num_samples(self) -> int:
@@ -246,67 +351,99 @@ class ShardStream(IterableDataset):
             return self._rank, self._world
         return _dist_rank()
 
-    def plan(self, worker: int, num_workers: int, epoch: int | None = None) -> list[Block]:
-        rank, world = self._rank_world()
-        return plan_epoch(
-            [s.num_samples for s in self.shards],
-            epoch=self.epoch if epoch is None else epoch, seed=self.seed, rank=rank, world_size=world,
-            worker=worker, num_workers=num_workers, block_rows=self.block_rows, shuffle=self.shuffle,
-        )  # fmt: skip
-
-    def _counts(self, block: Block, epoch: int) -> np.ndarray | None:
-        """How many times each row of ``block`` enters the buffer; None: once each."""
-        return None if self.repeats is None else self.repeats.counts(block.shard, epoch)[block.start : block.stop]
-
-    def _rows(self, block: Block, epoch: int) -> int:
-        counts = self._counts(block, epoch)
-        return block.stop - block.start if counts is None else int(counts.sum())
-
-    def num_batches(self, num_workers: int, epoch: int | None = None) -> int:
-        """Batches this rank yields in epoch ``epoch`` (default: the current one) with
-        ``num_workers`` DataLoader workers."""
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The global order of epoch ``epoch`` (default: the current one)."""
         epoch = self.epoch if epoch is None else epoch
-        total = 0
-        for worker in range(max(1, num_workers)):
-            rows = sum(self._rows(b, epoch) for b in self.plan(worker, max(1, num_workers), epoch))
-            total += rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
-        return total
+        if self._plan is None or self._plan.epoch != epoch:
+            repeats = self.repeats
+            self._plan = plan_epoch(
+                [s.num_samples for s in self.shards], epoch=epoch, seed=self.seed, block_rows=self.block_rows,
+                window_rows=self.shuffle_buffer, shuffle=self.shuffle,
+                counts=None if repeats is None else (lambda shard: repeats.counts(shard, epoch)),
+            )  # fmt: skip
+        return self._plan
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor | np.ndarray]]:
+    def split(self, epoch: int | None = None, start: int | None = None) -> Split:
+        """How this stream's ranks share epoch ``epoch`` from position ``start`` (defaults: the
+        current ones); with ``drop_last``, without its last global batch when that is short."""
+        samples = self.plan(epoch).samples
+        start = min(samples, self.start if start is None else start)
+        _, world = self._rank_world()
+        stop = start + (samples - start) // (self.batch_size * world) * (self.batch_size * world) if self.drop_last else samples
+        return Split(start, stop, self.batch_size, world)
+
+    def num_batches(self, num_workers: int | None = None, epoch: int | None = None, start: int | None = None) -> int:
+        """Batches this rank yields in epoch ``epoch`` from position ``start`` (defaults: the
+        current ones). ``num_workers`` changes nothing; older callers pass it."""
+        return self.split(epoch, start).rank_batches(self._rank_world()[0])
+
+    def steps_until(self, epochs: int, epoch: int = 0, start: int = 0) -> int:
+        """Global batches (optimiser steps) from position ``start`` of epoch ``epoch`` to the
+        end of epoch ``epochs - 1``."""
+        return sum(self.split(e, start if e == epoch else 0).num_batches for e in range(epoch, epochs))
+
+    def order(self) -> dict[str, Any]:
+        """What the order of samples depends on: a run resumed mid-epoch checks that it is the
+        same. The shards are named by their names, sizes and checksums, so a cache moved
+        elsewhere keeps its order."""
+        shards = json.dumps([[s.name, s.num_samples, s.sha256] for s in self.shards])
+        return {
+            "seed": self.seed, "shuffle": self.shuffle, "window_rows": self.shuffle_buffer, "block_rows": self.block_rows,
+            "samples": self.num_samples, "shards": hashlib.sha256(shards.encode()).hexdigest()[:16],
+        }  # fmt: skip
+
+    def loader(self, num_workers: int, *, pin_memory: bool = False) -> BatchLoader:
+        """This rank's batches of each epoch (``set_epoch``), read by ``num_workers`` DataLoader
+        worker processes (0: in this one); the same batches for any number of them."""
+        return BatchLoader(self, num_workers, pin_memory=pin_memory)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """This rank's batches, read in this process. In DataLoader worker k of K it yields
+        batches k, k+K, ..., which the DataLoader's turn-taking puts back in order, but each
+        worker then reads every block: ``loader()`` reads each block once."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self.epoch
-        blocks = self.plan(worker, num_workers, epoch)
-        rng = np.random.default_rng([self.seed, epoch, *self._rank_world(), worker, 2])
+        for index, batch in enumerate(self.batches(self.blocks(0, 1))):
+            if index % num_workers == worker:
+                yield batch
+
+    # -- reading: the blocks of one worker ----------------------------------------------------
+
+    def blocks(self, worker: int, num_workers: int) -> Iterator[tuple[int, Columns]]:
+        """(index, the rank's samples of block ``index``) for blocks worker, worker + K, ... of
+        those the rank needs this epoch; every block gives one item, empty when it has none of
+        the rank's samples (or is skipped, unreadable, with ``skip_corrupt``)."""
+        plan, split, rank = self.plan(), self.split(), self._rank_world()[0]
         handles: OrderedDict[int, ShardHandle] = OrderedDict()
-        # One buffer per field, allocated once per epoch: blocks are read straight into it (no
-        # per-block arrays to concatenate), and the rows left over after the whole batches of
-        # one fill move to its front. It can hold a full shuffle window plus one block (as
-        # read, and with its rows repeated).
-        rows = [max(b.stop - b.start, self._rows(b, epoch)) for b in blocks]
-        capacity = min(self.shuffle_buffer + max(rows, default=0), sum(rows))  # never more than the epoch's rows
-        buffer: dict[str, np.ndarray] = {}
-        fill = 0
         try:
-            for block in blocks:
-                try:
-                    handle = self._handle(handles, block)
-                    buffer = self._fit(buffer, handle, capacity, fill)
-                    handle.read_into(block.start, block.stop, buffer, fill)
-                    self._check(block, buffer, fill)
-                except CacheError as exc:
-                    if not self.skip_corrupt:
-                        raise
-                    warnings.warn(f"skipping unreadable rows: {exc}", stacklevel=1)
-                    continue
-                fill += self._repeat(buffer, fill, block.stop - block.start, self._counts(block, epoch))
-                if fill >= self.shuffle_buffer:
-                    fill = yield from self._emit(buffer, fill, rng, final=False)
-            if fill:
-                yield from self._emit(buffer, fill, rng, final=True)
+            for index in plan.blocks_between(split.start, split.stop)[worker::num_workers]:
+                yield index, self._read(plan, split, rank, index, handles)
         finally:
             for handle in handles.values():
                 handle.close()
+
+    def _read(self, plan: EpochPlan, split: Split, rank: int, index: int, handles: OrderedDict[int, ShardHandle]) -> Columns:
+        """The samples of block ``index`` that ``rank`` takes, ready to batch, with their
+        positions in the epoch (``"position"``)."""
+        positions = plan.positions(index)
+        mine = split.owners(positions) == rank
+        nothing = {"position": positions[:0]}
+        if not mine.any():
+            return nothing
+        block = plan.blocks[index]
+        try:
+            rows = self._handle(handles, block).read(block.start, block.stop, self.fields)
+            self._check(block, rows)
+        except CacheError as exc:
+            if not self.skip_corrupt:
+                raise
+            warnings.warn(f"skipping unreadable rows: {exc}", stacklevel=1)
+            return nothing
+        counts = None if self.repeats is None else self.repeats.counts(block.shard, plan.epoch)[block.start : block.stop]
+        samples = np.arange(block.stop - block.start) if counts is None else np.repeat(np.arange(block.stop - block.start), counts)
+        columns = self._prepare({name: values[samples[mine]] for name, values in rows.items()}, plan.epoch)
+        columns["position"] = positions[mine]
+        return columns
 
     def _handle(self, handles: OrderedDict[int, ShardHandle], block: Block) -> ShardHandle:
         handle = handles.pop(block.shard, None) or ShardHandle(self.shards[block.shard].path)
@@ -315,33 +452,23 @@ class ShardStream(IterableDataset):
             handles.popitem(last=False)[1].close()
         return handle
 
-    def _fit(self, buffer: dict[str, np.ndarray], handle: ShardHandle, capacity: int, fill: int) -> dict[str, np.ndarray]:
-        """The epoch's buffers, allocated on the first block. A later shard that stores a field in
-        a wider dtype (float32 logits after float16 ones, from another cache) widens that buffer,
-        as concatenating the two would."""
-        for name, (dtype, shape) in handle.fields(self.fields).items():
-            dtype = np.dtype(object) if name == "ids" else dtype
-            held = buffer.get(name)
-            if held is None:
-                buffer[name] = np.empty((capacity, *shape), dtype=dtype)
-            elif held.shape[1:] != shape:
-                raise CacheError(f"{handle.path}: {name} rows have shape {list(shape)}, but earlier shards' have {list(held.shape[1:])}")
-            elif np.result_type(held.dtype, dtype) != held.dtype:
-                wider = np.empty(held.shape, dtype=np.result_type(held.dtype, dtype))
-                wider[:fill] = held[:fill]
-                buffer[name] = wider
-        return buffer
-
-    def _check(self, block: Block, buffer: dict[str, np.ndarray], fill: int) -> None:
+    def _check(self, block: Block, rows: Columns) -> None:
         """Cheap sanity checks on what the training step cannot take: the writer stores only
         finite logits and labels in [-1, C), so anything else is damage that the size and
         structure checks at open could not see (a flipped byte in a data chunk). Without them a
         bad label would escape as an IndexError from cross_entropy, and a NaN logit would
-        silently turn the loss into NaN (tests/test_corrupt.py, bad-label/nan-logits)."""
-        rows = slice(fill, fill + block.stop - block.start)
-        labels = buffer["labels"][rows]
+        silently turn the loss into NaN (tests/test_corrupt.py, bad-label/nan-logits). Rows of
+        another shape than the first block's cannot share a batch with them."""
+        shapes = {name: values.shape[1:] for name, values in rows.items()}
+        self._row_shapes = self._row_shapes or shapes
+        for name, shape in shapes.items():
+            if shape != self._row_shapes[name]:
+                raise CacheError(
+                    f"{self.shards[block.shard].path}: {name} rows have shape {list(shape)}, but earlier shards' have {list(self._row_shapes[name])}"
+                )
+        labels = rows["labels"]
         bad_labels = (labels < -1) | (labels >= self.meta.num_classes)
-        targets = {name: buffer[name][rows] for name in self.meta.layout.fields(self.meta.num_classes)}
+        targets = {name: rows[name] for name in self.meta.layout.fields(self.meta.num_classes)}
         what = f"label {int(labels[bad_labels][0])} out of range" if bad_labels.any() else self.meta.layout.problem(targets)
         if what:
             raise CacheError(
@@ -349,50 +476,20 @@ class ShardStream(IterableDataset):
                 "(the shard is corrupt; cache-inspect --verify checks it)"
             )
 
-    @staticmethod
-    def _repeat(buffer: dict[str, np.ndarray], fill: int, rows: int, counts: np.ndarray | None) -> int:
-        """Repeat the ``rows`` rows just read at ``fill`` in place, row i ``counts[i]`` times;
-        returns the rows they now take."""
-        if counts is None:
-            return rows
-        index = fill + np.repeat(np.arange(rows), counts)
-        for values in buffer.values():
-            values[fill : fill + len(index)] = values[index]  # fancy indexing copies first: overlap is safe
-        return len(index)
-
-    def _emit(
-        self, buffer: dict[str, np.ndarray], fill: int, rng: np.random.Generator, *, final: bool
-    ) -> Generator[dict[str, torch.Tensor | np.ndarray], None, int]:
-        """Yield whole batches from the first ``fill`` rows, permuted; move the remainder to the
-        front of the buffer (or yield it as a last, short batch when ``final``). Returns the
-        rows left in the buffer."""
-        order = rng.permutation(fill) if self.shuffle else np.arange(fill)
-        whole = fill - fill % self.batch_size
-        for start in range(0, whole, self.batch_size):
-            yield self._batch(buffer, order[start : start + self.batch_size])
-        rest = order[whole:]
-        if final:
-            if len(rest) and not self.drop_last:
-                yield self._batch(buffer, rest)
-            return 0
-        for values in buffer.values():
-            values[: len(rest)] = values[rest]  # fancy indexing copies first: overlap is safe
-        return len(rest)
-
-    def _batch(self, buffer: dict[str, np.ndarray], index: np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
-        index = np.sort(index) if not self.shuffle else index
-        columns = {name: buffer[name][index] for name in self.fields}
+    def _prepare(self, columns: Columns, epoch: int) -> Columns:
+        """What each sample trains on, sample by sample: its label or -1 (``label_fraction``),
+        its view, replayed, and ``transform``."""
         if self.label_fraction < 1:
             columns["labels"] = np.where(keeps_label(columns["ids"], self.label_fraction, self.label_seed), columns["labels"], -1)
             if not self.with_ids:
                 del columns["ids"]
         if self.policy is not None:
-            columns = self._replay_views(columns)
+            columns = self._replay_views(columns, epoch)
         if self.transform is not None:
             columns = self.transform(columns)
-        return {name: values if name == "ids" else torch.from_numpy(np.ascontiguousarray(values)) for name, values in columns.items()}
+        return columns
 
-    def _replay_views(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _replay_views(self, columns: Columns, epoch: int) -> Columns:
         """One view per sample, as the teacher saw it: in epoch e, sample i takes view
         (e + o_i) mod V, where o_i is drawn from (this run's seed, the sample's first view seed:
         a function of its id); its input is the policy replayed from that view's seed, and its
@@ -403,7 +500,7 @@ class ShardStream(IterableDataset):
         seeds = columns.pop("view_seeds")
         views = self.meta.views_per_id
         offsets = below(philox(seeds[:, 0], self.seed & 0xFFFFFFFF)[0], views)
-        chosen = (self.epoch + offsets) % views
+        chosen = (epoch + offsets) % views
         rows = np.arange(len(seeds))
         if views > 1:
             for name in self.meta.layout.fields(self.meta.num_classes):
@@ -413,3 +510,107 @@ class ShardStream(IterableDataset):
         with torch.no_grad():
             columns["inputs"] = self.policy(torch.from_numpy(columns["inputs"]), torch.from_numpy(columns["view_seed"])).numpy()
         return columns
+
+    # -- batching: in the training process -----------------------------------------------------
+
+    def batches(self, blocks: Iterable[tuple[int, Columns]]) -> Iterator[Batch]:
+        """This rank's batches of the epoch from its samples of each block (``blocks``), given
+        in block order: each window's samples, put in the order of their positions, are cut at
+        the ends of the global batches. A batch left empty (its rows skipped) is left out."""
+        plan, split = self.plan(), self.split()
+        held: Columns = {}  # the rank's samples not yet batched, by position
+        pending: list[Columns] = []  # the current window's, as read
+        window, batch = -1, 0
+        for index, columns in blocks:
+            if plan.window_of(index) != window:
+                held = _by_position(held, pending)
+                pending = []
+                while window >= 0 and batch < split.num_batches and split.end(batch) <= plan.window_end(window):
+                    held, out = _cut(held, split.end(batch))
+                    batch += 1
+                    if out:
+                        yield out
+                window = plan.window_of(index)
+            if len(columns["position"]):
+                pending.append(columns)
+        held = _by_position(held, pending)
+        while batch < split.num_batches:
+            held, out = _cut(held, split.end(batch))
+            batch += 1
+            if out:
+                yield out
+
+
+def _by_position(held: Columns, pending: list[Columns]) -> Columns:
+    """``held`` (in order, before the window) followed by the window's samples in order."""
+    if not pending:
+        return held
+    parts = ([held] if held else []) + pending
+    merged = {name: np.concatenate([part[name] for part in parts]) for name in pending[0]}
+    order = np.argsort(merged["position"], kind="stable")
+    return {name: values[order] for name, values in merged.items()}
+
+
+def _cut(held: Columns, end: int) -> tuple[Columns, Batch | None]:
+    """The samples of ``held`` before position ``end``, as a batch (None when there are none),
+    and the rest."""
+    if not held:
+        return held, None
+    n = int(np.searchsorted(held["position"], end))
+    if n == 0:
+        return held, None
+    batch = {name: values[:n] if name == "ids" else torch.from_numpy(values[:n]) for name, values in held.items() if name != "position"}
+    return {name: values[n:] for name, values in held.items()}, batch
+
+
+class BatchLoader:
+    """A rank's batches of its stream's current epoch (``ShardStream.set_epoch``), as
+    ``ShardStream.loader`` makes them: ``num_workers`` DataLoader worker processes read the
+    blocks (0: this process reads them), and this process puts their samples in order and
+    batches them, so the batches are the same for any number of workers. Iterate it once per
+    epoch; ``len`` is the epoch's batches."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, *, pin_memory: bool = False) -> None:
+        self.stream, self.pin_memory = stream, pin_memory
+        # A generator of its own: starting an epoch then leaves the global RNG alone, so that a
+        # resumed run's dropout draws the same as the uninterrupted run's.
+        self.reader = DataLoader(
+            _Blocks(stream), batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
+            persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return self.stream.num_batches()
+
+    def __iter__(self) -> Iterator[Batch]:
+        split = self.stream.split()
+        first = self.stream.plan().blocks_between(split.start, split.stop).start
+        for batch in self.stream.batches(_in_order(self.reader, first)):
+            if self.pin_memory:
+                batch = {name: values.pin_memory() if isinstance(values, torch.Tensor) else values for name, values in batch.items()}
+            yield batch
+
+
+class _Blocks(IterableDataset):
+    """What ``BatchLoader``'s DataLoader workers read: worker k of K, blocks k, k+K, ..."""
+
+    def __init__(self, stream: ShardStream) -> None:
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[tuple[int, Columns]]:
+        info = get_worker_info()
+        return self.stream.blocks(*((info.id, info.num_workers) if info is not None else (0, 1)))
+
+
+def _in_order(items: Iterable[Any], expected: int) -> Iterator[tuple[int, Columns]]:
+    """The DataLoader's (index, columns) items in block order from block ``expected``, columns
+    as numpy arrays. Its workers take turns, which is block order already; an item that came
+    early would wait here."""
+    waiting: dict[int, Columns] = {}
+    for index, columns in items:
+        waiting[index] = {name: values.numpy() if isinstance(values, torch.Tensor) else values for name, values in columns.items()}
+        while expected in waiting:
+            yield expected, waiting.pop(expected)
+            expected += 1
+    if waiting:
+        raise RuntimeError(f"blocks {sorted(waiting)} came without block {expected}")

@@ -3,10 +3,12 @@
 Read it top to bottom: the config (with the recipe for what the user left out), the set-up
 (device and process group, DataLoader workers), then the loop that ``train`` runs: ``open_run``
 opens the caches and builds the student, ``announce`` says what it trains with, and each epoch
-(``train_epoch``) streams batches through ``train_step``, evaluates, logs and checkpoints. What
+(``train_epoch``) streams batches through ``train_step``, evaluates, logs and checkpoints (with
+``--checkpoint-every``, mid-epoch too, so that ``--resume`` continues from the same sample). What
 the run writes is in ``outputs.py``; what ``--specialist`` and ``--init`` change, in
 ``specialist.py``. Under ``torchrun`` the same loop runs with DDP (gloo on the CPU, nccl on
-CUDA); each rank streams its own part of the shards and only rank 0 writes files.
+CUDA); each rank takes its slice of each global batch (``dataset.Split``) and only rank 0
+writes files.
 The benchmarks import ``train_step`` and ``EpochStats``, so that they time exactly this step.
 """
 
@@ -46,6 +48,10 @@ AUTO_WORKERS_BYTES = 256 << 20
 
 
 DEFAULT_TEMPERATURE = 4.0
+# What a resumed run must share with the checkpoint's (and a specialist's head, with --specialist).
+RESUME_FIXED = ("student", "epochs", "batch_size", "schedule", "specialist")
+# For tests of the order: KDCACHE_TRACE_IDS=DIR makes each rank write the ids it trains on (IdTrace).
+TRACE_ENV = "KDCACHE_TRACE_IDS"
 
 
 class TrainError(Exception):
@@ -74,6 +80,7 @@ class TrainConfig:
     topk_tail: str = "bucket"
     weight_decay: float = 0.0
     workers: int | None = None  # None: default_workers(the caches' bytes)
+    checkpoint_every: int | None = None  # also write checkpoint.pt after every N-th optimiser step
     shuffle_buffer: int | None = None  # rows in the shuffle window; None: shuffle_bytes decides
     shuffle_bytes: int = DEFAULT_SHUFFLE_BYTES
     allow_mixed_teachers: bool = False
@@ -108,6 +115,8 @@ class TrainConfig:
             raise TrainError(f"--loss must be kl or mse, got {self.loss!r}")
         if self.workers is not None and self.workers < 0:
             raise TrainError(f"--workers must be >= 0, got {self.workers}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise TrainError(f"--checkpoint-every must be >= 1 step, got {self.checkpoint_every}")
         check_shuffle(self.shuffle_bytes, self.shuffle_buffer)
 
     def for_caches(self, metas: Sequence[CacheMeta]) -> TrainConfig:
@@ -222,6 +231,24 @@ def default_workers(total_bytes: int) -> int:
     return 0 if total_bytes < AUTO_WORKERS_BYTES else 2
 
 
+class IdTrace:
+    """With ``KDCACHE_TRACE_IDS=DIR`` in the environment (for tests of the order), each rank
+    appends to ``DIR/ids-rank<r>.jsonl`` one line per optimiser step: [epoch (0-based), the
+    position in the epoch after the step (``Split.end``), the ids of the samples it trained on]."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def from_env(cls, rank: int) -> IdTrace | None:
+        directory = os.environ.get(TRACE_ENV)
+        return cls(Path(directory) / f"ids-rank{rank}.jsonl") if directory else None
+
+    def record(self, epoch: int, position: int, ids: Sequence[str]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps([epoch, position, [str(i) for i in ids]]) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -254,16 +281,16 @@ class Run:
     student: nn.Module
     model: nn.Module  # the student, or its DDP wrapper
     optimizer: torch.optim.Optimizer
-    scheduler: Any
     stream: ShardStream
     workers: int
     start: Start  # what --specialist and --init change
+    scheduler: Any = None
     loader: Any = None
+    trace: IdTrace | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / CHECKPOINT_NAME
+    steps: int = 0  # optimiser steps taken
+    total_steps: int = 0  # the schedule's length
+    progress: outputs.Progress = field(default_factory=outputs.Progress)  # where the run resumed
 
 
 def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
@@ -281,12 +308,13 @@ def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
     start = prepare(cfg, readers, meta)  # --specialist and --init (specialist.py); the student's arch
     cfg = replace(cfg, student=start.arch)
     eval_set = start.eval_set(load_eval_set(cfg.eval_path, meta, label_names=label_names)) if cfg.eval_path else None
+    trace = IdTrace.from_env(dist.rank)
     # Before anything is written: a cache whose policy is code is refused here without --trust-code.
     stream = ShardStream.from_readers(
         readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, shuffle_bytes=cfg.shuffle_bytes,
         skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
         label_fraction=cfg.label_fraction, label_seed=cfg.label_seed, trust_code=cfg.trust_code,
-        repeats=start.enrichment, transform=start.transform,
+        repeats=start.enrichment, transform=start.transform, with_ids=trace is not None,
     )  # fmt: skip
 
     out = Path(cfg.out)
@@ -302,17 +330,16 @@ def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
     model: nn.Module = student
     if dist.world_size > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    # The schedule runs per step, over every step of the run (each epoch's steps as this rank takes them).
-    total_steps = sum(stream.num_batches(workers, epoch) for epoch in range(cfg.epochs))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.schedule, step, total_steps))
-    run = Run(
-        cfg, dist, readers, start.meta, recipe, label_names, eval_set, out, student, model, optimizer, scheduler, stream, workers, start
-    )
-    outputs.resume(run, log)
-    run.loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, pin_memory=dist.device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
-    )  # fmt: skip
+    run = Run(cfg, dist, readers, start.meta, recipe, label_names, eval_set, out, student, model, optimizer, stream, workers, start)
+    run.trace = trace
+    # The schedule runs per step, over every step of the run: the global batches of its epochs.
+    run.total_steps = stream.steps_until(cfg.epochs)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.schedule, step, run.total_steps))
+    run.progress = outputs.resume(run, log, RESUME_FIXED + (("specialist_head",) if cfg.specialist else ()))
+    if run.steps:  # what is left, on this run's world size
+        run.total_steps = run.steps + stream.steps_until(cfg.epochs, run.progress.epochs, run.progress.sample)
+        outputs.continue_schedule(run.scheduler, optimizer)
+    run.loader = stream.loader(workers, pin_memory=dist.device.type == "cuda")
     return run
 
 
@@ -354,15 +381,21 @@ def announce(run: Run, log: Any) -> list[str]:
 
 
 def train_epoch(run: Run, epoch: int, objective: Objective) -> dict[str, Any]:
-    """One pass over this rank's share of the cache, stepping the schedule per batch; returns the
-    epoch's record for metrics.jsonl (evaluated by rank 0)."""
+    """One pass over this rank's slices of the epoch's global batches (from where a resumed
+    run stopped, when it stopped in this epoch), stepping the schedule per batch and checkpointing
+    every ``--checkpoint-every`` steps; returns the epoch's record for metrics.jsonl (evaluated
+    by rank 0)."""
     cfg, dist, stream = run.cfg, run.dist, run.stream
-    stream.set_epoch(epoch)
+    resumed = run.progress if run.progress.epochs == epoch else outputs.Progress(epochs=epoch)
+    stream.set_epoch(epoch, resumed.sample)
+    split = stream.split()
     run.model.train()
-    started = time.perf_counter()
+    started = time.perf_counter() - resumed.seconds
     stats = EpochStats(dist.device)
+    if resumed.totals and dist.is_main:  # the ranks' totals before the checkpoint, summed
+        stats.totals += torch.tensor(resumed.totals, dtype=stats.totals.dtype, device=dist.device)
     bar = tqdm(
-        total=stream.num_batches(run.workers), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+        total=len(run.loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
         disable=not (cfg.progress and dist.is_main), leave=True, file=sys.stderr, dynamic_ncols=True,
     )  # fmt: skip
     join = run.model.join() if isinstance(run.model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
@@ -370,6 +403,11 @@ def train_epoch(run: Run, epoch: int, objective: Objective) -> dict[str, Any]:
         for step, batch in enumerate(run.loader):
             train_step(run.model, run.optimizer, batch, meta=run.meta, objective=objective, device=dist.device, stats=stats)
             run.scheduler.step()
+            run.steps += 1
+            if run.trace is not None:
+                run.trace.record(epoch, split.end(step), batch["ids"])
+            if outputs.checkpoint_due(cfg.checkpoint_every, run.steps, step, split.num_batches):
+                outputs.save_checkpoint(run, epoch, sample=split.end(step), stats=stats, seconds=time.perf_counter() - started)
             bar.update(1)
             if step % 20 == 0:
                 so_far = stats.read()
@@ -408,10 +446,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> dict[str, Any]:
     for epoch in range(len(run.history), cfg.epochs):
         record = train_epoch(run, epoch, objective)
         run.history.append(record)
+        outputs.save_checkpoint(run, epoch + 1)
         if dist.is_main:
-            Checkpoint.capture(run.student, run.optimizer, run.scheduler, dist.device, epoch + 1, run.history, cfg).save(
-                run.checkpoint_path
-            )
             with open(run.out / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
         if dist.world_size > 1:

@@ -1,7 +1,6 @@
 """The streaming dataset: exactly one pass per epoch across ranks and workers, reshuffled per
 epoch, bounded buffers, and refusal to mix incompatible caches."""
 
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ import torch
 from digits import PREPROCESSING
 
 from kdcache.offline.cache import CacheError, CacheMeta, CacheWriter
-from kdcache.offline.dataset import ShardStream, open_caches, plan_epoch
+from kdcache.offline.dataset import ShardStream, open_caches
 
 
 def make_cache(directory, sizes, *, fingerprint="a" * 64, num_classes=10, id_prefix="s"):
@@ -23,28 +22,6 @@ def make_cache(directory, sizes, *, fingerprint="a" * 64, num_classes=10, id_pre
             writer.append(ids, rng.integers(0, 255, (size, 4, 4), dtype=np.uint8), rng.normal(size=(size, num_classes)).astype(np.float32))
             writer.flush_shard()
     return directory
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_plan_covers_every_row_exactly_once(seed):
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(0, 500, rng.integers(1, 9)).tolist()
-    world, workers = int(rng.integers(1, 4)), int(rng.integers(1, 4))
-    seen = Counter()
-    per_rank = []
-    for rank in range(world):
-        rank_rows = 0
-        for worker in range(workers):
-            for block in plan_epoch(
-                sizes, epoch=3, seed=seed, rank=rank, world_size=world, worker=worker, num_workers=workers, block_rows=64, shuffle=True
-            ):
-                assert 0 <= block.start < block.stop <= sizes[block.shard]
-                assert block.stop - block.start <= 64
-                seen.update((block.shard, row) for row in range(block.start, block.stop))
-                rank_rows += block.stop - block.start
-        per_rank.append(rank_rows)
-    assert seen == Counter((shard, row) for shard, size in enumerate(sizes) for row in range(size))
-    assert max(per_rank) - min(per_rank) <= 1  # balanced ranks
 
 
 def collect(directory, *, rank, world, workers, epoch=0, batch_size=16, seed=0):

@@ -5,7 +5,8 @@ The same shape as the classification trainer (``offline.train``), whose pieces i
 device and process group (``setup_distributed``), the stream of shard batches (``ShardStream``,
 its shuffle window bounded in bytes), the recipe rule (``offline.recipe``, with the values of
 ``defaults.LM_RULE``), the per-step schedule (``lr_factor``), the DataLoader worker default and
-the epoch checkpoint (``outputs.Checkpoint``, so ``--resume`` continues a run). What differs:
+the checkpoint (``outputs.Checkpoint``, after each epoch and every ``--checkpoint-every`` steps,
+so ``--resume`` continues a run from the same sample). What differs:
 the student (``student.py``), the per-token loss (``loss.py``: the layout's soft term per token
 plus the next-token cross-entropy), gradients clipped at ``GRAD_CLIP``, ``--max-steps``, the
 vocabulary check (``vocab.py``), and evaluation by perplexity (``evaluate.py``).
@@ -26,12 +27,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import models
+from .. import models, outputs
 from ..cache import CacheMeta, CacheReader
 from ..cache.label_names import printable
 from ..cache.tokens import valid_mask
 from ..dataset import DEFAULT_SHUFFLE_BYTES, ShardStream, open_caches
-from ..outputs import CHECKPOINT_NAME, Checkpoint, CheckpointError, save_atomic
+from ..outputs import CHECKPOINT_NAME, CheckpointError, save_atomic
 from ..recipe import Recipe, lr_factor
 from ..step import to_device
 from ..train import Dist, TrainConfig, TrainError, default_workers, setup_distributed
@@ -59,6 +60,7 @@ class LMConfig:
     topk_tail: str = "bucket"
     weight_decay: float = 0.0
     max_steps: int | None = None  # stop after this many optimiser steps in all
+    checkpoint_every: int | None = None  # also write checkpoint.pt after every N-th optimiser step
     eval_path: str | None = None
     out: str = "runs/distill"
     seed: int = 0
@@ -79,6 +81,7 @@ class LMConfig:
             caches=list(self.caches), epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, alpha=self.alpha,
             schedule=self.schedule, temperature=self.temperature, topk_tail=self.topk_tail, weight_decay=self.weight_decay,
             workers=self.workers, shuffle_buffer=self.shuffle_buffer, shuffle_bytes=self.shuffle_bytes, device=self.device,
+            checkpoint_every=self.checkpoint_every,
         )  # fmt: skip
 
     def check(self) -> None:
@@ -125,6 +128,7 @@ class LMRun:
     total_steps: int = field(init=False)
     steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    progress: outputs.Progress = field(default_factory=outputs.Progress)  # where the run resumed
 
     @property
     def vocab(self) -> int:
@@ -181,34 +185,21 @@ def open_run(cfg: LMConfig, dist: Dist, log: Any) -> LMRun:
     if dist.world_size > 1:
         run.model = nn.parallel.DistributedDataParallel(run.student, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     run.optimizer = torch.optim.AdamW(run.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
-    epoch_steps = sum(stream.num_batches(workers, epoch) for epoch in range(cfg.epochs))  # type: ignore[arg-type]
-    run.total_steps = min(epoch_steps, cfg.max_steps or epoch_steps)
+    run.total_steps = steps_left(run, 0, 0)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda step: lr_factor(cfg.schedule, step, run.total_steps))  # type: ignore[arg-type]
-    resume(run, log)
-    run.loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, pin_memory=dist.device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
-    )  # fmt: skip
+    run.progress = outputs.resume(run, log, RESUME_FIXED)
+    if run.steps:  # what is left, on this run's world size
+        run.total_steps = run.steps + steps_left(run, run.progress.epochs, run.progress.sample)
+        outputs.continue_schedule(run.scheduler, run.optimizer)
+    run.loader = stream.loader(workers, pin_memory=dist.device.type == "cuda")
     return run
 
 
-def resume(run: LMRun, log: Any) -> None:
-    """With ``--resume``, continue from the run's checkpoint, made with the same settings."""
-    cfg, path = run.cfg, run.out / CHECKPOINT_NAME
-    if not cfg.resume:
-        return
-    if not path.exists():
-        log(f"no checkpoint in {run.out}; starting from epoch 1")
-        return
-    checkpoint = Checkpoint.load(path, run.dist.device)
-    recorded = {key: checkpoint.config.get(key) for key in RESUME_FIXED}
-    if any(recorded[key] != getattr(cfg, key) for key in RESUME_FIXED):
-        made = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in recorded.items() if value is not None)
-        raise CheckpointError(f"{path}: was made with {made}; resume with the same")
-    checkpoint.restore(run.student, run.optimizer, run.scheduler, run.dist.device)
-    run.history = checkpoint.history
-    run.steps = run.history[-1]["steps"] if run.history else 0
-    log(f"resuming {run.out} after epoch {checkpoint.epoch} ({run.steps:,} steps)")
+def steps_left(run: LMRun, epoch: int, start: int) -> int:
+    """The optimiser steps from position ``start`` of epoch ``epoch`` to the end of the run: the
+    global batches of the epochs left, or what is left of ``--max-steps``."""
+    left = run.stream.steps_until(run.cfg.epochs, epoch, start)  # type: ignore[arg-type]
+    return left if run.cfg.max_steps is None else min(left, run.cfg.max_steps - run.steps)
 
 
 def announce(run: LMRun, log: Any) -> None:
@@ -250,24 +241,33 @@ def train_step(run: LMRun, batch: dict[str, Any], stats: LMStats) -> None:
 
 
 def train_epoch(run: LMRun, epoch: int) -> dict[str, Any]:
-    """One pass over this rank's share of the cache (or what is left of ``--max-steps``), then
-    the evaluation (rank 0); the epoch's record for metrics.jsonl."""
+    """One pass over this rank's slices of the epoch's global batches (from where a resumed
+    run stopped, when it stopped in this epoch; or what is left of ``--max-steps``), checkpointing
+    every ``--checkpoint-every`` steps, then the evaluation (rank 0); the epoch's record for
+    metrics.jsonl."""
     cfg, dist, stream = run.cfg, run.dist, run.stream
-    stream.set_epoch(epoch)
+    resumed = run.progress if run.progress.epochs == epoch else outputs.Progress(epochs=epoch)
+    stream.set_epoch(epoch, resumed.sample)
+    split = stream.split()
     run.model.train()
     stats = LMStats(dist.device)
-    batches = min(stream.num_batches(run.workers), run.total_steps - run.steps)
+    if resumed.totals and dist.is_main:  # the ranks' totals before the checkpoint, summed
+        stats.totals += torch.tensor(resumed.totals, dtype=stats.totals.dtype, device=dist.device)
+    batches = min(len(run.loader), run.total_steps - run.steps)
     bar = tqdm(
         total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not (cfg.progress and dist.is_main),
         leave=True, file=sys.stderr, dynamic_ncols=True,
     )  # fmt: skip
-    started = time.perf_counter()
+    started = time.perf_counter() - resumed.seconds
     join = run.model.join() if isinstance(run.model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
     with join:
         for index, batch in enumerate(run.loader):
             if run.steps >= run.total_steps:
                 break
             train_step(run, batch, stats)
+            last = run.steps >= run.total_steps  # the epoch's own checkpoint follows
+            if not last and outputs.checkpoint_due(cfg.checkpoint_every, run.steps, index, split.num_batches):
+                outputs.save_checkpoint(run, epoch, sample=split.end(index), stats=stats, seconds=time.perf_counter() - started)
             bar.update(1)
             if index % 20 == 0:
                 bar.set_postfix(loss=f"{stats.read()['train_loss']:.4f}")
@@ -306,10 +306,8 @@ def _train(cfg: LMConfig, dist: Dist) -> dict[str, Any]:
         record = train_epoch(run, epoch)
         run.history.append(record)
         log(describe_epoch(record, run.cfg.epochs))  # type: ignore[arg-type]
+        outputs.save_checkpoint(run, epoch + 1)
         if dist.is_main:
-            Checkpoint.capture(run.student, run.optimizer, run.scheduler, dist.device, epoch + 1, run.history, run.cfg).save(
-                run.out / CHECKPOINT_NAME
-            )
             with open(jsonl, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
         if dist.world_size > 1:
