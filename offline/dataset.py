@@ -53,6 +53,7 @@ DEFAULT_BLOCK_BYTES = 4 << 20
 DEFAULT_SHUFFLE_BUFFER = 16384  # rows, for callers that give the bound in rows (the benchmarks)
 DEFAULT_SHUFFLE_BYTES = 64 << 20  # the shuffle window, unless given in rows
 MAX_OPEN_FILES = 4
+PREFETCH_SHARDS = 2  # a remote cache's shards downloaded ahead of the reader
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,58 @@ def open_caches(
     if sum(r.num_samples for r in readers) == 0:
         raise CacheError(f"{', '.join(str(r.directory) for r in readers)}: no samples to train on")
     return readers, first
+
+
+def shard_window_for(shards: Sequence[ShardInfo]) -> tuple[int | None, str | None]:
+    """How many shards one shuffle window may mix when a cache is read through the local cache
+    of a remote one (``remote.downloads``): those that fit in half of it (the other half holds
+    the prefetched shards). None, and no message, when the local cache holds the whole cache
+    or nothing is remote; else the window and a line that says so."""
+    if not any(info.storage.remote for info in shards):
+        return None, None
+    from .cache.remote import downloads
+
+    budget, largest = downloads().max_bytes, max(info.bytes for info in shards)
+    window = max(1, budget // (2 * max(1, largest)))
+    if window >= len(shards):
+        return None, None
+    total = sum(info.bytes for info in shards)
+    return window, (
+        f"shuffling within windows of {window} of the cache's {len(shards)} shards, which half the local cache "
+        f"({budget / 2**30:.2f} GiB) holds, not across the whole cache ({total / 2**30:.2f} GiB): raise --local-cache-gb "
+        "to shuffle more widely"
+    )
+
+
+class Prefetch:
+    """Downloads the next shards of a remote cache (``ShardInfo.path``) in a background thread
+    while the current ones are read: ``ahead_of(step)`` asks for the shards of the next
+    ``PREFETCH_SHARDS`` distinct shards after the one read at ``step``."""
+
+    def __init__(self, shards: Sequence[ShardInfo], reads: Sequence[int]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.shards, self.reads = shards, list(reads)
+        self._asked: set[int] = set()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prefetch")
+        self._futures: list[Any] = []
+
+    def ahead_of(self, step: int) -> None:
+        wanted: list[int] = []
+        for shard in self.reads[step + 1 :]:
+            if shard not in wanted and shard != self.reads[step]:
+                wanted.append(shard)
+            if len(wanted) == PREFETCH_SHARDS:
+                break
+        for shard in wanted:
+            if shard not in self._asked:
+                self._asked.add(shard)
+                self._futures.append(self._pool.submit(lambda info=self.shards[shard]: info.path))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        # A failed prefetch is not reported here: the read of that shard fetches it again and
+        # raises its error where it belongs.
 
 
 @dataclass(frozen=True)
@@ -161,14 +214,27 @@ def plan_epoch(
     window_rows: int,
     shuffle: bool,
     counts: Callable[[int], np.ndarray] | None = None,
+    shard_window: int | None = None,
 ) -> EpochPlan:
     """The global order of epoch ``epoch``; pure and cheap, and the same in every rank and worker
-    whatever their numbers. ``counts(shard)``: how many samples each row of the shard is."""
-    blocks = [
-        Block(shard, cut, min(size, cut + block_rows)) for shard, size in enumerate(shard_sizes) for cut in range(0, size, block_rows)
+    whatever their numbers. ``counts(shard)``: how many samples each row of the shard is.
+    ``shard_window``: the blocks mix only within groups of that many shards, taken in an order
+    drawn from (seed, epoch), so that reading a window touches that many shards (a cache on
+    object storage, read through a local cache that holds only some); None: across all."""
+    cut = [
+        [Block(shard, start, min(size, start + block_rows)) for start in range(0, size, block_rows)] for shard, size in enumerate(shard_sizes)
     ]
-    if shuffle:
+    if not shuffle:
+        blocks = [block for shard in cut for block in shard]
+    elif shard_window is None or shard_window >= len(shard_sizes):
+        blocks = [block for shard in cut for block in shard]
         blocks = [blocks[i] for i in np.random.default_rng([seed, epoch]).permutation(len(blocks))]
+    else:
+        order = np.random.default_rng([seed, epoch, 3]).permutation(len(shard_sizes)).tolist()
+        blocks = []
+        for group, first in enumerate(range(0, len(order), shard_window)):
+            members = [block for shard in order[first : first + shard_window] for block in cut[shard]]
+            blocks += [members[i] for i in np.random.default_rng([seed, epoch, 3, group]).permutation(len(members))]
     sizes = [b.stop - b.start if counts is None else int(counts(b.shard)[b.start : b.stop].sum()) for b in blocks]
     windows, filled = [0], 0
     for index, size in enumerate(sizes[:-1]):
@@ -289,6 +355,8 @@ class ShardStream(IterableDataset):
         trust_code: bool = False,
         repeats: Repeats | None = None,
         transform: Callable[[Columns], Columns] | None = None,
+        duplicates: dict[int, np.ndarray] | None = None,
+        shard_window: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -319,6 +387,11 @@ class ShardStream(IterableDataset):
             self.policy = parse_policy(meta.augment, Origin(manifest, trust_code))
         self.skip_corrupt = skip_corrupt
         self.repeats, self.transform = repeats, transform
+        # Rows to leave out: ids that an earlier shard holds (a cache of several writers,
+        # CacheReader.duplicates), by position in ``shards``.
+        self.duplicates = dict(duplicates or {})
+        self.shard_window = shard_window
+        self._remote = any(info.storage.remote for info in self.shards)
         self._rank, self._world = rank, world_size
         # Shared memory, so that persistent DataLoader workers see set_epoch() from the parent.
         self._epoch = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, start
@@ -327,7 +400,23 @@ class ShardStream(IterableDataset):
 
     @classmethod
     def from_readers(cls, readers: Sequence[CacheReader], meta: CacheMeta, **kwargs: object) -> ShardStream:
-        return cls([s for r in readers for s in r.shards], meta, **kwargs)  # type: ignore[arg-type]
+        """The stream of the readers' shards, end to end, each id once within each cache."""
+        duplicates, offset = {}, 0
+        for reader in readers:
+            duplicates.update({offset + shard: skip for shard, skip in reader.duplicates().items()})
+            offset += len(reader.shards)
+        return cls([s for r in readers for s in r.shards], meta, duplicates=duplicates, **kwargs)  # type: ignore[arg-type]
+
+    def counts(self, shard: int, epoch: int) -> np.ndarray | None:
+        """How many samples each row of ``shard`` is this epoch: the repeats, 0 for a duplicate;
+        None when every row is one sample."""
+        base = None if self.repeats is None else self.repeats.counts(shard, epoch)
+        skip = self.duplicates.get(shard)
+        if skip is None:
+            return base
+        base = np.ones(self.shards[shard].num_samples, dtype=np.int64) if base is None else np.array(base, dtype=np.int64)
+        base[skip] = 0
+        return base
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Iterate epoch ``epoch`` next, from position ``start``: the samples of it that all
@@ -355,13 +444,17 @@ class ShardStream(IterableDataset):
         """The global order of epoch ``epoch`` (default: the current one)."""
         epoch = self.epoch if epoch is None else epoch
         if self._plan is None or self._plan.epoch != epoch:
-            repeats = self.repeats
+            counted = self.repeats is not None or bool(self.duplicates)
             self._plan = plan_epoch(
                 [s.num_samples for s in self.shards], epoch=epoch, seed=self.seed, block_rows=self.block_rows,
-                window_rows=self.shuffle_buffer, shuffle=self.shuffle,
-                counts=None if repeats is None else (lambda shard: repeats.counts(shard, epoch)),
+                window_rows=self.shuffle_buffer, shuffle=self.shuffle, shard_window=self.shard_window,
+                counts=(lambda shard: self._all_counts(shard, epoch)) if counted else None,
             )  # fmt: skip
         return self._plan
+
+    def _all_counts(self, shard: int, epoch: int) -> np.ndarray:
+        counts = self.counts(shard, epoch)
+        return np.ones(self.shards[shard].num_samples, dtype=np.int64) if counts is None else counts
 
     def split(self, epoch: int | None = None, start: int | None = None) -> Split:
         """How this stream's ranks share epoch ``epoch`` from position ``start`` (defaults: the
@@ -390,6 +483,7 @@ class ShardStream(IterableDataset):
         return {
             "seed": self.seed, "shuffle": self.shuffle, "window_rows": self.shuffle_buffer, "block_rows": self.block_rows,
             "samples": self.num_samples, "shards": hashlib.sha256(shards.encode()).hexdigest()[:16],
+            **({"shard_window": self.shard_window} if self.shard_window is not None else {}),
         }  # fmt: skip
 
     def loader(self, num_workers: int, *, pin_memory: bool = False) -> BatchLoader:
@@ -415,10 +509,16 @@ class ShardStream(IterableDataset):
         the rank's samples (or is skipped, unreadable, with ``skip_corrupt``)."""
         plan, split, rank = self.plan(), self.split(), self._rank_world()[0]
         handles: OrderedDict[int, ShardHandle] = OrderedDict()
+        indices = plan.blocks_between(split.start, split.stop)[worker::num_workers]
+        prefetch = Prefetch(self.shards, [plan.blocks[i].shard for i in indices]) if self._remote else None
         try:
-            for index in plan.blocks_between(split.start, split.stop)[worker::num_workers]:
+            for step, index in enumerate(indices):
+                if prefetch is not None:
+                    prefetch.ahead_of(step)
                 yield index, self._read(plan, split, rank, index, handles)
         finally:
+            if prefetch is not None:
+                prefetch.close()
             for handle in handles.values():
                 handle.close()
 
@@ -439,7 +539,8 @@ class ShardStream(IterableDataset):
                 raise
             warnings.warn(f"skipping unreadable rows: {exc}", stacklevel=1)
             return nothing
-        counts = None if self.repeats is None else self.repeats.counts(block.shard, plan.epoch)[block.start : block.stop]
+        counts = self.counts(block.shard, plan.epoch)
+        counts = None if counts is None else counts[block.start : block.stop]
         samples = np.arange(block.stop - block.start) if counts is None else np.repeat(np.arange(block.stop - block.start), counts)
         columns = self._prepare({name: values[samples[mine]] for name, values in rows.items()}, plan.epoch)
         columns["position"] = positions[mine]

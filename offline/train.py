@@ -33,7 +33,7 @@ from . import models, outputs
 from .cache import CacheError, CacheMeta, CacheReader
 from .cache.diagnostics import soft_target_warnings
 from .cache.label_names import describe_label_names, merge_label_names, printable
-from .dataset import DEFAULT_SHUFFLE_BYTES, ShardStream, open_caches
+from .dataset import DEFAULT_SHUFFLE_BYTES, ShardStream, open_caches, shard_window_for
 from .evaluate import EvalSetError, evaluate, evaluate_ece, load_eval_set
 from .losses import LOSS_KINDS, TOPK_TAILS, Objective
 from .outputs import CHECKPOINT_NAME, Checkpoint, CheckpointError, export_program, run_summary, save_atomic, student_record, write_outputs
@@ -303,18 +303,21 @@ def open_run(cfg: TrainConfig, dist: Dist, log: Any) -> Run:
     cfg, recipe = cfg.with_recipe(sum(reader.num_samples for reader in readers))
     for reader in readers:
         for name, problem in reader.skipped:
-            log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)
+            log(f"warning: skipping corrupt shard {reader.storage.where(name)}: {problem}", file=sys.stderr)
     label_names = cache_label_names(readers)
     start = prepare(cfg, readers, meta)  # --specialist and --init (specialist.py); the student's arch
     cfg = replace(cfg, student=start.arch)
     eval_set = start.eval_set(load_eval_set(cfg.eval_path, meta, label_names=label_names)) if cfg.eval_path else None
     trace = IdTrace.from_env(dist.rank)
     # Before anything is written: a cache whose policy is code is refused here without --trust-code.
+    window, window_note = shard_window_for([info for reader in readers for info in reader.shards])
+    if window_note and dist.is_main:
+        log(window_note)
     stream = ShardStream.from_readers(
         readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, shuffle_bytes=cfg.shuffle_bytes,
         skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
         label_fraction=cfg.label_fraction, label_seed=cfg.label_seed, trust_code=cfg.trust_code,
-        repeats=start.enrichment, transform=start.transform, with_ids=trace is not None,
+        repeats=start.enrichment, transform=start.transform, with_ids=trace is not None, shard_window=window,
     )  # fmt: skip
 
     out = Path(cfg.out)

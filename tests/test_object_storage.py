@@ -89,6 +89,34 @@ def test_two_writers_share_a_directory_and_each_id_is_read_once(tmp_path):
     assert CacheReader(cache).read(("ids",))["ids"].tolist() == got["ids"].tolist()  # deterministic
 
 
+def test_the_trainer_stream_reads_each_id_of_several_writers_once(tmp_path):
+    from kdcache.offline.dataset import ShardStream, open_caches
+
+    cache = tmp_path / "cache"
+    write(cache, "a", range(0, 300), 1)
+    write(cache, "b", range(200, 500), 2)
+    readers, m = open_caches([str(cache)])
+    for workers in (0, 2):
+        stream = ShardStream.from_readers(readers, m, batch_size=32, with_ids=True, shuffle_buffer=64, seed=0, rank=0, world_size=1)
+        for epoch in (0, 1):
+            stream.set_epoch(epoch)
+            ids = [i for batch in stream.loader(workers) for i in batch["ids"]]
+            assert sorted(ids, key=int) == [str(i) for i in range(500)]
+
+
+def test_a_shard_window_keeps_each_shuffle_window_within_a_few_shards():
+    from kdcache.offline.dataset import plan_epoch
+
+    sizes = [100] * 12
+    plan = plan_epoch(sizes, epoch=1, seed=3, block_rows=25, window_rows=50, shuffle=True, shard_window=3)
+    shards = [block.shard for block in plan.blocks]
+    groups = [set(shards[i : i + 12]) for i in range(0, len(shards), 12)]  # 3 shards x 4 blocks
+    assert all(len(group) == 3 for group in groups) and set().union(*groups) == set(range(12))
+    assert sorted((b.shard, b.start) for b in plan.blocks) == [(s, r) for s in range(12) for r in range(0, 100, 25)]
+    everything = plan_epoch(sizes, epoch=1, seed=3, block_rows=25, window_rows=50, shuffle=True)
+    assert len({block.shard for block in everything.blocks[:12]}) > 3  # without it, blocks mix across the cache
+
+
 def test_recovery_touches_only_its_own_files_and_a_writer_id_is_held_once(tmp_path):
     cache = tmp_path / "cache"
     write(cache, "a", range(10), 0)

@@ -31,7 +31,7 @@ from .. import models, outputs
 from ..cache import CacheMeta, CacheReader
 from ..cache.label_names import printable
 from ..cache.tokens import valid_mask
-from ..dataset import DEFAULT_SHUFFLE_BYTES, ShardStream, open_caches
+from ..dataset import DEFAULT_SHUFFLE_BYTES, ShardStream, open_caches, shard_window_for
 from ..outputs import CHECKPOINT_NAME, CheckpointError, save_atomic
 from ..recipe import Recipe, lr_factor
 from ..step import to_device
@@ -161,7 +161,7 @@ def open_run(cfg: LMConfig, dist: Dist, log: Any) -> LMRun:
     cfg, recipe = cfg.settle([reader.meta for reader in readers], sum(reader.num_samples for reader in readers))
     for reader in readers:
         for name, problem in reader.skipped:
-            log(f"warning: skipping corrupt shard {reader.directory / name}: {problem}", file=sys.stderr)
+            log(f"warning: skipping corrupt shard {reader.storage.where(name)}: {problem}", file=sys.stderr)
     spec = parse_student(cfg.student or DEFAULT_STUDENT)
     context = meta.input_shape[0]
     torch.manual_seed(cfg.seed)
@@ -169,9 +169,12 @@ def open_run(cfg: LMConfig, dist: Dist, log: Any) -> LMRun:
     progress = cfg.progress and dist.is_main
     vocab_note = check_vocabulary(student.vocab_size, meta, readers, allow_padding=cfg.allow_vocab_padding, progress=progress)
     eval_set = load_lm_eval(cfg.eval_path, meta, student.vocab_size, student.context or context) if cfg.eval_path else None
+    window, window_note = shard_window_for([info for reader in readers for info in reader.shards])
+    if window_note and dist.is_main:
+        log(window_note)
     stream = ShardStream.from_readers(
         readers, meta, batch_size=cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, shuffle_bytes=cfg.shuffle_bytes,
-        skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size,
+        skip_corrupt=cfg.skip_corrupt, rank=dist.rank, world_size=dist.world_size, shard_window=window,
     )  # fmt: skip
     out = Path(cfg.out)
     if (out / CHECKPOINT_NAME).exists() and not cfg.resume:
