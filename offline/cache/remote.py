@@ -19,6 +19,7 @@ that its holder refreshes (``Lease``); see docs/architecture.md § Several write
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -92,13 +93,20 @@ class Downloads:
                 f"{storage.where(name)}: {size / 2**30:.2f} GiB, larger than the local cache "
                 f"({self.max_bytes / 2**30:.2f} GiB at {self.directory}); raise --local-cache-gb"
             )
-        self._make_room(size)
-        problem = ""
-        for attempt in range(DOWNLOAD_ATTEMPTS):
-            problem = self._download(storage, name, sha256, size)
-            if not problem:
-                return self.path(sha256)
-            time.sleep(0.2 * 2**attempt)
+        # One download per shard, whichever of the processes sharing the directory (DataLoader
+        # workers, ranks on one node) asks first; the others wait for it and take its file.
+        with open(self.directory / f".lock-{sha256}", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held = self.held(sha256, size)
+            if held is not None:
+                return held
+            self._make_room(size)
+            problem = ""
+            for attempt in range(DOWNLOAD_ATTEMPTS):
+                problem = self._download(storage, name, sha256, size)
+                if not problem:
+                    return self.path(sha256)
+                time.sleep(0.2 * 2**attempt)
         raise CacheError(f"{storage.where(name)}: download failed {DOWNLOAD_ATTEMPTS} times, last: {problem}")
 
     def _download(self, storage: Storage, name: str, sha256: str, size: int) -> str:
@@ -134,6 +142,8 @@ class Downloads:
             for entry in os.scandir(self.directory):
                 with contextlib.suppress(FileNotFoundError):
                     stat = entry.stat()
+                    if entry.name.startswith(".lock-"):
+                        continue
                     if entry.name.startswith(_PARTIAL_DOWNLOAD):
                         if time.time() - stat.st_mtime > 3600:  # left by a killed process
                             os.unlink(entry.path)
@@ -185,7 +195,7 @@ def _filesystem(protocol: str) -> Any:
             "use_listings_cache": False,
         }
     try:
-        return fsspec.filesystem(protocol, **options)
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
     except (ImportError, ValueError) as exc:
         raise CacheError(f"{protocol}:// caches are not supported here ({exc})") from None
 
@@ -221,14 +231,17 @@ class FsspecStorage(Storage):
         self._root = self.location.split("://", 1)[1]
         self._downloads = downloads_
         self._fs: Any = None
+        self._pid = 0
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs": None}  # a forked or spawned worker makes its own client
 
     @property
     def fs(self) -> Any:
-        if self._fs is None:
-            self._fs = _filesystem(self.protocol)
+        """This process's client: a forked DataLoader worker makes its own, as s3fs's event loop
+        and connections do not survive a fork."""
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, self._pid = _filesystem(self.protocol), os.getpid()
         return self._fs
 
     def _key(self, name: str) -> str:
