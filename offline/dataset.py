@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .cache import CacheError, CacheMeta, CacheReader, ShardHandle, ShardInfo
 from .cache.contract import MIX_REASONS
+from .cache.remote import is_url
 
 DEFAULT_BLOCK_BYTES = 4 << 20
 DEFAULT_SHUFFLE_BUFFER = 16384  # rows, for callers that give the bound in rows (the benchmarks)
@@ -86,7 +87,9 @@ def open_caches(
     before HDF5 parses it: damaged bytes can make HDF5 fail or even hang (see ``CacheReader``)."""
     if not directories:
         raise CacheError("no cache directory given")
-    readers = [CacheReader(d, skip_corrupt=skip_corrupt, verify_checksums=verify_checksums) for d in directories]
+    # A remote cache's shards are checked as they are downloaded (remote.Downloads), so reading
+    # the whole bucket at start to check them first would be a second, wasted download.
+    readers = [CacheReader(d, skip_corrupt=skip_corrupt, verify_checksums=verify_checksums and not is_url(d)) for d in directories]
     first = readers[0].meta
     for reader in readers[1:]:
         differences = [f"{problem} ({reason})" for name, reason in MIX_REASONS.items() if (problem := first.mismatch(reader.meta, (name,)))]

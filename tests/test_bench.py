@@ -113,3 +113,11 @@ def test_ids_bench_measures_the_index_and_a_writer_start():
     index = result["index"][0]
     assert index["kind"].startswith("RowIndex") and index["ids"] == 20000
     assert 16 <= index["bytes_per_id"] <= 64  # the bound: 64 bytes per id
+
+
+def test_remote_bench_trains_from_a_bucket_and_from_a_directory():
+    result = run_bench("remote", "--samples", "4096", "--shard-samples", "512", "--epochs", "2", "--rounds", "1", "--workers", "0")
+    assert result["shards"] == 8 and result["local_cache_bytes"] * 4 <= result["cache_bytes"] + 4
+    (bucket,) = result["runs"]["bucket"]
+    assert bucket["shard_window"] is not None and bucket["note"]  # a quarter-size local cache narrows the shuffle, and says so
+    assert [e["steps"] for e in bucket["epochs"]] == [e["steps"] for e in result["runs"]["local"][0]["epochs"]] == [16, 16]
