@@ -22,7 +22,7 @@ from .cache.remote import configure_downloads
 from .cache.trust import TRUST_HELP, UntrustedCode
 from .cli_help import HelpFormatter
 from .dataset import DEFAULT_SHUFFLE_BYTES
-from .journal import unpublished
+from .journal import Unpublished, unpublished
 from .lm.defaults import DEFAULT_STUDENT as LM_STUDENT
 from .lm.defaults import LM_RULE
 from .malloc import tune_malloc
@@ -323,8 +323,12 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
     (``journal_samples``: acknowledged by teacher-serve, published when it stops or restarts);
     so do ``label_coverage`` and the soft-target statistics."""
     meta = reader.meta
-    published = reader.num_samples
-    journal = unpublished(reader.directory, meta, (read_rows(info, ("ids",))["ids"] for info in reversed(reader.shards)))
+    # A sample that two writers both stored is one sample (CacheReader.duplicates).
+    published = reader.num_samples - sum(int(skip.sum()) for skip in reader.duplicates().values())
+    if isinstance(reader.directory, str):  # a bucket: the journals are in the writers' spools
+        journal = Unpublished([], meta.layout.empty(meta.num_classes), np.empty(0, np.int64))
+    else:
+        journal = unpublished(reader.directory, meta, (read_rows(info, ("ids",))["ids"] for info in reversed(reader.shards)))
     samples = published + len(journal.ids)
     labelled = round(reader.label_coverage() * published) + int((journal.labels >= 0).sum())
     accumulator = reader.soft_target_stats()  # at the serving temperature, over a bounded sample

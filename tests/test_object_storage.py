@@ -214,6 +214,29 @@ def test_a_bad_store_is_one_line_at_start(s3, tmp_path, problem, env, url, messa
     assert time.monotonic() - started < 60
 
 
+def test_wrong_credentials_are_named(tmp_path):
+    """moto's server checks credentials when told to (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"}
+        result = subprocess.run([str(BIN / "cache-inspect"), "s3://kdcache/x"], capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        server.kill()
+        server.wait()
+    assert result.returncode != 0 and "access denied: check the credentials" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_two_replicas_push_inspect_and_distill_from_the_bucket(s3, tmp_path, digits_teacher, digits_teacher_pt):
     """The issue's "Done when", end to end with real processes."""
     from test_serve_e2e import SERVERS, Server
