@@ -214,6 +214,17 @@ def test_a_bad_store_is_one_line_at_start(s3, tmp_path, problem, env, url, messa
     assert time.monotonic() - started < 60
 
 
+def test_a_full_local_cache_disk_is_named(s3, tiny_filesystem):
+    url = f"s3://{BUCKET}/full-disk"
+    write(url, "a", range(300), 0)
+    stats = os.statvfs(tiny_filesystem)
+    (tiny_filesystem / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 8192))  # less than a shard left
+    reader = CacheReader(FsspecStorage(url, Downloads(tiny_filesystem / "shards")))
+    with pytest.raises(CacheError, match="disk full while downloading"):
+        reader.read(("ids",))
+    assert not [p for p in (tiny_filesystem / "shards").iterdir() if p.name.startswith(".part-")]  # no half-written file left
+
+
 def test_wrong_credentials_are_named(tmp_path):
     """moto's server checks credentials when told to (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
     port = free_port()
