@@ -489,13 +489,10 @@ def shard_stream(reader: CacheReader, batch_size: int, seed: int, shuffle_buffer
 
 
 def shard_batches(reader: CacheReader, batch_size: int, seed: int, shuffle_buffer: int, workers: int, device: torch.device) -> Batches:
-    """``ShardStream`` behind the DataLoader that offline/train.py builds (pinned for CUDA),
+    """``ShardStream.loader``, as offline/train.py reads the cache (pinned for CUDA), with
     ``set_epoch`` before each epoch."""
     stream = shard_stream(reader, batch_size, seed, shuffle_buffer)
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
-    )  # fmt: skip
+    loader = stream.loader(workers, pin_memory=device.type == "cuda")
 
     def epoch(number: int) -> Iterator[dict[str, torch.Tensor]]:
         stream.set_epoch(number)

@@ -155,6 +155,8 @@ class Downloads:
                     break
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):  # its lock: a racing waiter at worst downloads it again
+                    os.unlink(os.path.join(self.directory, f".lock-{Path(path).stem}"))
                 used -= size_
 
 
