@@ -168,9 +168,10 @@ class CacheStore:
         return self.writer.label_names
 
     def known(self, ids: np.ndarray) -> bool:
-        """Whether any of ``ids`` may be in the cache, answered on the caller's thread (a dict
-        lookup, safe under the GIL), so that requests of new samples skip the writer thread's
-        queue. A True answer is confirmed by ``lookup`` on the writer thread."""
+        """Whether any of ``ids`` may be in the cache, answered on the caller's thread (a search
+        of the id index's sorted runs, which are replaced, never changed, so any thread sees one
+        consistent set), so that requests of new samples skip the writer thread's queue. A True
+        answer is confirmed by ``lookup`` on the writer thread."""
         return bool((self.writer.lookup(ids) >= 0).any())
 
     @property
