@@ -365,6 +365,7 @@ def inspect_summary(reader: CacheReader) -> dict[str, Any]:
         "bytes": reader.total_bytes,
         "bytes_per_sample": reader.total_bytes / published if published else None,
         "label_coverage": labelled / samples if samples else 0.0,
+        "sampled_shards": len(reader.sampled_shards()),
         "soft_targets": soft_targets.to_dict(),
         "warnings": soft_target_warnings(soft_targets),
         "label_names": reader.label_names,
@@ -515,7 +516,8 @@ def inspect_main(argv: Sequence[str] | None = None) -> int:
             )
             print(f"serving T        {summary['serving_temperature']} ({rule})")
             print(f"size             {summary['bytes']:,} bytes" + (f", {bps:,.1f} bytes/sample" if bps else ""))
-            print(f"label coverage   {summary['label_coverage']:.1%}" + (" (the journal's samples included)" if journal else ""))
+            estimated = f" (estimated from {summary['sampled_shards']} of {summary['shards']} shards)" if summary["sampled_shards"] < summary["shards"] else ""
+            print(f"label coverage   {summary['label_coverage']:.1%}" + (" (the journal's samples included)" if journal else "") + estimated)
             print(f"soft targets     {SoftTargetStats(**summary['soft_targets']).describe()}")
             if summary["label_names"] is not None:
                 print(f"label names      {describe_label_names(summary['label_names'])}")

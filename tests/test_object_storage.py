@@ -87,6 +87,9 @@ def test_two_writers_share_a_directory_and_each_id_is_read_once(tmp_path):
     np.testing.assert_array_equal(by_id["210"], of_a[160])
     np.testing.assert_array_equal(by_id["300"], of_b[100])
     assert CacheReader(cache).read(("ids",))["ids"].tolist() == got["ids"].tolist()  # deterministic
+    for sidecar in cache.glob("shard-b-*.ids"):  # damaged sidecars: the manifest's ids_sha256 catches it, the shard's ids decide
+        sidecar.write_bytes(bytes(sidecar.stat().st_size))
+    assert CacheReader(cache).read(("ids",))["ids"].tolist() == got["ids"].tolist()
 
 
 def test_the_trainer_stream_reads_each_id_of_several_writers_once(tmp_path):
@@ -174,6 +177,16 @@ def test_a_writer_id_is_held_by_one_process_on_a_bucket(s3):
     for lease in leases:
         if lease is not None:
             lease.release()
+
+
+def test_cache_inspect_on_a_bucket_downloads_a_bounded_sample_of_shards(s3, tmp_path):
+    url = f"s3://{BUCKET}/inspect"
+    write(url, "a", range(640), 0)  # 10 shards
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the default local cache goes under it
+    result = subprocess.run([str(BIN / "cache-inspect"), url], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "estimated from 4 of 10 shards" in result.stdout
+    assert len(list((tmp_path / "kd-shards").glob("*.h5"))) == 4
 
 
 def test_a_damaged_or_missing_object_is_named_after_retries(s3, tmp_path):

@@ -73,6 +73,7 @@ class ShardInfo:
     num_samples: int
     sha256: str
     bytes: int
+    ids_sha256: str | None = None  # of its .ids sidecar (ids_name), when its writer has an id
 
     @property
     def path(self) -> Path:
@@ -86,7 +87,8 @@ class ShardInfo:
         return self.storage.where(self.name)
 
     def to_manifest(self) -> dict[str, Any]:
-        return {"name": self.name, "num_samples": self.num_samples, "sha256": self.sha256, "bytes": self.bytes}
+        entry = {"name": self.name, "num_samples": self.num_samples, "sha256": self.sha256, "bytes": self.bytes}
+        return entry if self.ids_sha256 is None else {**entry, "ids_sha256": self.ids_sha256}
 
     @classmethod
     def from_manifest(cls, storage: Storage, entry: Any, where: str) -> ShardInfo:
@@ -94,7 +96,10 @@ class ShardInfo:
             name = entry["name"]
             if not isinstance(name, str) or not SHARD_PATTERN.match(name):
                 raise ValueError(name)
-            return cls(storage, name, int(entry["num_samples"]), str(entry["sha256"]), int(entry["bytes"]))
+            ids_sha256 = entry.get("ids_sha256")
+            if ids_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", str(ids_sha256)):
+                raise ValueError(ids_sha256)
+            return cls(storage, name, int(entry["num_samples"]), str(entry["sha256"]), int(entry["bytes"]), ids_sha256)
         except (KeyError, TypeError, ValueError):
             raise CacheError(f"{where}: malformed shard entry {entry!r}") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,16 +29,20 @@ def open_storage(location: str | os.PathLike[str] | Storage) -> Storage:
     return LocalStorage(location)
 
 
+REMOTE_SAMPLE_SHARDS = 4  # shards a summary of a remote cache downloads (sampled_shards)
+
+
 def read_digests(info: ShardInfo) -> np.ndarray:
-    """The id digests of a shard's rows ([N, 2] uint64): its ``.ids`` sidecar, or, for a shard
-    written before sidecars, digests of the ids read from the shard."""
-    try:
-        raw = info.storage.read_bytes(ids_name(info.name))
-        digests = np.frombuffer(raw, dtype=DIGEST_DTYPE).reshape(-1, 2) if len(raw) % DIGEST_BYTES == 0 else None
-        if digests is not None and len(digests) == info.num_samples:
-            return digests
-    except FileNotFoundError:
-        pass
+    """The id digests of a shard's rows ([N, 2] uint64): its ``.ids`` sidecar when the manifest
+    vouches for it (``ids_sha256``), else digests of the ids read from the shard itself (a shard
+    written without a writer id, or a sidecar missing or damaged)."""
+    if info.ids_sha256 is not None:
+        try:
+            raw = info.storage.read_bytes(ids_name(info.name))
+            if hashlib.sha256(raw).hexdigest() == info.ids_sha256 and len(raw) == DIGEST_BYTES * info.num_samples:
+                return np.frombuffer(raw, dtype=DIGEST_DTYPE).reshape(-1, 2)
+        except FileNotFoundError:
+            pass
     return id_digests(read_rows(info, ("ids",))["ids"])
 
 
@@ -203,9 +208,19 @@ class CacheReader:
         for info in self.shards:
             yield info, read_rows(info, ("ids",))["ids"]
 
+    def sampled_shards(self) -> list[ShardInfo]:
+        """The shards that ``sample_rows`` and ``label_coverage`` read: all of a local cache's;
+        of a remote one, at most ``REMOTE_SAMPLE_SHARDS`` spread evenly, since each is a whole
+        download (``cache-inspect`` on a bucket then reads a bounded part of it)."""
+        if not self.storage.remote or len(self.shards) <= REMOTE_SAMPLE_SHARDS:
+            return list(self.shards)
+        picks = np.linspace(0, len(self.shards) - 1, REMOTE_SAMPLE_SHARDS).round().astype(int)
+        return [self.shards[i] for i in sorted(set(picks.tolist()))]
+
     def label_coverage(self) -> float:
+        """The share of rows with a label, over ``sampled_shards`` (every shard of a local cache)."""
         total = labelled = 0
-        for info in self.shards:
+        for info in self.sampled_shards():
             labels = read_rows(info, ("labels",))["labels"]
             total += len(labels)
             labelled += int((labels >= 0).sum())
@@ -218,7 +233,7 @@ class CacheReader:
         shard's share, read as a few evenly spaced runs of rows (so a cache written class by class
         is sampled across its classes), never the whole cache."""
         left = max(0, int(samples))
-        shards = sorted(self.shards, key=lambda info: info.num_samples)  # small shards first: their unused share moves on
+        shards = sorted(self.sampled_shards(), key=lambda info: info.num_samples)  # small shards first: their unused share moves on
         for position, info in enumerate(shards):
             share = min(info.num_samples, left // (len(shards) - position))
             if share <= 0:

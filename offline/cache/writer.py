@@ -284,10 +284,13 @@ class CacheWriter:
             self._drain()
         self._h5.flush()
         image = self._h5.id.get_file_image()
+        ids_sha256 = None
         if self.writer_id is not None:  # several writers: readers read each id once by these
-            self.storage.put(ids_name(name), id_digests(decode_ids(self._h5["ids"][: self._open_rows])).tobytes())
+            digests = id_digests(decode_ids(self._h5["ids"][: self._open_rows])).tobytes()
+            self.storage.put(ids_name(name), digests)
+            ids_sha256 = hashlib.sha256(digests).hexdigest()
         self.storage.put(name, image, crash_points=(faults.SHARD_CLOSED, faults.SHARD_RENAMED))
-        info = ShardInfo(self.storage, name, self._open_rows, hashlib.sha256(image).hexdigest(), len(image))
+        info = ShardInfo(self.storage, name, self._open_rows, hashlib.sha256(image).hexdigest(), len(image), ids_sha256)
         del image
         self._h5.close()
         self._h5, self._open_name, self._open_rows, self._written_rows = None, None, 0, 0
