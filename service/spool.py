@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import socket
 import tempfile
@@ -32,8 +33,6 @@ DEFAULT_SPOOL_ROOT = Path(tempfile.gettempdir()) / "teacher-serve-spool"
 
 def default_spool(cache: str) -> Path:
     """Where a remote cache's spool goes without ``--spool``: one directory per cache URL."""
-    import hashlib
-
     return DEFAULT_SPOOL_ROOT / hashlib.sha256(cache.encode()).hexdigest()[:16]
 
 
@@ -58,7 +57,8 @@ def spool_writer_id(spool: Path) -> str:
         value = _read_or_create(spool / ".writer-id", lambda: f"{host}-{uuid.uuid4().hex[:8]}")
     except OSError as exc:
         raise CacheError(f"spool {spool}: cannot write to it ({exc.strerror or exc})") from None
-    return check_writer_id(value) or value
+    check_writer_id(value)
+    return value
 
 
 class Spool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .contract import FORMAT_NAME, SCHEMA_VERSION, CacheError, CacheMeta
+from .contract import FORMAT_NAME, SCHEMA_VERSION, SHARD_FIELDS, CacheError, CacheMeta
 from .label_names import check_label_names, merge_label_names
 from .storage import Storage
 
@@ -127,8 +127,6 @@ def load_namespace(storage: Storage, *, report_bad_label_names: bool = False) ->
     """The whole cache as one manifest: every writer's manifest (``index_names``), merged. Their
     metadata must agree as a shard's must (``SHARD_FIELDS``); their shards follow one another in
     the namespace's order; label names merge. A cache with one manifest reads as before."""
-    from .contract import SHARD_FIELDS
-
     try:
         names = index_names(storage)
     except (FileNotFoundError, NotADirectoryError):
